@@ -1,0 +1,125 @@
+//! Named parameters of one model part (U-Net, text encoder or VAE), under diffusers' names.
+
+use std::collections::BTreeMap;
+
+use candle_core::{DType, Device, Tensor, Var};
+
+use crate::ModelError;
+
+/// Parameters of one model part, keyed by diffusers' parameter name
+/// (`down_blocks.0.resnets.0.conv1.weight`, `text_model.encoder.layers.0.mlp.fc1.bias`, ...).
+///
+/// Parameters are `Var`s so training can update them in place; inference and frozen parts use
+/// them as plain tensors.
+#[derive(Clone, Default)]
+pub struct ParamStore {
+    params: BTreeMap<String, Var>,
+}
+
+impl ParamStore {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Wraps existing tensors (e.g. loaded from a checkpoint).
+    pub fn from_tensors(tensors: BTreeMap<String, Tensor>) -> Result<Self, ModelError> {
+        let mut params = BTreeMap::new();
+        for (name, t) in tensors {
+            params.insert(name, Var::from_tensor(&t)?);
+        }
+        Ok(Self { params })
+    }
+
+    pub fn insert(&mut self, name: impl Into<String>, value: Tensor) -> Result<(), ModelError> {
+        self.params.insert(name.into(), Var::from_tensor(&value)?);
+        Ok(())
+    }
+
+    /// The parameter as a tensor (tracked by autograd: ops on it record a graph).
+    pub fn get(&self, name: &str) -> Result<&Tensor, ModelError> {
+        self.params.get(name).map(|v| v.as_tensor()).ok_or_else(|| ModelError::MissingParam(name.to_string()))
+    }
+
+    pub fn var(&self, name: &str) -> Result<&Var, ModelError> {
+        self.params.get(name).ok_or_else(|| ModelError::MissingParam(name.to_string()))
+    }
+
+    pub fn contains(&self, name: &str) -> bool {
+        self.params.contains_key(name)
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = (&String, &Var)> {
+        self.params.iter()
+    }
+
+    pub fn names(&self) -> impl Iterator<Item = &String> {
+        self.params.keys()
+    }
+
+    pub fn len(&self) -> usize {
+        self.params.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.params.is_empty()
+    }
+
+    /// Total number of scalar parameters.
+    pub fn num_elements(&self) -> usize {
+        self.params.values().map(|v| v.elem_count()).sum()
+    }
+
+    /// Detached copies of the tensors (no graph), e.g. for saving.
+    pub fn to_tensors(&self) -> BTreeMap<String, Tensor> {
+        self.params.iter().map(|(k, v)| (k.clone(), v.as_tensor().detach())).collect()
+    }
+
+    /// A store whose parameters share storage with this one but record no autograd graph:
+    /// for inference, frozen parts and checkpointed forward passes.
+    pub fn detached(&self) -> Result<Self, ModelError> {
+        Self::from_tensors(self.to_tensors())
+    }
+
+    /// Casts every parameter (e.g. to f16 for a frozen part in mixed precision).
+    pub fn to_dtype(&self, dtype: DType) -> Result<Self, ModelError> {
+        let mut out = BTreeMap::new();
+        for (k, v) in &self.params {
+            out.insert(k.clone(), v.as_tensor().to_dtype(dtype)?);
+        }
+        Self::from_tensors(out)
+    }
+
+    pub fn to_device(&self, device: &Device) -> Result<Self, ModelError> {
+        let mut out = BTreeMap::new();
+        for (k, v) in &self.params {
+            out.insert(k.clone(), v.as_tensor().to_device(device)?);
+        }
+        Self::from_tensors(out)
+    }
+
+    /// Checks that every expected name is present with the expected shape; lists all problems.
+    pub fn check_shapes(&self, expected: &[(String, Vec<usize>)]) -> Result<(), ModelError> {
+        let mut problems = Vec::new();
+        for (name, shape) in expected {
+            match self.params.get(name) {
+                None => problems.push(format!("missing {name}")),
+                Some(v) if v.dims() != shape.as_slice() => {
+                    problems.push(format!("{name}: shape {:?}, expected {:?}", v.dims(), shape))
+                }
+                _ => {}
+            }
+        }
+        let expected_names: std::collections::BTreeSet<&str> =
+            expected.iter().map(|(n, _)| n.as_str()).collect();
+        for name in self.params.keys() {
+            if !expected_names.contains(name.as_str()) {
+                problems.push(format!("unexpected {name}"));
+            }
+        }
+        if problems.is_empty() {
+            Ok(())
+        } else {
+            Err(ModelError::ShapeMismatch(problems))
+        }
+    }
+}
