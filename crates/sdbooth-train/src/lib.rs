@@ -1,1 +1,4 @@
-//! sdbooth-train
+//! The DreamBooth training loop with kohya's options: objective, optimizers, LR schedules, saving,
+//! resume and logging.
+
+pub mod args;
