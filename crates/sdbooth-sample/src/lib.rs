@@ -1,1 +1,4 @@
-//! sdbooth-sample
+//! Sampling: inference samplers (kohya's `--sample_sampler` names), image generation and the
+//! run report.
+
+pub mod schedulers;

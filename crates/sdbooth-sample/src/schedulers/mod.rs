@@ -1,0 +1,94 @@
+//! Inference samplers under kohya's `--sample_sampler` names, each stepping exactly as the
+//! diffusers scheduler kohya picks for that name (with kohya's settings: SD's scaled_linear
+//! schedule, `clip_sample` forced on where the scheduler has it).
+//!
+//! A sampler is driven call by call like a diffusers scheduler: for each entry `i` of
+//! `timesteps()`, scale the latent with `scale_model_input(x, i)`, run the U-Net at
+//! `timesteps()[i]`, and pass its output to `step(output, i, x, noise)`. Samplers that add
+//! noise (ancestral ones) draw it through `noise`, so the caller owns the RNG stream.
+
+mod ddim;
+mod euler;
+
+use candle_core::{Result, Tensor};
+
+pub use ddim::Ddim;
+pub use euler::{Euler, EulerAncestral};
+
+/// Draws a standard-normal tensor of the given shape.
+pub type NoiseSource<'a> = dyn FnMut(&[usize]) -> Result<Tensor> + 'a;
+
+/// What the model predicts.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PredictionType {
+    Epsilon,
+    VPrediction,
+}
+
+pub trait Sampler {
+    /// The U-Net timestep of each model call, in order.
+    fn timesteps(&self) -> &[f64];
+    /// Scale of the initial noise latent.
+    fn init_noise_sigma(&self) -> f64;
+    /// The model input for call `i`.
+    fn scale_model_input(&self, x: &Tensor, i: usize) -> Result<Tensor>;
+    /// Advances the latent after call `i`.
+    fn step(
+        &mut self,
+        model_output: &Tensor,
+        i: usize,
+        x: &Tensor,
+        noise: &mut NoiseSource,
+    ) -> Result<Tensor>;
+}
+
+/// kohya's `--sample_sampler` names that sdbooth implements (aliases included).
+pub const SAMPLER_NAMES: [&str; 6] = ["ddim", "euler", "k_euler", "euler_a", "k_euler_a", "default"];
+
+/// Builds the sampler kohya uses for `name` with `steps` inference steps.
+pub fn sampler_by_name(
+    name: &str,
+    steps: usize,
+    prediction: PredictionType,
+) -> std::result::Result<Box<dyn Sampler>, String> {
+    if steps == 0 {
+        return Err("the number of sampling steps must be at least 1".into());
+    }
+    Ok(match name {
+        "ddim" => Box::new(Ddim::new(steps, prediction)),
+        "euler" | "k_euler" => Box::new(Euler::new(steps, prediction)),
+        "euler_a" | "k_euler_a" => Box::new(EulerAncestral::new(steps, prediction)),
+        "pndm" | "lms" | "k_lms" | "dpmsolver" | "dpmsolver++" | "dpmsingle" | "heun" | "dpm_2"
+        | "k_dpm_2" | "dpm_2_a" | "k_dpm_2_a" => {
+            return Err(format!("--sample_sampler {name} is not supported yet"))
+        }
+        other => {
+            return Err(format!(
+                "unknown sampler {other:?}; kohya's names are ddim, pndm, lms, euler, euler_a, heun, dpm_2, \
+                 dpm_2_a, dpmsolver, dpmsolver++, dpmsingle and the k_ aliases"
+            ))
+        }
+    })
+}
+
+/// SD's training schedule as diffusers builds it for inference: `scaled_linear` betas from
+/// 0.00085 to 0.012 over 1000 steps, in f32 as torch computes them.
+pub(crate) fn alphas_cumprod() -> Vec<f32> {
+    const N: usize = 1000;
+    let (start, end) = (0.00085f32.sqrt(), 0.012f32.sqrt());
+    let step = (end - start) / (N as f32 - 1.0);
+    let mut acc = 1.0f32;
+    (0..N)
+        .map(|i| {
+            // torch.linspace fills the second half from the end, which keeps the last value exact.
+            let v = if i < N / 2 { start + step * i as f32 } else { end - step * (N - 1 - i) as f32 };
+            acc *= 1.0 - v * v;
+            acc
+        })
+        .collect()
+}
+
+/// `a*x + b*y` with scalar coefficients.
+pub(crate) fn lin2(x: &Tensor, a: f64, y: &Tensor, b: f64) -> Result<Tensor> {
+    (x * a)? + (y * b)?
+}
