@@ -35,6 +35,11 @@ impl ParamStore {
         Ok(())
     }
 
+    /// Inserts an existing `Var` without copying it (`insert` copies a non-variable tensor).
+    pub fn insert_var(&mut self, name: impl Into<String>, var: Var) {
+        self.params.insert(name.into(), var);
+    }
+
     /// The parameter as a tensor (tracked by autograd: ops on it record a graph).
     pub fn get(&self, name: &str) -> Result<&Tensor, ModelError> {
         self.params.get(name).map(|v| v.as_tensor()).ok_or_else(|| ModelError::MissingParam(name.to_string()))
