@@ -3,56 +3,8 @@
 
 use candle_core::{Result, Tensor};
 
-use super::{alphas_cumprod, lin2, NoiseSource, PredictionType, Sampler};
-
-/// The k-diffusion sigma ladder: `steps` timesteps evenly spaced over [999, 0], sigmas
-/// interpolated from the training schedule, then a final 0.
-pub(crate) struct SigmaLadder {
-    pub timesteps: Vec<f64>,
-    pub sigmas: Vec<f64>,
-}
-
-impl SigmaLadder {
-    pub fn linspace(steps: usize) -> Self {
-        let table: Vec<f64> =
-            alphas_cumprod().iter().map(|&a| (((1.0 - a) / a) as f32).sqrt() as f64).collect();
-        // np.linspace(0, 999, steps, dtype=float32), reversed.
-        let timesteps: Vec<f64> = (0..steps)
-            .rev()
-            .map(|i| if steps == 1 { 0.0 } else { (999.0 * i as f64 / (steps - 1) as f64) as f32 as f64 })
-            .collect();
-        let mut sigmas: Vec<f64> = timesteps.iter().map(|&t| interp(&table, t) as f32 as f64).collect();
-        sigmas.push(0.0);
-        SigmaLadder { timesteps, sigmas }
-    }
-
-    pub fn max_sigma(&self) -> f64 {
-        self.sigmas.iter().cloned().fold(0.0, f64::max)
-    }
-}
-
-/// Linear interpolation into `table` at fractional index `t` (np.interp on 0..len).
-fn interp(table: &[f64], t: f64) -> f64 {
-    let lo = (t.floor() as usize).min(table.len() - 1);
-    let hi = (lo + 1).min(table.len() - 1);
-    let frac = t - lo as f64;
-    table[lo] + (table[hi] - table[lo]) * frac
-}
-
-/// The model's estimate of the clean latent, from its output at noise level `sigma`.
-fn denoised(x: &Tensor, out: &Tensor, sigma: f64, prediction: PredictionType) -> Result<Tensor> {
-    match prediction {
-        PredictionType::Epsilon => lin2(x, 1.0, out, -sigma),
-        PredictionType::VPrediction => {
-            let s2 = sigma * sigma + 1.0;
-            lin2(out, -sigma / s2.sqrt(), x, 1.0 / s2)
-        }
-    }
-}
-
-fn scale_input(x: &Tensor, sigma: f64) -> Result<Tensor> {
-    x / (sigma * sigma + 1.0).sqrt()
-}
+use super::sigmas::{denoised, scale_input, SigmaLadder};
+use super::{NoiseSource, PredictionType, Sampler};
 
 pub struct Euler {
     ladder: SigmaLadder,

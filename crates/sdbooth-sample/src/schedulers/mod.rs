@@ -9,11 +9,14 @@
 
 mod ddim;
 mod euler;
+mod kdiffusion;
+mod sigmas;
 
 use candle_core::{Result, Tensor};
 
 pub use ddim::Ddim;
 pub use euler::{Euler, EulerAncestral};
+pub use kdiffusion::{Heun, KDpm2, KDpm2Ancestral, Lms};
 
 /// Draws a standard-normal tensor of the given shape.
 pub type NoiseSource<'a> = dyn FnMut(&[usize]) -> Result<Tensor> + 'a;
@@ -43,7 +46,20 @@ pub trait Sampler {
 }
 
 /// kohya's `--sample_sampler` names that sdbooth implements (aliases included).
-pub const SAMPLER_NAMES: [&str; 6] = ["ddim", "euler", "k_euler", "euler_a", "k_euler_a", "default"];
+pub const SAMPLER_NAMES: [&str; 12] = [
+    "ddim",
+    "lms",
+    "k_lms",
+    "euler",
+    "k_euler",
+    "euler_a",
+    "k_euler_a",
+    "heun",
+    "dpm_2",
+    "k_dpm_2",
+    "dpm_2_a",
+    "k_dpm_2_a",
+];
 
 /// Builds the sampler kohya uses for `name` with `steps` inference steps.
 pub fn sampler_by_name(
@@ -58,8 +74,11 @@ pub fn sampler_by_name(
         "ddim" => Box::new(Ddim::new(steps, prediction)),
         "euler" | "k_euler" => Box::new(Euler::new(steps, prediction)),
         "euler_a" | "k_euler_a" => Box::new(EulerAncestral::new(steps, prediction)),
-        "pndm" | "lms" | "k_lms" | "dpmsolver" | "dpmsolver++" | "dpmsingle" | "heun" | "dpm_2"
-        | "k_dpm_2" | "dpm_2_a" | "k_dpm_2_a" => {
+        "lms" | "k_lms" => Box::new(Lms::new(steps, prediction)),
+        "heun" => Box::new(Heun::new(steps, prediction)),
+        "dpm_2" | "k_dpm_2" => Box::new(KDpm2::new(steps, prediction)),
+        "dpm_2_a" | "k_dpm_2_a" => Box::new(KDpm2Ancestral::new(steps, prediction)),
+        "pndm" | "dpmsolver" | "dpmsolver++" | "dpmsingle" => {
             return Err(format!("--sample_sampler {name} is not supported yet"))
         }
         other => {
