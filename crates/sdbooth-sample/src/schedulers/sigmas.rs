@@ -14,8 +14,7 @@ pub(crate) struct SigmaLadder {
 
 impl SigmaLadder {
     pub fn linspace(steps: usize) -> Self {
-        let table: Vec<f64> =
-            alphas_cumprod().iter().map(|&a| (((1.0 - a) / a) as f32).sqrt() as f64).collect();
+        let table: Vec<f64> = alphas_cumprod().iter().map(|&a| ((1.0 - a) / a).sqrt() as f64).collect();
         // np.linspace(0, 999, steps, dtype=float32), reversed.
         let timesteps: Vec<f64> = (0..steps)
             .rev()
