@@ -2,8 +2,8 @@
 //! builds it: `scaled_linear`, β 0.00085–0.012, 1000 steps), forward noising, v-target, SNR, and
 //! the zero-terminal-SNR rescale (`--zero_terminal_snr`).
 //!
-//! Values are computed in f32 in the same order as PyTorch does (linspace, square, cumulative
-//! product), so they match diffusers' tensors to the last bit or within an ulp.
+//! Values are computed as PyTorch computes them (f32 linspace by fused multiply-add, f32 square,
+//! cumulative product accumulated in f64), so they match diffusers' tensors bit for bit.
 
 use candle_core::Tensor;
 
@@ -17,7 +17,8 @@ pub struct DdpmSchedule {
 }
 
 /// `torch.linspace(start, end, steps, dtype=float32)` on CPU: the first half counts up from
-/// `start`, the second half down from `end`, in f32.
+/// `start`, the second half down from `end`; the step is f32 and each value one fused
+/// multiply-add (what PyTorch's kernel compiles to here; bit-exact against its output).
 fn linspace_f32(start: f32, end: f32, steps: usize) -> Vec<f32> {
     if steps == 1 {
         return vec![start];
@@ -25,17 +26,24 @@ fn linspace_f32(start: f32, end: f32, steps: usize) -> Vec<f32> {
     let step = (end - start) / (steps - 1) as f32;
     let half = steps / 2;
     (0..steps)
-        .map(|i| if i < half { start + step * i as f32 } else { end - step * (steps - i - 1) as f32 })
+        .map(|i| {
+            if i < half {
+                step.mul_add(i as f32, start)
+            } else {
+                (-step).mul_add((steps - i - 1) as f32, end)
+            }
+        })
         .collect()
 }
 
+/// `torch.cumprod(1 - betas)`: PyTorch's CPU cumprod accumulates in f64 and stores f32.
 fn cumprod_one_minus(betas: &[f32]) -> Vec<f32> {
-    let mut acc = 1f32;
+    let mut acc = 1f64;
     betas
         .iter()
         .map(|b| {
-            acc *= 1.0 - b;
-            acc
+            acc *= (1.0 - b) as f64;
+            acc as f32
         })
         .collect()
 }
@@ -108,7 +116,12 @@ impl DdpmSchedule {
     }
 
     /// Per-sample coefficients `[B, 1, 1, ...]` broadcastable against `like`.
-    fn coeffs(&self, like: &Tensor, timesteps: &[usize], f: impl Fn(f32) -> f32) -> Result<Tensor, ModelError> {
+    fn coeffs(
+        &self,
+        like: &Tensor,
+        timesteps: &[usize],
+        f: impl Fn(f32) -> f32,
+    ) -> Result<Tensor, ModelError> {
         let b = like.dim(0)?;
         if timesteps.len() != b {
             return Err(ModelError::BadInput(format!("{} timesteps for a batch of {b}", timesteps.len())));

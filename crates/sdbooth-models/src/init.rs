@@ -66,7 +66,8 @@ pub fn param_values(name: &str, shape: &[usize], seed: u64, style: InitStyle) ->
     }
     let key = fnv1a64(name) ^ mix(seed);
     let value = |i: usize| -> f32 {
-        let u = (mix(key.wrapping_add((i as u64 + 1).wrapping_mul(GOLDEN))) >> 40) as f64 / (1u64 << 24) as f64;
+        let u =
+            (mix(key.wrapping_add((i as u64 + 1).wrapping_mul(GOLDEN))) >> 40) as f64 / (1u64 << 24) as f64;
         (centre + (2.0 * u - 1.0) * a) as f32
     };
     let mut out = vec![0f32; n];

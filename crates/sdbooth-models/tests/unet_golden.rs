@@ -25,7 +25,8 @@ fn fixture(name: &str) -> Fixture {
     let t = candle_core::safetensors::load(dir.join(format!("unet_{name}.safetensors")), &Device::Cpu)
         .expect("fixture (regenerate with tools/goldens/unet.py)");
     let meta: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(dir.join(format!("unet_{name}.json"))).unwrap()).unwrap();
+        serde_json::from_str(&std::fs::read_to_string(dir.join(format!("unet_{name}.json"))).unwrap())
+            .unwrap();
     assert_eq!(meta["seed"].as_u64(), Some(SEED));
     let params = meta["params"]
         .as_array()
@@ -140,7 +141,10 @@ fn check(name: &str, cfg: ModelConfig) {
     }
     let el = rel_err(&plain["input.latents"], &fx.t["grad_input.latents"]);
     let ec = rel_err(&plain["input.ctx"], &fx.t["grad_input.ctx"]);
-    println!("{name}: worst param grad rel err {:.2e} ({}), latents {el:.2e}, ctx {ec:.2e}", worst.0, worst.1);
+    println!(
+        "{name}: worst param grad rel err {:.2e} ({}), latents {el:.2e}, ctx {ec:.2e}",
+        worst.0, worst.1
+    );
     assert!(worst.0 <= 1e-4, "{name}: gradient of {} rel err {}", worst.1, worst.0);
     assert!(el <= 1e-4 && ec <= 1e-4, "{name}: input grads rel err {el} {ec}");
 

@@ -148,9 +148,8 @@ fn transformer(
     let (nw, nb) = w.wb(&join(p, "norm"))?;
     let h = ops::group_norm(x, cfg.norm_num_groups, &nw, &nb, TRANSFORMER_GROUP_NORM_EPS)?;
     let (piw, pib) = w.wb(&join(p, "proj_in"))?;
-    let to_tokens = |t: &Tensor| -> candle_core::Result<Tensor> {
-        t.permute((0, 2, 3, 1))?.reshape((b, hh * ww, c))
-    };
+    let to_tokens =
+        |t: &Tensor| -> candle_core::Result<Tensor> { t.permute((0, 2, 3, 1))?.reshape((b, hh * ww, c)) };
     let h = if cfg.use_linear_projection {
         ops::linear(&to_tokens(&h)?, &piw, Some(&pib))?
     } else {
@@ -158,9 +157,8 @@ fn transformer(
     };
     let h = basic_block(w, &join(p, "transformer_blocks.0"), &h, ctx, heads)?;
     let (pow_, pob) = w.wb(&join(p, "proj_out"))?;
-    let to_image = |t: &Tensor| -> candle_core::Result<Tensor> {
-        t.reshape((b, hh, ww, c))?.permute((0, 3, 1, 2))
-    };
+    let to_image =
+        |t: &Tensor| -> candle_core::Result<Tensor> { t.reshape((b, hh, ww, c))?.permute((0, 3, 1, 2)) };
     let h = if cfg.use_linear_projection {
         to_image(&ops::linear(&h, &pow_, Some(&pob))?)?
     } else {

@@ -32,11 +32,22 @@ pub(crate) enum NodeKind {
     TimeEmbed,
     ConvIn,
     /// ResnetBlock2D; with `skip` the input is `cat([h, skip], channels)` (up path).
-    Resnet { cin: usize, cout: usize, skip: bool },
+    Resnet {
+        cin: usize,
+        cout: usize,
+        skip: bool,
+    },
     /// Transformer2DModel with one BasicTransformerBlock.
-    Transformer { channels: usize, heads: usize },
-    Downsample { channels: usize },
-    Upsample { channels: usize },
+    Transformer {
+        channels: usize,
+        heads: usize,
+    },
+    Downsample {
+        channels: usize,
+    },
+    Upsample {
+        channels: usize,
+    },
     /// conv_norm_out + SiLU + conv_out.
     Out,
 }

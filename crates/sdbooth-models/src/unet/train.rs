@@ -200,7 +200,8 @@ impl UNetTape<'_> {
                 if !self.needs_grad[s] {
                     continue;
                 }
-                let input = self.slots[s].as_ref().ok_or_else(|| ModelError::BadInput(format!("slot {s}")))?;
+                let input =
+                    self.slots[s].as_ref().ok_or_else(|| ModelError::BadInput(format!("slot {s}")))?;
                 // An input that did not influence the output (cannot happen in this network, but
                 // candle leaves it out) contributes nothing.
                 if let Some(gi) = store.get(input) {
