@@ -27,7 +27,7 @@ struct Case {
 /// The stand-in for the U-Net that the golden script uses.
 fn fake_model(x: &Tensor, t: f64) -> Result<Tensor> {
     let a = (x.tanh()? * (0.5 * (t / 1000.0).cos()))?;
-    ((a + (x * 0.1)?)? + 0.01 * (t / 1000.0))
+    (a + (x * 0.1)?)? + 0.01 * (t / 1000.0)
 }
 
 fn rel_err(a: &Tensor, b: &[f32]) -> f64 {
