@@ -4,7 +4,7 @@ mod convert_cmd;
 mod inspect_cmd;
 mod train_cmd;
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 
 #[derive(Parser)]
 #[command(
@@ -27,10 +27,28 @@ enum Command {
     Inspect(inspect_cmd::InspectArgs),
 }
 
+/// kohya's flags are snake_case; also accept the kebab-case spelling (`--learning-rate`) as a
+/// hidden alias, so both styles of command line work without doubling `--help`.
+fn with_kebab_aliases(cmd: clap::Command) -> clap::Command {
+    cmd.mut_subcommand("train", |train| {
+        train.mut_args(|arg| match arg.get_long().filter(|l| l.contains('_')).map(|l| l.replace('_', "-")) {
+            Some(kebab) => arg.alias(kebab),
+            None => arg,
+        })
+    })
+}
+
 fn main() -> std::process::ExitCode {
-    let cli = Cli::parse();
+    let matches = with_kebab_aliases(Cli::command()).get_matches();
+    let cli = match Cli::from_arg_matches(&matches) {
+        Ok(cli) => cli,
+        Err(e) => e.exit(),
+    };
     let result = match cli.command {
-        Command::Train(args) => train_cmd::run(*args),
+        Command::Train(args) => match matches.subcommand_matches("train") {
+            Some(train_matches) => train_cmd::run(*args, train_matches),
+            None => Err(anyhow::anyhow!("internal error: no matches for the train subcommand")),
+        },
         Command::Convert(args) => convert_cmd::run(args),
         Command::Inspect(args) => inspect_cmd::run(args),
     };
@@ -39,6 +57,36 @@ fn main() -> std::process::ExitCode {
         Err(e) => {
             eprintln!("error: {e:#}");
             std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cli_definition_is_valid() {
+        with_kebab_aliases(Cli::command()).debug_assert();
+    }
+
+    #[test]
+    fn kebab_case_aliases_parse() {
+        let m = with_kebab_aliases(Cli::command()).try_get_matches_from([
+            "sdbooth",
+            "train",
+            "--learning-rate",
+            "1e-6",
+            "--dry-run",
+        ]);
+        let cli = m.and_then(|m| Cli::from_arg_matches(&m));
+        match cli {
+            Ok(Cli { command: Command::Train(t) }) => {
+                assert_eq!(t.args.optimizer.learning_rate, 1e-6);
+                assert!(t.args.run.dry_run);
+            }
+            Ok(_) => panic!("parsed as another subcommand"),
+            Err(e) => panic!("{e}"),
         }
     }
 }

@@ -1,8 +1,227 @@
-//! `sdbooth train` (owned by the CLI work, issue 2).
+//! `sdbooth train`: kohya's train_db.py flags (sdbooth-train's `TrainArgs`), `--config_file`,
+//! the dry run (sdbooth-data's dataset report) and the refusal of unimplemented flags.
+
+use std::io::Write as _;
+use std::path::Path;
+
+use anyhow::{bail, Context};
+use clap::ArgMatches;
+use sdbooth_data::{prepare_datasets, DatasetOptions, DryRunReport};
+use sdbooth_train::args::types::ConsoleLogLevel;
+use sdbooth_train::args::{resolve_config_file, ConfigOutcome, RefusalKind, TrainArgs};
 
 #[derive(clap::Args)]
-pub struct TrainCommand {}
+pub struct TrainCommand {
+    #[command(flatten)]
+    pub args: TrainArgs,
+}
 
-pub fn run(_args: TrainCommand) -> anyhow::Result<()> {
-    anyhow::bail!("sdbooth train is not supported yet")
+pub fn run(cmd: TrainCommand, matches: &ArgMatches) -> anyhow::Result<()> {
+    let args = match resolve_config_file(cmd.args, matches)? {
+        ConfigOutcome::Wrote(path) => {
+            eprintln!("wrote the flags to {}", path.display());
+            return Ok(());
+        }
+        ConfigOutcome::Run(args) => *args,
+    };
+    init_logging(&args)?;
+    for w in args.ignored_flag_warnings()? {
+        tracing::warn!("{w}");
+    }
+    if args.run.json.is_some() && !args.is_dry_run() {
+        bail!("--json writes the dry-run report: add --dry_run");
+    }
+    let refusals = args.refusals()?;
+    if args.is_dry_run() {
+        // The dry run describes the dataset of any command line, so a flag that training would
+        // refuse only for now is a note; a flag that will never work is an error here too.
+        let (never, later): (Vec<_>, Vec<_>) =
+            refusals.into_iter().partition(|r| r.kind == RefusalKind::OutOfScope);
+        if !never.is_empty() {
+            bail!("{}", join_messages(never.iter().map(|r| r.message.as_str())));
+        }
+        if !later.is_empty() {
+            let flags: Vec<String> = later.iter().map(|r| format!("--{}", r.flag)).collect();
+            eprintln!(
+                "note: training (not this dry run) would refuse, as not supported yet: {}",
+                flags.join(" ")
+            );
+        }
+        return dry_run(&args);
+    }
+    if !refusals.is_empty() {
+        bail!("{}", join_messages(refusals.iter().map(|r| r.message.as_str())));
+    }
+    bail!("training is not supported yet (use --dry_run to check the dataset)")
+}
+
+fn join_messages<'a>(msgs: impl Iterator<Item = &'a str>) -> String {
+    let msgs: Vec<&str> = msgs.collect();
+    if msgs.len() == 1 {
+        msgs[0].to_string()
+    } else {
+        format!("{} flags cannot be used:\n  {}", msgs.len(), msgs.join("\n  "))
+    }
+}
+
+/// The dataset options of these flags. `DatasetOptions` uses kohya's flag names as field names,
+/// so the flag map converts by name; fields the dataset does not know keep their defaults.
+pub fn dataset_options(args: &TrainArgs) -> anyhow::Result<DatasetOptions> {
+    let map = args.to_flag_map()?;
+    let mut opts: DatasetOptions =
+        serde_json::from_value(serde_json::Value::Object(map)).context("passing the flags to the dataset")?;
+    // --debug_dataset is kohya's dry run; ours prints per-image detail for it.
+    opts.debug_dataset = args.run.debug_dataset;
+    Ok(opts)
+}
+
+fn dry_run(args: &TrainArgs) -> anyhow::Result<()> {
+    let opts = dataset_options(args)?;
+    opts.validate()?;
+    if args.dataset.dataset_config.is_none() && args.dataset.train_data_dir.is_none() {
+        bail!("no dataset: give --dataset_config TOML or --train_data_dir DIR");
+    }
+    let cwd = std::env::current_dir().context("cannot read the working directory")?;
+    let config = args.dataset.dataset_config.as_deref().map(Path::new);
+    let group = prepare_datasets(config, &opts, &cwd)?;
+    let report = DryRunReport::new(&group, &opts);
+    let mut out = std::io::stdout().lock();
+    if let Some(model) = &args.model.pretrained_model_name_or_path {
+        writeln!(out, "model: {model} (not loaded by the dry run)")?;
+    }
+    write!(out, "{}", report.to_text())?;
+    if args.run.debug_dataset {
+        for (i, d) in report.datasets.iter().enumerate() {
+            writeln!(out, "[Dataset {i}] images:")?;
+            for im in &d.images {
+                writeln!(
+                    out,
+                    "  {}: {}x{} -> bucket {}x{} (resized {}x{}), repeats {}{}, caption: {}",
+                    im.path.display(),
+                    im.size.0,
+                    im.size.1,
+                    im.bucket.0,
+                    im.bucket.1,
+                    im.resized_size.0,
+                    im.resized_size.1,
+                    im.num_repeats,
+                    if im.is_reg { ", reg" } else { "" },
+                    im.caption
+                )?;
+            }
+        }
+    }
+    if let Some(json) = &args.run.json {
+        write_atomic(Path::new(json), report.to_json().as_bytes())
+            .with_context(|| format!("cannot write the dry-run JSON to {json}"))?;
+        writeln!(out, "wrote {json}")?;
+    }
+    Ok(())
+}
+
+/// Temp file in the same folder, fsync, rename (ARCHITECTURE.md: every user file is atomic).
+fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+        _ => std::path::PathBuf::from("."),
+    };
+    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let tmp = dir.join(format!(".{name}.tmp{}", std::process::id()));
+    let result = (|| {
+        let mut f = std::fs::File::create(&tmp)?;
+        f.write_all(bytes)?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, path)
+    })();
+    if result.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    result
+}
+
+/// kohya's --console_log_level/--console_log_file/--console_log_simple; RUST_LOG wins when set.
+fn init_logging(args: &TrainArgs) -> anyhow::Result<()> {
+    let level = match args.logging.console_log_level {
+        Some(ConsoleLogLevel::Debug) => "debug",
+        Some(ConsoleLogLevel::Warning) => "warn",
+        Some(ConsoleLogLevel::Error | ConsoleLogLevel::Critical) => "error",
+        Some(ConsoleLogLevel::Info) | None => "info",
+    };
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
+    let builder =
+        tracing_subscriber::fmt().with_env_filter(filter).with_target(!args.logging.console_log_simple);
+    let result = match &args.logging.console_log_file {
+        Some(file) => {
+            let f = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(file)
+                .with_context(|| format!("cannot open --console_log_file {file}"))?;
+            builder.with_ansi(false).with_writer(std::sync::Mutex::new(f)).try_init()
+        }
+        None => builder.with_writer(std::io::stderr).try_init(),
+    };
+    // A second init (tests calling run twice) keeps the first subscriber; that is fine.
+    let _ = result;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dataset_options_take_every_shared_flag() {
+        let a = TrainArgs::try_parse_from([
+            "--train_data_dir=t",
+            "--reg_data_dir=r",
+            "--resolution=768,512",
+            "--train_batch_size=3",
+            "--enable_bucket",
+            "--min_bucket_reso=320",
+            "--bucket_no_upscale",
+            "--caption_extension=.txt",
+            "--keep_tokens=2",
+            "--caption_dropout_rate=0.25",
+            "--flip_aug",
+            "--max_token_length=150",
+            "--seed=11",
+            "--skip_bad_images",
+            "--ignore_exif_orientation",
+            "--validation_split=0.1",
+            "--max_train_steps=77",
+            "--max_train_epochs=4",
+            "--gradient_accumulation_steps=2",
+            "--debug_dataset",
+        ]);
+        let a = match a {
+            Ok(a) => a,
+            Err(e) => panic!("{e}"),
+        };
+        let o = match dataset_options(&a) {
+            Ok(o) => o,
+            Err(e) => panic!("{e:#}"),
+        };
+        assert_eq!(o.train_data_dir.as_deref(), Some("t"));
+        assert_eq!(o.reg_data_dir.as_deref(), Some("r"));
+        assert_eq!(o.resolution.as_deref(), Some("768,512"));
+        assert_eq!(o.train_batch_size, 3);
+        assert!(o.enable_bucket && o.bucket_no_upscale && o.flip_aug);
+        assert_eq!(o.min_bucket_reso, 320);
+        assert_eq!(o.caption_extension, ".txt");
+        assert_eq!(o.keep_tokens, 2);
+        assert_eq!(o.caption_dropout_rate, 0.25);
+        assert_eq!(o.max_token_length, Some(150));
+        assert_eq!(o.seed, Some(11));
+        assert!(o.skip_bad_images && o.ignore_exif_orientation && o.debug_dataset);
+        assert_eq!(o.validation_split, 0.1);
+        assert_eq!(o.max_train_steps, 77);
+        assert_eq!(o.max_train_epochs, Some(4));
+        assert_eq!(o.gradient_accumulation_steps, 2);
+        // kohya's defaults arrive as kohya's defaults.
+        let d = TrainArgs::try_parse_from(Vec::<String>::new()).map_err(|e| e.to_string());
+        let d = d.and_then(|d| dataset_options(&d).map_err(|e| e.to_string()));
+        assert_eq!(d.ok(), Some(DatasetOptions::default()));
+    }
 }

@@ -1,0 +1,97 @@
+//! `sdbooth train --dry_run` on a legacy folder layout: the wiring from flags to sdbooth-data's
+//! dataset report, the JSON file, and bad files (abort, or skip with --skip_bad_images).
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+fn sdbooth(dir: &Path, args: &[&str]) -> Output {
+    match Command::new(env!("CARGO_BIN_EXE_sdbooth")).current_dir(dir).args(args).output() {
+        Ok(o) => o,
+        Err(e) => panic!("cannot run sdbooth: {e}"),
+    }
+}
+
+fn png(path: &Path, w: u32, h: u32) {
+    let img = image::RgbImage::from_fn(w, h, |x, y| image::Rgb([(x * 3) as u8, (y * 5) as u8, 128]));
+    if let Err(e) = img.save(path) {
+        panic!("cannot write {}: {e}", path.display());
+    }
+}
+
+/// train/5_sks dog: 2 images; reg/1_dog: 3 images.
+fn legacy_layout(root: &Path) {
+    let t = root.join("train/5_sks dog");
+    let r = root.join("reg/1_dog");
+    for d in [&t, &r] {
+        if let Err(e) = std::fs::create_dir_all(d) {
+            panic!("{e}");
+        }
+    }
+    png(&t.join("a.png"), 64, 64);
+    png(&t.join("b.png"), 96, 64);
+    for n in ["c", "d", "e"] {
+        png(&r.join(format!("{n}.png")), 64, 64);
+    }
+}
+
+const BASE: [&str; 17] = [
+    "train",
+    "--dry_run",
+    "--pretrained_model_name_or_path",
+    "builtin:tiny-sd1",
+    "--train_data_dir",
+    "train",
+    "--reg_data_dir",
+    "reg",
+    "--resolution",
+    "64",
+    "--output_dir",
+    "out",
+    "--enable_bucket",
+    "--min_bucket_reso",
+    "64",
+    "--max_bucket_reso",
+    "128",
+];
+
+#[test]
+fn dry_run_reports_and_writes_json() {
+    let dir = match tempfile::tempdir() {
+        Ok(d) => d,
+        Err(e) => panic!("{e}"),
+    };
+    legacy_layout(dir.path());
+    let mut args = BASE.to_vec();
+    args.extend(["--json", "report.json"]);
+    let out = sdbooth(dir.path(), &args);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    assert!(stdout.contains("num train images * repeats: 10"), "{stdout}");
+    assert!(stdout.contains("total optimization steps: 1600"), "{stdout}");
+    let json = std::fs::read_to_string(dir.path().join("report.json")).unwrap_or_default();
+    let v: serde_json::Value = serde_json::from_str(&json).unwrap_or_default();
+    assert_eq!(v["num_train_images"], 10, "{json}");
+    // Nothing is trained or written to the output folder.
+    assert!(!dir.path().join("out").exists());
+}
+
+#[test]
+fn bad_files_abort_or_are_skipped() {
+    let dir = match tempfile::tempdir() {
+        Ok(d) => d,
+        Err(e) => panic!("{e}"),
+    };
+    legacy_layout(dir.path());
+    let t = dir.path().join("train/5_sks dog");
+    assert!(std::fs::write(t.join("empty.png"), b"").is_ok());
+    assert!(std::fs::write(t.join("text.jpg"), b"not an image at all").is_ok());
+    let out = sdbooth(dir.path(), &BASE);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("empty.png") && err.contains("text.jpg"), "{err}");
+
+    let mut args = BASE.to_vec();
+    args.push("--skip_bad_images");
+    let out = sdbooth(dir.path(), &args);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+}
