@@ -8,6 +8,7 @@
 //! noise (ancestral ones) draw it through `noise`, so the caller owns the RNG stream.
 
 mod ddim;
+mod dpm_solver;
 mod euler;
 mod kdiffusion;
 mod sigmas;
@@ -15,6 +16,7 @@ mod sigmas;
 use candle_core::{Result, Tensor};
 
 pub use ddim::Ddim;
+pub use dpm_solver::{DpmAlgorithm, DpmSolverMultistep};
 pub use euler::{Euler, EulerAncestral};
 pub use kdiffusion::{Heun, KDpm2, KDpm2Ancestral, Lms};
 
@@ -46,7 +48,7 @@ pub trait Sampler {
 }
 
 /// kohya's `--sample_sampler` names that sdbooth implements (aliases included).
-pub const SAMPLER_NAMES: [&str; 12] = [
+pub const SAMPLER_NAMES: [&str; 14] = [
     "ddim",
     "lms",
     "k_lms",
@@ -59,6 +61,8 @@ pub const SAMPLER_NAMES: [&str; 12] = [
     "k_dpm_2",
     "dpm_2_a",
     "k_dpm_2_a",
+    "dpmsolver",
+    "dpmsolver++",
 ];
 
 /// Builds the sampler kohya uses for `name` with `steps` inference steps.
@@ -78,9 +82,9 @@ pub fn sampler_by_name(
         "heun" => Box::new(Heun::new(steps, prediction)),
         "dpm_2" | "k_dpm_2" => Box::new(KDpm2::new(steps, prediction)),
         "dpm_2_a" | "k_dpm_2_a" => Box::new(KDpm2Ancestral::new(steps, prediction)),
-        "pndm" | "dpmsolver" | "dpmsolver++" | "dpmsingle" => {
-            return Err(format!("--sample_sampler {name} is not supported yet"))
-        }
+        "dpmsolver" => Box::new(DpmSolverMultistep::new(steps, DpmAlgorithm::Noise, prediction)),
+        "dpmsolver++" => Box::new(DpmSolverMultistep::new(steps, DpmAlgorithm::Data, prediction)),
+        "pndm" | "dpmsingle" => return Err(format!("--sample_sampler {name} is not supported yet")),
         other => {
             return Err(format!(
                 "unknown sampler {other:?}; kohya's names are ddim, pndm, lms, euler, euler_a, heun, dpm_2, \
