@@ -38,7 +38,9 @@ fn same_structure(a: &ModelConfig, b: &ModelConfig) -> bool {
     u(&a.unet) == u(&b.unet)
         && a.unet.cross_attention_dim == b.unet.cross_attention_dim
         && a.unet.use_linear_projection == b.unet.use_linear_projection
-        && a.text == b.text
+        && (a.text.vocab_size, a.text.hidden_size, a.text.intermediate_size, a.text.num_hidden_layers)
+            == (b.text.vocab_size, b.text.hidden_size, b.text.intermediate_size, b.text.num_hidden_layers)
+        && a.text.max_position_embeddings == b.text.max_position_embeddings
         && (a.vae.block_out_channels.clone(), a.vae.layers_per_block, a.vae.latent_channels)
             == (b.vae.block_out_channels.clone(), b.vae.layers_per_block, b.vae.latent_channels)
 }

@@ -178,3 +178,23 @@ pub fn vae_shapes(cfg: &VaeConfig) -> Shapes {
     wb(&mut out, "decoder.conv_out", &[cfg.out_channels, c0, 3, 3], cfg.out_channels);
     out
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use sdbooth_models::ModelConfig;
+
+    /// Our name lists must be the model crate's, for every architecture.
+    #[test]
+    fn shapes_agree_with_sdbooth_models() {
+        for cfg in [ModelConfig::sd1(), ModelConfig::sd2_768_v(), ModelConfig::tiny_sd1(), ModelConfig::tiny_sd2()] {
+            let sort = |mut v: Shapes| {
+                v.sort();
+                v
+            };
+            assert_eq!(sort(unet_shapes(&cfg.unet)), sort(sdbooth_models::unet::param_shapes(&cfg.unet)), "{}", cfg.name);
+            assert_eq!(sort(clip_shapes(&cfg.text)), sort(sdbooth_models::clip::param_shapes(&cfg.text)), "{}", cfg.name);
+            assert_eq!(sort(vae_shapes(&cfg.vae)), sort(sdbooth_models::vae::param_shapes(&cfg.vae)), "{}", cfg.name);
+        }
+    }
+}

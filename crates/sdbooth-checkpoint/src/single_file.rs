@@ -175,7 +175,10 @@ pub fn sd_tensors(
                 Some(i) => fused.entry(m.sd.clone()).or_default().push((i, t.clone())),
                 None => {
                     let dtype = out_dtype(t, precision)?;
-                    let data = OutData::Tensor(t.reshape(m.sd_shape.as_slice())?);
+                    // Reshape only where SD's shape differs (1×1 conv ↔ linear): a no-op reshape of
+                    // a strided tensor would copy it.
+                    let t = if m.sd_shape == m.hf_shape { t.clone() } else { t.reshape(m.sd_shape.as_slice())? };
+                    let data = OutData::Tensor(t);
                     out.insert(m.sd.clone(), OutTensor { key: m.sd.clone(), dtype, shape: m.sd_shape.clone(), data });
                 }
             }
