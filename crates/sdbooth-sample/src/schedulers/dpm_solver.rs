@@ -96,6 +96,6 @@ impl Sampler for DpmSolverMultistep {
         let r0 = (lambda_s0 - lambda_s1) / h;
         let d1 = ((&m0 - &self.history[0])? / r0)?;
         // Midpoint rule: half the first-order coefficient on the difference term.
-        (lin2(x, c_sample, &m0, c_model)? + (d1 * (0.5 * c_model))?)
+        lin2(x, c_sample, &m0, c_model)? + (d1 * (0.5 * c_model))?
     }
 }

@@ -11,6 +11,7 @@ mod ddim;
 mod dpm_solver;
 mod euler;
 mod kdiffusion;
+mod pndm;
 mod sigmas;
 
 use candle_core::{Result, Tensor};
@@ -19,6 +20,7 @@ pub use ddim::Ddim;
 pub use dpm_solver::{DpmAlgorithm, DpmSolverMultistep};
 pub use euler::{Euler, EulerAncestral};
 pub use kdiffusion::{Heun, KDpm2, KDpm2Ancestral, Lms};
+pub use pndm::Pndm;
 
 /// Draws a standard-normal tensor of the given shape.
 pub type NoiseSource<'a> = dyn FnMut(&[usize]) -> Result<Tensor> + 'a;
@@ -48,8 +50,9 @@ pub trait Sampler {
 }
 
 /// kohya's `--sample_sampler` names that sdbooth implements (aliases included).
-pub const SAMPLER_NAMES: [&str; 14] = [
+pub const SAMPLER_NAMES: &[&str] = &[
     "ddim",
+    "pndm",
     "lms",
     "k_lms",
     "euler",
@@ -84,7 +87,8 @@ pub fn sampler_by_name(
         "dpm_2_a" | "k_dpm_2_a" => Box::new(KDpm2Ancestral::new(steps, prediction)),
         "dpmsolver" => Box::new(DpmSolverMultistep::new(steps, DpmAlgorithm::Noise, prediction)),
         "dpmsolver++" => Box::new(DpmSolverMultistep::new(steps, DpmAlgorithm::Data, prediction)),
-        "pndm" | "dpmsingle" => return Err(format!("--sample_sampler {name} is not supported yet")),
+        "pndm" => Box::new(Pndm::new(steps, prediction)),
+        "dpmsingle" => return Err(format!("--sample_sampler {name} is not supported yet")),
         other => {
             return Err(format!(
                 "unknown sampler {other:?}; kohya's names are ddim, pndm, lms, euler, euler_a, heun, dpm_2, \
