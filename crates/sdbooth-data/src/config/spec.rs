@@ -1,0 +1,162 @@
+//! Resolved dataset parameters: what kohya's blueprint holds after the fallback chain.
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{DataError, Result};
+
+/// Caption processing parameters of one subset (kohya's BaseSubset caption fields).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CaptionOptions {
+    pub shuffle_caption: bool,
+    pub caption_separator: String,
+    pub keep_tokens: usize,
+    /// None when unset or empty (kohya treats "" as off).
+    pub keep_tokens_separator: Option<String>,
+    pub secondary_separator: Option<String>,
+    pub enable_wildcard: bool,
+    pub caption_prefix: Option<String>,
+    pub caption_suffix: Option<String>,
+    pub caption_dropout_rate: f64,
+    pub caption_dropout_every_n_epochs: u32,
+    pub caption_tag_dropout_rate: f64,
+    pub token_warmup_min: u32,
+    /// N steps, or N * max_train_steps when N < 1.
+    pub token_warmup_step: f64,
+    /// `--weighted_captions` (a training flag; carried here so caption code can see it).
+    pub weighted_captions: bool,
+}
+
+impl Default for CaptionOptions {
+    fn default() -> Self {
+        Self {
+            shuffle_caption: false,
+            caption_separator: ",".into(),
+            keep_tokens: 0,
+            keep_tokens_separator: None,
+            secondary_separator: None,
+            enable_wildcard: false,
+            caption_prefix: None,
+            caption_suffix: None,
+            caption_dropout_rate: 0.0,
+            caption_dropout_every_n_epochs: 0,
+            caption_tag_dropout_rate: 0.0,
+            token_warmup_min: 1,
+            token_warmup_step: 0.0,
+            weighted_captions: false,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SubsetSpec {
+    /// Resolved folder (working directory first, then beside the TOML).
+    pub image_dir: PathBuf,
+    /// kohya ignores a subset with num_repeats < 1 (with a warning).
+    pub num_repeats: i64,
+    pub is_reg: bool,
+    pub class_tokens: Option<String>,
+    /// Always starts with '.' (kohya adds it), or is empty.
+    pub caption_extension: String,
+    pub caption: CaptionOptions,
+    pub color_aug: bool,
+    pub flip_aug: bool,
+    pub random_crop: bool,
+    pub face_crop_aug_range: Option<(f64, f64)>,
+    pub alpha_mask: bool,
+    /// The subset's own value, else the dataset's, else the command line's.
+    pub resize_interpolation: Option<String>,
+    pub custom_attributes: serde_json::Value,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DatasetSpec {
+    /// (width, height)
+    pub resolution: (u32, u32),
+    pub batch_size: usize,
+    pub enable_bucket: bool,
+    /// Adjusted to multiples of bucket_reso_steps as kohya does.
+    pub min_bucket_reso: u32,
+    pub max_bucket_reso: u32,
+    pub bucket_reso_steps: u32,
+    /// Only true when enable_bucket is (kohya forces it off otherwise).
+    pub bucket_no_upscale: bool,
+    pub prior_loss_weight: f64,
+    pub validation_split: f64,
+    pub validation_seed: Option<u64>,
+    pub resize_interpolation: Option<String>,
+    pub network_multiplier: f64,
+    pub subsets: Vec<SubsetSpec>,
+    /// Warnings made while resolving (adjusted bucket sizes).
+    pub notes: Vec<String>,
+}
+
+impl DatasetSpec {
+    /// kohya's adjust_min_max_bucket_reso_by_steps and verify_bucket_reso_steps(64).
+    pub(crate) fn check_buckets(&mut self, file: &Path, line: usize) -> Result<()> {
+        let err = |key: &str, message: String| DataError::ConfigValue {
+            path: file.to_path_buf(),
+            line,
+            key: key.into(),
+            message,
+        };
+        if !(0.0..=1.0).contains(&self.validation_split) {
+            // kohya warns and skips the split; we refuse, since the user asked for something.
+            return Err(err(
+                "validation_split",
+                format!("must be between 0.0 and 1.0, got {}", self.validation_split),
+            ));
+        }
+        if !self.enable_bucket {
+            return Ok(());
+        }
+        let steps = self.bucket_reso_steps;
+        if steps % 64 != 0 {
+            return Err(err(
+                "bucket_reso_steps",
+                format!(
+                    "is {steps}; it must be divisible by 64 for Stable Diffusion (kohya checks the same)"
+                ),
+            ));
+        }
+        if self.min_bucket_reso % steps != 0 {
+            let adj = self.min_bucket_reso - self.min_bucket_reso % steps;
+            self.notes.push(format!(
+                "min_bucket_reso is adjusted to be a multiple of bucket_reso_steps: {} -> {adj}",
+                self.min_bucket_reso
+            ));
+            self.min_bucket_reso = adj;
+        }
+        if self.max_bucket_reso % steps != 0 {
+            let adj = self.max_bucket_reso + steps - self.max_bucket_reso % steps;
+            self.notes.push(format!(
+                "max_bucket_reso is adjusted to be a multiple of bucket_reso_steps: {} -> {adj}",
+                self.max_bucket_reso
+            ));
+            self.max_bucket_reso = adj;
+        }
+        let (w, h) = self.resolution;
+        if w.min(h) < self.min_bucket_reso {
+            return Err(err(
+                "min_bucket_reso",
+                format!("{} must be <= the smaller side of resolution {w}x{h}", self.min_bucket_reso),
+            ));
+        }
+        if w.max(h) > self.max_bucket_reso {
+            return Err(err(
+                "max_bucket_reso",
+                format!("{} must be >= the larger side of resolution {w}x{h}", self.max_bucket_reso),
+            ));
+        }
+        Ok(())
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DatasetGroupSpec {
+    pub datasets: Vec<DatasetSpec>,
+    /// Things the user should know (image_dir found beside the TOML, skipped legacy folders, ...).
+    pub notes: Vec<String>,
+    pub config_file: Option<PathBuf>,
+}

@@ -1,0 +1,400 @@
+//! Building the datasets: kohya's DreamBoothDataset.__init__ (subsets, captions, reg balancing)
+//! and make_buckets, on top of the upfront image check.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use rand::seq::SliceRandom;
+use rand::SeedableRng;
+use serde::{Deserialize, Serialize};
+
+use crate::bucket::{BucketManager, Reso};
+use crate::config::{DatasetGroupSpec, DatasetSpec, SubsetSpec};
+use crate::error::{BadFile, BadFiles, DataError, Result};
+use crate::options::DatasetOptions;
+use crate::scan::{read_caption, scan_folder, unused_caption_files, CaptionRead};
+use crate::validate::{probe_all, ImageProbe};
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ImageEntry {
+    pub path: PathBuf,
+    /// Index into the dataset's `subsets`.
+    pub subset: usize,
+    pub is_reg: bool,
+    /// Caption as read (before per-step processing); class_tokens when there is no caption file.
+    pub caption: String,
+    pub caption_file: Option<PathBuf>,
+    /// Size the bucket is chosen from (EXIF orientation applied unless ignored).
+    pub size: Reso,
+    /// EXIF orientation applied when loading (None: none, or ignored).
+    pub orientation: Option<String>,
+    pub has_alpha: bool,
+    /// Repeats after reg balancing (kohya rewrites reg images' repeats).
+    pub num_repeats: u32,
+    pub bucket: Reso,
+    pub resized_size: Reso,
+    pub ar_error: f64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SubsetInfo {
+    pub spec: SubsetSpec,
+    /// Images found (kohya's img_count); 0 when the subset was ignored.
+    pub img_count: usize,
+    /// Why kohya ignores this subset (repeats < 1, duplicate folder, no images).
+    pub ignored: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Bucket {
+    pub reso: Reso,
+    /// Indices into `Dataset::images`, each repeated num_repeats times.
+    pub items: Vec<usize>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Dataset {
+    pub spec: DatasetSpec,
+    pub subsets: Vec<SubsetInfo>,
+    /// Registered images: train images, then the reg images the balancing loop registered.
+    pub images: Vec<ImageEntry>,
+    /// Sorted by resolution, as kohya's BucketManager.sort; empty buckets kept (their index is
+    /// the bucket number kohya prints).
+    pub buckets: Vec<Bucket>,
+    /// Train images × repeats.
+    pub num_train_images: u64,
+    /// Reg images × repeats before balancing (kohya's num_reg_images).
+    pub num_reg_images: u64,
+    pub mean_ar_error: f64,
+}
+
+impl Dataset {
+    /// Batches in one epoch: per bucket, ceil(count / batch_size).
+    pub fn batches_per_epoch(&self) -> usize {
+        let bs = self.spec.batch_size.max(1);
+        self.buckets.iter().map(|b| b.items.len().div_ceil(bs)).sum()
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DatasetGroup {
+    pub datasets: Vec<Dataset>,
+    pub notes: Vec<String>,
+    /// Problems skipped with skip_bad_images.
+    pub skipped: Vec<BadFile>,
+    /// Warnings about images that are used (wrong extension, very large).
+    pub image_warnings: Vec<BadFile>,
+    /// Images whose EXIF orientation is applied (kohya would train them unrotated).
+    pub rotated: Vec<(PathBuf, String)>,
+    pub ignore_exif_orientation: bool,
+}
+
+impl DatasetGroup {
+    /// Batches in one epoch over all datasets (the DataLoader length kohya prints).
+    pub fn batches_per_epoch(&self) -> usize {
+        self.datasets.iter().map(Dataset::batches_per_epoch).sum()
+    }
+    pub fn num_train_images(&self) -> u64 {
+        self.datasets.iter().map(|d| d.num_train_images).sum()
+    }
+    pub fn num_reg_images(&self) -> u64 {
+        self.datasets.iter().map(|d| d.num_reg_images).sum()
+    }
+}
+
+/// One subset's listed images with their captions, before registration.
+struct Listed {
+    subset: usize,
+    images: Vec<(PathBuf, String, Option<PathBuf>)>,
+}
+
+/// Scans, checks and buckets every dataset of `spec`. Fails with all problems together unless
+/// `opts.skip_bad_images`.
+pub fn build_dataset_group(spec: DatasetGroupSpec, opts: &DatasetOptions) -> Result<DatasetGroup> {
+    let mut notes = spec.notes.clone();
+    let mut problems: Vec<BadFile> = Vec::new();
+    // 1. list folders (kohya order: datasets, then subsets), dropping what kohya ignores.
+    let mut per_ds: Vec<(DatasetSpec, Vec<SubsetInfo>, Vec<(usize, Vec<PathBuf>)>)> = Vec::new();
+    for ds in spec.datasets {
+        notes.extend(ds.notes.iter().cloned());
+        let mut infos = Vec::new();
+        let mut lists = Vec::new();
+        for (i, ss) in ds.subsets.iter().enumerate() {
+            let mut info = SubsetInfo { spec: ss.clone(), img_count: 0, ignored: None };
+            if ss.num_repeats < 1 {
+                info.ignored = Some(format!("num_repeats is {} (< 1)", ss.num_repeats));
+            } else if ds.subsets[..i].iter().any(|o| o.image_dir == ss.image_dir) {
+                info.ignored = Some("duplicate image_dir; the first subset is used".into());
+            } else {
+                let scan = scan_folder(&ss.image_dir);
+                problems.extend(scan.problems);
+                notes.extend(scan.notes);
+                lists.push((i, scan.images));
+            }
+            if let Some(why) = &info.ignored {
+                notes.push(format!("ignored subset {}: {why}", ss.image_dir.display()));
+            }
+            infos.push(info);
+        }
+        per_ds.push((ds, infos, lists));
+    }
+    // 2. check every image once, in parallel.
+    let mut all: Vec<PathBuf> =
+        per_ds.iter().flat_map(|(_, _, l)| l.iter().flat_map(|(_, v)| v.clone())).collect();
+    all.sort();
+    all.dedup();
+    let probes: BTreeMap<PathBuf, std::result::Result<ImageProbe, String>> =
+        all.iter().cloned().zip(probe_all(&all)).collect();
+    let mut image_warnings = Vec::new();
+    for (p, r) in &probes {
+        match r {
+            Err(cause) => problems.push(BadFile { path: p.clone(), cause: cause.clone() }),
+            Ok(probe) => image_warnings
+                .extend(probe.warnings.iter().map(|w| BadFile { path: p.clone(), cause: w.clone() })),
+        }
+    }
+    // 3. captions (problems join the same report).
+    let mut listed_per_ds = Vec::new();
+    let mut unused_captions: Vec<PathBuf> = Vec::new();
+    for (ds, _, lists) in &per_ds {
+        let mut listed = Vec::new();
+        for (si, paths) in lists {
+            let ss = &ds.subsets[*si];
+            let mut images = Vec::new();
+            for p in paths {
+                if !matches!(probes.get(p), Some(Ok(_))) {
+                    continue;
+                }
+                let (caption, file) = match read_caption(p, &ss.caption_extension, ss.caption.enable_wildcard)
+                {
+                    Err(cause) => {
+                        problems.push(BadFile { path: p.clone(), cause });
+                        continue;
+                    }
+                    Ok(CaptionRead::Found { text, file }) => (text, Some(file)),
+                    Ok(CaptionRead::Missing) => (ss.class_tokens.clone().unwrap_or_default(), None),
+                };
+                if file.is_none() {
+                    unused_captions.extend(unused_caption_files(p, &ss.caption_extension));
+                }
+                images.push((p.clone(), caption, file));
+            }
+            listed.push(Listed { subset: *si, images });
+        }
+        listed_per_ds.push(listed);
+    }
+    if !unused_captions.is_empty() {
+        notes.push(format!(
+            "WARNING: {} caption file(s) exist but are NOT used, because their extension is not the \
+             caption_extension (kohya's default for DreamBooth is .caption); those images train with \
+             class_tokens instead. Set caption_extension to use them. First: {}",
+            unused_captions.len(),
+            unused_captions[0].display()
+        ));
+    }
+    problems.sort_by(|a, b| a.path.cmp(&b.path));
+    problems.dedup();
+    if !problems.is_empty() && !opts.skip_bad_images {
+        return Err(DataError::BadFiles(BadFiles(problems)));
+    }
+    // 4. register, balance, bucket.
+    let mut datasets = Vec::new();
+    let mut rotated = Vec::new();
+    for ((ds, mut infos, _), listed) in per_ds.into_iter().zip(listed_per_ds) {
+        let d = register(ds, &mut infos, listed, &probes, opts, &mut notes, &mut rotated)?;
+        datasets.push(d);
+    }
+    if datasets.iter().all(|d| d.images.is_empty()) {
+        return Err(DataError::EmptyDataset {
+            detail:
+                "no usable train images in any subset (check image_dir, num_repeats and the problems above)"
+                    .into(),
+        });
+    }
+    Ok(DatasetGroup {
+        datasets,
+        notes,
+        skipped: problems,
+        image_warnings,
+        rotated,
+        ignore_exif_orientation: opts.ignore_exif_orientation,
+    })
+}
+
+/// kohya's split_train_val for the train side: the first ceil(n * (1 - split)) after a seeded
+/// shuffle. kohya shuffles with Python's `random`; we use our own seeded stream (documented).
+fn train_split<T>(mut items: Vec<T>, split: f64, seed: u64) -> Vec<T> {
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed ^ 0x7661_6c69_6461_7465);
+    items.shuffle(&mut rng);
+    let keep = ((items.len() as f64) * (1.0 - split)).ceil() as usize;
+    items.truncate(keep);
+    items
+}
+
+fn register(
+    spec: DatasetSpec,
+    infos: &mut [SubsetInfo],
+    listed: Vec<Listed>,
+    probes: &BTreeMap<PathBuf, std::result::Result<ImageProbe, String>>,
+    opts: &DatasetOptions,
+    notes: &mut Vec<String>,
+    rotated: &mut Vec<(PathBuf, String)>,
+) -> Result<Dataset> {
+    let mut images: Vec<ImageEntry> = Vec::new();
+    let mut reg: Vec<ImageEntry> = Vec::new();
+    let (mut num_train, mut num_reg) = (0u64, 0u64);
+    for l in listed {
+        let ss = &spec.subsets[l.subset];
+        let mut items = l.images;
+        if spec.validation_split > 0.0 && !ss.is_reg {
+            let seed = spec.validation_seed.or(opts.seed).unwrap_or(0);
+            items = train_split(items, spec.validation_split, seed);
+        }
+        if items.is_empty() {
+            infos[l.subset].ignored = Some("no images found".into());
+            notes.push(format!("ignored subset {}: no images found", ss.image_dir.display()));
+            continue;
+        }
+        let repeats = ss.num_repeats as u64;
+        if ss.is_reg {
+            num_reg += repeats * items.len() as u64;
+        } else {
+            num_train += repeats * items.len() as u64;
+        }
+        infos[l.subset].img_count = items.len();
+        for (path, caption, caption_file) in items {
+            let Some(Ok(probe)) = probes.get(&path) else { continue };
+            let orientation = if opts.ignore_exif_orientation { None } else { probe.orientation.clone() };
+            if let Some(o) = &orientation {
+                rotated.push((path.clone(), o.clone()));
+            }
+            let e = ImageEntry {
+                path,
+                subset: l.subset,
+                is_reg: ss.is_reg,
+                caption,
+                caption_file,
+                size: probe.size(opts.ignore_exif_orientation),
+                orientation,
+                has_alpha: probe.has_alpha,
+                num_repeats: ss.num_repeats as u32,
+                bucket: (0, 0),
+                resized_size: (0, 0),
+                ar_error: 0.0,
+            };
+            if ss.is_reg {
+                reg.push(e);
+            } else {
+                images.push(e);
+            }
+        }
+    }
+    // kohya's balancing loop: register reg images in order until their repeats reach the train
+    // count; then give +1 repeat to each in turn. Reg images beyond that are never registered.
+    if num_reg == 0 {
+        notes.push("no regularization images".into());
+    } else {
+        if num_train < num_reg {
+            notes
+                .push("some reg images are not used (more reg images than train images), as in kohya".into());
+        }
+        let first = images.len();
+        let mut n = 0u64;
+        let mut first_loop = true;
+        'outer: while n < num_train {
+            for (i, info) in reg.iter().enumerate() {
+                if first_loop {
+                    images.push(info.clone());
+                    n += info.num_repeats as u64;
+                } else {
+                    images[first + i].num_repeats += 1;
+                    n += 1;
+                }
+                if n >= num_train {
+                    break 'outer;
+                }
+            }
+            first_loop = false;
+        }
+    }
+    let buckets = assign_buckets(&spec, &mut images)?;
+    let mean_ar_error = if spec.enable_bucket && !images.is_empty() {
+        images.iter().map(|i| i.ar_error.abs()).sum::<f64>() / images.len() as f64
+    } else {
+        0.0
+    };
+    Ok(Dataset {
+        spec,
+        subsets: infos.to_vec(),
+        images,
+        buckets,
+        num_train_images: num_train,
+        num_reg_images: num_reg,
+        mean_ar_error,
+    })
+}
+
+fn assign_buckets(spec: &DatasetSpec, images: &mut [ImageEntry]) -> Result<Vec<Bucket>> {
+    let bm = if !spec.enable_bucket {
+        BucketManager::fixed(spec.resolution)
+    } else if spec.bucket_no_upscale {
+        BucketManager::no_upscale(spec.resolution, spec.bucket_reso_steps)
+    } else {
+        BucketManager::predefined(
+            spec.resolution,
+            spec.min_bucket_reso,
+            spec.max_bucket_reso,
+            spec.bucket_reso_steps,
+        )
+    };
+    let mut resos: Vec<Reso> =
+        if spec.bucket_no_upscale { Vec::new() } else { bm.predefined_resos().to_vec() };
+    for img in images.iter_mut() {
+        let c = bm.select_bucket(img.size.0, img.size.1);
+        if c.reso.0 == 0 || c.reso.1 == 0 {
+            return Err(DataError::ImageLoad {
+                path: img.path.clone(),
+                message: format!(
+                    "{}x{} is smaller than bucket_reso_steps {} with bucket_no_upscale; it fits no bucket",
+                    img.size.0, img.size.1, spec.bucket_reso_steps
+                ),
+            });
+        }
+        if !spec.enable_bucket && (img.size.0 < spec.resolution.0 || img.size.1 < spec.resolution.1) {
+            return Err(DataError::ImageLoad {
+                path: img.path.clone(),
+                message: format!(
+                    "{}x{} is smaller than the resolution {}x{} and enable_bucket is off (kohya fails on it \
+                     when loading); enable buckets or resize the image",
+                    img.size.0, img.size.1, spec.resolution.0, spec.resolution.1
+                ),
+            });
+        }
+        let ss = &spec.subsets[img.subset];
+        let larger = img.size.0 > spec.resolution.0 || img.size.1 > spec.resolution.1;
+        if !spec.enable_bucket && larger && !ss.random_crop && ss.face_crop_aug_range.is_none() {
+            return Err(DataError::ImageLoad {
+                path: img.path.clone(),
+                message: format!(
+                    "{}x{} is larger than the resolution {}x{} but enable_bucket, random_crop and \
+                     face_crop_aug_range are all off (kohya fails on it when loading)",
+                    img.size.0, img.size.1, spec.resolution.0, spec.resolution.1
+                ),
+            });
+        }
+        img.bucket = c.reso;
+        img.resized_size = c.resized_size;
+        img.ar_error = c.ar_error;
+        if !resos.contains(&c.reso) {
+            resos.push(c.reso);
+        }
+    }
+    resos.sort();
+    let mut buckets: Vec<Bucket> = resos.into_iter().map(|reso| Bucket { reso, items: Vec::new() }).collect();
+    for (i, img) in images.iter().enumerate() {
+        if let Ok(b) = buckets.binary_search_by(|b| b.reso.cmp(&img.bucket)) {
+            buckets[b].items.extend(std::iter::repeat(i).take(img.num_repeats as usize));
+        }
+    }
+    Ok(buckets)
+}
