@@ -23,3 +23,91 @@ with open(os.path.join(ASSETS, "ftfy_html_entities.tsv"), "w", encoding="ascii",
         value = " ".join(f"{ord(c):X}" for c in HTML_ENTITIES[key])
         f.write(f"{key[1:-1]}\t{value}\n")
 print(len(HTML_ENTITIES), "entities")
+
+
+# --- mojibake detection (ftfy.badness.BADNESS_RE, ftfy.chardata.UTF8_DETECTOR_RE) ---------------
+# The patterns are re-emitted in Rust `regex` syntax from Python's own parse tree, so no character
+# class is transcribed by hand. Python's `\s` (str.isspace, which adds U+001C..U+001F to
+# White_Space) and `\w` (str.isalnum or '_') are spelled out.
+import re  # noqa: E402
+import re._constants as C  # noqa: E402
+import re._parser as P  # noqa: E402
+
+from ftfy.badness import BADNESS_RE  # noqa: E402
+from ftfy.chardata import CHARMAP_ENCODINGS, UTF8_CLUES, UTF8_DETECTOR_RE  # noqa: E402
+
+
+def lit(c):
+    return "\\x{%X}" % c
+
+
+def category(cat, in_class):
+    body = {C.CATEGORY_SPACE: r"\s\x{1C}-\x{1F}", C.CATEGORY_WORD: r"\p{L}\p{N}_", C.CATEGORY_DIGIT: r"\d"}[cat]
+    return body if in_class else "[" + body + "]"
+
+
+def emit(items):
+    out = []
+    for op, av in items:
+        if op is C.LITERAL:
+            out.append(lit(av))
+        elif op is C.NOT_LITERAL:
+            out.append("[^" + lit(av) + "]")
+        elif op is C.ANY:
+            out.append(".")
+        elif op is C.AT:
+            assert av is C.AT_BEGINNING, av
+            out.append("^")
+        elif op is C.IN:
+            neg, parts = "", []
+            for iop, iav in av:
+                if iop is C.NEGATE:
+                    neg = "^"
+                elif iop is C.LITERAL:
+                    parts.append(lit(iav))
+                elif iop is C.RANGE:
+                    parts.append(lit(iav[0]) + "-" + lit(iav[1]))
+                elif iop is C.CATEGORY:
+                    parts.append(category(iav, True))
+                else:
+                    raise ValueError(iop)
+            out.append("[" + neg + "".join(parts) + "]")
+        elif op is C.CATEGORY:
+            out.append(category(av, False))
+        elif op is C.BRANCH:
+            out.append("(?:" + "|".join(emit(b) for b in av[1]) + ")")
+        elif op is C.SUBPATTERN:
+            out.append("(?:" + emit(av[3]) + ")")
+        elif op in (C.MAX_REPEAT, C.MIN_REPEAT):
+            lo, hi, sub = av
+            hi_s = "" if hi is C.MAXREPEAT else str(hi)
+            out.append("(?:" + emit(sub) + "){" + f"{lo},{hi_s}" + "}" + ("?" if op is C.MIN_REPEAT else ""))
+        else:
+            raise ValueError(f"unsupported regex op {op}")
+    return "".join(out)
+
+
+def to_rust(pattern):
+    return emit(P.parse(pattern.pattern, pattern.flags))
+
+
+def detector_parts():
+    tree = list(P.parse(UTF8_DETECTOR_RE.pattern, UTF8_DETECTOR_RE.flags))
+    assert tree[0][0] is C.ASSERT_NOT, tree[0]
+    return emit(tree[1:])
+
+
+with open(os.path.join(ASSETS, "ftfy_mojibake.txt"), "w", encoding="ascii", newline="\n") as f:
+    f.write(to_rust(BADNESS_RE) + "\n")
+    f.write(detector_parts() + "\n")
+    # The lookbehind's class (Rust's regex has no lookbehind; the Rust side checks the char before).
+    f.write(to_rust(re.compile("[" + UTF8_CLUES["utf8_continuation_strict"] + "]")) + "\n")
+    for enc in CHARMAP_ENCODINGS:
+        chars = []
+        for b in range(256):
+            if b < 0x80 and b != 0x1A:
+                chars.append(b)  # possible_encoding takes ASCII (but 0x1A) as itself in every charmap
+            else:
+                chars.append(ord(bytes([b]).decode(enc)))
+        f.write(enc + "\t" + " ".join(f"{c:X}" for c in chars) + "\n")
+print("wrote ftfy_mojibake.txt")

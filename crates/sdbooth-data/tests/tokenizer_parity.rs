@@ -105,3 +105,21 @@ fn sd1_matches_kohya_on_every_caption() {
 fn sd2_matches_kohya_on_every_caption() {
     run("sd2", ClipTokenizer::sd2());
 }
+
+/// Mojibake (text decoded with the wrong codec) that ftfy repairs before tokenizing.
+#[test]
+fn mojibake_is_repaired_as_ftfy_does() {
+    let tok = ClipTokenizer::sd1().unwrap_or_else(|e| panic!("tokenizer: {e}"));
+    let doc = load();
+    let cases = doc["mojibake"].as_array().cloned().unwrap_or_default();
+    assert!(cases.len() >= 15);
+    let bad: Vec<String> = cases
+        .iter()
+        .filter_map(|c| {
+            let text = c["text"].as_str().unwrap_or_default();
+            let (ours, theirs) = (tok.encode(text), ids(&c["sd1"]));
+            (ours != theirs).then(|| format!("{text:?}: ours {ours:?}, ftfy {:?} {theirs:?}", c["fixed"]))
+        })
+        .collect();
+    assert!(bad.is_empty(), "{} of {} differ:\n{}", bad.len(), cases.len(), bad.join("\n"));
+}

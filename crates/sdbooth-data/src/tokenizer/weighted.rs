@@ -25,9 +25,8 @@ impl AttentionParser {
     pub(crate) fn new() -> Result<Self, TokenizerError> {
         // kohya's `_re_attention`, alternatives in the same order. Python's `\d` is any Unicode
         // decimal digit; so is Rust's.
-        let token =
-            Regex::new(concat!(r"\\\(|\\\)|\\\[|\\\]|\\\\|\\|\(|\[|:([+-]?[.\d]+)\)|\)|\]|[^\\()\[\]:]+|:",))
-                .map_err(|e| TokenizerError::Vocabulary(format!("attention regex: {e}")))?;
+        let token = Regex::new(r"\\\(|\\\)|\\\[|\\\]|\\\\|\\|\(|\[|:([+-]?[.\d]+)\)|\)|\]|[^\\()\[\]:]+|:")
+            .map_err(|e| TokenizerError::Vocabulary(format!("attention regex: {e}")))?;
         Ok(Self { token })
     }
 
