@@ -2,3 +2,12 @@
 //! resume and logging.
 
 pub mod args;
+pub mod error;
+pub mod logs;
+pub mod loss;
+pub mod lr;
+pub mod noise;
+pub mod optim;
+pub mod state;
+
+pub use error::{Result, TrainError};

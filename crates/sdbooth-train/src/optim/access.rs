@@ -1,0 +1,114 @@
+//! In-place access to the f32/bf16 storage of candle tensors.
+//!
+//! candle keeps a tensor's storage behind a lock and gives write access only through its
+//! `InplaceOp*` traits, so the optimizer wraps its update closure in an `InplaceOp1`: the weights
+//! are updated where they live, with no model-size temporaries. Gradients are read through the
+//! public `storage_and_layout` read guard. Tensors on a GPU take a per-tensor round trip through
+//! host memory for now (correct, not fast).
+
+use std::cell::RefCell;
+
+use candle_core::backend::BackendStorage;
+use candle_core::{CpuStorage, DType, Device, InplaceOp1, Layout, Storage, Tensor, Var};
+use half::bf16;
+
+use crate::error::{Result, TrainError};
+
+/// The mutable contents of one weight tensor.
+pub enum WeightsMut<'a> {
+    F32(&'a mut [f32]),
+    BF16(&'a mut [bf16]),
+}
+
+struct ApplyMut<F> {
+    f: RefCell<Option<F>>,
+    result: RefCell<Option<Result<()>>>,
+}
+
+impl<F: FnOnce(WeightsMut<'_>) -> Result<()>> InplaceOp1 for ApplyMut<F> {
+    fn name(&self) -> &'static str {
+        "sdbooth-optimizer-update"
+    }
+
+    fn cpu_fwd(&self, storage: &mut CpuStorage, layout: &Layout) -> candle_core::Result<()> {
+        let Some(f) = self.f.borrow_mut().take() else {
+            return Ok(());
+        };
+        let Some((start, end)) = layout.contiguous_offsets() else {
+            *self.result.borrow_mut() =
+                Some(Err(TrainError::Config("weight tensor is not contiguous".into())));
+            return Ok(());
+        };
+        let r = match storage {
+            CpuStorage::F32(v) => f(WeightsMut::F32(&mut v[start..end])),
+            CpuStorage::BF16(v) => f(WeightsMut::BF16(&mut v[start..end])),
+            other => Err(TrainError::Config(format!(
+                "weights of dtype {:?} cannot be trained (f32 or bf16 only)",
+                other.dtype()
+            ))),
+        };
+        *self.result.borrow_mut() = Some(r);
+        Ok(())
+    }
+}
+
+/// Runs `f` on the contents of `var`, in place.
+pub fn with_weights_mut(var: &Var, f: impl FnOnce(WeightsMut<'_>) -> Result<()>) -> Result<()> {
+    let t = var.as_tensor();
+    if t.device().is_cpu() {
+        let op = ApplyMut { f: RefCell::new(Some(f)), result: RefCell::new(None) };
+        t.inplace_op1(&op)?;
+        return op
+            .result
+            .into_inner()
+            .unwrap_or_else(|| Err(TrainError::Config("update did not run".into())));
+    }
+    // Device tensors: update a host copy of this one tensor, then write it back.
+    let host = t.to_device(&Device::Cpu)?.copy()?;
+    let op = ApplyMut { f: RefCell::new(Some(f)), result: RefCell::new(None) };
+    host.inplace_op1(&op)?;
+    op.result.into_inner().unwrap_or_else(|| Err(TrainError::Config("update did not run".into())))?;
+    var.set(&host.to_device(t.device())?)?;
+    Ok(())
+}
+
+/// Runs `f` on the contents of `t` as f32; borrows the storage when it is f32 on the CPU,
+/// converts (one tensor's worth) otherwise.
+pub fn with_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Result<R> {
+    if t.device().is_cpu() && t.dtype() == DType::F32 {
+        let (storage, layout) = t.storage_and_layout();
+        if let (Storage::Cpu(CpuStorage::F32(v)), Some((s, e))) = (&*storage, layout.contiguous_offsets()) {
+            return Ok(f(&v[s..e]));
+        }
+    }
+    let v = t.to_device(&Device::Cpu)?.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+    Ok(f(&v))
+}
+
+/// Multiplies an f32 CPU tensor by `s` in place (gradient clipping); other tensors are rejected.
+pub fn scale_in_place(t: &Tensor, s: f32) -> Result<()> {
+    struct Scale(f32);
+    impl InplaceOp1 for Scale {
+        fn name(&self) -> &'static str {
+            "sdbooth-scale"
+        }
+        fn cpu_fwd(&self, storage: &mut CpuStorage, layout: &Layout) -> candle_core::Result<()> {
+            let (s, e) = layout
+                .contiguous_offsets()
+                .ok_or_else(|| candle_core::Error::Msg("scale: tensor is not contiguous".into()))?;
+            match storage {
+                CpuStorage::F32(v) => v[s..e].iter_mut().for_each(|x| *x *= self.0),
+                CpuStorage::BF16(v) => {
+                    v[s..e].iter_mut().for_each(|x| *x = bf16::from_f32(x.to_f32() * self.0))
+                }
+                _ => candle_core::bail!("scale: f32 or bf16 tensors only"),
+            }
+            Ok(())
+        }
+    }
+    if !t.device().is_cpu() {
+        return Err(TrainError::Config("in-place gradient scaling runs on CPU tensors only".into()));
+    }
+    t.inplace_op1(&Scale(s))?;
+    Ok(())
+}

@@ -1,0 +1,271 @@
+//! Optimizers with in-place, per-parameter updates.
+//!
+//! `Optimizer::step_param` updates one parameter as soon as its gradient is final (the fused
+//! backward calls it block by block; the plain loop calls it for every parameter after backward).
+//! Weights are changed where they live (see `access`), state buffers are plain host vectors keyed
+//! by parameter name, so the state of a text encoder that stops training can be freed by group.
+//! Weights stored as bf16 (`--full_bf16`) are updated in f32 and rounded back stochastically from
+//! a counter-based stream (seed, parameter name, step): the result does not depend on the order in
+//! which parameters are updated, and resuming needs only the seed and the step counts.
+
+pub mod access;
+mod adafactor;
+mod adamw;
+pub mod adamw8bit;
+mod config;
+mod lion;
+mod sgd;
+mod store;
+
+use std::collections::BTreeMap;
+
+use candle_core::{Tensor, Var};
+use half::bf16;
+use rand::RngCore;
+use rand_chacha::rand_core::SeedableRng;
+
+pub use access::{scale_in_place, with_f32, with_weights_mut, WeightsMut};
+pub use config::{OptimizerConfig, OptimizerKind, PyLiteral};
+
+use crate::error::{Result, TrainError};
+
+/// Elementwise updates run in parallel over chunks of this many values (results do not depend on
+/// the split: every element is updated independently).
+pub(crate) const PAR_CHUNK: usize = 1 << 14;
+
+/// One state buffer of one parameter.
+#[derive(Debug, Clone, PartialEq)]
+pub enum StateBuf {
+    F32(Vec<f32>),
+    U8(Vec<u8>),
+}
+
+/// The optimizer state of one parameter: its step count and named buffers (`exp_avg`, …).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct ParamState {
+    pub step: u64,
+    pub bufs: BTreeMap<String, StateBuf>,
+    /// The step size actually used at the last step (differs from the scheduler's for Adafactor).
+    pub last_lr: f64,
+}
+
+impl ParamState {
+    /// Takes an f32 buffer out (zeros of length `n` when absent) so several can be borrowed mutably.
+    pub(crate) fn take_f32(&mut self, key: &str, n: usize) -> Result<Vec<f32>> {
+        match self.bufs.remove(key) {
+            None => Ok(vec![0.0; n]),
+            Some(StateBuf::F32(v)) if v.len() == n => Ok(v),
+            Some(_) => Err(TrainError::Config(format!("optimizer state {key}: wrong size or type"))),
+        }
+    }
+    pub(crate) fn take_u8(&mut self, key: &str, n: usize) -> Result<Vec<u8>> {
+        match self.bufs.remove(key) {
+            None => Ok(vec![0; n]),
+            Some(StateBuf::U8(v)) if v.len() == n => Ok(v),
+            Some(_) => Err(TrainError::Config(format!("optimizer state {key}: wrong size or type"))),
+        }
+    }
+    pub(crate) fn put_f32(&mut self, key: &str, v: Vec<f32>) {
+        self.bufs.insert(key.to_string(), StateBuf::F32(v));
+    }
+    pub(crate) fn put_u8(&mut self, key: &str, v: Vec<u8>) {
+        self.bufs.insert(key.to_string(), StateBuf::U8(v));
+    }
+    /// Bytes held by the state buffers.
+    pub fn nbytes(&self) -> usize {
+        self.bufs
+            .values()
+            .map(|b| match b {
+                StateBuf::F32(v) => v.len() * 4,
+                StateBuf::U8(v) => v.len(),
+            })
+            .sum()
+    }
+}
+
+/// A named set of parameters sharing a learning rate (kohya: U-Net and text encoder groups).
+#[derive(Debug, Clone, PartialEq)]
+pub struct ParamGroup {
+    pub name: String,
+    pub lr: f64,
+    pub params: Vec<String>,
+}
+
+pub struct Optimizer {
+    pub config: OptimizerConfig,
+    pub groups: Vec<ParamGroup>,
+    pub states: BTreeMap<String, ParamState>,
+}
+
+impl Optimizer {
+    pub fn new(config: OptimizerConfig) -> Self {
+        Optimizer { config, groups: Vec::new(), states: BTreeMap::new() }
+    }
+
+    /// Registers a parameter group; `lr` is its base learning rate (the scheduler's multiplier
+    /// applies to it).
+    pub fn add_group(&mut self, name: &str, lr: f64, params: Vec<String>) {
+        self.groups.push(ParamGroup { name: name.to_string(), lr, params });
+    }
+
+    /// The index of the group holding `param`.
+    pub fn group_of(&self, param: &str) -> Option<usize> {
+        self.groups.iter().position(|g| g.params.iter().any(|p| p == param))
+    }
+
+    /// Drops a group and the state of its parameters (`--stop_text_encoder_training`).
+    /// Returns the bytes freed.
+    pub fn free_group(&mut self, name: &str) -> usize {
+        let mut freed = 0;
+        if let Some(i) = self.groups.iter().position(|g| g.name == name) {
+            let g = self.groups.remove(i);
+            for p in &g.params {
+                if let Some(s) = self.states.remove(p) {
+                    freed += s.nbytes();
+                }
+            }
+        }
+        freed
+    }
+
+    /// Updates `param` in place from `grad` with learning rate `lr`.
+    pub fn step_param(&mut self, name: &str, param: &Var, grad: &Tensor, lr: f64) -> Result<()> {
+        self.step_param_scaled(name, param, grad, lr, 1.0)
+    }
+
+    /// As `step_param`, with the gradient multiplied by `grad_scale` first (gradient clipping
+    /// without writing to the gradient).
+    pub fn step_param_scaled(
+        &mut self,
+        name: &str,
+        param: &Var,
+        grad: &Tensor,
+        lr: f64,
+        grad_scale: f32,
+    ) -> Result<()> {
+        let shape = param.as_tensor().dims().to_vec();
+        if grad.dims() != shape.as_slice() {
+            return Err(TrainError::param(name, format!("gradient shape {:?} != {:?}", grad.dims(), shape)));
+        }
+        let config = &self.config;
+        let st = self.states.entry(name.to_string()).or_default();
+        st.step += 1;
+        let step = st.step;
+        with_f32(grad, |g| -> Result<()> {
+            let scaled;
+            let g = if grad_scale != 1.0 {
+                scaled = g.iter().map(|&x| x * grad_scale).collect::<Vec<f32>>();
+                &scaled[..]
+            } else {
+                g
+            };
+            with_weights_mut(param, |w| match w {
+                WeightsMut::F32(w) => update(config, st, w, g, &shape, lr),
+                WeightsMut::BF16(wb) => {
+                    let mut w32: Vec<f32> = wb.iter().map(|x| x.to_f32()).collect();
+                    update(config, st, &mut w32, g, &shape, lr)?;
+                    stochastic_round(&w32, wb, rounding_stream(config.rounding_seed, name, step));
+                    Ok(())
+                }
+            })
+        })?
+    }
+
+    /// The step size used at the last update of `param` (Adafactor computes its own).
+    pub fn last_lr(&self, param: &str) -> Option<f64> {
+        self.states.get(param).map(|s| s.last_lr)
+    }
+
+    /// Bytes of optimizer state held.
+    pub fn state_nbytes(&self) -> usize {
+        self.states.values().map(ParamState::nbytes).sum()
+    }
+}
+
+fn update(
+    c: &OptimizerConfig,
+    st: &mut ParamState,
+    w: &mut [f32],
+    g: &[f32],
+    shape: &[usize],
+    lr: f64,
+) -> Result<()> {
+    if w.len() != g.len() {
+        return Err(TrainError::Config(format!("gradient has {} values, weight {}", g.len(), w.len())));
+    }
+    st.last_lr = lr;
+    match c.kind {
+        OptimizerKind::AdamW => adamw::step(c, st, w, g, lr),
+        OptimizerKind::AdamW8bit => adamw8bit::step(c, st, w, g, lr),
+        OptimizerKind::Lion => lion::step(c, st, w, g, lr),
+        OptimizerKind::SGDNesterov => sgd::step(c, st, w, g, lr),
+        OptimizerKind::Adafactor => adafactor::step(c, st, w, g, shape, lr),
+    }
+}
+
+/// The stochastic-rounding stream of one parameter at one step.
+pub fn rounding_stream(seed: u64, name: &str, step: u64) -> rand_chacha::ChaCha8Rng {
+    // FNV-1a of the name, mixed with seed and step by splitmix64 finalisers.
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in name.bytes() {
+        h = (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3);
+    }
+    let mix = |mut z: u64| {
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    };
+    rand_chacha::ChaCha8Rng::seed_from_u64(mix(mix(seed ^ h) ^ step))
+}
+
+/// Rounds f32 values to bf16 stochastically: the chance of rounding up is the distance to the
+/// lower neighbour, so the expected stored value equals the f32 value and updates far below
+/// bf16's resolution still move the weights on average.
+pub fn stochastic_round(src: &[f32], dst: &mut [bf16], mut rng: impl RngCore) {
+    for (d, &x) in dst.iter_mut().zip(src) {
+        *d = if x.is_finite() {
+            let r = rng.next_u32() & 0xFFFF;
+            bf16::from_bits((x.to_bits().wrapping_add(r) >> 16) as u16)
+        } else {
+            bf16::from_f32(x)
+        };
+    }
+}
+
+/// The global L2 norm of a set of gradients (torch's `clip_grad_norm_`: norm of the per-tensor
+/// norms), accumulated in f64.
+pub fn global_grad_norm<'a>(grads: impl IntoIterator<Item = &'a Tensor>) -> Result<f64> {
+    let mut ss = 0f64;
+    for g in grads {
+        ss += with_f32(g, |v| v.iter().map(|&x| f64::from(x) * f64::from(x)).sum::<f64>())?;
+    }
+    Ok(ss.sqrt())
+}
+
+/// The factor torch's `clip_grad_norm_(max_norm)` multiplies the gradients by:
+/// min(1, max_norm / (total_norm + 1e-6)). `max_norm <= 0` disables clipping (kohya's 0.0).
+pub fn clip_coef(total_norm: f64, max_norm: f64) -> f32 {
+    if max_norm <= 0.0 {
+        return 1.0;
+    }
+    let c = (max_norm as f32) / (total_norm as f32 + 1e-6);
+    c.min(1.0)
+}
+
+/// Clips a set of gradients in place to a global norm of `max_norm` (the plain loop); returns the
+/// norm before clipping.
+pub fn clip_grad_norm<'a>(grads: &[&'a Tensor], max_norm: f64) -> Result<f64> {
+    let norm = global_grad_norm(grads.iter().copied())?;
+    let c = clip_coef(norm, max_norm);
+    if c < 1.0 {
+        for g in grads {
+            scale_in_place(g, c)?;
+        }
+    }
+    Ok(norm)
+}
+
+/// The per-tensor variant for the fused backward: the factor to pass to `step_param_scaled`.
+pub fn per_tensor_clip_coef(grad: &Tensor, max_norm: f64) -> Result<f32> {
+    Ok(clip_coef(global_grad_norm([grad])?, max_norm))
+}
