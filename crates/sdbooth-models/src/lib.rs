@@ -10,8 +10,8 @@ pub mod sd;
 pub mod unet;
 pub mod vae;
 
-pub use config::{builtin, BuiltinModel, ModelConfig, Prediction};
 pub use clip::{ClipTape, ClipTextModel, ClipTrainOptions};
+pub use config::{builtin, BuiltinModel, ModelConfig, Prediction};
 pub use params::ParamStore;
 pub use sd::{random_model, StableDiffusion};
 pub use unet::{TrainOptions, UNet, UNetGrads, UNetTape};

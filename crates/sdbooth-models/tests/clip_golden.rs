@@ -1,0 +1,222 @@
+//! CLIP text encoders against transformers' CLIPTextModel (fixtures from tools/goldens/clip.py):
+//! outputs and every parameter gradient for the tiny SD1 and SD2 text configs, plain, with
+//! clip_skip 2, and with a 150-token prompt joined as kohya joins its windows.
+
+use std::collections::{BTreeMap, HashMap};
+
+use candle_core::{DType, Device, Tensor};
+use sdbooth_models::clip::{self, ClipTextModel, ClipTrainOptions};
+use sdbooth_models::{ModelConfig, ParamStore};
+
+const TOK: &str = "text_model.embeddings.token_embedding.weight";
+
+struct Fixture {
+    t: HashMap<String, Tensor>,
+    /// Token ids whose embedding rows the fixture holds, in row order.
+    rows: Vec<u32>,
+}
+
+fn load(name: &str) -> Fixture {
+    let path = format!("{}/tests/fixtures/clip_{name}.safetensors", env!("CARGO_MANIFEST_DIR"));
+    let t =
+        candle_core::safetensors::load(&path, &Device::Cpu).unwrap().into_iter().collect::<HashMap<_, _>>();
+    let rows = t["emb_rows"].to_dtype(DType::U32).unwrap().to_vec1::<u32>().unwrap();
+    Fixture { t, rows }
+}
+
+fn rel_err(ours: &Tensor, theirs: &Tensor) -> f64 {
+    assert_eq!(ours.dims(), theirs.dims());
+    let ours = ours.to_dtype(DType::F64).unwrap();
+    let theirs = theirs.to_dtype(DType::F64).unwrap();
+    let diff = (ours - &theirs).unwrap().sqr().unwrap().sum_all().unwrap().to_scalar::<f64>().unwrap().sqrt();
+    let norm = theirs.sqr().unwrap().sum_all().unwrap().to_scalar::<f64>().unwrap().sqrt();
+    diff / norm.max(1e-30)
+}
+
+impl Fixture {
+    /// The fixture's weights, the token table rebuilt at full size with zeros in unused rows.
+    fn params(&self, cfg: &ModelConfig) -> ParamStore {
+        let mut map = BTreeMap::new();
+        for (k, v) in &self.t {
+            if let Some(name) = k.strip_prefix("param.") {
+                map.insert(name.to_string(), v.clone());
+            }
+        }
+        let d = cfg.text.hidden_size;
+        let mut table = vec![0f32; cfg.text.vocab_size * d];
+        let rows = map[TOK].to_vec2::<f32>().unwrap();
+        for (id, row) in self.rows.iter().zip(rows) {
+            table[*id as usize * d..(*id as usize + 1) * d].copy_from_slice(&row);
+        }
+        map.insert(TOK.into(), Tensor::from_vec(table, (cfg.text.vocab_size, d), &Device::Cpu).unwrap());
+        let store = ParamStore::from_tensors(map).unwrap();
+        store.check_shapes(&clip::param_shapes(&cfg.text)).unwrap();
+        store
+    }
+
+    fn ids(&self, case: &str) -> Tensor {
+        self.t[&format!("{case}.ids")].to_dtype(DType::U32).unwrap()
+    }
+
+    /// Compares gradients (ours by name) with the fixture's, the token table by its used rows;
+    /// the unused rows must have no gradient at all. Returns the worst relative error.
+    fn check_grads(&self, case: &str, ours: &BTreeMap<String, Tensor>) -> f64 {
+        let mut worst = 0f64;
+        let ids = Tensor::new(self.rows.as_slice(), &Device::Cpu).unwrap();
+        for (k, theirs) in &self.t {
+            let Some(name) = k.strip_prefix(&format!("{case}.grad.")) else { continue };
+            let theirs_norm = theirs.sqr().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap();
+            let Some(g) = ours.get(name).cloned() else {
+                // Layers past clip_skip are not run: no gradient here, zero in torch.
+                assert_eq!(theirs_norm, 0.0, "{case}: no gradient for {name}");
+                continue;
+            };
+            let g = if name == TOK {
+                let total = g.sqr().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap();
+                let used = g.index_select(&ids, 0).unwrap();
+                let in_rows = used.sqr().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap();
+                assert!((total - in_rows).abs() <= 1e-6 * total, "{case}: gradient outside the used rows");
+                used
+            } else {
+                g
+            };
+            let e = if theirs_norm == 0.0 {
+                // Layers past clip_skip: no gradient in torch, none (or zeros) here.
+                g.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap() as f64
+            } else if let Some(weight) = name.strip_suffix("k_proj.bias") {
+                // The key bias adds the same q.b_k to every score of a row, which softmax
+                // cancels: its true gradient is zero and both sides hold rounding noise. Bound
+                // it against the scale of the key weight's gradient instead.
+                let w = &self.t[&format!("{case}.grad.{weight}k_proj.weight")];
+                let scale = w.sqr().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap().sqrt() as f64;
+                let ours = g.sqr().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap().sqrt() as f64;
+                ours / scale
+            } else {
+                rel_err(&g, theirs)
+            };
+            assert!(e <= 1e-4, "{case}: gradient of {name}: relative error {e:e}");
+            worst = worst.max(e);
+        }
+        worst
+    }
+}
+
+fn clip_skip(case: &str) -> Option<usize> {
+    (case == "skip2").then_some(2)
+}
+
+/// Output and gradients through one autograd graph (`forward`), and the same gradients through
+/// the hand-chained training path, with and without checkpointing (bit-identical).
+fn golden(name: &str, cfg: ModelConfig) {
+    let f = load(name);
+    let params = f.params(&cfg);
+    let model = ClipTextModel::new(&cfg.text);
+    for case in ["plain", "skip2", "long"] {
+        let ids = f.ids(case);
+        let skip = clip_skip(case);
+        let out = model.forward(&params, &ids, skip).unwrap();
+        let e = rel_err(&out, &f.t[&format!("{case}.out")]);
+        println!("{name} {case}: output rel err {e:e}");
+        assert!(e <= 1e-5, "{name} {case}: output relative error {e:e}");
+
+        let g = &f.t[&format!("{case}.g")];
+        let store = (&out * g).unwrap().sum_all().unwrap().backward().unwrap();
+        let mut grads = BTreeMap::new();
+        for (pname, var) in params.iter() {
+            if let Some(gr) = store.get(var.as_tensor()) {
+                grads.insert(pname.clone(), gr.clone());
+            }
+        }
+        let worst = f.check_grads(case, &grads);
+        println!("{name} {case}: worst gradient rel err {worst:e}");
+
+        let mut runs = Vec::new();
+        for checkpointing in [false, true] {
+            let opts = ClipTrainOptions { checkpointing, compute_dtype: None };
+            let tape = model.forward_train(&params, &ids, skip, opts).unwrap();
+            assert_eq!(tape.output().to_vec3::<f32>().unwrap(), out.to_vec3::<f32>().unwrap());
+            let mut chained = BTreeMap::new();
+            let mut calls = 0;
+            tape.backward(g, &mut |gs: &[(String, Tensor)]| {
+                calls += 1;
+                for (n, t) in gs {
+                    assert!(chained.insert(n.clone(), t.clone()).is_none(), "{n} reported twice");
+                }
+                Ok(())
+            })
+            .unwrap();
+            // final LN + layers run + embeddings.
+            let layers = model.layers_used(skip).unwrap();
+            assert_eq!(calls, layers + 2);
+            f.check_grads(case, &chained);
+            runs.push(chained);
+        }
+        for (n, a) in &runs[0] {
+            let b = &runs[1][n];
+            let same = a.flatten_all().unwrap().to_vec1::<f32>().unwrap()
+                == b.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            assert!(same, "{name} {case}: checkpointed gradient of {n} differs");
+        }
+    }
+}
+
+#[test]
+fn clip_tiny_sd1_matches_transformers() {
+    golden("tiny_sd1", ModelConfig::tiny_sd1());
+}
+
+#[test]
+fn clip_tiny_sd2_matches_transformers() {
+    golden("tiny_sd2", ModelConfig::tiny_sd2());
+}
+
+#[test]
+fn clip_frozen_encode_equals_forward_and_records_no_graph() {
+    let cfg = ModelConfig::tiny_sd1();
+    let f = load("tiny_sd1");
+    let params = f.params(&cfg);
+    let model = ClipTextModel::new(&cfg.text);
+    let ids = f.ids("long");
+    let a = model.forward(&params, &ids, None).unwrap();
+    let b = model.encode(&params, &ids, None, None).unwrap();
+    assert_eq!(b.dims(), &[2, 152, 32]);
+    assert_eq!(a.to_vec3::<f32>().unwrap(), b.to_vec3::<f32>().unwrap());
+    // No graph: backward from the frozen output reaches no parameter.
+    let store = b.sum_all().unwrap().backward().unwrap();
+    assert!(params.iter().all(|(_, v)| store.get(v.as_tensor()).is_none()));
+}
+
+#[test]
+fn clip_rejects_bad_inputs() {
+    let cfg = ModelConfig::tiny_sd1();
+    let params = sdbooth_models::init::random_params(&clip::param_shapes(&cfg.text), 3).unwrap();
+    let model = ClipTextModel::new(&cfg.text);
+    let ids = Tensor::zeros((1, 77), DType::U32, &Device::Cpu).unwrap();
+    assert!(model.forward(&params, &ids, Some(0)).is_err());
+    assert!(model.forward(&params, &ids, Some(6)).is_err());
+    // clip_skip = layers + 1 reads the embeddings alone.
+    assert_eq!(model.forward(&params, &ids, Some(5)).unwrap().dims(), &[1, 77, 32]);
+    let long = Tensor::zeros((1, 78), DType::U32, &Device::Cpu).unwrap();
+    assert!(model.forward(&params, &long, None).is_err());
+    let float_ids = Tensor::zeros((1, 77), DType::F32, &Device::Cpu).unwrap();
+    assert!(model.forward(&params, &float_ids, None).is_err());
+}
+
+#[test]
+fn join_windows_keeps_bos_inner_tokens_and_last_state() {
+    // hidden[r, t, 0] = 100 r + t identifies each row/token.
+    let (b, n) = (2, 3);
+    let v: Vec<f32> = (0..b * n).flat_map(|r| (0..77).map(move |t| (100 * r + t) as f32)).collect();
+    let h = Tensor::from_vec(v, (b * n, 77, 1), &Device::Cpu).unwrap();
+    let j = clip::join_windows(&h, b, n).unwrap();
+    assert_eq!(j.dims(), &[2, 227, 1]);
+    let j = j.squeeze(2).unwrap().to_vec2::<f32>().unwrap();
+    for (s, row) in j.iter().enumerate() {
+        let r0 = 3 * s;
+        assert_eq!(row[0], (100 * r0) as f32);
+        assert_eq!(row[1], (100 * r0 + 1) as f32);
+        assert_eq!(row[75], (100 * r0 + 75) as f32);
+        assert_eq!(row[76], (100 * (r0 + 1) + 1) as f32);
+        assert_eq!(row[226], (100 * (r0 + 2) + 76) as f32);
+    }
+}
