@@ -10,7 +10,7 @@ CUDA kernel, so this script writes (a) a transcription of the CUDA kernel's bloc
 (`bnb8_cuda_*`) and (b) bitsandbytes' own CPU result (`bnb8_cpu_*`) for a looser comparison.
 
 Run: tools/.venv/bin/python tools/goldens/optim.py
-(writes crates/sdbooth-train/tests/fixtures/optim.safetensors)
+(writes crates/sdbooth-train/tests/fixtures/optim.safetensors; with --lr, lr.json instead)
 """
 import math
 import pathlib
@@ -162,5 +162,73 @@ def main():
     print(f"wrote {OUT} ({OUT.stat().st_size} bytes, {len(out)} tensors)")
 
 
-if __name__ == "__main__":
+if __name__ == "__main__" and "--lr" not in __import__("sys").argv:
     main()
+
+
+# ---------------------------------------------------------------------------------------------
+# LR schedules: kohya's get_scheduler_fix argument mapping over transformers' schedule functions.
+# Run with --lr to write crates/sdbooth-train/tests/fixtures/lr.json.
+
+LR_CASES = [
+    # name, scheduler, warmup (int or ratio), decay, num_cycles, power, timescale, min_lr_ratio
+    ("constant", "constant", 0, 0, 1, 1.0, None, None),
+    ("constant_with_warmup", "constant_with_warmup", 10, 0, 1, 1.0, None, None),
+    ("linear", "linear", 10, 0, 1, 1.0, None, None),
+    ("linear_ratio", "linear", 0.15, 0, 1, 1.0, None, None),
+    ("cosine", "cosine", 10, 0, 1, 1.0, None, None),
+    ("cosine_with_restarts", "cosine_with_restarts", 5, 0, 3, 1.0, None, None),
+    ("polynomial", "polynomial", 10, 0, 1, 2.0, None, None),
+    ("inverse_sqrt", "inverse_sqrt", 10, 0, 1, 1.0, None, None),
+    ("inverse_sqrt_ts", "inverse_sqrt", 10, 0, 1, 1.0, 20, None),
+    ("cosine_with_min_lr", "cosine_with_min_lr", 10, 0, 1, 1.0, None, 0.1),
+    ("warmup_stable_decay", "warmup_stable_decay", 10, 30, 1, 1.0, None, 0.05),
+    ("warmup_stable_decay_ratio", "warmup_stable_decay", 0.1, 0.25, 2, 1.0, None, None),
+]
+
+
+def lr_fixture():
+    import json
+    from transformers.optimization import TYPE_TO_SCHEDULER_FUNCTION, SchedulerType
+
+    total, base = 100, 1e-3
+    out = {"total": total, "base_lr": base, "cases": []}
+    for name, sched, warm, decay, cycles, power, ts, min_ratio in LR_CASES:
+        p = torch.nn.Parameter(torch.zeros(1))
+        opt = torch.optim.SGD([p], lr=base)
+        w = int(warm * total) if isinstance(warm, float) else warm
+        d = int(decay * total) if isinstance(decay, float) else decay
+        st = SchedulerType(sched)
+        f = TYPE_TO_SCHEDULER_FUNCTION[st]
+        if st == SchedulerType.CONSTANT:
+            s = f(opt)
+        elif st == SchedulerType.CONSTANT_WITH_WARMUP:
+            s = f(opt, num_warmup_steps=w)
+        elif st == SchedulerType.INVERSE_SQRT:
+            s = f(opt, num_warmup_steps=w, timescale=ts)
+        elif st == SchedulerType.COSINE_WITH_RESTARTS:
+            s = f(opt, num_warmup_steps=w, num_training_steps=total, num_cycles=cycles)
+        elif st == SchedulerType.POLYNOMIAL:
+            s = f(opt, num_warmup_steps=w, num_training_steps=total, power=power)
+        elif st == SchedulerType.COSINE_WITH_MIN_LR:
+            s = f(opt, num_warmup_steps=w, num_training_steps=total, num_cycles=cycles / 2, min_lr_rate=min_ratio)
+        elif st == SchedulerType.WARMUP_STABLE_DECAY:
+            s = f(opt, num_warmup_steps=w, num_stable_steps=total - w - d, num_decay_steps=d,
+                  num_cycles=cycles / 2, min_lr_ratio=min_ratio if min_ratio is not None else 0.0)
+        else:
+            s = f(opt, num_warmup_steps=w, num_training_steps=total)
+        lrs = []
+        for _ in range(total + 10):
+            lrs.append(s.get_last_lr()[0] / base)
+            opt.step()
+            s.step()
+        out["cases"].append({"name": name, "lr_scheduler": sched, "lr_warmup_steps": str(warm),
+                             "lr_decay_steps": str(decay), "num_cycles": cycles, "power": power,
+                             "timescale": ts, "min_lr_ratio": min_ratio, "multipliers": lrs})
+    path = OUT.parent / "lr.json"
+    path.write_text(json.dumps(out))
+    print(f"wrote {path} ({path.stat().st_size} bytes)")
+
+
+if __name__ == "__main__" and "--lr" in __import__("sys").argv:
+    lr_fixture()
