@@ -112,6 +112,30 @@ def build_corpus(seed=20261125):
     for _ in range(60):
         parts = [rng.choice(WEIGHTED) if rng.random() < 0.4 else tag(rng) for _ in range(rng.randint(2, 25))]
         out.append(", ".join(parts))
+    out += stress(rng, 400)
+    return out
+
+
+def stress(rng, n):
+    """Random short strings from the characters ftfy's mojibake heuristic looks at (Latin-1,
+    Windows-125x specials, Cyrillic, Greek, box drawing, C1 controls) mixed with ASCII, spaces
+    and "!": where a port of ftfy would diverge first."""
+    pools = [
+        [chr(c) for c in range(0xA0, 0x100)],
+        list("€‚ƒ„…†‡ˆ‰Š‹ŒŽ‘’“”•–—˜™š›œžŸ"),
+        [chr(c) for c in range(0x400, 0x460)],
+        [chr(c) for c in range(0x384, 0x3CF)],
+        [chr(c) for c in range(0x2500, 0x2580)],
+        [chr(c) for c in range(0x80, 0xA0)],
+        list("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789"),
+        list("  !.,;:'\"()[]&#"),
+        list("√±∂≠®™´≤≥¥µøπ°¢"),
+    ]
+    out = []
+    for _ in range(n):
+        k = rng.randint(1, 12)
+        chosen = [rng.choice(pools) for _ in range(rng.randint(1, 3))]
+        out.append("".join(rng.choice(rng.choice(chosen)) for _ in range(k)))
     return out
 
 
