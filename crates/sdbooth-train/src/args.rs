@@ -154,6 +154,14 @@ impl TrainArgs {
         self.dataset.caption_extention.as_deref().unwrap_or(&self.dataset.caption_extension)
     }
 
+    /// The command-line fallbacks of the dataset (sdbooth-data). `DatasetOptions` uses kohya's
+    /// flag names as field names, so the flag map converts by name; a field the flags do not have
+    /// keeps its default.
+    pub fn dataset_options(&self) -> Result<sdbooth_data::DatasetOptions, ArgsError> {
+        serde_json::from_value(serde_json::Value::Object(self.to_flag_map()?))
+            .map_err(|e| ArgsError::Internal(format!("cannot pass the flags to the dataset: {e}")))
+    }
+
     /// `--dry_run` or kohya's `--debug_dataset`: describe the dataset, do not train.
     pub fn is_dry_run(&self) -> bool {
         self.run.dry_run || self.run.debug_dataset
@@ -256,5 +264,59 @@ mod tests {
         };
         let back = a.to_flag_map().and_then(TrainArgs::from_flag_map).map_err(|e| e.to_string());
         assert_eq!(back.as_ref().ok(), Some(&a));
+    }
+
+    #[test]
+    fn dataset_options_take_every_shared_flag() {
+        let a = TrainArgs::try_parse_from([
+            "--train_data_dir=t",
+            "--reg_data_dir=r",
+            "--resolution=768,512",
+            "--train_batch_size=3",
+            "--enable_bucket",
+            "--min_bucket_reso=320",
+            "--bucket_no_upscale",
+            "--caption_extension=.txt",
+            "--keep_tokens=2",
+            "--caption_dropout_rate=0.25",
+            "--flip_aug",
+            "--max_token_length=150",
+            "--seed=11",
+            "--skip_bad_images",
+            "--ignore_exif_orientation",
+            "--validation_split=0.1",
+            "--max_train_steps=77",
+            "--max_train_epochs=4",
+            "--gradient_accumulation_steps=2",
+            "--debug_dataset",
+        ]);
+        let a = match a {
+            Ok(a) => a,
+            Err(e) => panic!("{e}"),
+        };
+        let o = match a.dataset_options() {
+            Ok(o) => o,
+            Err(e) => panic!("{e}"),
+        };
+        assert_eq!(o.train_data_dir.as_deref(), Some("t"));
+        assert_eq!(o.reg_data_dir.as_deref(), Some("r"));
+        assert_eq!(o.resolution.as_deref(), Some("768,512"));
+        assert_eq!(o.train_batch_size, 3);
+        assert!(o.enable_bucket && o.bucket_no_upscale && o.flip_aug);
+        assert_eq!(o.min_bucket_reso, 320);
+        assert_eq!(o.caption_extension, ".txt");
+        assert_eq!(o.keep_tokens, 2);
+        assert_eq!(o.caption_dropout_rate, 0.25);
+        assert_eq!(o.max_token_length, Some(150));
+        assert_eq!(o.seed, Some(11));
+        assert!(o.skip_bad_images && o.ignore_exif_orientation && o.debug_dataset);
+        assert_eq!(o.validation_split, 0.1);
+        assert_eq!(o.max_train_steps, 77);
+        assert_eq!(o.max_train_epochs, Some(4));
+        assert_eq!(o.gradient_accumulation_steps, 2);
+        // kohya's defaults arrive as kohya's defaults.
+        let d = TrainArgs::try_parse_from(Vec::<String>::new()).map_err(|e| e.to_string());
+        let d = d.and_then(|d| d.dataset_options().map_err(|e| e.to_string()));
+        assert_eq!(d.ok(), Some(sdbooth_data::DatasetOptions::default()));
     }
 }

@@ -6,7 +6,7 @@ use std::path::Path;
 
 use anyhow::{bail, Context};
 use clap::ArgMatches;
-use sdbooth_data::{prepare_datasets, DatasetOptions, DryRunReport};
+use sdbooth_data::{prepare_datasets, DryRunReport};
 use sdbooth_train::args::types::ConsoleLogLevel;
 use sdbooth_train::args::{resolve_config_file, ConfigOutcome, RefusalKind, TrainArgs};
 
@@ -64,19 +64,8 @@ fn join_messages<'a>(msgs: impl Iterator<Item = &'a str>) -> String {
     }
 }
 
-/// The dataset options of these flags. `DatasetOptions` uses kohya's flag names as field names,
-/// so the flag map converts by name; fields the dataset does not know keep their defaults.
-pub fn dataset_options(args: &TrainArgs) -> anyhow::Result<DatasetOptions> {
-    let map = args.to_flag_map()?;
-    let mut opts: DatasetOptions =
-        serde_json::from_value(serde_json::Value::Object(map)).context("passing the flags to the dataset")?;
-    // --debug_dataset is kohya's dry run; ours prints per-image detail for it.
-    opts.debug_dataset = args.run.debug_dataset;
-    Ok(opts)
-}
-
 fn dry_run(args: &TrainArgs) -> anyhow::Result<()> {
-    let opts = dataset_options(args)?;
+    let opts = args.dataset_options()?;
     opts.validate()?;
     if args.dataset.dataset_config.is_none() && args.dataset.train_data_dir.is_none() {
         bail!("no dataset: give --dataset_config TOML or --train_data_dir DIR");
@@ -165,63 +154,4 @@ fn init_logging(args: &TrainArgs) -> anyhow::Result<()> {
     // A second init (tests calling run twice) keeps the first subscriber; that is fine.
     let _ = result;
     Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn dataset_options_take_every_shared_flag() {
-        let a = TrainArgs::try_parse_from([
-            "--train_data_dir=t",
-            "--reg_data_dir=r",
-            "--resolution=768,512",
-            "--train_batch_size=3",
-            "--enable_bucket",
-            "--min_bucket_reso=320",
-            "--bucket_no_upscale",
-            "--caption_extension=.txt",
-            "--keep_tokens=2",
-            "--caption_dropout_rate=0.25",
-            "--flip_aug",
-            "--max_token_length=150",
-            "--seed=11",
-            "--skip_bad_images",
-            "--ignore_exif_orientation",
-            "--validation_split=0.1",
-            "--max_train_steps=77",
-            "--max_train_epochs=4",
-            "--gradient_accumulation_steps=2",
-            "--debug_dataset",
-        ]);
-        let a = match a {
-            Ok(a) => a,
-            Err(e) => panic!("{e}"),
-        };
-        let o = match dataset_options(&a) {
-            Ok(o) => o,
-            Err(e) => panic!("{e:#}"),
-        };
-        assert_eq!(o.train_data_dir.as_deref(), Some("t"));
-        assert_eq!(o.reg_data_dir.as_deref(), Some("r"));
-        assert_eq!(o.resolution.as_deref(), Some("768,512"));
-        assert_eq!(o.train_batch_size, 3);
-        assert!(o.enable_bucket && o.bucket_no_upscale && o.flip_aug);
-        assert_eq!(o.min_bucket_reso, 320);
-        assert_eq!(o.caption_extension, ".txt");
-        assert_eq!(o.keep_tokens, 2);
-        assert_eq!(o.caption_dropout_rate, 0.25);
-        assert_eq!(o.max_token_length, Some(150));
-        assert_eq!(o.seed, Some(11));
-        assert!(o.skip_bad_images && o.ignore_exif_orientation && o.debug_dataset);
-        assert_eq!(o.validation_split, 0.1);
-        assert_eq!(o.max_train_steps, 77);
-        assert_eq!(o.max_train_epochs, Some(4));
-        assert_eq!(o.gradient_accumulation_steps, 2);
-        // kohya's defaults arrive as kohya's defaults.
-        let d = TrainArgs::try_parse_from(Vec::<String>::new()).map_err(|e| e.to_string());
-        let d = d.and_then(|d| dataset_options(&d).map_err(|e| e.to_string()));
-        assert_eq!(d.ok(), Some(DatasetOptions::default()));
-    }
 }
