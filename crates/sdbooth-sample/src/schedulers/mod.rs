@@ -17,7 +17,7 @@ mod sigmas;
 use candle_core::{Result, Tensor};
 
 pub use ddim::Ddim;
-pub use dpm_solver::{DpmAlgorithm, DpmSolverMultistep};
+pub use dpm_solver::{DpmAlgorithm, DpmSolverMultistep, DpmSolverSinglestep};
 pub use euler::{Euler, EulerAncestral};
 pub use kdiffusion::{Heun, KDpm2, KDpm2Ancestral, Lms};
 pub use pndm::Pndm;
@@ -88,7 +88,7 @@ pub fn sampler_by_name(
         "dpmsolver" => Box::new(DpmSolverMultistep::new(steps, DpmAlgorithm::Noise, prediction)),
         "dpmsolver++" => Box::new(DpmSolverMultistep::new(steps, DpmAlgorithm::Data, prediction)),
         "pndm" => Box::new(Pndm::new(steps, prediction)),
-        "dpmsingle" => return Err(format!("--sample_sampler {name} is not supported yet")),
+        "dpmsingle" => Box::new(DpmSolverSinglestep::new(steps, prediction)),
         other => {
             return Err(format!(
                 "unknown sampler {other:?}; kohya's names are ddim, pndm, lms, euler, euler_a, heun, dpm_2, \
