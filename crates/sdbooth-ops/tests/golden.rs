@@ -97,3 +97,22 @@ fn golden_embedding_upsample_timestep() {
     check(&fx, "timestep_sd", &["t"], |t| ops::timestep_embedding(&t[0], 32, true, 0.0));
     check(&fx, "timestep_odd", &["t"], |t| ops::timestep_embedding(&t[0], 31, false, 1.0));
 }
+
+/// The candle-composed reference ops are what CUDA/Metal devices run; they must meet the same
+/// bar (this is the CPU run of exactly that code path).
+#[test]
+fn golden_reference_fallbacks() {
+    use ops::reference as r;
+    let fx = fixtures();
+    for (case, stride, pad) in [("conv3x3_s1", 1, 1), ("conv3x3_s2", 2, 1), ("conv3x3_s2_odd", 2, 1), ("conv1x1", 1, 0)] {
+        check(&fx, case, &["x", "w", "b"], |t| r::conv2d(&t[0], &t[1], Some(&t[2]), stride, pad));
+    }
+    let gb = ["x", "gamma", "beta"];
+    check(&fx, "group_norm", &gb, |t| r::group_norm(&t[0], 4, &t[1], &t[2], 1e-5));
+    check(&fx, "group_norm_silu", &gb, |t| r::group_norm_silu(&t[0], 4, &t[1], &t[2], 1e-6));
+    check(&fx, "layer_norm", &gb, |t| r::layer_norm(&t[0], &t[1], &t[2], 1e-5));
+    check(&fx, "softmax", &["x"], |t| r::softmax_last_dim(&t[0]));
+    for (case, causal) in [("attention", false), ("attention_causal", true), ("attention_cross", false)] {
+        check(&fx, case, &["q", "k", "v"], |t| r::attention(&t[0], &t[1], &t[2], causal));
+    }
+}
