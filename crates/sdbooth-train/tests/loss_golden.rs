@@ -75,15 +75,15 @@ fn loss_and_gradient_match_kohya() {
     let ac: Vec<f32> = fx["alphas_cumprod"].to_vec1().unwrap();
     let timesteps: Vec<u64> = vec(&fx["timesteps"]).iter().map(|&t| t as u64).collect();
     let weights: Vec<f32> = fx["weights"].to_vec1().unwrap();
-    let names: Vec<String> =
-        fx.keys().filter_map(|k| k.strip_prefix("loss/").map(str::to_string)).collect();
+    let names: Vec<String> = fx.keys().filter_map(|k| k.strip_prefix("loss/").map(str::to_string)).collect();
     assert_eq!(names.len(), 13);
     for name in names {
         let (args, masked) = loss_case(&name);
         let pred = Var::from_tensor(&fx["pred"]).unwrap();
         let mask = masked.then(|| fx["mask"].clone());
         let loss =
-            training_loss(pred.as_tensor(), &fx["target"], &timesteps, &weights, mask.as_ref(), &ac, &args).unwrap();
+            training_loss(pred.as_tensor(), &fx["target"], &timesteps, &weights, mask.as_ref(), &ac, &args)
+                .unwrap();
         let got = loss.to_dtype(DType::F64).unwrap().to_scalar::<f64>().unwrap();
         let want = vec(&fx[&format!("loss/{name}")])[0];
         assert!(((got - want) / want).abs() <= 1e-5, "{name}: loss {got} != {want}");
@@ -135,7 +135,11 @@ fn noise_pipeline_matches_kohya() {
         ),
         (
             "multires",
-            NoiseArgs { multires_noise_iterations: Some(6), multires_noise_discount: 0.3, ..Default::default() },
+            NoiseArgs {
+                multires_noise_iterations: Some(6),
+                multires_noise_discount: 0.3,
+                ..Default::default()
+            },
         ),
         (
             "ip_gamma",

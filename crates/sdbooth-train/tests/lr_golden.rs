@@ -5,7 +5,8 @@ use sdbooth_train::lr::{LrSchedule, LrSchedulerArgs, StepsOrRatio};
 
 #[test]
 fn schedules_match_transformers() {
-    let text = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/lr.json")).unwrap();
+    let text =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/lr.json")).unwrap();
     let fx: serde_json::Value = serde_json::from_str(&text).unwrap();
     let total = fx["total"].as_u64().unwrap();
     let base = fx["base_lr"].as_f64().unwrap();
