@@ -17,14 +17,16 @@ struct Cli {
     command: Command,
 }
 
+/// Each subcommand's flags are boxed: they are large, and boxing keeps `Command` small
+/// whichever subcommand grows (clippy's large_enum_variant).
 #[derive(Subcommand)]
 enum Command {
     /// Train a model (kohya train_db.py flags).
     Train(Box<train_cmd::TrainCommand>),
     /// Convert a model between SD single-file (.safetensors/.ckpt) and Diffusers formats.
-    Convert(convert_cmd::ConvertArgs),
+    Convert(Box<convert_cmd::ConvertArgs>),
     /// Print a model's architecture, version, parameter counts, dtypes and metadata.
-    Inspect(inspect_cmd::InspectArgs),
+    Inspect(Box<inspect_cmd::InspectArgs>),
 }
 
 /// kohya's flags are snake_case; also accept the kebab-case spelling (`--learning-rate`) as a
@@ -49,8 +51,8 @@ fn main() -> std::process::ExitCode {
             Some(train_matches) => train_cmd::run(*args, train_matches),
             None => Err(anyhow::anyhow!("internal error: no matches for the train subcommand")),
         },
-        Command::Convert(args) => convert_cmd::run(args),
-        Command::Inspect(args) => inspect_cmd::run(args),
+        Command::Convert(args) => convert_cmd::run(*args),
+        Command::Inspect(args) => inspect_cmd::run(*args),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
