@@ -141,11 +141,8 @@ pub struct DpmSolverSinglestep {
 impl DpmSolverSinglestep {
     pub fn new(steps: usize, prediction: PredictionType) -> Self {
         let (timesteps, sigmas) = schedule(steps, true);
-        // [1, 2] pairs; with an even count the last pair is [1, 1]; the final step is first order.
+        // [1, 2] pairs, and the final step first order (diffusers' lower_order_final).
         let mut orders: Vec<usize> = (0..steps).map(|i| if i % 2 == 0 { 1 } else { 2 }).collect();
-        if steps % 2 == 0 && steps >= 2 {
-            orders[steps - 1] = 1;
-        }
         if let Some(last) = orders.last_mut() {
             *last = 1;
         }
