@@ -46,7 +46,7 @@ pub fn prepare_datasets(
             }
             spec
         }
-        None => legacy_dataset_config(opts)?,
+        None => legacy_dataset_config(opts, cwd)?,
     };
     build_dataset_group(spec, opts)
 }

@@ -45,8 +45,9 @@ fn subdirs(base: &Path, is_reg: bool, notes: &mut Vec<String>) -> Result<Vec<(Pa
     Ok(out)
 }
 
-/// Builds the one dataset kohya makes from `--train_data_dir` and `--reg_data_dir`.
-pub fn legacy_dataset_config(opts: &DatasetOptions) -> Result<DatasetGroupSpec> {
+/// Builds the one dataset kohya makes from `--train_data_dir` and `--reg_data_dir`. Relative
+/// folders are taken from `cwd` (the working directory, as kohya).
+pub fn legacy_dataset_config(opts: &DatasetOptions, cwd: &Path) -> Result<DatasetGroupSpec> {
     opts.validate()?;
     let mut notes = Vec::new();
     let mut found = Vec::new();
@@ -58,7 +59,8 @@ pub fn legacy_dataset_config(opts: &DatasetOptions) -> Result<DatasetGroupSpec> 
     };
     for (dir, is_reg) in [(Some(train), false), (opts.reg_data_dir.as_ref(), true)] {
         let Some(dir) = dir else { continue };
-        let base = Path::new(dir);
+        let base = cwd.join(dir);
+        let base = base.as_path();
         if !base.is_dir() {
             let flag = if is_reg { "--reg_data_dir" } else { "--train_data_dir" };
             return Err(DataError::EmptyDataset {
