@@ -438,14 +438,11 @@ impl PickleWriter {
     pub fn op(&mut self, op: u8) {
         self.buf.push(op);
     }
+    /// BINUNICODE only: protocol 2 has no SHORT_BINUNICODE, and torch's weights_only reader
+    /// rejects opcodes outside the declared protocol.
     pub fn str(&mut self, s: &str) {
-        if s.len() < 256 {
-            self.buf.push(0x8c);
-            self.buf.push(s.len() as u8);
-        } else {
-            self.buf.push(b'X');
-            self.buf.extend_from_slice(&(s.len() as u32).to_le_bytes());
-        }
+        self.buf.push(b'X');
+        self.buf.extend_from_slice(&(s.len() as u32).to_le_bytes());
         self.buf.extend_from_slice(s.as_bytes());
     }
     pub fn int(&mut self, v: i64) {

@@ -1,8 +1,108 @@
-//! `sdbooth convert` (owned by the checkpoint work, issue 4).
+//! `sdbooth convert IN OUT`: any model spec `--pretrained_model_name_or_path` takes, to an SD
+//! single file (.safetensors / .ckpt) or a Diffusers folder (owned by the checkpoint work, issue 4).
+
+use std::path::PathBuf;
+use std::time::SystemTime;
+
+use anyhow::{bail, Context};
+use sdbooth_checkpoint::{
+    load_model, modelspec_metadata, save_model, LoadOptions, ModelSpecArgs, Precision, SaveFormat, SaveOptions,
+    SourceKind,
+};
 
 #[derive(clap::Args)]
-pub struct ConvertArgs {}
+pub struct ConvertArgs {
+    /// Input: SD .safetensors/.ckpt, Diffusers folder, HF id in the local cache, or builtin:NAME.
+    pub input: String,
+    /// Output file (.safetensors, .ckpt) or folder (Diffusers).
+    pub output: PathBuf,
+    /// ckpt | safetensors | diffusers | diffusers_safetensors (default: from OUT's extension).
+    #[arg(long = "save_model_as")]
+    pub save_model_as: Option<String>,
+    /// fp16 | bf16 | float (default: keep each tensor's dtype).
+    #[arg(long = "save_precision")]
+    pub save_precision: Option<String>,
+    /// Check the input is SD 2.x (it is detected either way).
+    #[arg(long = "v2")]
+    pub v2: bool,
+    /// The model predicts v (used when the input does not record it).
+    #[arg(long = "v_parameterization")]
+    pub v_parameterization: bool,
+    /// Replace the VAE with this file or folder.
+    #[arg(long = "vae")]
+    pub vae: Option<PathBuf>,
+    /// Do not write the v2-inference.yaml beside SD2 single files.
+    #[arg(long = "no_yaml")]
+    pub no_yaml: bool,
+    /// modelspec.title (default: OUT's file name).
+    #[arg(long = "metadata_title")]
+    pub metadata_title: Option<String>,
+    #[arg(long = "metadata_author")]
+    pub metadata_author: Option<String>,
+    #[arg(long = "metadata_description")]
+    pub metadata_description: Option<String>,
+    #[arg(long = "metadata_license")]
+    pub metadata_license: Option<String>,
+    #[arg(long = "metadata_tags")]
+    pub metadata_tags: Option<String>,
+}
 
-pub fn run(_args: ConvertArgs) -> anyhow::Result<()> {
-    anyhow::bail!("sdbooth convert is not supported yet")
+pub fn run(args: ConvertArgs) -> anyhow::Result<()> {
+    let format = match &args.save_model_as {
+        Some(s) => SaveFormat::parse(s)
+            .with_context(|| format!("--save_model_as {s}: expected ckpt, safetensors, diffusers or diffusers_safetensors"))?,
+        None => SaveFormat::from_path(&args.output),
+    };
+    let precision = match &args.save_precision {
+        Some(s) => Some(Precision::parse(s).with_context(|| format!("--save_precision {s}: expected fp16, bf16 or float"))?),
+        None => None,
+    };
+    if format.is_single_file() && args.output.is_dir() {
+        bail!("{} is a folder; a {format:?} output needs a file name", args.output.display());
+    }
+    let opts = LoadOptions {
+        v2: if args.v2 { Some(true) } else { None },
+        v_parameterization: args.v_parameterization,
+        vae: args.vae.clone(),
+        dtype: None,
+    };
+    let model = load_model(&args.input, &opts).with_context(|| format!("loading {}", args.input))?;
+    for n in &model.source.notes {
+        eprintln!("note: {n}");
+    }
+    // A single-file source's metadata travels with it; otherwise write modelspec as kohya does.
+    let metadata = if model.source.kind == SourceKind::SingleSafetensors && !model.source.metadata.is_empty() {
+        model.source.metadata.clone()
+    } else {
+        let stem = args.output.file_stem().map(|s| s.to_string_lossy().into_owned());
+        let spec = ModelSpecArgs {
+            title: args.metadata_title.clone(),
+            output_name: stem,
+            author: args.metadata_author.clone(),
+            description: args.metadata_description.clone(),
+            license: args.metadata_license.clone(),
+            tags: args.metadata_tags.clone(),
+            ..Default::default()
+        };
+        let mut m = modelspec_metadata(&model.config, model.v_parameterization, &spec, SystemTime::now());
+        m.insert("sdbooth.converted_from".into(), args.input.clone());
+        m
+    };
+    let mut save = SaveOptions::new(format);
+    save.precision = precision;
+    save.source = Some(&model.source);
+    save.metadata = metadata;
+    save.v_parameterization = model.v_parameterization;
+    save.sd2_yaml = !args.no_yaml;
+    let report = save_model(&args.output, &model.parts(), &model.config, &save)
+        .with_context(|| format!("writing {}", args.output.display()))?;
+    eprintln!(
+        "converted {} ({}, {}) -> {} tensors in {}",
+        args.input,
+        model.config.name,
+        if model.v_parameterization { "v-prediction" } else { "epsilon" },
+        report.tensors,
+        report.files.iter().map(|f| f.display().to_string()).collect::<Vec<_>>().join(", ")
+    );
+    Ok(())
 }
