@@ -121,3 +121,52 @@ fn reduced_precision_compute_tracks_f32() {
         assert!(d / n < 5e-2, "{dt:?}: rel err {}", d / n);
     }
 }
+
+#[test]
+fn bf16_training_gradients_track_f32_and_checkpointing_stays_exact() {
+    let cfg = ModelConfig::tiny_sd2();
+    let unet = UNet::new(&cfg.unet);
+    let params = random_params_with(&unet.param_shapes(), 9, InitStyle::AllRandom, &Device::Cpu).unwrap();
+    let (lat, t, ctx) = inputs(&cfg, 16);
+    let g = Tensor::randn(0f32, 1.0, lat.dims(), &Device::Cpu).unwrap();
+    let run = |dtype: Option<DType>, checkpointing: bool| -> Option<Vec<(String, Vec<f32>)>> {
+        let mut got = Vec::new();
+        let mut hook = |gs: &[(String, Tensor)]| {
+            for (n, t) in gs {
+                // fp32 masters get fp32 gradients whatever the compute dtype.
+                assert_eq!(t.dtype(), DType::F32, "{n}");
+                got.push((n.clone(), t.flatten_all()?.to_vec1::<f32>()?));
+            }
+            Ok(())
+        };
+        let opts = TrainOptions { checkpointing, compute_dtype: dtype, ctx_grad: true, ..Default::default() };
+        match unet.forward_backward(&params, &lat, &t, &ctx, opts, |_| Ok(g.clone()), &mut hook) {
+            Ok((_, grads)) => {
+                let c = grads.ctx.unwrap();
+                assert_eq!(c.dtype(), DType::F32, "ctx gradient comes back in ctx's dtype");
+                got.push(("ctx".into(), c.flatten_all().unwrap().to_vec1::<f32>().unwrap()));
+                Some(got)
+            }
+            Err(e) => {
+                eprintln!("{dtype:?} compute not available: {e}");
+                None
+            }
+        }
+    };
+    let full = run(None, false).unwrap();
+    let Some(low) = run(Some(DType::BF16), false) else { return };
+    let low_ckpt = run(Some(DType::BF16), true).unwrap();
+    assert_eq!(low, low_ckpt, "bf16: checkpointed gradients differ");
+    // Over all gradients together (per tensor, tiny tensors are noisy in bf16).
+    let (mut d, mut n) = (0f64, 0f64);
+    for ((na, a), (nb, b)) in full.iter().zip(&low) {
+        assert_eq!(na, nb);
+        for (x, y) in a.iter().zip(b) {
+            d += ((x - y) as f64).powi(2);
+            n += (*x as f64).powi(2);
+        }
+    }
+    let e = (d / n).sqrt();
+    println!("bf16 compute: gradient rel err {e:.2e}");
+    assert!(e < 0.1, "bf16 gradients rel err {e}");
+}
