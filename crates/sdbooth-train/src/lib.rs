@@ -9,5 +9,6 @@ pub mod lr;
 pub mod noise;
 pub mod optim;
 pub mod state;
+pub mod trainer;
 
 pub use error::{Result, TrainError};

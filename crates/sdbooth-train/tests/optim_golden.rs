@@ -288,3 +288,40 @@ fn optimizer_args_parse_like_kohya() {
     assert!(OptimizerKind::parse("adamw8BIT").is_ok());
     assert!(OptimizerKind::parse("DAdaptAdam").is_err());
 }
+
+#[test]
+fn step_all_clips_globally_and_uses_group_lrs() {
+    // A tiny "model": loss = sum(a*x) + sum(b*y) with gradients x and y.
+    let dev = Device::Cpu;
+    let a = Var::from_tensor(&init("a", &[5])).unwrap();
+    let b = Var::from_tensor(&init("b", &[3])).unwrap();
+    let frozen = Var::from_tensor(&init("f", &[2])).unwrap();
+    let x = grad("a", &[5], 1).affine(100.0, 0.0).unwrap();
+    let y = grad("b", &[3], 1).affine(100.0, 0.0).unwrap();
+    let loss = ((a.as_tensor() * &x).unwrap().sum_all().unwrap()
+        + (b.as_tensor() * &y).unwrap().sum_all().unwrap())
+    .unwrap();
+    let grads = loss.backward().unwrap();
+    let params =
+        vec![("a".to_string(), a.clone()), ("b".to_string(), b.clone()), ("f".to_string(), frozen.clone())];
+    let mut opt = Optimizer::new(OptimizerConfig::new(OptimizerKind::SGDNesterov));
+    opt.add_group("unet", 1e-2, vec!["a".into()]);
+    opt.add_group("text_encoder", 5e-3, vec!["b".into(), "f".into()]);
+    let norm = opt.step_all(&params, &grads, &[1e-2, 5e-3], 1.0).unwrap();
+    let want_norm = sdbooth_train::optim::global_grad_norm([&x, &y]).unwrap();
+    assert!((norm - want_norm).abs() < 1e-9 * want_norm);
+    // Reference: the same update from the clipped gradients, one parameter at a time.
+    let c = sdbooth_train::optim::clip_coef(want_norm, 1.0);
+    let (ra, rb) = (Var::from_tensor(&init("a", &[5])).unwrap(), Var::from_tensor(&init("b", &[3])).unwrap());
+    let mut r = Optimizer::new(OptimizerConfig::new(OptimizerKind::SGDNesterov));
+    r.step_param("a", &ra, &x.affine(f64::from(c), 0.0).unwrap(), 1e-2).unwrap();
+    r.step_param("b", &rb, &y.affine(f64::from(c), 0.0).unwrap(), 5e-3).unwrap();
+    for (got, want) in [(&a, &ra), (&b, &rb)] {
+        let e = rel_err(got.as_tensor(), want.as_tensor());
+        assert!(e < 1e-7, "rel err {e:e}");
+    }
+    // No gradient, no update and no state.
+    assert_eq!(frozen.to_vec1::<f32>().unwrap(), init("f", &[2]).to_vec1::<f32>().unwrap());
+    assert!(opt.states.get("f").is_none());
+    let _ = dev;
+}

@@ -1,5 +1,5 @@
-//! Adafactor as transformers.optimization.Adafactor (factored second moment for tensors of rank
-//! >= 2, relative step, parameter scaling, update clipping). kohya's defaults: relative_step=True,
+//! Adafactor as transformers.optimization.Adafactor (factored second moment for tensors of rank 2
+//! or more, relative step, parameter scaling, update clipping). kohya's defaults: relative_step=True,
 //! scale_parameter=True, warmup_init=False, no first moment.
 //!
 //! Needs whole-tensor statistics (RMS of the weights and of the update, row/column means), so it
@@ -72,8 +72,8 @@ pub(crate) fn step(
         for b in 0..batch {
             let rrow = &row[b * rows..(b + 1) * rows];
             let row_mean = (rrow.iter().map(|&x| f64::from(x)).sum::<f64>() / rows as f64) as f32;
-            for r in 0..rows {
-                let rf = 1.0 / (rrow[r] / row_mean).sqrt();
+            for (r, &rv) in rrow.iter().enumerate() {
+                let rf = 1.0 / (rv / row_mean).sqrt();
                 for cc in 0..cols {
                     let cf = 1.0 / col[b * cols + cc].sqrt();
                     let i = (b * rows + r) * cols + cc;

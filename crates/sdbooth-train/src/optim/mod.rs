@@ -171,6 +171,34 @@ impl Optimizer {
         })?
     }
 
+    /// The plain (non-fused) step: clips all gradients to a global norm of `max_grad_norm`
+    /// (0 disables; torch's clip_grad_norm_ over every parameter with a gradient, as accelerate
+    /// does), then updates every parameter that has a gradient with its group's learning rate,
+    /// `group_lrs[i]` for `self.groups[i]`. Parameters with no gradient are skipped (as torch
+    /// skips `p.grad is None`); a parameter in no group is an error. Returns the gradient norm
+    /// before clipping. Gradients are only read.
+    pub fn step_all(
+        &mut self,
+        params: &[(String, Var)],
+        grads: &candle_core::backprop::GradStore,
+        group_lrs: &[f64],
+        max_grad_norm: f64,
+    ) -> Result<f64> {
+        let with_grad: Vec<(&String, &Var, &Tensor)> =
+            params.iter().filter_map(|(n, v)| grads.get(v.as_tensor()).map(|g| (n, v, g))).collect();
+        let norm = global_grad_norm(with_grad.iter().map(|x| x.2))?;
+        let coef = clip_coef(norm, max_grad_norm);
+        for (name, var, grad) in with_grad {
+            let gi =
+                self.group_of(name).ok_or_else(|| TrainError::param(name, "is in no parameter group"))?;
+            let lr = *group_lrs
+                .get(gi)
+                .ok_or_else(|| TrainError::param(name, format!("no learning rate for group {gi}")))?;
+            self.step_param_scaled(name, var, &grad.detach(), lr, coef)?;
+        }
+        Ok(norm)
+    }
+
     /// The step size used at the last update of `param` (Adafactor computes its own).
     pub fn last_lr(&self, param: &str) -> Option<f64> {
         self.states.get(param).map(|s| s.last_lr)
@@ -254,7 +282,7 @@ pub fn clip_coef(total_norm: f64, max_norm: f64) -> f32 {
 
 /// Clips a set of gradients in place to a global norm of `max_norm` (the plain loop); returns the
 /// norm before clipping.
-pub fn clip_grad_norm<'a>(grads: &[&'a Tensor], max_norm: f64) -> Result<f64> {
+pub fn clip_grad_norm(grads: &[&Tensor], max_norm: f64) -> Result<f64> {
     let norm = global_grad_norm(grads.iter().copied())?;
     let c = clip_coef(norm, max_norm);
     if c < 1.0 {
