@@ -66,7 +66,8 @@ pub fn process_caption(o: &CaptionOptions, caption: &str, ctx: CaptionContext, r
     }
     let mut drop = o.caption_dropout_rate > 0.0 && rng.gen::<f64>() < o.caption_dropout_rate;
     drop = drop
-        || (o.caption_dropout_every_n_epochs > 0 && ctx.epoch % o.caption_dropout_every_n_epochs as u64 == 0);
+        || (o.caption_dropout_every_n_epochs > 0
+            && ctx.epoch.is_multiple_of(o.caption_dropout_every_n_epochs as u64));
     if drop {
         return String::new();
     }

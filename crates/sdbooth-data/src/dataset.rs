@@ -58,8 +58,8 @@ pub struct Dataset {
     pub subsets: Vec<SubsetInfo>,
     /// Registered images: train images, then the reg images the balancing loop registered.
     pub images: Vec<ImageEntry>,
-    /// Sorted by resolution, as kohya's BucketManager.sort; empty buckets kept (their index is
-    /// the bucket number kohya prints).
+    /// Sorted by resolution, as kohya's BucketManager.sort; only resolutions some image uses
+    /// (the index is the bucket number kohya prints).
     pub buckets: Vec<Bucket>,
     /// Train images × repeats.
     pub num_train_images: u64,
@@ -102,6 +102,9 @@ impl DatasetGroup {
     }
 }
 
+/// A dataset with its subsets' infos and (subset index, listed image paths).
+type ListedDataset = (DatasetSpec, Vec<SubsetInfo>, Vec<(usize, Vec<PathBuf>)>);
+
 /// One subset's listed images with their captions, before registration.
 struct Listed {
     subset: usize,
@@ -114,7 +117,7 @@ pub fn build_dataset_group(spec: DatasetGroupSpec, opts: &DatasetOptions) -> Res
     let mut notes = spec.notes.clone();
     let mut problems: Vec<BadFile> = Vec::new();
     // 1. list folders (kohya order: datasets, then subsets), dropping what kohya ignores.
-    let mut per_ds: Vec<(DatasetSpec, Vec<SubsetInfo>, Vec<(usize, Vec<PathBuf>)>)> = Vec::new();
+    let mut per_ds: Vec<ListedDataset> = Vec::new();
     for ds in spec.datasets {
         notes.extend(ds.notes.iter().cloned());
         let mut infos = Vec::new();
@@ -347,8 +350,8 @@ fn assign_buckets(spec: &DatasetSpec, images: &mut [ImageEntry]) -> Result<Vec<B
             spec.bucket_reso_steps,
         )
     };
-    let mut resos: Vec<Reso> =
-        if spec.bucket_no_upscale { Vec::new() } else { bm.predefined_resos().to_vec() };
+    // kohya's BucketManager only lists the resolutions some image selected (add_if_new_reso).
+    let mut resos: Vec<Reso> = Vec::new();
     for img in images.iter_mut() {
         let c = bm.select_bucket(img.size.0, img.size.1);
         if c.reso.0 == 0 || c.reso.1 == 0 {
@@ -393,7 +396,7 @@ fn assign_buckets(spec: &DatasetSpec, images: &mut [ImageEntry]) -> Result<Vec<B
     let mut buckets: Vec<Bucket> = resos.into_iter().map(|reso| Bucket { reso, items: Vec::new() }).collect();
     for (i, img) in images.iter().enumerate() {
         if let Ok(b) = buckets.binary_search_by(|b| b.reso.cmp(&img.bucket)) {
-            buckets[b].items.extend(std::iter::repeat(i).take(img.num_repeats as usize));
+            buckets[b].items.extend(std::iter::repeat_n(i, img.num_repeats as usize));
         }
     }
     Ok(buckets)

@@ -362,7 +362,7 @@ pub fn load_batch(
         for s in &samples {
             match &s.mask {
                 Some(x) => m.extend_from_slice(x),
-                None => m.extend(std::iter::repeat(1.0).take(plane)),
+                None => m.extend(std::iter::repeat_n(1.0, plane)),
             }
         }
         Some(m)

@@ -31,7 +31,7 @@ pub struct SubsetReport {
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct BucketReport {
-    /// kohya's bucket number (index among all sorted buckets, empty ones included).
+    /// kohya's bucket number (index among the sorted buckets in use).
     pub index: usize,
     pub resolution: Reso,
     /// Images including repeats.

@@ -88,7 +88,7 @@ pub(crate) fn suggest(key: &str, candidates: impl Iterator<Item = &'static str>)
     let mut best: Option<(usize, &str)> = None;
     for c in candidates {
         let d = strsim::levenshtein(key, c);
-        if best.map_or(true, |(bd, _)| d < bd) {
+        if best.is_none_or(|(bd, _)| d < bd) {
             best = Some((d, c));
         }
     }

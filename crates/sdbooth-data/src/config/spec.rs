@@ -112,7 +112,7 @@ impl DatasetSpec {
             return Ok(());
         }
         let steps = self.bucket_reso_steps;
-        if steps % 64 != 0 {
+        if !steps.is_multiple_of(64) {
             return Err(err(
                 "bucket_reso_steps",
                 format!(
@@ -120,7 +120,7 @@ impl DatasetSpec {
                 ),
             ));
         }
-        if self.min_bucket_reso % steps != 0 {
+        if !self.min_bucket_reso.is_multiple_of(steps) {
             let adj = self.min_bucket_reso - self.min_bucket_reso % steps;
             self.notes.push(format!(
                 "min_bucket_reso is adjusted to be a multiple of bucket_reso_steps: {} -> {adj}",
@@ -128,7 +128,7 @@ impl DatasetSpec {
             ));
             self.min_bucket_reso = adj;
         }
-        if self.max_bucket_reso % steps != 0 {
+        if !self.max_bucket_reso.is_multiple_of(steps) {
             let adj = self.max_bucket_reso + steps - self.max_bucket_reso % steps;
             self.notes.push(format!(
                 "max_bucket_reso is adjusted to be a multiple of bucket_reso_steps: {} -> {adj}",
