@@ -85,6 +85,18 @@ pub fn parse_header(
     Ok((entries, metadata))
 }
 
+/// Parses a whole in-memory safetensors file's header (length prefix included), as
+/// [`read_safetensors_index`] does for a file: the fuzz target's entry point.
+pub fn parse_file_bytes(bytes: &[u8]) -> std::result::Result<(Vec<RawEntry>, BTreeMap<String, String>), String> {
+    let len_bytes: [u8; 8] = bytes.get(..8).and_then(|b| b.try_into().ok()).ok_or("shorter than 8 bytes")?;
+    let n = u64::from_le_bytes(len_bytes);
+    let file_len = bytes.len() as u64;
+    if n > MAX_HEADER_LEN || n > file_len - 8 {
+        return Err(format!("header length {n} is impossible for a {file_len}-byte file"));
+    }
+    parse_header(&bytes[8..8 + n as usize], file_len)
+}
+
 pub fn read_safetensors_index(path: &Path) -> Result<TensorIndex> {
     let bad = |reason: String| CheckpointError::BadSafetensors { path: path.into(), reason };
     let mut f = File::open(path).map_err(io_err(path))?;
