@@ -114,6 +114,16 @@ struct Listed {
 /// Scans, checks and buckets every dataset of `spec`. Fails with all problems together unless
 /// `opts.skip_bad_images`.
 pub fn build_dataset_group(spec: DatasetGroupSpec, opts: &DatasetOptions) -> Result<DatasetGroup> {
+    // kohya's is_latent_cacheable check: cached latents cannot hold per-step colour or crop changes.
+    if opts.cache_latents || opts.cache_latents_to_disk {
+        let bad = spec.datasets.iter().flat_map(|d| &d.subsets).any(|s| s.color_aug || s.random_crop);
+        if bad {
+            return Err(DataError::InvalidOption {
+                key: "--cache_latents".into(),
+                message: "cannot be used with color_aug or random_crop (kohya refuses this too)".into(),
+            });
+        }
+    }
     let mut notes = spec.notes.clone();
     let mut problems: Vec<BadFile> = Vec::new();
     // 1. list folders (kohya order: datasets, then subsets), dropping what kohya ignores.
