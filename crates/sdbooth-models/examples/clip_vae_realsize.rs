@@ -78,12 +78,21 @@ fn bench(steps: usize) {
             let t0 = Instant::now();
             let tape = model.forward_train(&params, &ids, None, opts).unwrap();
             let t1 = Instant::now();
-            tape.backward(&g, &mut |_| Ok(())).unwrap();
+            // Time between hook calls = one block's backward (final LN, layers 11..0, embeddings).
+            let mut marks = vec![t1];
+            tape.backward(&g, &mut |_| {
+                marks.push(Instant::now());
+                Ok(())
+            })
+            .unwrap();
+            let blocks: Vec<String> =
+                marks.windows(2).map(|w| format!("{:.0}", (w[1] - w[0]).as_secs_f64() * 1e3)).collect();
             let label = if step == 0 { "warm-up" } else { "step" };
             println!(
-                "CLIP-L checkpointing={checkpointing} {label}: forward {:.3}s, backward {:.3}s",
+                "CLIP-L checkpointing={checkpointing} {label}: forward {:.3}s, backward {:.3}s (ms per block: {})",
                 (t1 - t0).as_secs_f64(),
-                t1.elapsed().as_secs_f64()
+                t1.elapsed().as_secs_f64(),
+                blocks.join(" ")
             );
         }
     }
