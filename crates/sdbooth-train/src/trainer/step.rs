@@ -1,0 +1,218 @@
+//! One micro-batch: latents, text embeddings, noise, U-Net forward and backward, loss; the
+//! parameter gradients go to a sink (accumulation buffer, or the fused optimizer update).
+
+use std::cell::Cell;
+use std::collections::HashMap;
+
+use candle_core::{DType, Device, Tensor, Var};
+use rand_chacha::ChaCha8Rng;
+use sdbooth_data::tokenizer::ClipTokenizer;
+use sdbooth_models::ddpm::DdpmSchedule;
+use sdbooth_models::{ClipTrainOptions, TrainOptions};
+
+use super::setup::{model_err, Model};
+use crate::error::{Result, TrainError};
+use crate::loss::{training_loss, LossArgs};
+use crate::noise::{noise_noisy_latents_and_timesteps, Draws, NoiseArgs};
+
+/// What a micro-step needs besides the model.
+pub struct StepInputs<'a> {
+    /// Scaled latents `[B, 4, h, w]`.
+    pub latents: Tensor,
+    pub captions: &'a [String],
+    pub loss_weights: &'a [f32],
+    pub masks: Option<Tensor>,
+}
+
+pub struct StepSettings<'a> {
+    pub noise: &'a NoiseArgs,
+    pub loss: &'a LossArgs,
+    pub schedule: &'a DdpmSchedule,
+    pub alphas_cumprod: &'a [f32],
+    pub train_text_encoder: bool,
+    pub checkpointing: bool,
+    pub compute_dtype: Option<DType>,
+    pub clip_skip: Option<usize>,
+    pub max_token_length: Option<usize>,
+    pub no_token_padding: bool,
+    /// Multiplies dLoss (gradient accumulation's 1/n, fp16 loss scale).
+    pub grad_multiplier: f64,
+}
+
+/// Token ids of a batch: `[B, 77]`, `[B, n, 77]` for long prompts, `[B, T]` unpadded.
+pub fn token_ids(
+    tok: &ClipTokenizer,
+    captions: &[String],
+    max_token_length: Option<usize>,
+    no_token_padding: bool,
+    device: &Device,
+) -> Result<Tensor> {
+    let mut per_caption = Vec::with_capacity(captions.len());
+    for c in captions {
+        per_caption.push(
+            tok.tokenize_for_training(c, max_token_length, no_token_padding)
+                .map_err(|e| TrainError::Config(format!("caption {c:?}: {e}")))?,
+        );
+    }
+    let b = captions.len();
+    if no_token_padding {
+        let first: Vec<Vec<u32>> = per_caption.into_iter().map(|mut w| w.swap_remove(0)).collect();
+        let padded = tok.pad_batch(&first);
+        let t = padded.first().map_or(0, Vec::len);
+        let flat: Vec<u32> = padded.into_iter().flatten().collect();
+        return Ok(Tensor::from_vec(flat, (b, t), device)?);
+    }
+    let n = per_caption.first().map_or(1, Vec::len);
+    let flat: Vec<u32> = per_caption.into_iter().flatten().flatten().collect();
+    if n == 1 {
+        Ok(Tensor::from_vec(flat, (b, 77), device)?)
+    } else {
+        Ok(Tensor::from_vec(flat, (b, n, 77), device)?)
+    }
+}
+
+/// Runs one micro-batch and hands every parameter gradient (`"unet"`/`"text_encoder"`, name,
+/// gradient) to `sink`. Returns the (unscaled) loss.
+pub fn micro_step(
+    model: &Model,
+    inputs: StepInputs<'_>,
+    s: &StepSettings<'_>,
+    noise_rng: &mut ChaCha8Rng,
+    sink: &mut dyn FnMut(&str, &str, &Tensor) -> Result<()>,
+) -> Result<f64> {
+    let device = inputs.latents.device().clone();
+    let ids = token_ids(&model.tokenizer, inputs.captions, s.max_token_length, s.no_token_padding, &device)?;
+    // Text embeddings: a training tape when the text encoder learns, a detached encode otherwise
+    // (a frozen text encoder runs in the mixed-precision dtype, as kohya).
+    let te_tape = if s.train_text_encoder {
+        let opts = ClipTrainOptions { checkpointing: s.checkpointing, compute_dtype: s.compute_dtype };
+        Some(
+            model
+                .text_encoder
+                .forward_train(&model.text_params, &ids, s.clip_skip, opts)
+                .map_err(model_err)?,
+        )
+    } else {
+        None
+    };
+    let ctx = match &te_tape {
+        Some(tape) => tape.output().clone(),
+        None => model
+            .text_encoder
+            .encode(&model.text_params, &ids, s.clip_skip, s.compute_dtype)
+            .map_err(model_err)?,
+    };
+
+    let noised = noise_noisy_latents_and_timesteps(s.noise, &inputs.latents, s.alphas_cumprod, noise_rng)?;
+    let ts: Vec<usize> = noised.timesteps.iter().map(|&t| t as usize).collect();
+    let target = if s.loss.v_parameterization {
+        s.schedule.velocity(&inputs.latents, &noised.noise, &ts).map_err(model_err)?
+    } else {
+        noised.noise.clone()
+    };
+    let t_tensor =
+        Tensor::from_vec(noised.timesteps.iter().map(|&t| t as f32).collect::<Vec<_>>(), ts.len(), &device)?;
+
+    let loss_value = Cell::new(f64::NAN);
+    let grad_fn = |pred: &Tensor| -> std::result::Result<Tensor, sdbooth_models::ModelError> {
+        let pred_var = Var::from_tensor(&pred.to_dtype(DType::F32)?)?;
+        let loss = training_loss(
+            pred_var.as_tensor(),
+            &target,
+            &noised.timesteps,
+            inputs.loss_weights,
+            inputs.masks.as_ref(),
+            s.alphas_cumprod,
+            s.loss,
+        )
+        .map_err(|e| sdbooth_models::ModelError::BadInput(e.to_string()))?;
+        loss_value.set(loss.to_dtype(DType::F64)?.to_scalar::<f64>()?);
+        let grads = loss.backward()?;
+        let g = grads.get(pred_var.as_tensor()).ok_or_else(|| {
+            sdbooth_models::ModelError::BadInput("loss does not depend on the prediction".into())
+        })?;
+        Ok((g.detach() * s.grad_multiplier)?)
+    };
+    let mut sink_error = None;
+    let mut unet_hook = |grads: &[(String, Tensor)]| -> candle_core::Result<()> {
+        for (name, g) in grads {
+            if let Err(e) = sink("unet", name, g) {
+                sink_error.get_or_insert(e);
+            }
+        }
+        Ok(())
+    };
+    let opts = TrainOptions {
+        checkpointing: s.checkpointing,
+        compute_dtype: s.compute_dtype,
+        param_grads: true,
+        ctx_grad: te_tape.is_some(),
+        latents_grad: false,
+    };
+    let (_, unet_grads) = model
+        .unet
+        .forward_backward(
+            &model.unet_params,
+            &noised.noisy_latents,
+            &t_tensor,
+            &ctx,
+            opts,
+            grad_fn,
+            &mut unet_hook,
+        )
+        .map_err(model_err)?;
+    if let Some(e) = sink_error.take() {
+        return Err(e);
+    }
+    if let (Some(tape), Some(ctx_grad)) = (te_tape, unet_grads.ctx) {
+        let mut te_hook = |grads: &[(String, Tensor)]| -> candle_core::Result<()> {
+            for (name, g) in grads {
+                if let Err(e) = sink("text_encoder", name, g) {
+                    sink_error.get_or_insert(e);
+                }
+            }
+            Ok(())
+        };
+        tape.backward(&ctx_grad, &mut te_hook).map_err(model_err)?;
+        if let Some(e) = sink_error.take() {
+            return Err(e);
+        }
+    }
+    Ok(loss_value.get())
+}
+
+/// Sums gradients over micro-batches, keyed by (part, name).
+#[derive(Default)]
+pub struct GradBuffer {
+    pub grads: HashMap<(String, String), Tensor>,
+}
+
+impl GradBuffer {
+    pub fn add(&mut self, part: &str, name: &str, g: &Tensor) -> Result<()> {
+        let g = g.to_dtype(DType::F32)?;
+        let key = (part.to_string(), name.to_string());
+        let sum = match self.grads.remove(&key) {
+            Some(prev) => (prev + g)?,
+            None => g,
+        };
+        self.grads.insert(key, sum);
+        Ok(())
+    }
+
+    /// Whether every gradient is finite (fp16 overflow check).
+    pub fn all_finite(&self) -> Result<bool> {
+        for g in self.grads.values() {
+            let s = g.sqr()?.sum_all()?.to_scalar::<f32>()?;
+            if !s.is_finite() {
+                return Ok(false);
+            }
+        }
+        Ok(true)
+    }
+}
+
+/// Draws `n` standard-normal values as a tensor of `shape`.
+pub fn normal_tensor(rng: &mut ChaCha8Rng, shape: &[usize], device: &Device) -> Result<Tensor> {
+    let n = shape.iter().product();
+    Ok(Tensor::from_vec(rng.normal(n), shape, device)?)
+}
