@@ -82,7 +82,8 @@ def attn(causal):
 case("attention", attn(False), dict(q=randn(2, 3, 17, 8), k=randn(2, 3, 17, 8), v=randn(2, 3, 17, 8)))
 case("attention_causal", attn(True), dict(q=randn(2, 3, 17, 8), k=randn(2, 3, 17, 8), v=randn(2, 3, 17, 8)))
 case("attention_cross", attn(False), dict(q=randn(1, 2, 33, 8), k=randn(1, 2, 7, 8), v=randn(1, 2, 7, 8)))
-# Longer than one query tile (64) and one key tile (128) of the CPU kernel, CLIP-like causal.
+# Longer than one query tile (64 rows) of the CPU kernel; key tiles (256) are crossed in the
+# f64-reference test of tests/grad.rs.
 case("attention_long", attn(False), dict(q=randn(1, 2, 150, 16), k=randn(1, 2, 150, 16), v=randn(1, 2, 150, 16)))
 case("attention_long_causal", attn(True),
      dict(q=randn(1, 2, 150, 16), k=randn(1, 2, 150, 16), v=randn(1, 2, 150, 16)))

@@ -18,7 +18,7 @@ use std::sync::{Arc, Mutex};
 /// Query rows per tile.
 const BQ: usize = 64;
 /// Key rows per tile.
-const BK: usize = 128;
+const BK: usize = 256;
 
 #[derive(Clone, Copy, Debug)]
 struct Dims {
@@ -121,11 +121,7 @@ fn head_forward(
                     row.fill(0.0);
                     continue;
                 }
-                let mut sum = 0f32;
-                for x in row.iter_mut() {
-                    *x = (*x - new_max).exp();
-                    sum += *x;
-                }
+                let sum = cpu::exp_sub_sum(row, new_max);
                 let corr = (mx[r] - new_max).exp();
                 l[r] = l[r] * corr + sum;
                 mx[r] = new_max;
@@ -200,10 +196,7 @@ fn head_backward(
             }
             score_tile(&mut p, q, k, dm, (q0, bq), (k0, bk), scale, causal);
             for r in 0..bq {
-                let l = lse[q0 + r];
-                for x in p[r * bk..(r + 1) * bk].iter_mut() {
-                    *x = (*x - l).exp();
-                }
+                cpu::exp_sub_sum(&mut p[r * bk..(r + 1) * bk], lse[q0 + r]);
             }
             if want.dv {
                 // dV_tile += Pᵀ · dO_rows

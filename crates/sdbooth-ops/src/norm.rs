@@ -354,12 +354,9 @@ impl CustomOp1 for SoftmaxOp {
         if d > 0 {
             y.par_chunks_mut(d).zip(x.par_chunks(d)).for_each(|(yr, xr)| {
                 let mx = xr.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
-                let mut sum = 0f32;
-                for (yv, &xv) in yr.iter_mut().zip(xr) {
-                    // A row of all -inf yields zeros rather than NaN.
-                    *yv = if mx == f32::NEG_INFINITY { 0.0 } else { (xv - mx).exp() };
-                    sum += *yv;
-                }
+                yr.copy_from_slice(xr);
+                // A row of all -inf yields zeros rather than NaN.
+                let sum = if mx == f32::NEG_INFINITY { 0.0 } else { cpu::exp_sub_sum(yr, mx) };
                 let inv = if sum > 0.0 { 1.0 / sum } else { 0.0 };
                 yr.iter_mut().for_each(|v| *v *= inv);
             });
