@@ -192,3 +192,21 @@ fn alpha_mask_comes_from_the_alpha_channel() {
     assert_eq!(m.len(), 256 * 256);
     assert_eq!((m[0], m[255]), (0.0, 1.0));
 }
+
+#[test]
+fn inline_tables_and_top_level_slips() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let p = write(
+        tmp.path(),
+        "datasets = [{ resolution = 320, subsets = [{ image_dir = \"x\", num_repeats = 4 }, { image_dir = \"y\", is_reg = true }] }]\n",
+    );
+    let spec = load_dataset_config(&p, &DatasetOptions::default(), tmp.path()).expect("inline form loads");
+    let ds = &spec.datasets[0];
+    assert_eq!(ds.resolution, (320, 320));
+    assert_eq!((ds.subsets[0].num_repeats, ds.subsets[1].is_reg), (4, true));
+
+    let p = write(tmp.path(), "enable_bucket = true\n");
+    let msg =
+        load_dataset_config(&p, &DatasetOptions::default(), tmp.path()).expect_err("top level").to_string();
+    assert!(msg.contains("[general] enable_bucket"), "{msg}");
+}
