@@ -322,6 +322,6 @@ fn step_all_clips_globally_and_uses_group_lrs() {
     }
     // No gradient, no update and no state.
     assert_eq!(frozen.to_vec1::<f32>().unwrap(), init("f", &[2]).to_vec1::<f32>().unwrap());
-    assert!(opt.states.get("f").is_none());
+    assert!(!opt.states.contains_key("f"));
     let _ = dev;
 }

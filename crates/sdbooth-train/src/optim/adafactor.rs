@@ -62,8 +62,14 @@ pub(crate) fn step(
                 let i = b * rows + r;
                 row[i] = row[i] * b2 + w2 * mean;
             }
-            for cc in 0..cols {
-                let s: f64 = (0..rows).map(|r| f64::from(blk[r * cols + cc])).sum();
+            // Column sums row by row (contiguous reads), not column by column.
+            let mut sums = vec![0f64; cols];
+            for r in 0..rows {
+                for (s, &x) in sums.iter_mut().zip(&blk[r * cols..(r + 1) * cols]) {
+                    *s += f64::from(x);
+                }
+            }
+            for (cc, s) in sums.into_iter().enumerate() {
                 let mean = (s / rows as f64) as f32;
                 let i = b * cols + cc;
                 col[i] = col[i] * b2 + w2 * mean;
@@ -72,12 +78,14 @@ pub(crate) fn step(
         for b in 0..batch {
             let rrow = &row[b * rows..(b + 1) * rows];
             let row_mean = (rrow.iter().map(|&x| f64::from(x)).sum::<f64>() / rows as f64) as f32;
+            let cfs: Vec<f32> = col[b * cols..(b + 1) * cols].iter().map(|&c| 1.0 / c.sqrt()).collect();
             for (r, &rv) in rrow.iter().enumerate() {
                 let rf = 1.0 / (rv / row_mean).sqrt();
-                for cc in 0..cols {
-                    let cf = 1.0 / col[b * cols + cc].sqrt();
-                    let i = (b * rows + r) * cols + cc;
-                    update[i] = rf * cf * g[i];
+                let base = (b * rows + r) * cols;
+                for ((u, &gi), &cf) in
+                    update[base..base + cols].iter_mut().zip(&g[base..base + cols]).zip(&cfs)
+                {
+                    *u = rf * cf * gi;
                 }
             }
         }

@@ -73,17 +73,37 @@ struct Map {
     code: Vec<f32>,
     /// Midpoints between neighbouring entries, in f32 as the kernel computes them.
     mid: Vec<f32>,
+    /// For each value of the top 16 bits of an f32, the nearest-entry indices at both ends of
+    /// that bucket of floats. Nearest rounding is monotone, so any float in the bucket maps
+    /// between them: usually they agree and no search is needed (exact, unlike a binned table).
+    bucket: Vec<(u8, u8)>,
 }
 
 impl Map {
     fn new(signed: bool) -> Self {
         let code = create_dynamic_map(signed);
-        let mid = code.windows(2).map(|w| (w[0] + w[1]) * 0.5).collect();
-        Map { code, mid }
+        let mid: Vec<f32> = code.windows(2).map(|w| (w[0] + w[1]) * 0.5).collect();
+        let search = |x: f32| mid.partition_point(|&m| m < x) as u8;
+        let bucket = (0u32..1 << 16)
+            .map(|k| {
+                let (a, b) = (f32::from_bits(k << 16), f32::from_bits(k << 16 | 0xFFFF));
+                if a.is_nan() || b.is_nan() {
+                    return (0, 0);
+                }
+                let (i, j) = (search(a), search(b));
+                (i.min(j), i.max(j))
+            })
+            .collect();
+        Map { code, mid, bucket }
     }
     /// Nearest entry; a value exactly on a midpoint goes to the lower entry.
     fn quantize(&self, x: f32) -> u8 {
-        self.mid.partition_point(|&m| m < x) as u8
+        let (lo, hi) = self.bucket[(x.to_bits() >> 16) as usize];
+        if lo == hi {
+            return lo;
+        }
+        let (lo, hi) = (lo as usize, hi as usize);
+        (lo + self.mid[lo..hi].partition_point(|&m| m < x)) as u8
     }
 }
 

@@ -250,13 +250,17 @@ pub fn rounding_stream(seed: u64, name: &str, step: u64) -> rand_chacha::ChaCha8
 /// lower neighbour, so the expected stored value equals the f32 value and updates far below
 /// bf16's resolution still move the weights on average.
 pub fn stochastic_round(src: &[f32], dst: &mut [bf16], mut rng: impl RngCore) {
-    for (d, &x) in dst.iter_mut().zip(src) {
-        *d = if x.is_finite() {
-            let r = rng.next_u32() & 0xFFFF;
-            bf16::from_bits((x.to_bits().wrapping_add(r) >> 16) as u16)
-        } else {
-            bf16::from_f32(x)
-        };
+    // One 64-bit draw gives the 16 random low bits of four values.
+    for (d4, s4) in dst.chunks_mut(4).zip(src.chunks(4)) {
+        let mut r = rng.next_u64();
+        for (d, &x) in d4.iter_mut().zip(s4) {
+            *d = if x.is_finite() {
+                bf16::from_bits((x.to_bits().wrapping_add((r & 0xFFFF) as u32) >> 16) as u16)
+            } else {
+                bf16::from_f32(x)
+            };
+            r >>= 16;
+        }
     }
 }
 
