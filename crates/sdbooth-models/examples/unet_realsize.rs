@@ -47,6 +47,7 @@ fn bench(res: usize, steps: usize) {
     let t = Tensor::new(&[500f32], &Device::Cpu).unwrap();
     let ctx = Tensor::randn(0f32, 1.0, (1, 77, 768), &Device::Cpu).unwrap();
     let opts = TrainOptions { checkpointing: true, ctx_grad: true, ..Default::default() };
+    println!("weights ready, peak RSS {:.2} GiB", peak_rss_gib());
     for step in 0..steps + 1 {
         let t0 = Instant::now();
         let tape = unet.forward_train(&params, &lat, &t, &ctx, opts).unwrap();
@@ -60,13 +61,26 @@ fn bench(res: usize, steps: usize) {
         .unwrap();
         let t2 = Instant::now();
         println!(
-            "step {step}{}: forward {:.2}s, backward {:.2}s, total {:.2}s ({n} grads)",
+            "step {step}{}: forward {:.2}s, backward {:.2}s, total {:.2}s ({n} grads), peak RSS {:.2} GiB",
             if step == 0 { " (warm-up)" } else { "" },
             (t1 - t0).as_secs_f64(),
             (t2 - t1).as_secs_f64(),
-            (t2 - t0).as_secs_f64()
+            (t2 - t0).as_secs_f64(),
+            peak_rss_gib()
         );
     }
+}
+
+/// Peak resident memory so far (Linux), in GiB.
+fn peak_rss_gib() -> f64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    let kb = status
+        .lines()
+        .find(|l| l.starts_with("VmHWM:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse::<f64>().ok())
+        .unwrap_or(0.0);
+    kb / (1024.0 * 1024.0)
 }
 
 fn main() {
