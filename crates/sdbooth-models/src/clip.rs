@@ -315,6 +315,37 @@ pub fn join_windows(hidden: &Tensor, batch: usize, windows: usize) -> Result<Ten
     Ok(Tensor::cat(&parts, 1)?)
 }
 
+/// kohya's `--weighted_captions` (strategy_sd.encode_tokens_with_weights): scales each token's
+/// hidden state by its prompt weight. `hidden` is the encoder output `[B, T, D]`, `weights` the
+/// tokenizer's per-token weights `[B, n, 77]`. With one window all 77 states are scaled; with n
+/// windows (`hidden` `[B, 75 n + 2, D]`) tokens 1..=75 of each window are, and the joined BOS and
+/// final state are not. Differentiable in `hidden` (a product with a constant).
+pub fn apply_token_weights(hidden: &Tensor, weights: &Tensor) -> Result<Tensor, ModelError> {
+    let (b, t, _) = hidden.dims3()?;
+    let (wb, n, wt) = weights.dims3()?;
+    let expected_t = if n == 1 { MODEL_MAX_LENGTH } else { WINDOW_TOKENS * n + 2 };
+    if wb != b || wt != MODEL_MAX_LENGTH || t != expected_t {
+        return Err(ModelError::BadInput(format!(
+            "token weights {:?} do not fit hidden states {:?}",
+            weights.dims(),
+            hidden.dims()
+        )));
+    }
+    let weights = weights.detach().to_dtype(hidden.dtype())?;
+    let full = if n == 1 {
+        weights.squeeze(1)?
+    } else {
+        let one = Tensor::ones((b, 1), hidden.dtype(), hidden.device())?;
+        let mut parts = vec![one.clone()];
+        for i in 0..n {
+            parts.push(weights.narrow(1, i, 1)?.squeeze(1)?.narrow(1, 1, WINDOW_TOKENS)?);
+        }
+        parts.push(one);
+        Tensor::cat(&parts, 1)?
+    };
+    Ok(hidden.broadcast_mul(&full.unsqueeze(2)?)?)
+}
+
 /// The state a training forward leaves for its backward.
 pub struct ClipTape<'a> {
     model: &'a ClipTextModel,

@@ -259,3 +259,25 @@ fn clip_bf16_compute_is_within_bf16_precision() {
     assert!(e_out <= 2e-2, "bf16 output relative error {e_out:e}");
     assert!(worst <= 1e-1, "bf16 gradient relative error {worst:e} ({worst_name})");
 }
+
+#[test]
+fn token_weights_scale_window_tokens_as_kohya() {
+    let dev = Device::Cpu;
+    // Two windows: weights 2 on window 0, 3 on window 1 (including their BOS/EOS slots, which
+    // kohya ignores in the joined layout).
+    let w = Tensor::cat(
+        &[Tensor::full(2f32, (1, 1, 77), &dev).unwrap(), Tensor::full(3f32, (1, 1, 77), &dev).unwrap()],
+        1,
+    )
+    .unwrap();
+    let h = Tensor::ones((1, 152, 4), DType::F32, &dev).unwrap();
+    let y = clip::apply_token_weights(&h, &w).unwrap().narrow(2, 0, 1).unwrap().flatten_all().unwrap();
+    let y = y.to_vec1::<f32>().unwrap();
+    assert_eq!((y[0], y[1], y[75], y[76], y[150], y[151]), (1.0, 2.0, 2.0, 3.0, 3.0, 1.0));
+    // One window: all 77 states scaled.
+    let w1 = Tensor::full(0.5f32, (1, 1, 77), &dev).unwrap();
+    let h1 = Tensor::ones((1, 77, 4), DType::F32, &dev).unwrap();
+    let y1 = clip::apply_token_weights(&h1, &w1).unwrap();
+    assert_eq!(y1.sum_all().unwrap().to_scalar::<f32>().unwrap(), 0.5 * 77.0 * 4.0);
+    assert!(clip::apply_token_weights(&h, &w1).is_err());
+}

@@ -145,7 +145,7 @@ fn vae_rejects_bad_shapes() {
 }
 
 /// bf16 compute of the frozen VAE (weights cast per use): within bf16's precision. Measured:
-/// mean 1.3e-2, std 4.5e-3, decoded 1.6e-2 (eleven 3x3 convs deep, each rounding to 8 mantissa
+/// mean 1.3e-2, std 4.5e-3, decoded 1.6e-2 (the decoder is 25 convs deep, each rounding to 8 mantissa
 /// bits); the bound leaves a margin of 3x.
 #[test]
 fn vae_bf16_compute_is_within_bf16_precision() {
