@@ -1,6 +1,7 @@
 //! The `sdbooth` binary: flags and wiring only; the work happens in the library crates.
 
 mod convert_cmd;
+mod generate_cmd;
 mod inspect_cmd;
 mod train_cmd;
 
@@ -27,6 +28,8 @@ enum Command {
     Convert(Box<convert_cmd::ConvertArgs>),
     /// Print a model's architecture, version, parameter counts, dtypes and metadata.
     Inspect(Box<inspect_cmd::InspectArgs>),
+    /// Generate images from a model (kohya's sampler names and prompt-file options).
+    Generate(Box<generate_cmd::GenerateArgs>),
 }
 
 /// kohya's flags are snake_case; also accept the kebab-case spelling (`--learning-rate`) as a
@@ -53,6 +56,7 @@ fn main() -> std::process::ExitCode {
         },
         Command::Convert(args) => convert_cmd::run(*args),
         Command::Inspect(args) => inspect_cmd::run(*args),
+        Command::Generate(args) => generate_cmd::run(*args),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
