@@ -170,3 +170,46 @@ fn bf16_training_gradients_track_f32_and_checkpointing_stays_exact() {
     println!("bf16 compute: gradient rel err {e:.2e}");
     assert!(e < 0.1, "bf16 gradients rel err {e}");
 }
+
+#[test]
+fn updating_parameters_inside_the_hook_does_not_change_later_gradients() {
+    // The fused, memory-lean backward steps the optimizer inside the hook; a node's parameters
+    // must never be read again after its gradients are reported, checkpointed or not.
+    let cfg = ModelConfig::tiny_sd1();
+    let unet = UNet::new(&cfg.unet);
+    let shapes = unet.param_shapes();
+    let (lat, t, ctx) = inputs(&cfg, 16);
+    let g = Tensor::randn(0f32, 1.0, lat.dims(), &Device::Cpu).unwrap();
+    for checkpointing in [false, true] {
+        let mut runs = Vec::new();
+        for step in [false, true] {
+            let params = random_params_with(&shapes, 10, InitStyle::AllRandom, &Device::Cpu).unwrap();
+            let mut got = Vec::new();
+            let mut hook = |gs: &[(String, Tensor)]| {
+                for (n, gr) in gs {
+                    got.push((n.clone(), gr.flatten_all()?.to_vec1::<f32>()?));
+                    if step {
+                        let v = params.var(n).map_err(candle_core::Error::wrap)?;
+                        v.set(&(v.as_tensor() - (gr * 0.5)?)?)?;
+                    }
+                }
+                Ok(())
+            };
+            let opts = TrainOptions { checkpointing, ctx_grad: true, ..Default::default() };
+            let (_, grads) =
+                unet.forward_backward(&params, &lat, &t, &ctx, opts, |_| Ok(g.clone()), &mut hook).unwrap();
+            got.push(("ctx".into(), grads.ctx.unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap()));
+            if step {
+                // The step really happened.
+                let fresh = random_params_with(&shapes, 10, InitStyle::AllRandom, &Device::Cpu).unwrap();
+                let (a, b) = (params.get("conv_in.weight").unwrap(), fresh.get("conv_in.weight").unwrap());
+                assert_ne!(
+                    a.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+                    b.flatten_all().unwrap().to_vec1::<f32>().unwrap()
+                );
+            }
+            runs.push(got);
+        }
+        assert_eq!(runs[0], runs[1], "checkpointing={checkpointing}: in-hook updates changed gradients");
+    }
+}
