@@ -111,3 +111,74 @@ with open(os.path.join(ASSETS, "ftfy_mojibake.txt"), "w", encoding="ascii", newl
                 chars.append(ord(bytes([b]).decode(enc)))
         f.write(enc + "\t" + " ".join(f"{c:X}" for c in chars) + "\n")
 print("wrote ftfy_mojibake.txt")
+
+
+# --- CLIP's pre-tokenizer classes ---------------------------------------------------------------
+# \p{L} and \p{N} as the Python `regex` module that transformers uses sees them (its Unicode
+# tables are newer than Rust regex's: about 17,000 letters assigned since Unicode 16 differ).
+import regex  # noqa: E402
+
+
+def class_ranges(prop):
+    pat = regex.compile(prop)
+    ranges = []
+    for cp in range(0x110000):
+        if 0xD800 <= cp <= 0xDFFF or not pat.match(chr(cp)):
+            continue
+        if ranges and ranges[-1][1] == cp - 1:
+            ranges[-1][1] = cp
+        else:
+            ranges.append([cp, cp])
+    return "".join(lit(a) if a == b else lit(a) + "-" + lit(b) for a, b in ranges)
+
+
+with open(os.path.join(ASSETS, "clip_pretokenizer_classes.txt"), "w", encoding="ascii", newline="\n") as f:
+    f.write(f"# Python regex {regex.__version__}: \\p{{L}}, then \\p{{N}}\n")
+    f.write(class_ranges(r"\p{L}") + "\n")
+    f.write(class_ranges(r"\p{N}") + "\n")
+print("wrote clip_pretokenizer_classes.txt")
+
+
+# --- Python's str.lower() ------------------------------------------------------------------------
+# transformers lower-cases with Python's str.lower() (Python 3.11: Unicode 14), whose tables are
+# older than Rust's: about 55 capitals assigned since would be lowered by Rust only. Written: every
+# char that lower() changes, then the two properties of its Final_Sigma rule for capital sigma
+# (case-ignorable chars are skipped; a cased char before and none after make it final). The
+# properties are read off lower() itself, so they are exactly Python's.
+import sys  # noqa: E402
+
+
+def lower_tables():
+    mapping, ignorable, cased = [], [], []
+    for cp in range(0x110000):
+        if 0xD800 <= cp <= 0xDFFF:
+            continue
+        c = chr(cp)
+        if cp != 0x3A3 and c.lower() != c:
+            mapping.append(f"{cp:X}\t" + " ".join(f"{ord(x):X}" for x in c.lower()))
+        t1 = ("A" + c + "\u03a3").lower()[-1] == "\u03c2"  # ignorable or cased
+        t2 = (c + "\u03a3").lower()[-1] == "\u03c2"  # cased and not ignorable
+        if t2:
+            cased.append(cp)
+        elif t1:
+            ignorable.append(cp)
+    return mapping, ignorable, cased
+
+
+def to_ranges(cps):
+    ranges = []
+    for cp in cps:
+        if ranges and ranges[-1][1] == cp - 1:
+            ranges[-1][1] = cp
+        else:
+            ranges.append([cp, cp])
+    return " ".join(f"{a:X}-{b:X}" for a, b in ranges)
+
+
+mapping, ignorable, cased = lower_tables()
+with open(os.path.join(ASSETS, "python_lower.txt"), "w", encoding="ascii", newline="\n") as f:
+    f.write(f"# Python {sys.version.split()[0]} str.lower(): case-ignorable ranges, cased ranges, then the mapping\n")
+    f.write(to_ranges(ignorable) + "\n")
+    f.write(to_ranges(cased) + "\n")
+    f.write("\n".join(mapping) + "\n")
+print("wrote python_lower.txt:", len(mapping), "mappings")

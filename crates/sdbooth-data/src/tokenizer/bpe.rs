@@ -18,11 +18,27 @@ pub const BOS_ID: u32 = 49406;
 pub const EOS_ID: u32 = 49407;
 pub const VOCAB_SIZE: usize = 49408;
 
-/// The pre-tokenizer of `CLIPTokenizer._tokenize`, IGNORECASE as in Python. The text is already
-/// lower case; the flag still matters through case folding: `'ſ` (long s) is the contraction `'s`
-/// for both Python's `regex` module and Rust's `regex`.
-const PRETOKENIZE: &str =
-    r"(?i)<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|\p{L}+|\p{N}|[^\s\p{L}\p{N}]+";
+/// `\p{L}` and `\p{N}` as ranges, as the Python `regex` module transformers uses defines them
+/// (written by tools/tokenizer/make_tables.py). Its Unicode tables are newer than Rust regex's:
+/// with `\p{L}` from Rust, the ~17,000 letters assigned after Unicode 16 would split words.
+const CLASSES: &str = include_str!("../../assets/clip_pretokenizer_classes.txt");
+
+/// The pre-tokenizer of `CLIPTokenizer._tokenize`. Python compiles it with IGNORECASE; the text is
+/// already lower case, but case folding still matters in two places, checked over every code point
+/// (tests/tokenizer_codepoints.rs):
+/// - `'ſ` (long s) is the contraction `'s` for Python's `regex` module, as for Rust's `(?i)`;
+/// - U+0345 (combining ypogegrammeni, which folds to ι) matches no alternative in Python, so
+///   `findall` drops it. Rust's `(?i)` would fold it into the letter class, so the classes are
+///   matched case-sensitively (the same sets for every other code point) and U+0345 is excluded.
+fn pretokenizer_pattern() -> Result<String, TokenizerError> {
+    let mut lines = CLASSES.lines().filter(|l| !l.starts_with('#'));
+    let (Some(letters), Some(numbers)) = (lines.next(), lines.next()) else {
+        return Err(TokenizerError::Vocabulary("pre-tokenizer classes are missing".to_string()));
+    };
+    Ok(format!(
+        r"(?i:<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d)|[{letters}]+|[{numbers}]|[^\s{letters}{numbers}\x{{345}}]+"
+    ))
+}
 
 pub(crate) struct BpeModel {
     /// Byte value -> id of its single-byte symbol (ids 0..256; `+256` is the `</w>` form).
@@ -103,7 +119,7 @@ impl BpeModel {
             let Some(&merged) = ids.get(joined.as_str()) else { continue };
             merges.insert((ia, ib), (rank as u32, merged));
         }
-        let pretokenizer = Regex::new(PRETOKENIZE)
+        let pretokenizer = Regex::new(&pretokenizer_pattern()?)
             .map_err(|e| TokenizerError::Vocabulary(format!("pre-tokenizer regex: {e}")))?;
         Ok(Self { byte_ids, merges, tokens, pretokenizer })
     }

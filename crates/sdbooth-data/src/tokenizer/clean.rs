@@ -16,6 +16,7 @@ use regex::Regex;
 use unicode_normalization::UnicodeNormalization;
 
 use super::html::HtmlEntities;
+use super::lower::PythonLower;
 use super::mojibake::Mojibake;
 use super::TokenizerError;
 
@@ -23,6 +24,7 @@ use super::TokenizerError;
 pub(crate) struct TextCleaner {
     html: HtmlEntities,
     mojibake: Mojibake,
+    lower: PythonLower,
     /// ANSI escapes such as `ESC[1;31m`. Python's `\d` is any Unicode decimal digit, as Rust's is.
     terminal_escape: Regex,
 }
@@ -31,7 +33,12 @@ impl TextCleaner {
     pub(crate) fn new() -> Result<Self, TokenizerError> {
         let terminal_escape = Regex::new(r"\x1b\[(?:\d|;)*[a-zA-Z]")
             .map_err(|e| TokenizerError::Vocabulary(format!("terminal escape regex: {e}")))?;
-        Ok(Self { html: HtmlEntities::new()?, mojibake: Mojibake::new()?, terminal_escape })
+        Ok(Self {
+            html: HtmlEntities::new()?,
+            mojibake: Mojibake::new()?,
+            lower: PythonLower::new()?,
+            terminal_escape,
+        })
     }
 
     /// `ftfy.fix_text` with default settings. ftfy cuts text into segments at each `\n` (and every
@@ -168,9 +175,16 @@ fn is_removed_control(c: char) -> bool {
         | '\u{206A}'..='\u{206F}' | '\u{FEFF}' | '\u{FFF9}'..='\u{FFFC}')
 }
 
-/// transformers' `whitespace_clean` (runs of `regex`'s `\s`, which is Unicode White_Space, become
-/// one space; then strip) followed by Python's `str.lower()`.
-pub(crate) fn whitespace_clean_lower(text: &str) -> String {
+impl TextCleaner {
+    /// `whitespace_clean(ftfy.fix_text(text)).lower()`, the whole cleaning of `CLIPTokenizer`.
+    pub(crate) fn clean(&self, text: &str) -> String {
+        self.lower.lower(&whitespace_clean(&self.fix_text(text)))
+    }
+}
+
+/// transformers' `whitespace_clean`: runs of `regex`'s `\s` (Unicode White_Space, as Rust's
+/// `char::is_whitespace`) become one space; then strip.
+pub(crate) fn whitespace_clean(text: &str) -> String {
     let mut out = String::with_capacity(text.len());
     let mut pending_space = false;
     for c in text.chars() {
@@ -184,7 +198,7 @@ pub(crate) fn whitespace_clean_lower(text: &str) -> String {
             out.push(c);
         }
     }
-    out.to_lowercase()
+    out
 }
 
 #[cfg(test)]
@@ -207,7 +221,7 @@ mod tests {
 
     #[test]
     fn whitespace_is_collapsed_and_stripped() {
-        assert_eq!(whitespace_clean_lower("  A\t\u{a0} B\n"), "a b");
-        assert_eq!(whitespace_clean_lower("\u{2003}"), "");
+        assert_eq!(whitespace_clean("  A\t\u{a0} B\n"), "A B");
+        assert_eq!(whitespace_clean("\u{2003}"), "");
     }
 }

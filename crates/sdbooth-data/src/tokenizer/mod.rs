@@ -13,6 +13,7 @@
 mod bpe;
 mod clean;
 mod html;
+mod lower;
 mod mojibake;
 mod weighted;
 
@@ -171,7 +172,7 @@ impl ClipTokenizer {
     /// `CLIPTokenizer._tokenize` on one chunk: ftfy, whitespace clean-up, lower case, the regex
     /// pre-tokenizer, then BPE per pre-token.
     fn encode_chunk(&self, chunk: &str, out: &mut Vec<u32>) {
-        let text = clean::whitespace_clean_lower(&self.shared.cleaner.fix_text(chunk));
+        let text = self.shared.cleaner.clean(chunk);
         let Ok(mut cache) = self.cache.lock() else {
             // A poisoned cache only means another thread panicked mid-insert; skip caching.
             for word in self.shared.bpe.pretokens(&text) {
