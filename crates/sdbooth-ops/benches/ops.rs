@@ -90,7 +90,9 @@ fn attention(c: &mut Criterion) {
 fn matmul(c: &mut Criterion) {
     let mut group = c.benchmark_group("matmul");
     group.sample_size(10).warm_up_time(Duration::from_millis(500)).measurement_time(Duration::from_secs(3));
-    for (name, m, k, n) in [("1024^3", 1024usize, 1024usize, 1024usize), ("linear_1024x320x1280", 1024, 320, 1280)] {
+    for (name, m, k, n) in
+        [("1024^3", 1024usize, 1024usize, 1024usize), ("linear_1024x320x1280", 1024, 320, 1280)]
+    {
         let a = randn(&[m, k]);
         let w = randn(&[n, k]);
         group.throughput(Throughput::Elements((2 * m * k * n) as u64));

@@ -162,10 +162,13 @@ struct Want {
     dv: bool,
 }
 
+/// One head's q, k, v, o and dO.
+type HeadInputs<'a> = (&'a [f32], &'a [f32], &'a [f32], &'a [f32], &'a [f32]);
+
 /// Backward for one head (FlashAttention-2 order: key tiles outer, query tiles inner).
 #[allow(clippy::too_many_arguments)]
 fn head_backward(
-    (q, k, v, o, go): (&[f32], &[f32], &[f32], &[f32], &[f32]),
+    (q, k, v, o, go): HeadInputs<'_>,
     lse: &[f32],
     (dq, dk, dvv): (&mut [f32], &mut [f32], &mut [f32]),
     dm: &Dims,

@@ -39,7 +39,10 @@ fn gn_dims(x: &[usize], groups: usize, gamma: &[usize], beta: &[usize]) -> Resul
         bail!("group_norm: input must be [B, C, ...], got {x:?}");
     }
     let c = x[1];
-    if groups == 0 || c % groups != 0 {
+    // `% != 0` rather than `is_multiple_of`: the workspace's rust-version is 1.80.
+    #[allow(clippy::manual_is_multiple_of)]
+    let uneven = groups == 0 || c % groups != 0;
+    if uneven {
         bail!("group_norm: {c} channels do not split into {groups} groups");
     }
     if gamma.iter().product::<usize>() != c || beta.iter().product::<usize>() != c {
@@ -114,7 +117,7 @@ impl CustomOp3 for GroupNormOp {
         let numel = x.elem_count();
         let mut dx = vec![0f32; if want_x { numel } else { 0 }];
         // Per (batch, channel) partial sums of dz·x̂ and dz (dz = gradient before the affine).
-        let bc = if gd.s == 0 { 0 } else { numel / gd.s };
+        let bc = numel.checked_div(gd.s).unwrap_or(0);
         let mut pg = vec![0f64; bc];
         let mut pb = vec![0f64; bc];
         cpu::with_f32(x, |xs| {

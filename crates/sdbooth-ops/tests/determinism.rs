@@ -11,7 +11,15 @@ use sdbooth_ops as ops;
 type Case = (&'static str, Box<dyn Fn(&[Tensor]) -> candle_core::Result<Tensor> + Sync>, Vec<Tensor>);
 
 fn bits(t: &Tensor) -> Vec<u32> {
-    t.to_dtype(DType::F32).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap().iter().map(|v| v.to_bits()).collect()
+    t.to_dtype(DType::F32)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap()
+        .iter()
+        .map(|v| v.to_bits())
+        .collect()
 }
 
 #[test]

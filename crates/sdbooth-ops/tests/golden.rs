@@ -104,7 +104,9 @@ fn golden_embedding_upsample_timestep() {
 fn golden_reference_fallbacks() {
     use ops::reference as r;
     let fx = fixtures();
-    for (case, stride, pad) in [("conv3x3_s1", 1, 1), ("conv3x3_s2", 2, 1), ("conv3x3_s2_odd", 2, 1), ("conv1x1", 1, 0)] {
+    for (case, stride, pad) in
+        [("conv3x3_s1", 1, 1), ("conv3x3_s2", 2, 1), ("conv3x3_s2_odd", 2, 1), ("conv1x1", 1, 0)]
+    {
         check(&fx, case, &["x", "w", "b"], |t| r::conv2d(&t[0], &t[1], Some(&t[2]), stride, pad));
     }
     let gb = ["x", "gamma", "beta"];
