@@ -79,8 +79,11 @@ impl ParamStore {
         self.params.iter().map(|(k, v)| (k.clone(), v.as_tensor().detach())).collect()
     }
 
-    /// A store whose parameters share storage with this one but record no autograd graph:
-    /// for inference, frozen parts and checkpointed forward passes.
+    /// A deep copy whose parameters are new, separate leaves: gradients taken through it never
+    /// reach this store's `Var`s. Note that it copies every tensor (candle's `Var::from_tensor`
+    /// copies a non-variable tensor) and that ops on the copies still record a graph. For
+    /// graph-free use without a copy, call `.detach()` per tensor, as `UNet::forward_frozen`
+    /// and the checkpointed forward do.
     pub fn detached(&self) -> Result<Self, ModelError> {
         Self::from_tensors(self.to_tensors())
     }
