@@ -5,6 +5,7 @@
 //!   regenerated here): last hidden state, clip_skip 2, posterior mean/std, decoder output.
 //! `bench [STEPS]`: times the CLIP-L training forward + backward (batch 1, one 77-token window,
 //!   f32, with and without checkpointing), parameter gradients dropped by the hook.
+//! `vae RES`: times one SD VAE encode (1 image, RES px, f32, frozen) and prints the peak RSS.
 
 use std::time::Instant;
 
@@ -98,11 +99,41 @@ fn bench(steps: usize) {
     }
 }
 
+/// Peak resident set size of this process (Linux `VmHWM`), in MiB.
+fn peak_rss_mib() -> f64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    let kb = status
+        .lines()
+        .find(|l| l.starts_with("VmHWM:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse::<f64>().ok())
+        .unwrap_or(0.0);
+    kb / 1024.0
+}
+
+fn vae_bench(res: usize) {
+    let cfg = ModelConfig::sd1();
+    let vae = Vae::new(&cfg.vae);
+    let params = random_params_with(&vae.param_shapes(), 15, InitStyle::Standard, &Device::Cpu).unwrap();
+    let before = peak_rss_mib();
+    let images = Tensor::rand(-1f32, 1f32, (1, 3, res, res), &Device::Cpu).unwrap();
+    let noise = Tensor::randn(0f32, 1f32, (1, 4, res / 8, res / 8), &Device::Cpu).unwrap();
+    let t0 = Instant::now();
+    let z = vae.encode_to_latents(&params, &images, &noise, None).unwrap();
+    println!(
+        "SD VAE encode {res} px: {:.2}s, latents {:?}, peak RSS {:.0} MiB (weights loaded: {before:.0} MiB)",
+        t0.elapsed().as_secs_f64(),
+        z.dims(),
+        peak_rss_mib()
+    );
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
     match args.first().map(String::as_str) {
         Some("check") => check(args.get(1).map(String::as_str).unwrap_or("/tmp/clip_vae_realsize")),
+        Some("vae") => vae_bench(args.get(1).and_then(|s| s.parse().ok()).unwrap_or(512)),
         Some("bench") => bench(args.get(1).and_then(|s| s.parse().ok()).unwrap_or(2)),
-        _ => eprintln!("usage: clip_vae_realsize check [DIR] | bench [STEPS]"),
+        _ => eprintln!("usage: clip_vae_realsize check [DIR] | bench [STEPS] | vae [RES]"),
     }
 }
