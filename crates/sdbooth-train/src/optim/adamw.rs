@@ -30,14 +30,23 @@ pub(crate) fn step(
         .zip(g.par_chunks(PAR_CHUNK))
         .zip(m.par_chunks_mut(PAR_CHUNK).zip(v.par_chunks_mut(PAR_CHUNK)))
         .for_each(|((w, g), (m, v))| {
-            for i in 0..w.len() {
-                let gi = g[i];
-                w[i] *= decay;
-                // torch's lerp: self + weight * (end - self) for weight < 0.5.
-                m[i] = if w1 < 0.5 { m[i] + w1 * (gi - m[i]) } else { gi - (gi - m[i]) * (1.0 - w1) };
-                v[i] = v[i] * b2f + w2 * gi * gi;
-                let denom = v[i].sqrt() / bc2_sqrt + eps;
-                w[i] += neg_step * (m[i] / denom);
+            // Zipped iterators (no bounds checks) and the lerp branch hoisted out of the loop, so
+            // the compiler vectorises the body.
+            let it = w.iter_mut().zip(g).zip(m.iter_mut().zip(v.iter_mut()));
+            // torch's lerp: self + weight * (end - self) for weight < 0.5, else from the end.
+            if w1 < 0.5 {
+                for ((w, &g), (m, v)) in it {
+                    *m += w1 * (g - *m);
+                    *v = *v * b2f + w2 * g * g;
+                    *w = *w * decay + neg_step * (*m / (v.sqrt() / bc2_sqrt + eps));
+                }
+            } else {
+                let w1c = 1.0 - w1;
+                for ((w, &g), (m, v)) in it {
+                    *m = g - (g - *m) * w1c;
+                    *v = *v * b2f + w2 * g * g;
+                    *w = *w * decay + neg_step * (*m / (v.sqrt() / bc2_sqrt + eps));
+                }
             }
         });
     st.put_f32("exp_avg", m);

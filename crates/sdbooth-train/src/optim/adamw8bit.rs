@@ -176,10 +176,14 @@ pub(crate) fn step(
             }
             *a1 = max1;
             *a2 = max2;
+            // The kernel divides with __fdividef, i.e. multiplies by the reciprocal; so do we (and
+            // save two divisions per value). An all-zero block has absmax 0: its values quantise
+            // from 0.0 instead of NaN.
+            let inv1 = if max1 > 0.0 { 1.0 / max1 } else { 0.0 };
+            let inv2 = if max2 > 0.0 { 1.0 / max2 } else { 0.0 };
             for i in 0..w.len() {
-                // An all-zero block has absmax 0: store the index of 0.0 instead of quantising NaN.
-                let x1 = if max1 > 0.0 { s1[i] / max1 } else { 0.0 };
-                let x2 = if max2 > 0.0 { s2[i] / max2 } else { 0.0 };
+                let x1 = s1[i] * inv1;
+                let x2 = s2[i] * inv2;
                 let mut c1 = m1.quantize(x1);
                 // Keep m's sign through quantisation (the kernel's rule; v is never negative).
                 if m1.code[c1 as usize].is_sign_negative() != s1[i].is_sign_negative() {
