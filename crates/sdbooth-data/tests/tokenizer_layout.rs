@@ -107,3 +107,32 @@ fn bpe_cache_gives_the_same_ids_twice() {
     assert_eq!(tok.encode("unbelievably photorealistic café"), first);
     assert!(first.len() >= 3);
 }
+
+/// `cargo test -p sdbooth-data --release --test tokenizer_layout -- --ignored --nocapture`
+#[test]
+#[ignore = "timing, not a check"]
+fn throughput() -> Result<(), TokenizerError> {
+    let start = std::time::Instant::now();
+    let tok = sd1();
+    println!("tables built in {:.3}s", start.elapsed().as_secs_f64());
+    let captions: Vec<String> = (0..2000)
+        .map(|i| {
+            format!(
+                "1girl, solo, long hair, looking at viewer, smile, “sks” photo {i}, café, ＡＢＣ, &amp; more"
+            )
+        })
+        .collect();
+    let start = std::time::Instant::now();
+    let mut n = 0;
+    for c in &captions {
+        n += tok.tokenize_for_training(c, Some(225), false)?.len();
+    }
+    let secs = start.elapsed().as_secs_f64();
+    println!(
+        "{} captions in {:.3}s: {:.0} captions/s ({n} windows)",
+        captions.len(),
+        secs,
+        captions.len() as f64 / secs
+    );
+    Ok(())
+}
