@@ -35,10 +35,20 @@ pub(crate) fn step(
     st: &mut ParamState,
     w: &mut [f32],
     g: &[f32],
+    gs: f32,
     shape: &[usize],
     lr: f64,
 ) -> Result<()> {
     let n = w.len();
+    // Adafactor reads the gradient several times: scale a copy when clipping (it holds a
+    // tensor-sized buffer anyway).
+    let scaled;
+    let g = if gs != 1.0 {
+        scaled = g.iter().map(|&x| x * gs).collect::<Vec<f32>>();
+        &scaled[..]
+    } else {
+        g
+    };
     if shape.iter().product::<usize>() != n {
         return Err(TrainError::Config(format!("Adafactor: shape {shape:?} does not match {n} elements")));
     }

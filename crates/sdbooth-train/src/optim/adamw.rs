@@ -11,6 +11,7 @@ pub(crate) fn step(
     st: &mut ParamState,
     w: &mut [f32],
     g: &[f32],
+    gs: f32,
     lr: f64,
 ) -> Result<()> {
     let n = w.len();
@@ -36,6 +37,7 @@ pub(crate) fn step(
             // torch's lerp: self + weight * (end - self) for weight < 0.5, else from the end.
             if w1 < 0.5 {
                 for ((w, &g), (m, v)) in it {
+                    let g = g * gs;
                     *m += w1 * (g - *m);
                     *v = *v * b2f + w2 * g * g;
                     *w = *w * decay + neg_step * (*m / (v.sqrt() / bc2_sqrt + eps));
@@ -43,6 +45,7 @@ pub(crate) fn step(
             } else {
                 let w1c = 1.0 - w1;
                 for ((w, &g), (m, v)) in it {
+                    let g = g * gs;
                     *m = g - (g - *m) * w1c;
                     *v = *v * b2f + w2 * g * g;
                     *w = *w * decay + neg_step * (*m / (v.sqrt() / bc2_sqrt + eps));

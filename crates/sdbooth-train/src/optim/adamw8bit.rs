@@ -117,6 +117,7 @@ pub(crate) fn step(
     st: &mut ParamState,
     w: &mut [f32],
     g: &[f32],
+    gs: f32,
     lr: f64,
 ) -> Result<()> {
     let n = w.len();
@@ -129,6 +130,7 @@ pub(crate) fn step(
     let eps = c.eps as f32;
     let decay = if c.weight_decay > 0.0 { Some(1.0 - lr32 * c.weight_decay as f32) } else { None };
     let upd = move |w: &mut f32, g: f32, s1: &mut f32, s2: &mut f32| {
+        let g = g * gs;
         if !g.is_finite() {
             *s1 = 0.0;
             *s2 = 0.0;

@@ -10,6 +10,7 @@ pub(crate) fn step(
     st: &mut ParamState,
     w: &mut [f32],
     g: &[f32],
+    gs: f32,
     lr: f64,
 ) -> Result<()> {
     let n = w.len();
@@ -21,6 +22,7 @@ pub(crate) fn step(
     w.par_chunks_mut(PAR_CHUNK).zip(g.par_chunks(PAR_CHUNK)).zip(m.par_chunks_mut(PAR_CHUNK)).for_each(
         |((w, g), m)| {
             for ((w, &g), m) in w.iter_mut().zip(g).zip(m.iter_mut()) {
+                let g = g * gs;
                 let u = *m * b1 + w1 * g;
                 // torch.sgn: 0 stays 0.
                 let s = if u > 0.0 {

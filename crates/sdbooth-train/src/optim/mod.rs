@@ -151,19 +151,13 @@ impl Optimizer {
         let st = self.states.entry(name.to_string()).or_default();
         st.step += 1;
         let step = st.step;
+        // The scale is applied inside the update loops: no scaled copy of the gradient.
         with_f32(grad, |g| -> Result<()> {
-            let scaled;
-            let g = if grad_scale != 1.0 {
-                scaled = g.iter().map(|&x| x * grad_scale).collect::<Vec<f32>>();
-                &scaled[..]
-            } else {
-                g
-            };
             with_weights_mut(param, |w| match w {
-                WeightsMut::F32(w) => update(config, st, w, g, &shape, lr),
+                WeightsMut::F32(w) => update(config, st, w, g, grad_scale, &shape, lr),
                 WeightsMut::BF16(wb) => {
                     let mut w32: Vec<f32> = wb.iter().map(|x| x.to_f32()).collect();
-                    update(config, st, &mut w32, g, &shape, lr)?;
+                    update(config, st, &mut w32, g, grad_scale, &shape, lr)?;
                     stochastic_round(&w32, wb, rounding_stream(config.rounding_seed, name, step));
                     Ok(())
                 }
@@ -215,6 +209,7 @@ fn update(
     st: &mut ParamState,
     w: &mut [f32],
     g: &[f32],
+    gs: f32,
     shape: &[usize],
     lr: f64,
 ) -> Result<()> {
@@ -223,11 +218,11 @@ fn update(
     }
     st.last_lr = lr;
     match c.kind {
-        OptimizerKind::AdamW => adamw::step(c, st, w, g, lr),
-        OptimizerKind::AdamW8bit => adamw8bit::step(c, st, w, g, lr),
-        OptimizerKind::Lion => lion::step(c, st, w, g, lr),
-        OptimizerKind::SGDNesterov => sgd::step(c, st, w, g, lr),
-        OptimizerKind::Adafactor => adafactor::step(c, st, w, g, shape, lr),
+        OptimizerKind::AdamW => adamw::step(c, st, w, g, gs, lr),
+        OptimizerKind::AdamW8bit => adamw8bit::step(c, st, w, g, gs, lr),
+        OptimizerKind::Lion => lion::step(c, st, w, g, gs, lr),
+        OptimizerKind::SGDNesterov => sgd::step(c, st, w, g, gs, lr),
+        OptimizerKind::Adafactor => adafactor::step(c, st, w, g, gs, shape, lr),
     }
 }
 

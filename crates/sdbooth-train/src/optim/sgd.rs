@@ -10,6 +10,7 @@ pub(crate) fn step(
     st: &mut ParamState,
     w: &mut [f32],
     g: &[f32],
+    gs: f32,
     lr: f64,
 ) -> Result<()> {
     let n = w.len();
@@ -22,6 +23,7 @@ pub(crate) fn step(
     w.par_chunks_mut(PAR_CHUNK).zip(g.par_chunks(PAR_CHUNK)).zip(buf.par_chunks_mut(PAR_CHUNK)).for_each(
         |((w, g), buf)| {
             for ((w, &g), b) in w.iter_mut().zip(g).zip(buf.iter_mut()) {
+                let g = g * gs;
                 let d = if wd != 0.0 { g + wd * *w } else { g };
                 *b = if first { d } else { *b * mu + d };
                 *w += neg_lr * (d + mu * *b);
