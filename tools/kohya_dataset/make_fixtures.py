@@ -230,6 +230,13 @@ def cases():
             open(os.path.join(d, "a", "img_000.txt"), "w").write("a caption from a txt file\n"),
         ),
     )
+    case(
+        "validation_split_seeded",
+        {"resolution": "256", "enable_bucket": True, "min_bucket_reso": 128, "max_bucket_reso": 512},
+        '[[datasets]]\nvalidation_split = 0.3\nvalidation_seed = 1234\n  [[datasets.subsets]]\n  image_dir = "train"\n'
+        '  num_repeats = 2\n\n  [[datasets.subsets]]\n  image_dir = "reg"\n  is_reg = true\n',
+        lambda d: (images(d, "train", varied[:11]), images(d, "reg", varied[11:], "r")),
+    )
     toy = os.path.join(REPO, "examples", "toy")
     out.append(("toy", toy, {"max_train_steps": 200}, "dataset.toml"))
     return out

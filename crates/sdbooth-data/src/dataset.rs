@@ -4,8 +4,6 @@
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 
-use rand::seq::SliceRandom;
-use rand::SeedableRng;
 use serde::{Deserialize, Serialize};
 
 use crate::bucket::{BucketManager, Reso};
@@ -234,11 +232,12 @@ pub fn build_dataset_group(spec: DatasetGroupSpec, opts: &DatasetOptions) -> Res
     })
 }
 
-/// kohya's split_train_val for the train side: the first ceil(n * (1 - split)) after a seeded
-/// shuffle. kohya shuffles with Python's `random`; we use our own seeded stream (documented).
+/// kohya's split_train_val for the train side: the first ceil(n * (1 - split)) after
+/// `random.seed(seed); random.shuffle(...)` with Python's generator, so with a validation_seed
+/// the same images are held out as in kohya. (Without one kohya uses its global random state,
+/// which cannot be reproduced; we then use --seed, or 0.)
 fn train_split<T>(mut items: Vec<T>, split: f64, seed: u64) -> Vec<T> {
-    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed ^ 0x7661_6c69_6461_7465);
-    items.shuffle(&mut rng);
+    crate::pyrandom::PyRandom::new(seed).shuffle(&mut items);
     let keep = ((items.len() as f64) * (1.0 - split)).ceil() as usize;
     items.truncate(keep);
     items

@@ -8,6 +8,7 @@ pub mod dataset;
 pub mod error;
 pub mod load;
 pub mod options;
+mod pyrandom;
 pub mod report;
 mod resize;
 pub mod sampler;

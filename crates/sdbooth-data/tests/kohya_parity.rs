@@ -146,3 +146,8 @@ fn parity_legacy_folder_layout() {
 fn parity_two_datasets_in_one_toml() {
     check_case("two_datasets");
 }
+
+#[test]
+fn parity_validation_split_with_seed() {
+    check_case("validation_split_seeded");
+}
