@@ -70,7 +70,7 @@ pub fn read_ckpt_index(path: &Path) -> Result<TensorIndex> {
             }
             expect = expect.saturating_mul(*d);
         }
-        if t.offset.checked_add(numel).map_or(true, |end| end > t.storage.numel) {
+        if t.offset.checked_add(numel).is_none_or(|end| end > t.storage.numel) {
             return Err(tbad("view reaches past its storage".into()));
         }
         let name = format!("{prefix}data/{}", t.storage.key);
@@ -84,10 +84,16 @@ pub fn read_ckpt_index(path: &Path) -> Result<TensorIndex> {
         }
         let offset = entry.data_start() + t.offset * es;
         let nbytes = numel * es;
-        if offset.checked_add(nbytes).map_or(true, |end| end > file_len) {
+        if offset.checked_add(nbytes).is_none_or(|end| end > file_len) {
             return Err(tbad("data past the end of the file (truncated?)".into()));
         }
-        entries.push(RawEntry { key: key.to_string(), dtype: t.storage.dtype, shape: t.shape.clone(), offset, nbytes });
+        entries.push(RawEntry {
+            key: key.to_string(),
+            dtype: t.storage.dtype,
+            shape: t.shape.clone(),
+            offset,
+            nbytes,
+        });
     }
     Ok(TensorIndex {
         path: path.into(),
@@ -164,6 +170,7 @@ fn write_torch_zip(path: &Path, tensors: &[OutTensor], counters: Option<(i64, i6
         z.write_all(b"3\n").map_err(io_err(path))?;
         z.finish().map_err(zerr)
     })
+    .map_err(|e| e.at(path))
 }
 
 /// Element types torch can hold in a .ckpt (all of ours).

@@ -28,12 +28,24 @@ fn max_index(shapes: &ShapeMap, prefix: &str) -> Option<usize> {
 
 /// The named configs, for recognising a file as exactly one of them.
 fn named() -> [ModelConfig; 5] {
-    [ModelConfig::sd1(), ModelConfig::sd2_512(), ModelConfig::sd2_768_v(), ModelConfig::tiny_sd1(), ModelConfig::tiny_sd2()]
+    [
+        ModelConfig::sd1(),
+        ModelConfig::sd2_512(),
+        ModelConfig::sd2_768_v(),
+        ModelConfig::tiny_sd1(),
+        ModelConfig::tiny_sd2(),
+    ]
 }
 
 fn same_structure(a: &ModelConfig, b: &ModelConfig) -> bool {
     let u = |c: &UNetConfig| {
-        (c.in_channels, c.out_channels, c.block_out_channels.clone(), c.down_blocks.clone(), c.layers_per_block)
+        (
+            c.in_channels,
+            c.out_channels,
+            c.block_out_channels.clone(),
+            c.down_blocks.clone(),
+            c.layers_per_block,
+        )
     };
     u(&a.unet) == u(&b.unet)
         && a.unet.cross_attention_dim == b.unet.cross_attention_dim
@@ -53,7 +65,11 @@ fn settle(mut cfg: ModelConfig) -> ModelConfig {
             let prediction = cfg.prediction;
             let mut out = n;
             if out.v2 && prediction != out.prediction {
-                out = if prediction == Prediction::VPrediction { ModelConfig::sd2_768_v() } else { ModelConfig::sd2_512() };
+                out = if prediction == Prediction::VPrediction {
+                    ModelConfig::sd2_768_v()
+                } else {
+                    ModelConfig::sd2_512()
+                };
                 if !same_structure(&out, &cfg) {
                     // A tiny SD2: same structure, only the prediction differs.
                     out = cfg.clone();
@@ -131,7 +147,8 @@ pub fn infer_single_file(path: &Path, shapes: &ShapeMap, v_pred: bool) -> Result
         ClipConfig {
             vocab_size: tok[0],
             hidden_size: tok[1],
-            intermediate_size: dim(shapes, &format!("{p}transformer.resblocks.0.mlp.c_fc.weight"), 0).unwrap_or(4 * tok[1]),
+            intermediate_size: dim(shapes, &format!("{p}transformer.resblocks.0.mlp.c_fc.weight"), 0)
+                .unwrap_or(4 * tok[1]),
             // kohya and diffusers hold OpenCLIP without its last block.
             num_hidden_layers: blocks.saturating_sub(1),
             num_attention_heads: (tok[1] / 64).max(1),
@@ -147,15 +164,18 @@ pub fn infer_single_file(path: &Path, shapes: &ShapeMap, v_pred: bool) -> Result
         ClipConfig {
             vocab_size: tok[0],
             hidden_size: tok[1],
-            intermediate_size: dim(shapes, &format!("{p}encoder.layers.0.mlp.fc1.weight"), 0).unwrap_or(4 * tok[1]),
+            intermediate_size: dim(shapes, &format!("{p}encoder.layers.0.mlp.fc1.weight"), 0)
+                .unwrap_or(4 * tok[1]),
             num_hidden_layers: max_index(shapes, &format!("{p}encoder.layers.")).map(|m| m + 1).unwrap_or(0),
             num_attention_heads: (tok[1] / 64).max(1),
-            max_position_embeddings: dim(shapes, &format!("{p}embeddings.position_embedding.weight"), 0).unwrap_or(77),
+            max_position_embeddings: dim(shapes, &format!("{p}embeddings.position_embedding.weight"), 0)
+                .unwrap_or(77),
             hidden_act: Activation::QuickGelu,
             layer_norm_eps: 1e-5,
         }
     };
-    let vae = infer_vae(shapes, "first_stage_model.").ok_or_else(|| not_model("no VAE (first_stage_model.*) in the file"))?;
+    let vae = infer_vae(shapes, "first_stage_model.")
+        .ok_or_else(|| not_model("no VAE (first_stage_model.*) in the file"))?;
     let resolution = if v2 && v_pred { 768 } else { 512 };
     let cfg = ModelConfig {
         name: String::new(),
@@ -191,14 +211,18 @@ pub fn infer_vae(shapes: &ShapeMap, prefix: &str) -> Option<VaeConfig> {
 
 fn read_json(path: &Path) -> Result<Value> {
     let text = std::fs::read_to_string(path).map_err(crate::error::io_err(path))?;
-    serde_json::from_str(&text).map_err(|e| CheckpointError::BadConfig { path: path.into(), reason: e.to_string() })
+    serde_json::from_str(&text)
+        .map_err(|e| CheckpointError::BadConfig { path: path.into(), reason: e.to_string() })
 }
 
 fn usize_list(v: &Value, key: &str, path: &Path) -> Result<Vec<usize>> {
     v.get(key)
         .and_then(Value::as_array)
         .and_then(|a| a.iter().map(|x| x.as_u64().map(|x| x as usize)).collect::<Option<Vec<_>>>())
-        .ok_or_else(|| CheckpointError::BadConfig { path: path.into(), reason: format!("`{key}` missing or not a list") })
+        .ok_or_else(|| CheckpointError::BadConfig {
+            path: path.into(),
+            reason: format!("`{key}` missing or not a list"),
+        })
 }
 
 fn num(v: &Value, key: &str, path: &Path) -> Result<usize> {
@@ -220,7 +244,13 @@ pub fn read_unet_config(path: &Path) -> Result<UNetConfig> {
         .and_then(Value::as_array)
         .map(|a| {
             a.iter()
-                .map(|t| if t.as_str().unwrap_or("").starts_with("CrossAttn") { BlockKind::CrossAttn } else { BlockKind::Plain })
+                .map(|t| {
+                    if t.as_str().unwrap_or("").starts_with("CrossAttn") {
+                        BlockKind::CrossAttn
+                    } else {
+                        BlockKind::Plain
+                    }
+                })
                 .collect()
         })
         .unwrap_or_else(|| ModelConfig::sd1().unet.down_blocks);
@@ -259,7 +289,8 @@ pub fn read_clip_config(path: &Path) -> Result<ClipConfig> {
         intermediate_size: num(&v, "intermediate_size", path)?,
         num_hidden_layers: num(&v, "num_hidden_layers", path)?,
         num_attention_heads: num(&v, "num_attention_heads", path)?,
-        max_position_embeddings: v.get("max_position_embeddings").and_then(Value::as_u64).unwrap_or(77) as usize,
+        max_position_embeddings: v.get("max_position_embeddings").and_then(Value::as_u64).unwrap_or(77)
+            as usize,
         hidden_act: act,
         layer_norm_eps: float_or(&v, "layer_norm_eps", 1e-5),
     })
@@ -304,15 +335,22 @@ pub fn assemble(unet: UNetConfig, text: ClipConfig, vae: VaeConfig, prediction: 
 const DIFFUSERS_VERSION: &str = "0.32.1";
 
 pub fn unet_config_json(c: &UNetConfig) -> Value {
-    let down: Vec<&str> =
-        c.down_blocks.iter().map(|k| if *k == BlockKind::CrossAttn { "CrossAttnDownBlock2D" } else { "DownBlock2D" }).collect();
+    let down: Vec<&str> = c
+        .down_blocks
+        .iter()
+        .map(|k| if *k == BlockKind::CrossAttn { "CrossAttnDownBlock2D" } else { "DownBlock2D" })
+        .collect();
     let up: Vec<&str> = c
         .down_blocks
         .iter()
         .rev()
         .map(|k| if *k == BlockKind::CrossAttn { "CrossAttnUpBlock2D" } else { "UpBlock2D" })
         .collect();
-    let heads: Value = if c.num_heads.iter().all(|h| *h == c.num_heads[0]) { json!(c.num_heads[0]) } else { json!(c.num_heads) };
+    let heads: Value = if c.num_heads.iter().all(|h| *h == c.num_heads[0]) {
+        json!(c.num_heads[0])
+    } else {
+        json!(c.num_heads)
+    };
     json!({
         "_class_name": "UNet2DConditionModel",
         "_diffusers_version": DIFFUSERS_VERSION,

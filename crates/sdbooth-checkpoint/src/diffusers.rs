@@ -36,7 +36,13 @@ pub fn find_weights(dir: &Path, part: Part) -> Option<PathBuf> {
 }
 
 /// Reads one part's tensors by diffusers name, checked against the architecture.
-pub fn load_part(path: &Path, part: Part, map: &KeyMap, opts: &LoadOptions, unused: &mut Vec<String>) -> Result<TensorMap> {
+pub fn load_part(
+    path: &Path,
+    part: Part,
+    map: &KeyMap,
+    opts: &LoadOptions,
+    unused: &mut Vec<String>,
+) -> Result<TensorMap> {
     let index = TensorIndex::open(path)?;
     let mut file = index.reopen()?;
     let mut out = TensorMap::new();
@@ -64,8 +70,13 @@ pub fn load_part(path: &Path, part: Part, map: &KeyMap, opts: &LoadOptions, unus
         };
         out.insert(e.key.clone(), t);
     }
-    let missing: Vec<String> =
-        map.entries.iter().filter(|m| m.part == part && !out.contains_key(&m.hf)).map(|m| m.hf.clone()).take(10).collect();
+    let missing: Vec<String> = map
+        .entries
+        .iter()
+        .filter(|m| m.part == part && !out.contains_key(&m.hf))
+        .map(|m| m.hf.clone())
+        .take(10)
+        .collect();
     if !missing.is_empty() {
         return Err(CheckpointError::MissingKeys { path: path.into(), keys: missing });
     }
@@ -87,7 +98,8 @@ pub fn load_diffusers(dir: &Path, spec: &str, opts: &LoadOptions) -> Result<Load
     let text_cfg = cio::read_clip_config(&need(dir.join("text_encoder/config.json"))?)?;
     let vae_cfg = cio::read_vae_config(&need(dir.join("vae/config.json"))?)?;
     let mut notes = Vec::new();
-    let said = cio::read_prediction(&dir.join("scheduler/scheduler_config.json")).map(|p| p == Prediction::VPrediction);
+    let said = cio::read_prediction(&dir.join("scheduler/scheduler_config.json"))
+        .map(|p| p == Prediction::VPrediction);
     let v = resolve_v(said, opts.v_parameterization, "the scheduler config", &mut notes);
     let pred = if v { Prediction::VPrediction } else { Prediction::Epsilon };
     let config = cio::assemble(unet_cfg, text_cfg, vae_cfg, pred);
@@ -149,7 +161,9 @@ pub fn save_diffusers(
         let p = dir.join(rel);
         atomic_write_bytes(&p, &json_bytes(&v)).map_err(io_err(p))
     };
-    for (part, tensors) in [(Part::Unet, parts.unet), (Part::TextEncoder, parts.text_encoder), (Part::Vae, vae)] {
+    for (part, tensors) in
+        [(Part::Unet, parts.unet), (Part::TextEncoder, parts.text_encoder), (Part::Vae, vae)]
+    {
         let mut out = Vec::new();
         for m in map.entries.iter().filter(|m| m.part == part) {
             let t = tensors.get(&m.hf).ok_or_else(|| {
@@ -157,10 +171,16 @@ pub fn save_diffusers(
             })?;
             let dtype = match precision {
                 Some(p) => p.dtype(),
-                None => crate::dtype::Dtype::from_candle(t.dtype())
-                    .ok_or_else(|| CheckpointError::Invalid(format!("cannot save {:?} tensors", t.dtype())))?,
+                None => crate::dtype::Dtype::from_candle(t.dtype()).ok_or_else(|| {
+                    CheckpointError::Invalid(format!("cannot save {:?} tensors", t.dtype()))
+                })?,
             };
-            out.push(OutTensor { key: m.hf.clone(), dtype, shape: m.hf_shape.clone(), data: OutData::Tensor(t.clone()) });
+            out.push(OutTensor {
+                key: m.hf.clone(),
+                dtype,
+                shape: m.hf_shape.clone(),
+                data: OutData::Tensor(t.clone()),
+            });
         }
         let [st, bin] = weight_names(part);
         let sub = dir.join(part.folder());

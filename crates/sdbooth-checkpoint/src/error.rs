@@ -46,3 +46,25 @@ pub(crate) fn io_err(path: impl Into<PathBuf>) -> impl FnOnce(std::io::Error) ->
     let path = path.into();
     move |source| CheckpointError::Io { path, source }
 }
+
+/// Placeholder path of I/O errors raised inside [`crate::atomic_write`] (temp file create, fsync,
+/// rename) before [`CheckpointError::at`] names the real file.
+const UNNAMED: &str = "(output)";
+
+impl From<std::io::Error> for CheckpointError {
+    fn from(source: std::io::Error) -> Self {
+        CheckpointError::Io { path: UNNAMED.into(), source }
+    }
+}
+
+impl CheckpointError {
+    /// Names `path` in an I/O error that did not know its file.
+    pub(crate) fn at(self, path: &std::path::Path) -> Self {
+        match self {
+            CheckpointError::Io { path: p, source } if p.as_os_str() == UNNAMED => {
+                CheckpointError::Io { path: path.into(), source }
+            }
+            e => e,
+        }
+    }
+}

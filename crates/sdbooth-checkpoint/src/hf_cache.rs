@@ -44,10 +44,37 @@ pub fn resolve_in(root: &std::path::Path, org: &str, name: &str, spec: &str) -> 
         .unwrap_or_default();
     match dirs.len() {
         1 => Ok(dirs.pop()),
-        0 => Err(CheckpointError::NotFound { spec: spec.into(), reason: format!("{} has no snapshot", repo.display()) }),
+        0 => Err(CheckpointError::NotFound {
+            spec: spec.into(),
+            reason: format!("{} has no snapshot", repo.display()),
+        }),
         _ => Err(CheckpointError::NotFound {
             spec: spec.into(),
-            reason: format!("{} has several snapshots and no refs/main; pass the snapshot folder", repo.display()),
+            reason: format!(
+                "{} has several snapshots and no refs/main; pass the snapshot folder",
+                repo.display()
+            ),
         }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn finds_the_snapshot_refs_main_points_to() {
+        let root = tempfile::tempdir().unwrap();
+        let repo = root.path().join("models--org--model");
+        for rev in ["aaa", "bbb"] {
+            std::fs::create_dir_all(repo.join("snapshots").join(rev)).unwrap();
+        }
+        assert!(resolve_in(root.path(), "org", "model", "org/model").is_err(), "two snapshots, no ref");
+        std::fs::create_dir_all(repo.join("refs")).unwrap();
+        std::fs::write(repo.join("refs/main"), "bbb\n").unwrap();
+        let got = resolve_in(root.path(), "org", "model", "org/model").unwrap().unwrap();
+        assert_eq!(got, repo.join("snapshots/bbb"));
+        assert!(resolve_in(root.path(), "org", "other", "org/other").unwrap().is_none());
+        assert!(resolve("../etc").unwrap().is_none());
     }
 }

@@ -91,12 +91,15 @@ fn diffusers(dir: &Path) -> Result<Inspection> {
     let pred = cio::read_prediction(&dir.join("scheduler/scheduler_config.json"));
     let config = cio::assemble(unet, text, vae, pred.unwrap_or(Prediction::Epsilon));
     let map = KeyMap::new(&config);
-    let (mut missing, mut extra, mut dtypes, mut present) = (Vec::new(), Vec::new(), BTreeMap::new(), Vec::new());
+    let (mut missing, mut extra, mut dtypes, mut present) =
+        (Vec::new(), Vec::new(), BTreeMap::new(), Vec::new());
     let mut tensors = 0;
     for part in Part::ALL {
         let sub = dir.join(part.folder());
-        let w = crate::diffusers::find_weights(&sub, part)
-            .ok_or_else(|| CheckpointError::NotAModel { path: sub.clone(), reason: "no weights file".into() })?;
+        let w = crate::diffusers::find_weights(&sub, part).ok_or_else(|| CheckpointError::NotAModel {
+            path: sub.clone(),
+            reason: "no weights file".into(),
+        })?;
         let index = TensorIndex::open(&w)?;
         tensors += index.entries.len();
         let expected: BTreeMap<String, Vec<usize>> = map.hf_shapes(part).into_iter().collect();
@@ -177,7 +180,11 @@ impl fmt::Display for Inspection {
         let c = &self.config;
         writeln!(f, "{}", self.path)?;
         writeln!(f, "  format:        {}", self.format)?;
-        writeln!(f, "  version:       {}", if c.v2 { "Stable Diffusion 2.x" } else { "Stable Diffusion 1.x" })?;
+        writeln!(
+            f,
+            "  version:       {}",
+            if c.v2 { "Stable Diffusion 2.x" } else { "Stable Diffusion 1.x" }
+        )?;
         writeln!(f, "  architecture:  {} (U-Net channels {:?}, {} layers/block, cross-attn {}, text {}×{} {}, VAE {:?})",
             c.name, c.unet.block_out_channels, c.unet.layers_per_block, c.unet.cross_attention_dim,
             c.text.num_hidden_layers, c.text.hidden_size, if c.v2 { "OpenCLIP" } else { "CLIP" }, c.vae.block_out_channels)?;
@@ -189,7 +196,12 @@ impl fmt::Display for Inspection {
         writeln!(f, "  prediction:    {pred}")?;
         let total: usize = self.params.values().sum();
         for p in Part::ALL {
-            writeln!(f, "  {:<14} {} parameters", format!("{}:", p.folder()), millions(self.params.get(&p).copied().unwrap_or(0)))?;
+            writeln!(
+                f,
+                "  {:<14} {} parameters",
+                format!("{}:", p.folder()),
+                millions(self.params.get(&p).copied().unwrap_or(0))
+            )?;
         }
         writeln!(f, "  total:         {} parameters in {} tensors", millions(total), self.tensors)?;
         let dt: Vec<String> = self.dtypes.iter().map(|(d, n)| format!("{d}×{n}")).collect();
@@ -200,7 +212,11 @@ impl fmt::Display for Inspection {
         if !self.metadata.is_empty() {
             writeln!(f, "  metadata:")?;
             for (k, v) in &self.metadata {
-                let v = if v.len() > 100 { format!("{}… ({} chars)", &v[..v.floor_char_boundary_compat(100)], v.len()) } else { v.clone() };
+                let v = if v.len() > 100 {
+                    format!("{}… ({} chars)", &v[..v.floor_char_boundary_compat(100)], v.len())
+                } else {
+                    v.clone()
+                };
                 writeln!(f, "    {k}: {v}")?;
             }
         }
@@ -209,6 +225,13 @@ impl fmt::Display for Inspection {
             writeln!(f, "    {k}")?;
         }
         writeln!(f, "  extra keys:    {} (kept on save; not loaded)", self.extra.len())?;
+        if c.v2 && !self.extra.is_empty() {
+            // Every SD2 single file holds these; kohya and diffusers drop them on load.
+            writeln!(
+                f,
+                "    (SD2: OpenCLIP's last block, text_projection and logit_scale are expected here)"
+            )?;
+        }
         for k in self.extra.iter().take(20) {
             writeln!(f, "    {k}")?;
         }

@@ -78,7 +78,11 @@ pub fn unet_hf_to_sd(name: &str, cfg: &UNetConfig) -> Option<String> {
         if let Some(tail) = rest.strip_prefix("upsamplers.0.") {
             // The upsampler sits after the resnet (index 1), or after resnet + attention (index 2).
             let has_attn = i < n && cfg.down_blocks.get(n - 1 - i) == Some(&BlockKind::CrossAttn);
-            return Some(format!("output_blocks.{}.{}.{tail}", l1 * i + cfg.layers_per_block, 1 + has_attn as usize));
+            return Some(format!(
+                "output_blocks.{}.{}.{tail}",
+                l1 * i + cfg.layers_per_block,
+                1 + has_attn as usize
+            ));
         }
     }
     None

@@ -19,7 +19,13 @@ fn resnet_local(tail: &str) -> String {
 }
 
 fn attn_local(tail: &str) -> Option<String> {
-    for (hf, sd) in [("group_norm.", "norm."), ("to_q.", "q."), ("to_k.", "k."), ("to_v.", "v."), ("to_out.0.", "proj_out.")] {
+    for (hf, sd) in [
+        ("group_norm.", "norm."),
+        ("to_q.", "q."),
+        ("to_k.", "k."),
+        ("to_v.", "v."),
+        ("to_out.0.", "proj_out."),
+    ] {
         if let Some(t) = tail.strip_prefix(hf) {
             return Some(format!("{sd}{t}"));
         }

@@ -116,13 +116,18 @@ pub fn load_model(spec: &str, opts: &LoadOptions) -> Result<LoadedModel> {
 }
 
 fn load_base(spec: &str, opts: &LoadOptions) -> Result<LoadedModel> {
-    if let Some(b) = sdbooth_models::builtin(spec).filter(|_| spec.starts_with("builtin:") || !Path::new(spec).exists()) {
+    if let Some(b) =
+        sdbooth_models::builtin(spec).filter(|_| spec.starts_with("builtin:") || !Path::new(spec).exists())
+    {
         return load_builtin(spec, &b, opts);
     }
     if spec.starts_with("builtin:") {
         return Err(CheckpointError::NotFound {
             spec: spec.into(),
-            reason: format!("unknown builtin model; known: {}", sdbooth_models::config::BUILTIN_NAMES.join(", ")),
+            reason: format!(
+                "unknown builtin model; known: {}",
+                sdbooth_models::config::BUILTIN_NAMES.join(", ")
+            ),
         });
     }
     let path = Path::new(spec);
@@ -139,7 +144,8 @@ fn load_base(spec: &str, opts: &LoadOptions) -> Result<LoadedModel> {
     }
     Err(CheckpointError::NotFound {
         spec: spec.into(),
-        reason: "not a file, a folder, a builtin:* name, or a model id in the local Hugging Face cache".into(),
+        reason: "not a file, a folder, a builtin:* name, or a model id in the local Hugging Face cache"
+            .into(),
     })
 }
 

@@ -192,13 +192,18 @@ fn call(f: &PVal, args: PVal) -> Result<PVal, PickleError> {
     };
     match g {
         Allowed::OrderedDict => Ok(PVal::Dict(Vec::new(), 1)),
-        Allowed::RebuildParameter => items.into_iter().next().ok_or_else(|| bad("_rebuild_parameter without a tensor")),
+        Allowed::RebuildParameter => {
+            items.into_iter().next().ok_or_else(|| bad("_rebuild_parameter without a tensor"))
+        }
         Allowed::RebuildTensorV2 => {
             if items.len() < 4 {
                 return Err(bad("_rebuild_tensor_v2 with too few arguments"));
             }
             let PVal::Storage(storage) = &items[0] else { return Err(bad("tensor without a storage")) };
-            let offset = items[1].as_int().and_then(|o| u64::try_from(o).ok()).ok_or_else(|| bad("bad storage offset"))?;
+            let offset = items[1]
+                .as_int()
+                .and_then(|o| u64::try_from(o).ok())
+                .ok_or_else(|| bad("bad storage offset"))?;
             let shape = to_usize_vec(&items[2], "tensor size")?;
             let stride = to_usize_vec(&items[3], "tensor stride")?;
             if shape.len() != stride.len() {
@@ -213,13 +218,16 @@ fn call(f: &PVal, args: PVal) -> Result<PVal, PickleError> {
 fn persistent_load(pid: PVal) -> Result<PVal, PickleError> {
     let PVal::Tuple(items, _) = pid else { return Err(bad("persistent id is not a tuple")) };
     match items.as_slice() {
-        [PVal::Str(tag), PVal::Global(Allowed::StorageType(dtype)), key, _location, numel] if tag == "storage" => {
+        [PVal::Str(tag), PVal::Global(Allowed::StorageType(dtype)), key, _location, numel]
+            if tag == "storage" =>
+        {
             let key = match key {
                 PVal::Str(s) => s.clone(),
                 PVal::Int(i) => i.to_string(),
                 _ => return Err(bad("storage key is not a string")),
             };
-            let numel = numel.as_int().and_then(|n| u64::try_from(n).ok()).ok_or_else(|| bad("bad storage size"))?;
+            let numel =
+                numel.as_int().and_then(|n| u64::try_from(n).ok()).ok_or_else(|| bad("bad storage size"))?;
             Ok(PVal::Storage(StorageRef { dtype: *dtype, key, numel }))
         }
         _ => Err(bad("persistent id is not a tensor storage")),
@@ -334,7 +342,8 @@ pub fn load(data: &[u8]) -> Result<PVal, PickleError> {
             b'c' => {
                 let module = r.line()?.to_string();
                 let name = r.line()?.to_string();
-                let g = allowed_global(&module, &name).ok_or(PickleError::Unsafe(format!("{module}.{name}")))?;
+                let g =
+                    allowed_global(&module, &name).ok_or(PickleError::Unsafe(format!("{module}.{name}")))?;
                 stack.push(PVal::Global(g));
             }
             0x93 => {
@@ -387,7 +396,8 @@ pub fn load(data: &[u8]) -> Result<PVal, PickleError> {
                 }
             }
             b'a' | b'e' => {
-                let items = if op == b'a' { vec![pop(&mut stack)?] } else { pop_mark(&mut stack, &mut marks)? };
+                let items =
+                    if op == b'a' { vec![pop(&mut stack)?] } else { pop_mark(&mut stack, &mut marks)? };
                 let d = container_depth(&items)?;
                 let Some(PVal::List(list, depth)) = stack.last_mut() else {
                     return Err(bad("APPEND on something that is not a list"));
@@ -562,12 +572,8 @@ mod tests {
     #[test]
     fn deep_nesting_and_garbage_are_errors_not_crashes() {
         let mut deep = vec![0x80, 2];
-        for _ in 0..10_000 {
-            deep.push(b'(');
-        }
-        for _ in 0..10_000 {
-            deep.push(b't');
-        }
+        deep.extend(std::iter::repeat_n(b'(', 10_000));
+        deep.extend(std::iter::repeat_n(b't', 10_000));
         deep.push(b'.');
         assert!(matches!(load(&deep), Err(PickleError::Malformed(_))));
         assert!(load(b"").is_err());

@@ -43,8 +43,8 @@ pub fn parse_header(
         }
         let t = val.as_object().ok_or_else(|| format!("`{key}`: entry is not an object"))?;
         let dtype_s = t.get("dtype").and_then(Value::as_str).ok_or_else(|| format!("`{key}`: no dtype"))?;
-        let dtype =
-            Dtype::from_safetensors_name(dtype_s).ok_or_else(|| format!("`{key}`: unknown dtype {dtype_s}"))?;
+        let dtype = Dtype::from_safetensors_name(dtype_s)
+            .ok_or_else(|| format!("`{key}`: unknown dtype {dtype_s}"))?;
         let shape: Vec<usize> = t
             .get("shape")
             .and_then(Value::as_array)
@@ -66,7 +66,10 @@ pub fn parse_header(
             .and_then(|n| n.checked_mul(dtype.size()))
             .ok_or_else(|| format!("`{key}`: shape {shape:?} overflows"))?;
         if e - s != want as u64 {
-            return Err(format!("`{key}`: data_offsets span {} bytes, shape {shape:?} {dtype} needs {want}", e - s));
+            return Err(format!(
+                "`{key}`: data_offsets span {} bytes, shape {shape:?} {dtype} needs {want}",
+                e - s
+            ));
         }
         let end = data_start.checked_add(e).ok_or_else(|| format!("`{key}`: offset overflows"))?;
         if end > file_len {
@@ -87,7 +90,9 @@ pub fn parse_header(
 
 /// Parses a whole in-memory safetensors file's header (length prefix included), as
 /// [`read_safetensors_index`] does for a file: the fuzz target's entry point.
-pub fn parse_file_bytes(bytes: &[u8]) -> std::result::Result<(Vec<RawEntry>, BTreeMap<String, String>), String> {
+pub fn parse_file_bytes(
+    bytes: &[u8],
+) -> std::result::Result<(Vec<RawEntry>, BTreeMap<String, String>), String> {
     let len_bytes: [u8; 8] = bytes.get(..8).and_then(|b| b.try_into().ok()).ok_or("shorter than 8 bytes")?;
     let n = u64::from_le_bytes(len_bytes);
     let file_len = bytes.len() as u64;
@@ -141,14 +146,18 @@ fn build_header(tensors: &[OutTensor], metadata: &BTreeMap<String, String>) -> V
         off += n;
     }
     let mut bytes = Value::Object(obj).to_string().into_bytes();
-    while bytes.len() % 8 != 0 {
+    while !bytes.len().is_multiple_of(8) {
         bytes.push(b' ');
     }
     bytes
 }
 
 /// Writes `tensors` (in the given order) atomically, streaming one tensor at a time.
-pub fn write_safetensors(path: &Path, tensors: &[OutTensor], metadata: &BTreeMap<String, String>) -> Result<()> {
+pub fn write_safetensors(
+    path: &Path,
+    tensors: &[OutTensor],
+    metadata: &BTreeMap<String, String>,
+) -> Result<()> {
     let mut seen = std::collections::HashSet::new();
     for t in tensors {
         if !seen.insert(t.key.as_str()) {
@@ -165,12 +174,7 @@ pub fn write_safetensors(path: &Path, tensors: &[OutTensor], metadata: &BTreeMap
         }
         Ok(())
     })
-}
-
-impl From<std::io::Error> for CheckpointError {
-    fn from(source: std::io::Error) -> Self {
-        CheckpointError::Io { path: "(output)".into(), source }
-    }
+    .map_err(|e| e.at(path))
 }
 
 #[cfg(test)]

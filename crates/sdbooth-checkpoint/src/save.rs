@@ -104,7 +104,12 @@ pub struct SaveReport {
 }
 
 /// Saves the model at `path` in `opts.format`. Every file is written atomically.
-pub fn save_model(path: &Path, parts: &ModelParts<'_>, config: &ModelConfig, opts: &SaveOptions<'_>) -> Result<SaveReport> {
+pub fn save_model(
+    path: &Path,
+    parts: &ModelParts<'_>,
+    config: &ModelConfig,
+    opts: &SaveOptions<'_>,
+) -> Result<SaveReport> {
     let mut report = SaveReport::default();
     if !opts.format.is_single_file() {
         let st = opts.format == SaveFormat::DiffusersSafetensors;
@@ -115,7 +120,10 @@ pub fn save_model(path: &Path, parts: &ModelParts<'_>, config: &ModelConfig, opt
     }
     let index = opts.source.and_then(|s| s.index.as_ref());
     if let Some(ix) = index {
-        let same = std::fs::canonicalize(&ix.path).ok().zip(std::fs::canonicalize(path).ok()).is_some_and(|(a, b)| a == b);
+        let same = std::fs::canonicalize(&ix.path)
+            .ok()
+            .zip(std::fs::canonicalize(path).ok())
+            .is_some_and(|(a, b)| a == b);
         if same {
             return Err(CheckpointError::Invalid(format!(
                 "{}: refusing to overwrite the model being trained from (its untrained keys are copied from it)",
@@ -204,10 +212,12 @@ pub fn modelspec_metadata(
     put("sai_model_spec", Some("1.0.1".into()));
     put("architecture", Some(arch.into()));
     put("implementation", Some("https://github.com/Stability-AI/generative-models".into()));
-    let title = args.title.clone().or_else(|| args.output_name.clone()).unwrap_or_else(|| format!("Checkpoint@{ts}"));
+    let title =
+        args.title.clone().or_else(|| args.output_name.clone()).unwrap_or_else(|| format!("Checkpoint@{ts}"));
     put("title", Some(title));
     put("date", Some(iso_date(ts as u64)));
-    let (w, h) = args.resolution.unwrap_or(if config.v2 && v_parameterization { (768, 768) } else { (512, 512) });
+    let (w, h) =
+        args.resolution.unwrap_or(if config.v2 && v_parameterization { (768, 768) } else { (512, 512) });
     put("resolution", Some(format!("{w}x{h}")));
     put("prediction_type", Some(if v_parameterization { "v" } else { "epsilon" }.into()));
     put("timestep_range", args.timesteps.map(|(a, b)| format!("{a},{b}")));
@@ -239,7 +249,8 @@ mod tests {
 
     #[test]
     fn modelspec_matches_kohya_fields() {
-        let args = ModelSpecArgs { output_name: Some("last".into()), clip_skip: Some(2), ..Default::default() };
+        let args =
+            ModelSpecArgs { output_name: Some("last".into()), clip_skip: Some(2), ..Default::default() };
         let m = modelspec_metadata(&ModelConfig::sd2_768_v(), true, &args, UNIX_EPOCH);
         assert_eq!(m["modelspec.architecture"], "stable-diffusion-v2-768-v");
         assert_eq!(m["modelspec.resolution"], "768x768");

@@ -70,7 +70,13 @@ pub fn unet_shapes(cfg: &UNetConfig) -> Shapes {
     let mut cin = c0;
     for (i, &cout) in ch.iter().enumerate() {
         for j in 0..cfg.layers_per_block {
-            resnet(&mut out, &format!("down_blocks.{i}.resnets.{j}"), if j == 0 { cin } else { cout }, cout, Some(temb));
+            resnet(
+                &mut out,
+                &format!("down_blocks.{i}.resnets.{j}"),
+                if j == 0 { cin } else { cout },
+                cout,
+                Some(temb),
+            );
             if cfg.down_blocks.get(i) == Some(&BlockKind::CrossAttn) {
                 transformer(&mut out, &format!("down_blocks.{i}.attentions.{j}"), cout, cfg);
             }
@@ -112,7 +118,11 @@ pub fn clip_shapes(cfg: &ClipConfig) -> Shapes {
     let mut out = Shapes::new();
     let h = cfg.hidden_size;
     push(&mut out, "text_model.embeddings.token_embedding.weight".into(), &[cfg.vocab_size, h]);
-    push(&mut out, "text_model.embeddings.position_embedding.weight".into(), &[cfg.max_position_embeddings, h]);
+    push(
+        &mut out,
+        "text_model.embeddings.position_embedding.weight".into(),
+        &[cfg.max_position_embeddings, h],
+    );
     for l in 0..cfg.num_hidden_layers {
         let p = format!("text_model.encoder.layers.{l}");
         for proj in ["k_proj", "v_proj", "q_proj", "out_proj"] {
@@ -149,7 +159,13 @@ pub fn vae_shapes(cfg: &VaeConfig) -> Shapes {
     let mut cin = c0;
     for (i, &cout) in ch.iter().enumerate() {
         for j in 0..cfg.layers_per_block {
-            resnet(&mut out, &format!("encoder.down_blocks.{i}.resnets.{j}"), if j == 0 { cin } else { cout }, cout, None);
+            resnet(
+                &mut out,
+                &format!("encoder.down_blocks.{i}.resnets.{j}"),
+                if j == 0 { cin } else { cout },
+                cout,
+                None,
+            );
         }
         if i + 1 < n {
             wb(&mut out, &format!("encoder.down_blocks.{i}.downsamplers.0.conv"), &[cout, cout, 3, 3], cout);
@@ -167,7 +183,13 @@ pub fn vae_shapes(cfg: &VaeConfig) -> Shapes {
     for i in 0..n {
         let cout = ch[n - 1 - i];
         for j in 0..=cfg.layers_per_block {
-            resnet(&mut out, &format!("decoder.up_blocks.{i}.resnets.{j}"), if j == 0 { prev } else { cout }, cout, None);
+            resnet(
+                &mut out,
+                &format!("decoder.up_blocks.{i}.resnets.{j}"),
+                if j == 0 { prev } else { cout },
+                cout,
+                None,
+            );
         }
         if i + 1 < n {
             wb(&mut out, &format!("decoder.up_blocks.{i}.upsamplers.0.conv"), &[cout, cout, 3, 3], cout);
@@ -187,14 +209,31 @@ mod tests {
     /// Our name lists must be the model crate's, for every architecture.
     #[test]
     fn shapes_agree_with_sdbooth_models() {
-        for cfg in [ModelConfig::sd1(), ModelConfig::sd2_768_v(), ModelConfig::tiny_sd1(), ModelConfig::tiny_sd2()] {
+        for cfg in
+            [ModelConfig::sd1(), ModelConfig::sd2_768_v(), ModelConfig::tiny_sd1(), ModelConfig::tiny_sd2()]
+        {
             let sort = |mut v: Shapes| {
                 v.sort();
                 v
             };
-            assert_eq!(sort(unet_shapes(&cfg.unet)), sort(sdbooth_models::unet::param_shapes(&cfg.unet)), "{}", cfg.name);
-            assert_eq!(sort(clip_shapes(&cfg.text)), sort(sdbooth_models::clip::param_shapes(&cfg.text)), "{}", cfg.name);
-            assert_eq!(sort(vae_shapes(&cfg.vae)), sort(sdbooth_models::vae::param_shapes(&cfg.vae)), "{}", cfg.name);
+            assert_eq!(
+                sort(unet_shapes(&cfg.unet)),
+                sort(sdbooth_models::unet::param_shapes(&cfg.unet)),
+                "{}",
+                cfg.name
+            );
+            assert_eq!(
+                sort(clip_shapes(&cfg.text)),
+                sort(sdbooth_models::clip::param_shapes(&cfg.text)),
+                "{}",
+                cfg.name
+            );
+            assert_eq!(
+                sort(vae_shapes(&cfg.vae)),
+                sort(sdbooth_models::vae::param_shapes(&cfg.vae)),
+                "{}",
+                cfg.name
+            );
         }
     }
 }

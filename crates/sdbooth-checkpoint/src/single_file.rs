@@ -55,9 +55,13 @@ pub fn load_single_file(path: &Path, opts: &LoadOptions) -> Result<LoadedModel> 
             unused.push(e.key.clone());
             continue;
         }
-        let bad = |reason: String| CheckpointError::BadTensor { path: path.into(), key: e.key.clone(), reason };
+        let bad =
+            |reason: String| CheckpointError::BadTensor { path: path.into(), key: e.key.clone(), reason };
         if e.shape != targets[0].sd_shape {
-            return Err(bad(format!("shape {:?}, this architecture needs {:?}", e.shape, targets[0].sd_shape)));
+            return Err(bad(format!(
+                "shape {:?}, this architecture needs {:?}",
+                e.shape, targets[0].sd_shape
+            )));
         }
         let t = index.read(&mut file, e)?;
         let t = match opts.dtype {
@@ -73,8 +77,12 @@ pub fn load_single_file(path: &Path, opts: &LoadOptions) -> Result<LoadedModel> 
             parts[m.part as usize].insert(m.hf.clone(), part);
         }
     }
-    let missing: Vec<String> =
-        map.entries.iter().filter(|m| !parts[m.part as usize].contains_key(&m.hf)).map(|m| m.sd.clone()).collect();
+    let missing: Vec<String> = map
+        .entries
+        .iter()
+        .filter(|m| !parts[m.part as usize].contains_key(&m.hf))
+        .map(|m| m.sd.clone())
+        .collect();
     if !missing.is_empty() {
         let mut keys: Vec<String> = missing.iter().take(10).cloned().collect();
         if missing.len() > 10 {
@@ -82,7 +90,11 @@ pub fn load_single_file(path: &Path, opts: &LoadOptions) -> Result<LoadedModel> 
         }
         return Err(CheckpointError::MissingKeys { path: path.into(), keys });
     }
-    let kind = if index.format == SingleFormat::Ckpt { SourceKind::SingleCkpt } else { SourceKind::SingleSafetensors };
+    let kind = if index.format == SingleFormat::Ckpt {
+        SourceKind::SingleCkpt
+    } else {
+        SourceKind::SingleSafetensors
+    };
     let [unet, text_encoder, vae] = parts;
     Ok(LoadedModel {
         config,
@@ -144,8 +156,11 @@ pub fn sd_tensors(
 ) -> Result<BTreeMap<String, OutTensor>> {
     let map = KeyMap::new(config);
     let mut out = BTreeMap::new();
-    let sources: [(Part, Option<&TensorMap>); 3] =
-        [(Part::Unet, Some(parts.unet)), (Part::TextEncoder, Some(parts.text_encoder)), (Part::Vae, parts.vae)];
+    let sources: [(Part, Option<&TensorMap>); 3] = [
+        (Part::Unet, Some(parts.unet)),
+        (Part::TextEncoder, Some(parts.text_encoder)),
+        (Part::Vae, parts.vae),
+    ];
     let mut fused: HashMap<String, Vec<(usize, Tensor)>> = HashMap::new();
     for (part, tensors) in sources {
         let Some(tensors) = tensors else { continue };
@@ -177,9 +192,13 @@ pub fn sd_tensors(
                     let dtype = out_dtype(t, precision)?;
                     // Reshape only where SD's shape differs (1×1 conv ↔ linear): a no-op reshape of
                     // a strided tensor would copy it.
-                    let t = if m.sd_shape == m.hf_shape { t.clone() } else { t.reshape(m.sd_shape.as_slice())? };
+                    let t =
+                        if m.sd_shape == m.hf_shape { t.clone() } else { t.reshape(m.sd_shape.as_slice())? };
                     let data = OutData::Tensor(t);
-                    out.insert(m.sd.clone(), OutTensor { key: m.sd.clone(), dtype, shape: m.sd_shape.clone(), data });
+                    out.insert(
+                        m.sd.clone(),
+                        OutTensor { key: m.sd.clone(), dtype, shape: m.sd_shape.clone(), data },
+                    );
                 }
             }
         }
@@ -196,7 +215,11 @@ pub fn sd_tensors(
 }
 
 /// Kohya's SD2 filler keys for a file written with no single-file source.
-fn add_v2_filler(out: &mut BTreeMap<String, OutTensor>, config: &ModelConfig, precision: Option<Precision>) -> Result<()> {
+fn add_v2_filler(
+    out: &mut BTreeMap<String, OutTensor>,
+    config: &ModelConfig,
+    precision: Option<Precision>,
+) -> Result<()> {
     let map = KeyMap::new(config);
     for (new, from) in v2_filler_copies(config, &map) {
         if let Some(t) = out.get(&from).cloned() {
@@ -206,18 +229,29 @@ fn add_v2_filler(out: &mut BTreeMap<String, OutTensor>, config: &ModelConfig, pr
     let h = config.text.hidden_size;
     // kohya: ones in the text encoder's dtype; logit_scale = torch.tensor(1), an int64 scalar
     // unless a save precision converts it.
-    let first = out.values().find(|t| t.key.starts_with("cond_stage_model.")).map(|t| t.dtype).unwrap_or(Dtype::F32);
+    let first =
+        out.values().find(|t| t.key.starts_with("cond_stage_model.")).map(|t| t.dtype).unwrap_or(Dtype::F32);
     let proj_dtype = precision.map(Precision::dtype).unwrap_or(first);
     let ones = Tensor::ones((h, h), DType::F32, &candle_core::Device::Cpu)?;
     out.insert(
         TEXT_PROJECTION_KEY.into(),
-        OutTensor { key: TEXT_PROJECTION_KEY.into(), dtype: proj_dtype, shape: vec![h, h], data: OutData::Tensor(ones) },
+        OutTensor {
+            key: TEXT_PROJECTION_KEY.into(),
+            dtype: proj_dtype,
+            shape: vec![h, h],
+            data: OutData::Tensor(ones),
+        },
     );
     let scale_dtype = precision.map(Precision::dtype).unwrap_or(Dtype::I64);
     let one = Tensor::new(1i64, &candle_core::Device::Cpu)?;
     out.insert(
         LOGIT_SCALE_KEY.into(),
-        OutTensor { key: LOGIT_SCALE_KEY.into(), dtype: scale_dtype, shape: vec![], data: OutData::Tensor(one) },
+        OutTensor {
+            key: LOGIT_SCALE_KEY.into(),
+            dtype: scale_dtype,
+            shape: vec![],
+            data: OutData::Tensor(one),
+        },
     );
     Ok(())
 }
@@ -234,7 +268,9 @@ pub fn plan_single_file(
     let mut ours = sd_tensors(parts, config, precision)?;
     let Some(src) = source else {
         if parts.vae.is_none() {
-            return Err(CheckpointError::Invalid("a VAE is needed to save a single file without a source file".into()));
+            return Err(CheckpointError::Invalid(
+                "a VAE is needed to save a single file without a source file".into(),
+            ));
         }
         if config.v2 {
             add_v2_filler(&mut ours, config, precision)?;
@@ -248,7 +284,10 @@ pub fn plan_single_file(
                 if t.shape != e.shape {
                     return Err(CheckpointError::Mismatch {
                         path: src.path.clone(),
-                        reason: format!("`{}` is {:?} in the source but {:?} in the model", e.key, e.shape, t.shape),
+                        reason: format!(
+                            "`{}` is {:?} in the source but {:?} in the model",
+                            e.key, e.shape, t.shape
+                        ),
                     });
                 }
                 out.push(t);

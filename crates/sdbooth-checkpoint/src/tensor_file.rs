@@ -59,7 +59,8 @@ impl TensorIndex {
         if ext.as_deref() == Some("ckpt") || ext.as_deref() == Some("pt") || ext.as_deref() == Some("pth") {
             return Err(CheckpointError::BadCkpt {
                 path: path.into(),
-                reason: "not a zip archive (legacy pre-1.6 torch.save format or not a checkpoint at all)".into(),
+                reason: "not a zip archive (legacy pre-1.6 torch.save format or not a checkpoint at all)"
+                    .into(),
             });
         }
         crate::safetensors_io::read_safetensors_index(path)

@@ -17,10 +17,11 @@ pub fn load_vae(path: &Path, config: &ModelConfig, dtype: Option<DType>) -> Resu
     let opts = LoadOptions { dtype, ..Default::default() };
     if path.is_dir() {
         let dir = if path.join("vae").is_dir() { path.join("vae") } else { path.to_path_buf() };
-        let w = crate::diffusers::find_weights(&dir, Part::Vae).ok_or_else(|| CheckpointError::NotAModel {
-            path: dir.clone(),
-            reason: "no VAE weights (diffusion_pytorch_model.safetensors/.bin)".into(),
-        })?;
+        let w =
+            crate::diffusers::find_weights(&dir, Part::Vae).ok_or_else(|| CheckpointError::NotAModel {
+                path: dir.clone(),
+                reason: "no VAE weights (diffusion_pytorch_model.safetensors/.bin)".into(),
+            })?;
         return crate::diffusers::load_part(&w, Part::Vae, &map, &opts, &mut Vec::new());
     }
     let index = crate::single_file::open_index(path)?;
@@ -48,8 +49,13 @@ pub fn load_vae(path: &Path, config: &ModelConfig, dtype: Option<DType>) -> Resu
         };
         out.insert(m.hf.clone(), t);
     }
-    let missing: Vec<String> =
-        map.entries.iter().filter(|m| m.part == Part::Vae && !out.contains_key(&m.hf)).map(|m| m.sd.clone()).take(10).collect();
+    let missing: Vec<String> = map
+        .entries
+        .iter()
+        .filter(|m| m.part == Part::Vae && !out.contains_key(&m.hf))
+        .map(|m| m.sd.clone())
+        .take(10)
+        .collect();
     if !missing.is_empty() {
         return Err(CheckpointError::MissingKeys { path: path.into(), keys: missing });
     }

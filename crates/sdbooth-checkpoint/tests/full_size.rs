@@ -11,7 +11,11 @@ use std::fs::File;
 use std::io::{Read, Seek, SeekFrom};
 use std::path::Path;
 
-use sdbooth_checkpoint::{load_model, save_model, LoadOptions, SaveFormat, SaveOptions, TensorIndex};
+use std::time::UNIX_EPOCH;
+
+use sdbooth_checkpoint::{
+    load_model, modelspec_metadata, save_model, LoadOptions, SaveFormat, SaveOptions, TensorIndex,
+};
 
 /// Every key of `a` is in `b` with the same dtype, shape and bytes; compared one tensor at a time.
 fn assert_files_agree(a: &Path, b: &Path, allow_extra_in_b: bool) {
@@ -29,7 +33,11 @@ fn assert_files_agree(a: &Path, b: &Path, allow_extra_in_b: bool) {
     for ea in &ia.entries {
         let eb = ib.get(&ea.key).unwrap_or_else(|| panic!("{} lacks {}", b.display(), ea.key));
         assert_eq!((ea.dtype, &ea.shape), (eb.dtype, &eb.shape), "{}", ea.key);
-        assert!(read(&mut fa, ea.offset, ea.nbytes) == read(&mut fb, eb.offset, eb.nbytes), "{} differs", ea.key);
+        assert!(
+            read(&mut fa, ea.offset, ea.nbytes) == read(&mut fb, eb.offset, eb.nbytes),
+            "{} differs",
+            ea.key
+        );
     }
 }
 
@@ -38,16 +46,22 @@ fn assert_files_agree(a: &Path, b: &Path, allow_extra_in_b: bool) {
 fn full_size_round_trips() {
     let root = std::env::var_os("SDBOOTH_FULL_DIR").map(Into::into).unwrap_or_else(std::env::temp_dir);
     let dir = tempfile::tempdir_in(root).unwrap();
-    for name in ["sd15-random", "sd21-random"] {
+    let names: Vec<String> = std::env::var("SDBOOTH_FULL_MODELS")
+        .map(|s| s.split(',').map(String::from).collect())
+        .unwrap_or_else(|_| vec!["sd15-random".into(), "sd21-random".into()]);
+    for name in names.iter().map(String::as_str) {
         let p = |s: &str| dir.path().join(format!("{name}{s}"));
         {
             let m = load_model(&format!("builtin:{name}"), &LoadOptions::default()).unwrap();
             let mut o = SaveOptions::new(SaveFormat::Safetensors);
             o.v_parameterization = m.v_parameterization;
+            // modelspec.prediction_type is what tells a 768-v single file from a 512-ε one.
+            o.metadata = modelspec_metadata(&m.config, m.v_parameterization, &Default::default(), UNIX_EPOCH);
             save_model(&p(".safetensors"), &m.parts(), &m.config, &o).unwrap();
         }
         // single file → internal → single file / ckpt / Diffusers → single file.
         let m = load_model(p(".safetensors").to_str().unwrap(), &LoadOptions::default()).unwrap();
+        assert_eq!(m.v_parameterization, name == "sd21-random", "prediction type lost");
         for (fmt, out) in [(SaveFormat::Safetensors, "-2.safetensors"), (SaveFormat::Ckpt, ".ckpt")] {
             let mut o = SaveOptions::new(fmt);
             o.source = Some(&m.source);

@@ -36,11 +36,13 @@ fn malicious_ckpt_is_refused_and_nothing_runs() {
     assert!(!marker.exists(), "the pickle's command ran");
     // Hidden inside a state dict, after legitimate-looking data: still refused.
     let mut p = b"\x80\x02}q\x00(X\x0a\x00\x00\x00state_dictq\x01".to_vec();
-    p.extend_from_slice(format!("cbuiltins\nexec\n(X\x05\x00\x00\x00printtR").as_bytes());
+    p.extend_from_slice(b"cbuiltins\nexec\n(X\x05\x00\x00\x00printtR");
     p.extend_from_slice(b"u.");
     let evil2 = dir.path().join("evil2.ckpt");
     zip_with(&evil2, &[("archive/data.pkl", &p)]);
-    assert!(matches!(load_err(&evil2), CheckpointError::UnsafePickle { ref global, .. } if global == "builtins.exec"));
+    assert!(
+        matches!(load_err(&evil2), CheckpointError::UnsafePickle { ref global, .. } if global == "builtins.exec")
+    );
 }
 
 #[test]
@@ -62,7 +64,10 @@ fn lying_header_is_a_clear_error() {
     let cases: [(&str, &str); 4] = [
         (r#"{"a":{"dtype":"F32","shape":[1000000],"data_offsets":[0,4000000]}}"#, "truncated"),
         (r#"{"a":{"dtype":"F32","shape":[2],"data_offsets":[0,4]}}"#, "needs 8"),
-        (r#"{"a":{"dtype":"F32","shape":[1],"data_offsets":[0,4]},"b":{"dtype":"F32","shape":[1],"data_offsets":[2,6]}}"#, "overlap"),
+        (
+            r#"{"a":{"dtype":"F32","shape":[1],"data_offsets":[0,4]},"b":{"dtype":"F32","shape":[1],"data_offsets":[2,6]}}"#,
+            "overlap",
+        ),
         (r#"{"a":{"dtype":"Q7","shape":[1],"data_offsets":[0,4]}}"#, "unknown dtype"),
     ];
     for (json, want) in cases {
@@ -110,7 +115,10 @@ fn non_model_files_are_clear_errors() {
     std::fs::create_dir_all(d.join("unet")).unwrap();
     assert!(matches!(load_err(&d), CheckpointError::NotAModel { .. }));
     assert!(matches!(load_err(&dir.path().join("nope")), CheckpointError::NotFound { .. }));
-    assert!(load_model("builtin:nope", &LoadOptions::default()).unwrap_err().to_string().contains("builtin:tiny-sd1"));
+    assert!(load_model("builtin:nope", &LoadOptions::default())
+        .unwrap_err()
+        .to_string()
+        .contains("builtin:tiny-sd1"));
 }
 
 /// Torch-written ckpt whose data.pkl is cut short: malformed, not a panic.

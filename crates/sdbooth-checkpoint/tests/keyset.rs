@@ -22,7 +22,8 @@ fn no_source_key_set_matches_kohya() {
     for (name, builtin) in [("sd15", "builtin:sd15-random"), ("sd21", "builtin:sd21-random")] {
         let cfg = sdbooth_models::builtin(builtin).unwrap().config;
         let map = KeyMap::new(&cfg);
-        let (u, t, v) = (lazy_parts(&map, Part::Unet), lazy_parts(&map, Part::TextEncoder), lazy_parts(&map, Part::Vae));
+        let (u, t, v) =
+            (lazy_parts(&map, Part::Unet), lazy_parts(&map, Part::TextEncoder), lazy_parts(&map, Part::Vae));
         let parts = ModelParts { unet: &u, text_encoder: &t, vae: Some(&v) };
         let plan = plan_single_file(&parts, &cfg, None, None).unwrap();
         let ours: BTreeMap<String, (Vec<usize>, String)> =
@@ -32,13 +33,17 @@ fn no_source_key_set_matches_kohya() {
             .unwrap()
             .iter()
             .map(|(k, v)| {
-                let shape = v["shape"].as_array().unwrap().iter().map(|d| d.as_u64().unwrap() as usize).collect();
+                let shape =
+                    v["shape"].as_array().unwrap().iter().map(|d| d.as_u64().unwrap() as usize).collect();
                 (k.clone(), (shape, v["dtype"].as_str().unwrap().to_string()))
             })
             .collect();
         let only_ours: Vec<&String> = ours.keys().filter(|k| !theirs.contains_key(*k)).collect();
         let only_theirs: Vec<&String> = theirs.keys().filter(|k| !ours.contains_key(*k)).collect();
-        assert!(only_ours.is_empty() && only_theirs.is_empty(), "{name}: ours only {only_ours:?}, kohya only {only_theirs:?}");
+        assert!(
+            only_ours.is_empty() && only_theirs.is_empty(),
+            "{name}: ours only {only_ours:?}, kohya only {only_theirs:?}"
+        );
         for (k, v) in &theirs {
             assert_eq!(&ours[k], v, "{name}: {k}");
         }

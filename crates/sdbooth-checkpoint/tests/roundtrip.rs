@@ -42,7 +42,11 @@ fn diffusers_to_single_file_matches_kohya() {
         let filler = |k: &str| {
             k.contains("resblocks.2.") || k.ends_with("text_projection") || k.ends_with("logit_scale")
         };
-        assert_eq!(ours.keys().collect::<Vec<_>>(), kohya.keys().collect::<Vec<_>>(), "{name}: key sets differ");
+        assert_eq!(
+            ours.keys().collect::<Vec<_>>(),
+            kohya.keys().collect::<Vec<_>>(),
+            "{name}: key sets differ"
+        );
         for (k, v) in &kohya {
             assert!(ours[k] == *v, "{name}: {k} differs from kohya's");
         }
@@ -69,7 +73,9 @@ fn kohya_single_file_loads_like_diffusers() {
         let unused = &a.source.unused_keys;
         let expect = if name == "sd1" { 0 } else { 14 };
         assert_eq!(unused.len(), expect, "{unused:?}");
-        assert!(unused.iter().all(|k| k.contains("resblocks.2.") || k.ends_with("text_projection") || k.ends_with("logit_scale")));
+        assert!(unused.iter().all(|k| k.contains("resblocks.2.")
+            || k.ends_with("text_projection")
+            || k.ends_with("logit_scale")));
     }
 }
 
@@ -155,10 +161,12 @@ fn save_precision_converts_every_trained_tensor() {
 #[test]
 fn v2_flag_mismatch_is_explained() {
     let p = fixtures().join("kohya-sd2.safetensors");
-    let e = load_model(p.to_str().unwrap(), &LoadOptions { v2: Some(false), ..Default::default() }).unwrap_err();
+    let e =
+        load_model(p.to_str().unwrap(), &LoadOptions { v2: Some(false), ..Default::default() }).unwrap_err();
     assert!(e.to_string().contains("add --v2"), "{e}");
     let p = fixtures().join("kohya-sd1.safetensors");
-    let e = load_model(p.to_str().unwrap(), &LoadOptions { v2: Some(true), ..Default::default() }).unwrap_err();
+    let e =
+        load_model(p.to_str().unwrap(), &LoadOptions { v2: Some(true), ..Default::default() }).unwrap_err();
     assert!(e.to_string().contains("remove --v2"), "{e}");
 }
 
@@ -185,8 +193,14 @@ fn separate_vae_replaces_the_models() {
         .collect();
     sdbooth_checkpoint::safetensors_io::write_safetensors(&vae_only, &tensors, &Default::default()).unwrap();
     let opts = LoadOptions { vae: Some(vae_only), ..Default::default() };
-    let m = load_model("builtin:tiny-sd1", &LoadOptions::default()).unwrap();
-    assert!(m.config.vae == base.config.vae || true);
-    let with_vae = load_model(fixtures().join("tiny-sd1-diffusers").to_str().unwrap(), &opts).unwrap();
+    // The SD2 fixture has the same VAE architecture but other (fp16) weights.
+    let sd2 = fixtures().join("tiny-sd2-diffusers");
+    let own = load(&sd2);
+    let with_vae = load_model(sd2.to_str().unwrap(), &opts).unwrap();
     assert_same(&with_vae.vae, &base.vae, "--vae");
+    assert_same(&with_vae.unet, &own.unet, "unet untouched");
+    assert!(
+        common::bytes(&own.vae["decoder.conv_out.weight"])
+            != common::bytes(&base.vae["decoder.conv_out.weight"])
+    );
 }

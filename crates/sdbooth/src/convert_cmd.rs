@@ -6,8 +6,8 @@ use std::time::SystemTime;
 
 use anyhow::{bail, Context};
 use sdbooth_checkpoint::{
-    load_model, modelspec_metadata, save_model, LoadOptions, ModelSpecArgs, Precision, SaveFormat, SaveOptions,
-    SourceKind,
+    load_model, modelspec_metadata, save_model, LoadOptions, ModelSpecArgs, Precision, SaveFormat,
+    SaveOptions, SourceKind,
 };
 
 #[derive(clap::Args)]
@@ -49,12 +49,16 @@ pub struct ConvertArgs {
 
 pub fn run(args: ConvertArgs) -> anyhow::Result<()> {
     let format = match &args.save_model_as {
-        Some(s) => SaveFormat::parse(s)
-            .with_context(|| format!("--save_model_as {s}: expected ckpt, safetensors, diffusers or diffusers_safetensors"))?,
+        Some(s) => SaveFormat::parse(s).with_context(|| {
+            format!("--save_model_as {s}: expected ckpt, safetensors, diffusers or diffusers_safetensors")
+        })?,
         None => SaveFormat::from_path(&args.output),
     };
     let precision = match &args.save_precision {
-        Some(s) => Some(Precision::parse(s).with_context(|| format!("--save_precision {s}: expected fp16, bf16 or float"))?),
+        Some(s) => Some(
+            Precision::parse(s)
+                .with_context(|| format!("--save_precision {s}: expected fp16, bf16 or float"))?,
+        ),
         None => None,
     };
     if format.is_single_file() && args.output.is_dir() {
@@ -71,7 +75,8 @@ pub fn run(args: ConvertArgs) -> anyhow::Result<()> {
         eprintln!("note: {n}");
     }
     // A single-file source's metadata travels with it; otherwise write modelspec as kohya does.
-    let metadata = if model.source.kind == SourceKind::SingleSafetensors && !model.source.metadata.is_empty() {
+    let metadata = if model.source.kind == SourceKind::SingleSafetensors && !model.source.metadata.is_empty()
+    {
         model.source.metadata.clone()
     } else {
         let stem = args.output.file_stem().map(|s| s.to_string_lossy().into_owned());
