@@ -2,8 +2,8 @@
 //! U-Net and text encoder trained together, saving and exact resume.
 
 mod saving;
-mod setup;
-mod step;
+pub mod setup;
+pub mod step;
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -389,6 +389,7 @@ impl Trainer<'_> {
                     let mut sink = |part: &str, name: &str, g: &Tensor| buffer.add(part, name, g);
                     micro_step(&self.model, inputs, &settings, &mut self.noise_rng, &mut sink)?
                 };
+                let loss = loss.loss;
                 if !loss.is_finite() {
                     return Err(TrainError::Config(format!(
                         "the loss became {loss} at step {}; stopped without saving (the last saved model and state \
@@ -400,7 +401,17 @@ impl Trainer<'_> {
                 loss_sum += loss / ga as f64;
             }
             if !fused {
-                self.apply_update(&buffer, lr_unet, lr_te)?;
+                let max_norm = self.args.optimizer.max_grad_norm;
+                let lrs = (lr_unet, lr_te);
+                apply_update(
+                    &mut self.optimizer,
+                    &self.model,
+                    &buffer,
+                    lrs,
+                    max_norm,
+                    self.loss_scale.as_mut(),
+                    self.global_step,
+                )?;
             }
             self.global_step += 1;
             last_loss = loss_sum;
@@ -457,49 +468,6 @@ impl Trainer<'_> {
         self.lr_schedule.lr(g.lr, self.global_step)
     }
 
-    /// The non-fused update: unscale (fp16), clip the global norm, step every parameter.
-    fn apply_update(&mut self, buffer: &GradBuffer, lr_unet: f64, lr_te: f64) -> Result<()> {
-        let mut unscale = 1.0f64;
-        if let Some(ls) = self.loss_scale.as_mut() {
-            let finite = buffer.all_finite()?;
-            ls.update(finite);
-            if !finite {
-                eprintln!(
-                    "fp16 gradients overflowed at step {}: step skipped, loss scale {}",
-                    self.global_step + 1,
-                    ls.scale
-                );
-                return Ok(());
-            }
-            unscale = 1.0 / ls.scale;
-        }
-        // Deterministic order: sort by (part, name).
-        let mut keys: Vec<&(String, String)> = buffer.grads.keys().collect();
-        keys.sort();
-        let max_norm = self.args.optimizer.max_grad_norm;
-        let mut coef = unscale as f32;
-        if max_norm > 0.0 {
-            let mut total = 0.0f64;
-            for k in &keys {
-                let g = &buffer.grads[*k];
-                total += g.sqr()?.sum_all()?.to_dtype(DType::F64)?.to_scalar::<f64>()?;
-            }
-            let norm = total.sqrt() * unscale;
-            coef *= clip_coef(norm, max_norm);
-        }
-        for k in keys {
-            let (part, name) = k;
-            let (store, lr) = if part == "unet" {
-                (&self.model.unet_params, lr_unet)
-            } else {
-                (&self.model.text_params, lr_te)
-            };
-            let var = store.var(name).map_err(setup::model_err)?;
-            self.optimizer.step_param_scaled(name, var, &buffer.grads[k], lr, coef)?;
-        }
-        Ok(())
-    }
-
     fn end_epoch(&mut self, epoch: u64, tb: Option<&mut crate::logs::TensorBoardWriter>) -> Result<()> {
         if let Some(tb) = tb {
             tb.add_scalar(TAG_LOSS_EPOCH, self.recorder.moving_average() as f32, epoch as i64)?;
@@ -510,6 +478,52 @@ impl Trainer<'_> {
     fn save_on_step(&mut self, epoch: u64) -> Result<()> {
         saving::save_on_step(self, epoch)
     }
+}
+
+/// The non-fused update: unscale (fp16; an overflow skips the step), clip the global gradient
+/// norm over everything trained (as accelerate's clip_grad_norm_), step every parameter.
+fn apply_update(
+    optimizer: &mut Optimizer,
+    model: &Model,
+    buffer: &GradBuffer,
+    (lr_unet, lr_te): (f64, f64),
+    max_norm: f64,
+    loss_scale: Option<&mut LossScale>,
+    global_step: u64,
+) -> Result<()> {
+    let mut unscale = 1.0f64;
+    if let Some(ls) = loss_scale {
+        let finite = buffer.all_finite()?;
+        ls.update(finite);
+        if !finite {
+            eprintln!(
+                "fp16 gradients overflowed at step {}: step skipped, loss scale now {}",
+                global_step + 1,
+                ls.scale
+            );
+            return Ok(());
+        }
+        unscale = 1.0 / ls.scale;
+    }
+    // A fixed order keeps the norm's summation, and so the run, deterministic.
+    let mut keys: Vec<&(String, String)> = buffer.grads.keys().collect();
+    keys.sort();
+    let mut coef = unscale as f32;
+    if max_norm > 0.0 {
+        let mut total = 0.0f64;
+        for k in &keys {
+            total += buffer.grads[*k].sqr()?.sum_all()?.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+        }
+        coef *= clip_coef(total.sqrt() * unscale, max_norm);
+    }
+    for k in keys {
+        let (part, name) = k;
+        let (store, lr) =
+            if part == "unet" { (&model.unet_params, lr_unet) } else { (&model.text_params, lr_te) };
+        let var = store.var(name).map_err(setup::model_err)?;
+        optimizer.step_param_scaled(name, var, &buffer.grads[k], lr, coef)?;
+    }
+    Ok(())
 }
 
 fn progress_bar(len: u64, what: &str) -> ProgressBar {

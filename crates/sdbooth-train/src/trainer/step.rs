@@ -13,7 +13,7 @@ use sdbooth_models::{ClipTrainOptions, TrainOptions};
 use super::setup::{model_err, Model};
 use crate::error::{Result, TrainError};
 use crate::loss::{training_loss, LossArgs};
-use crate::noise::{noise_noisy_latents_and_timesteps, Draws, NoiseArgs};
+use crate::noise::{noise_noisy_latents_and_timesteps, Draws, NoiseArgs, NoisedBatch};
 
 /// What a micro-step needs besides the model.
 pub struct StepInputs<'a> {
@@ -71,15 +71,40 @@ pub fn token_ids(
     }
 }
 
+/// The loss of a micro-batch and where its time went.
+#[derive(Debug, Clone, Copy)]
+pub struct StepOutcome {
+    pub loss: f64,
+    /// Text encoder and U-Net forward (with checkpointing: the forward that keeps block inputs).
+    pub forward_seconds: f64,
+    /// Loss gradient, U-Net and text encoder backward (recompute included), gradient hooks.
+    pub backward_seconds: f64,
+}
+
 /// Runs one micro-batch and hands every parameter gradient (`"unet"`/`"text_encoder"`, name,
-/// gradient) to `sink`. Returns the (unscaled) loss.
+/// gradient) to `sink`: draws noise and timesteps from `noise_rng` (kohya's order), then
+/// [`loss_and_grads`].
 pub fn micro_step(
     model: &Model,
     inputs: StepInputs<'_>,
     s: &StepSettings<'_>,
     noise_rng: &mut ChaCha8Rng,
     sink: &mut dyn FnMut(&str, &str, &Tensor) -> Result<()>,
-) -> Result<f64> {
+) -> Result<StepOutcome> {
+    let noised = noise_noisy_latents_and_timesteps(s.noise, &inputs.latents, s.alphas_cumprod, noise_rng)?;
+    loss_and_grads(model, inputs, &noised, s, sink)
+}
+
+/// The deterministic part of a step, given the noise and timesteps: text encoding, U-Net
+/// forward, loss, backward through both models. Step-parity tests call this directly.
+pub fn loss_and_grads(
+    model: &Model,
+    inputs: StepInputs<'_>,
+    noised: &NoisedBatch,
+    s: &StepSettings<'_>,
+    sink: &mut dyn FnMut(&str, &str, &Tensor) -> Result<()>,
+) -> Result<StepOutcome> {
+    let started = std::time::Instant::now();
     let device = inputs.latents.device().clone();
     let ids = token_ids(&model.tokenizer, inputs.captions, s.max_token_length, s.no_token_padding, &device)?;
     // Text embeddings: a training tape when the text encoder learns, a detached encode otherwise
@@ -103,7 +128,6 @@ pub fn micro_step(
             .map_err(model_err)?,
     };
 
-    let noised = noise_noisy_latents_and_timesteps(s.noise, &inputs.latents, s.alphas_cumprod, noise_rng)?;
     let ts: Vec<usize> = noised.timesteps.iter().map(|&t| t as usize).collect();
     let target = if s.loss.v_parameterization {
         s.schedule.velocity(&inputs.latents, &noised.noise, &ts).map_err(model_err)?
@@ -149,18 +173,13 @@ pub fn micro_step(
         ctx_grad: te_tape.is_some(),
         latents_grad: false,
     };
-    let (_, unet_grads) = model
+    let tape = model
         .unet
-        .forward_backward(
-            &model.unet_params,
-            &noised.noisy_latents,
-            &t_tensor,
-            &ctx,
-            opts,
-            grad_fn,
-            &mut unet_hook,
-        )
+        .forward_train(&model.unet_params, &noised.noisy_latents, &t_tensor, &ctx, opts)
         .map_err(model_err)?;
+    let forward_seconds = started.elapsed().as_secs_f64();
+    let grad = grad_fn(tape.output()).map_err(model_err)?;
+    let unet_grads = tape.backward(&grad, &mut unet_hook).map_err(model_err)?;
     if let Some(e) = sink_error.take() {
         return Err(e);
     }
@@ -178,7 +197,11 @@ pub fn micro_step(
             return Err(e);
         }
     }
-    Ok(loss_value.get())
+    Ok(StepOutcome {
+        loss: loss_value.get(),
+        forward_seconds,
+        backward_seconds: started.elapsed().as_secs_f64() - forward_seconds,
+    })
 }
 
 /// Sums gradients over micro-batches, keyed by (part, name).
