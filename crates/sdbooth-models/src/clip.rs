@@ -399,11 +399,7 @@ impl ClipTape<'_> {
             g = self.step(&out, &g, Some(&input), &groups, hook)?;
         }
 
-        let emb = model.embeddings(&w, &self.ids.flat)?;
-        let names = [TOKEN_EMBEDDING.to_string(), POSITION_EMBEDDING.to_string()];
-        let store = seeded_backward(&emb, &g)?;
-        let grads = collect(self.params, &store, names.iter().map(String::as_str))?;
-        drop(store);
+        let grads = embedding_grads(self.params, &self.ids.flat, &g)?;
         hook(&grads)?;
         Ok(())
     }
@@ -430,6 +426,29 @@ impl ClipTape<'_> {
         hook(&grads)?;
         Ok(gin)
     }
+}
+
+/// Gradients of the token and position tables from dLoss/d embeddings `g` `[N, T, D]`, written
+/// directly rather than through autograd: candle's `index_select` backward builds the dense
+/// vocab x D table gradient (152 MB for CLIP-L) several times over (zeros, index_add, and the
+/// leaf's zero accumulator plus a sum); here it is one zeroed table and one `index_add`.
+/// The gradients come back in each table's dtype.
+fn embedding_grads(
+    params: &ParamStore,
+    ids: &Tensor,
+    g: &Tensor,
+) -> Result<Vec<(String, Tensor)>, ModelError> {
+    let (n, t, d) = g.dims3()?;
+    let tok = params.get(TOKEN_EMBEDDING)?;
+    let pos = params.get(POSITION_EMBEDDING)?;
+    let g_tok = g.to_dtype(tok.dtype())?.reshape((n * t, d))?;
+    let tok_grad = tok.zeros_like()?.index_add(&ids.flatten_all()?, &g_tok, 0)?;
+    // Every sample uses positions 0..T; rows T.. of the table get nothing.
+    let pos_grad = g.to_dtype(pos.dtype())?.sum(0)?.pad_with_zeros(0, 0, pos.dim(0)? - t)?;
+    Ok(vec![
+        (TOKEN_EMBEDDING.to_string(), tok_grad.detach()),
+        (POSITION_EMBEDDING.to_string(), pos_grad.detach()),
+    ])
 }
 
 /// `backward()` seeds with ones, so the upstream gradient enters as `(out * g).sum_all()`.
