@@ -136,3 +136,11 @@ fn throughput() -> Result<(), TokenizerError> {
     );
     Ok(())
 }
+
+#[test]
+fn decode_and_clean_show_what_clip_sees() {
+    let tok = sd1();
+    let ids = tok.encode("A “Photo”  of ＳＫＳ dog&amp;cat");
+    assert_eq!(tok.clean("A “Photo”  of ＳＫＳ dog&amp;cat"), "a \"photo\" of sks dog&cat");
+    assert_eq!(tok.decode(&ids), "a \" photo \" of sks dog & cat");
+}

@@ -128,6 +128,26 @@ impl BpeModel {
         self.tokens.get(id as usize).map(String::as_str)
     }
 
+    /// `CLIPTokenizer.decode` without special tokens: token strings joined, mapped back to bytes,
+    /// UTF-8 decoded (invalid bytes become U+FFFD), each `</w>` a space, stripped.
+    pub(crate) fn decode(&self, ids: &[u32]) -> String {
+        let mut char_to_byte: HashMap<char, u8> = HashMap::with_capacity(256);
+        for (b, &id) in self.byte_ids.iter().enumerate() {
+            if let Some(c) = self.tokens[id as usize].chars().next() {
+                char_to_byte.insert(c, b as u8);
+            }
+        }
+        let mut bytes = Vec::new();
+        for &id in ids {
+            if id == BOS_ID || id == EOS_ID {
+                continue;
+            }
+            let Some(tok) = self.token(id) else { continue };
+            bytes.extend(tok.chars().filter_map(|c| char_to_byte.get(&c)));
+        }
+        String::from_utf8_lossy(&bytes).replace("</w>", " ").trim().to_string()
+    }
+
     pub(crate) fn pretokens<'a>(&'a self, text: &'a str) -> impl Iterator<Item = &'a str> + 'a {
         self.pretokenizer.find_iter(text).map(|m| m.as_str())
     }

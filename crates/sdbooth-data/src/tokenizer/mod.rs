@@ -127,6 +127,17 @@ impl ClipTokenizer {
         self.shared.bpe.token(id)
     }
 
+    /// Text back from ids (BOS/EOS skipped), for logs and `--debug_dataset`: lower case and
+    /// cleaned, words separated by single spaces, as transformers' `decode`.
+    pub fn decode(&self, ids: &[u32]) -> String {
+        self.shared.bpe.decode(ids)
+    }
+
+    /// The text CLIP actually sees: ftfy's fixes, whitespace collapsed, lower case.
+    pub fn clean(&self, text: &str) -> String {
+        self.shared.cleaner.clean(text)
+    }
+
     /// `tokenizer(text).input_ids[1:-1]`: the ids of a text, no BOS/EOS, no truncation.
     pub fn encode(&self, text: &str) -> Vec<u32> {
         let mut out = Vec::new();
