@@ -21,7 +21,7 @@ pub mod types;
 use clap::{Args, FromArgMatches};
 use serde::{Deserialize, Serialize};
 
-pub use config::{resolve_config_file, ConfigOutcome};
+pub use config::{config_path, resolve_config_file, ConfigOutcome};
 pub use dataset::DatasetArgs;
 pub use model::ModelArgs;
 pub use optim::{MemoryArgs, OptimizerArgs};

@@ -25,6 +25,12 @@ pub fn run(cmd: TrainCommand, matches: &ArgMatches) -> anyhow::Result<()> {
         ConfigOutcome::Run(args) => *args,
     };
     init_logging(&args)?;
+    if let Some(cfg) = &args.run.config_file {
+        tracing::info!(
+            "flags read from {} (command-line flags win)",
+            sdbooth_train::args::config_path(cfg).display()
+        );
+    }
     for w in args.ignored_flag_warnings()? {
         tracing::warn!("{w}");
     }

@@ -95,3 +95,40 @@ fn bad_files_abort_or_are_skipped() {
     let out = sdbooth(dir.path(), &args);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
 }
+
+/// The README's main command, from examples/toy, as written there.
+#[test]
+fn readme_main_command_on_examples_toy() {
+    let toy = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/toy");
+    let readme = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("../../README.md"))
+        .unwrap_or_default();
+    let line = readme.lines().find(|l| l.starts_with("cd examples/toy && cargo run")).unwrap_or_default();
+    let args: Vec<&str> = match line.split_once(" -- ") {
+        Some((_, rest)) => rest.split_whitespace().collect(),
+        None => panic!("README's first command is not `cd examples/toy && cargo run … -- <args>`"),
+    };
+    assert_eq!(args.first(), Some(&"train"));
+    let out = sdbooth(&toy, &args);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    assert!(stdout.contains("[Subset 1 of Dataset 0]"), "{stdout}");
+    assert!(stdout.contains("reg balancing"), "{stdout}");
+    assert!(stdout.contains("per bucket"), "{stdout}");
+    assert!(!toy.join("out").exists(), "the dry run must not write the output folder");
+}
+
+#[test]
+fn debug_dataset_prints_each_image() {
+    let dir = match tempfile::tempdir() {
+        Ok(d) => d,
+        Err(e) => panic!("{e}"),
+    };
+    legacy_layout(dir.path());
+    let mut args: Vec<&str> = BASE.iter().copied().filter(|a| *a != "--dry_run").collect();
+    args.push("--debug_dataset");
+    let out = sdbooth(dir.path(), &args);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(stdout.contains("a.png: 64x64 -> bucket"), "{stdout}");
+    assert!(stdout.contains("e.png: 64x64 -> bucket") && stdout.contains(", reg, caption: dog"), "{stdout}");
+}
