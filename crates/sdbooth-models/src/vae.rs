@@ -133,6 +133,15 @@ impl Weights<'_> {
             _ => Ok(x.clone()),
         }
     }
+    /// The network input in the compute dtype: the given one, else that of the weights (a VAE
+    /// loaded in f16 takes f32 images without the caller casting them).
+    fn input(&self, x: &Tensor, first_weight: &str) -> Result<Tensor, ModelError> {
+        let dt = match self.dtype {
+            Some(dt) => dt,
+            None => self.params.get(first_weight)?.dtype(),
+        };
+        Ok(if x.dtype() == dt { x.clone() } else { x.to_dtype(dt)? })
+    }
 }
 
 /// The VAE for one configuration; the weights live in a [`ParamStore`].
@@ -233,7 +242,7 @@ impl Vae {
     fn run_encoder(&self, w: &Weights, images: &Tensor) -> Result<LatentDist, ModelError> {
         self.check(images, self.cfg.in_channels, self.downscale_factor(), "images")?;
         let boc = &self.cfg.block_out_channels;
-        let mut x = self.conv(w, "encoder.conv_in", &w.cast(images)?, 1, 1)?;
+        let mut x = self.conv(w, "encoder.conv_in", &w.input(images, "encoder.conv_in.weight")?, 1, 1)?;
         for i in 0..boc.len() {
             for j in 0..self.cfg.layers_per_block {
                 x = self.resnet(w, &format!("encoder.down_blocks.{i}.resnets.{j}"), &x)?;
@@ -259,7 +268,7 @@ impl Vae {
     fn run_decoder(&self, w: &Weights, latents: &Tensor) -> Result<Tensor, ModelError> {
         self.check(latents, self.cfg.latent_channels, 1, "latents")?;
         let boc = &self.cfg.block_out_channels;
-        let z = self.conv(w, "post_quant_conv", &w.cast(latents)?, 1, 0)?;
+        let z = self.conv(w, "post_quant_conv", &w.input(latents, "post_quant_conv.weight")?, 1, 0)?;
         let x = self.conv(w, "decoder.conv_in", &z, 1, 1)?;
         let mut x = self.mid(w, "decoder.mid_block", &x)?;
         for i in 0..boc.len() {

@@ -164,3 +164,17 @@ fn vae_bf16_compute_is_within_bf16_precision() {
     println!("bf16: mean {em:e}, std {es:e}, decoded {ed:e}");
     assert!(em <= 5e-2 && es <= 5e-2 && ed <= 5e-2, "mean {em:e} std {es:e} decoded {ed:e}");
 }
+
+/// A VAE whose weights are stored in bf16 (e.g. loaded so) takes f32 images as they are.
+#[test]
+fn vae_with_bf16_weights_accepts_f32_images() {
+    let cfg = ModelConfig::tiny_sd1();
+    let t = load();
+    let params = params(&t, &cfg).to_dtype(DType::BF16).unwrap();
+    let model = Vae::new(&cfg.vae);
+    let dist = model.encode(&params, &t["enc.images"], None).unwrap();
+    assert_eq!(dist.mean.dtype(), DType::BF16);
+    assert!(rel_err(&dist.mean, &t["enc.mean"]) <= 5e-2);
+    let out = model.decode(&params, &t["dec.latents"], None).unwrap();
+    assert!(rel_err(&out, &t["dec.out"]) <= 5e-2);
+}
