@@ -281,3 +281,43 @@ fn token_weights_scale_window_tokens_as_kohya() {
     assert_eq!(y1.sum_all().unwrap().to_scalar::<f32>().unwrap(), 0.5 * 77.0 * 4.0);
     assert!(clip::apply_token_weights(&h, &w1).is_err());
 }
+
+/// Fused optimizer steps update a block's parameters inside the hook; the gradients of the
+/// blocks still to come must not change. Also checks the hook order: final layer norm first,
+/// embeddings last.
+#[test]
+fn clip_updating_parameters_inside_the_hook_does_not_change_later_gradients() {
+    let cfg = ModelConfig::tiny_sd1();
+    let f = load("tiny_sd1");
+    let model = ClipTextModel::new(&cfg.text);
+    let ids = f.ids("plain");
+    let g = &f.t["plain.g"];
+    for checkpointing in [false, true] {
+        let opts = ClipTrainOptions { checkpointing, compute_dtype: None };
+        let run = |update: bool| -> Vec<Vec<(String, Vec<f32>)>> {
+            let params = f.params(&cfg);
+            let tape = model.forward_train(&params, &ids, None, opts).unwrap();
+            let mut calls = Vec::new();
+            tape.backward(g, &mut |gs: &[(String, Tensor)]| {
+                calls.push(
+                    gs.iter()
+                        .map(|(n, t)| (n.clone(), t.flatten_all().unwrap().to_vec1::<f32>().unwrap()))
+                        .collect(),
+                );
+                if update {
+                    for (n, t) in gs {
+                        let v = params.var(n).unwrap();
+                        v.set(&(v.as_tensor() - (t * 0.5)?)?)?;
+                    }
+                }
+                Ok(())
+            })
+            .unwrap();
+            calls
+        };
+        let (plain, updated) = (run(false), run(true));
+        assert_eq!(plain, updated, "checkpointing={checkpointing}");
+        assert_eq!(plain[0][0].0, "text_model.final_layer_norm.weight");
+        assert_eq!(plain.last().unwrap()[0].0, TOK);
+    }
+}
