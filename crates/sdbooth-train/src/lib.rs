@@ -2,6 +2,7 @@
 //! resume and logging.
 
 pub mod args;
+pub mod bench;
 pub mod error;
 pub mod logs;
 pub mod loss;

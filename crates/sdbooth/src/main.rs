@@ -1,5 +1,6 @@
 //! The `sdbooth` binary: flags and wiring only; the work happens in the library crates.
 
+mod bench_cmd;
 mod convert_cmd;
 mod generate_cmd;
 mod inspect_cmd;
@@ -30,6 +31,8 @@ enum Command {
     Inspect(Box<inspect_cmd::InspectArgs>),
     /// Generate images from a model (kohya's sampler names and prompt-file options).
     Generate(Box<generate_cmd::GenerateArgs>),
+    /// Time the training step (train's flags; --steps, --warmup, --json FILE) on any model.
+    Bench(Box<bench_cmd::BenchArgs>),
 }
 
 /// kohya's flags are snake_case; also accept the kebab-case spelling (`--learning-rate`) as a
@@ -57,6 +60,7 @@ fn main() -> std::process::ExitCode {
         Command::Convert(args) => convert_cmd::run(*args),
         Command::Inspect(args) => inspect_cmd::run(*args),
         Command::Generate(args) => generate_cmd::run(*args),
+        Command::Bench(args) => bench_cmd::run(*args),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

@@ -38,7 +38,7 @@ pub struct TrainSummary {
 
 /// fp16's dynamic loss scale (torch.cuda.amp.GradScaler's defaults).
 #[derive(Debug, Clone, Copy, serde::Serialize, serde::Deserialize)]
-struct LossScale {
+pub(crate) struct LossScale {
     scale: f64,
     good_steps: u64,
 }
@@ -482,7 +482,7 @@ impl Trainer<'_> {
 
 /// The non-fused update: unscale (fp16; an overflow skips the step), clip the global gradient
 /// norm over everything trained (as accelerate's clip_grad_norm_), step every parameter.
-fn apply_update(
+pub(crate) fn apply_update(
     optimizer: &mut Optimizer,
     model: &Model,
     buffer: &GradBuffer,

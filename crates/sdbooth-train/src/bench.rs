@@ -1,0 +1,269 @@
+//! `sdbooth bench`: the training step at a given size, timed after a warm-up, as JSON.
+//!
+//! The work unit is one DreamBooth step with cached latents (random latents of the bucket's
+//! size), one caption, U-Net and text encoder trained, and the optimizer step, with the same
+//! flags as `train` (`--optimizer_type`, `--mixed_precision`, `--gradient_checkpointing`,
+//! `--fused_backward_pass`, …).
+
+use std::time::Instant;
+
+use candle_core::Tensor;
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
+use sdbooth_models::config::{ClipConfig, UNetConfig};
+use sdbooth_models::ddpm::DdpmSchedule;
+use serde::Serialize;
+
+use crate::args::TrainArgs;
+use crate::error::{Result, TrainError};
+use crate::trainer::setup;
+use crate::trainer::step::{micro_step, normal_tensor, GradBuffer, StepInputs, StepSettings};
+use crate::trainer::{apply_update, peak_rss_bytes};
+
+#[derive(Debug, Clone, Serialize)]
+pub struct BenchReport {
+    pub model: String,
+    pub resolution: (usize, usize),
+    pub batch_size: usize,
+    pub optimizer: String,
+    pub mixed_precision: String,
+    pub gradient_checkpointing: bool,
+    pub fused_backward_pass: bool,
+    pub train_text_encoder: bool,
+    pub warmup_steps: usize,
+    pub steps: usize,
+    /// Median over the timed steps.
+    pub s_per_step: f64,
+    pub forward_s: f64,
+    pub backward_s: f64,
+    pub optimizer_s: f64,
+    pub other_s: f64,
+    pub step_seconds: Vec<f64>,
+    pub peak_rss_bytes: Option<u64>,
+    /// Multiply-adds ×2 of the convolutions, linear layers and attention products in one step:
+    /// forward, backward (2× forward) and, with checkpointing, the recomputed forward.
+    pub flops_per_step: f64,
+    pub gflops: f64,
+}
+
+fn median(v: &[f64]) -> f64 {
+    let mut s = v.to_vec();
+    s.sort_by(|a, b| a.total_cmp(b));
+    if s.is_empty() {
+        0.0
+    } else {
+        s[s.len() / 2]
+    }
+}
+
+/// Parses `--resolution` ("512" or "W,H") into (width, height).
+fn resolution(args: &TrainArgs, default: usize) -> Result<(usize, usize)> {
+    let Some(r) = args.dataset.resolution.as_deref() else { return Ok((default, default)) };
+    let parts: Vec<&str> = r.split(',').map(str::trim).collect();
+    let parse = |s: &str| s.parse::<usize>().map_err(|_| TrainError::Config(format!("--resolution {r:?}")));
+    match parts.as_slice() {
+        [s] => Ok((parse(s)?, parse(s)?)),
+        [w, h] => Ok((parse(w)?, parse(h)?)),
+        _ => Err(TrainError::Config(format!("--resolution {r:?}: give SIZE or WIDTH,HEIGHT"))),
+    }
+}
+
+pub fn bench(args: &TrainArgs, steps: usize, warmup: usize) -> Result<BenchReport> {
+    if let Err(refusals) = args.check_supported() {
+        return Err(TrainError::Config(refusals.join("\n")));
+    }
+    let mut model = setup::load(args)?;
+    model.vae_params = None; // the bench trains on latents
+    let (w, h) = resolution(args, model.config.resolution)?;
+    if w % 64 != 0 || h % 64 != 0 {
+        return Err(TrainError::Config(format!("--resolution {w}x{h}: use multiples of 64")));
+    }
+    let batch = args.training.train_batch_size.max(1) as usize;
+    let seed = args.training.seed.unwrap_or(42);
+    let train_te = args.training.stop_text_encoder_training.is_none_or(|s| s > 0);
+    let mut optimizer = setup::build_optimizer(args, &model, train_te, seed)?;
+    let schedule = DdpmSchedule::sd();
+    let noise = setup::noise_args(args);
+    let loss = setup::loss_args(args, model.v_parameterization);
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    let device = setup::device();
+    // Latents of SD scale: unit-variance samples, as the VAE produces them after scaling.
+    let latents = normal_tensor(&mut rng, &[batch, 4, h / 8, w / 8], &device)?;
+    let captions = vec!["a photo of sks dog".to_string(); batch];
+    let weights = vec![1.0f32; batch];
+    let fused = args.optimizer.fused_backward_pass;
+    let lr = args.optimizer.learning_rate;
+    let lr_te = args.optimizer.learning_rate_te.unwrap_or(lr);
+    let (mut fwd, mut bwd, mut opt_t, mut total) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    for i in 0..warmup + steps {
+        let started = Instant::now();
+        let settings = StepSettings {
+            noise: &noise,
+            loss: &loss,
+            schedule: &schedule,
+            alphas_cumprod: &schedule.alphas_cumprod,
+            train_text_encoder: train_te,
+            checkpointing: args.memory.gradient_checkpointing,
+            compute_dtype: setup::compute_dtype(args),
+            clip_skip: args.model.clip_skip.map(|v| v as usize),
+            max_token_length: args.model.max_token_length.map(|v| v as usize),
+            no_token_padding: args.model.no_token_padding,
+            grad_multiplier: 1.0,
+        };
+        let inputs =
+            StepInputs { latents: latents.clone(), captions: &captions, loss_weights: &weights, masks: None };
+        let mut buffer = GradBuffer::default();
+        let outcome = if fused {
+            let model = &model;
+            let optimizer = &mut optimizer;
+            let max_norm = args.optimizer.max_grad_norm;
+            let mut sink = |part: &str, name: &str, g: &Tensor| -> Result<()> {
+                let (store, lr) =
+                    if part == "unet" { (&model.unet_params, lr) } else { (&model.text_params, lr_te) };
+                let var = store.var(name).map_err(setup::model_err)?;
+                let coef =
+                    if max_norm > 0.0 { crate::optim::per_tensor_clip_coef(g, max_norm)? } else { 1.0 };
+                optimizer.step_param_scaled(name, var, g, lr, coef)
+            };
+            micro_step(&model, inputs, &settings, &mut rng, &mut sink)?
+        } else {
+            let mut sink = |part: &str, name: &str, g: &Tensor| buffer.add(part, name, g);
+            micro_step(&model, inputs, &settings, &mut rng, &mut sink)?
+        };
+        let before_update = Instant::now();
+        if !fused {
+            apply_update(
+                &mut optimizer,
+                &model,
+                &buffer,
+                (lr, lr_te),
+                args.optimizer.max_grad_norm,
+                None,
+                i as u64,
+            )?;
+        }
+        drop(buffer);
+        let update = before_update.elapsed().as_secs_f64();
+        let secs = started.elapsed().as_secs_f64();
+        eprintln!(
+            "{} step {}: {secs:.2} s (forward {:.2}, backward {:.2}, optimizer {update:.2}), loss {:.4}",
+            if i < warmup { "warm-up" } else { "timed" },
+            i + 1,
+            outcome.forward_seconds,
+            outcome.backward_seconds,
+            outcome.loss
+        );
+        if i >= warmup {
+            fwd.push(outcome.forward_seconds);
+            bwd.push(outcome.backward_seconds);
+            opt_t.push(update);
+            total.push(secs);
+        }
+    }
+    let s_per_step = median(&total);
+    let (forward_s, backward_s, optimizer_s) = (median(&fwd), median(&bwd), median(&opt_t));
+    let forward_flops = batch as f64
+        * (unet_forward_flops(&model.config.unet, h / 8, w / 8, 77)
+            + clip_forward_flops(&model.config.text, 77));
+    let passes = if args.memory.gradient_checkpointing { 4.0 } else { 3.0 };
+    let flops_per_step = forward_flops * passes;
+    Ok(BenchReport {
+        model: args.model.pretrained_model_name_or_path.clone().unwrap_or_default(),
+        resolution: (w, h),
+        batch_size: batch,
+        optimizer: format!("{:?}", setup::optimizer_kind(args)?),
+        mixed_precision: format!("{:?}", args.memory.mixed_precision).to_lowercase(),
+        gradient_checkpointing: args.memory.gradient_checkpointing,
+        fused_backward_pass: fused,
+        train_text_encoder: train_te,
+        warmup_steps: warmup,
+        steps,
+        s_per_step,
+        forward_s,
+        backward_s,
+        optimizer_s,
+        other_s: (s_per_step - forward_s - backward_s - optimizer_s).max(0.0),
+        step_seconds: total,
+        peak_rss_bytes: peak_rss_bytes(),
+        flops_per_step,
+        gflops: if s_per_step > 0.0 { flops_per_step / s_per_step / 1e9 } else { 0.0 },
+    })
+}
+
+/// Spatial downscale of the feature map a U-Net parameter works on (1 = latent size).
+fn unet_scale(name: &str, blocks: usize) -> usize {
+    let index = |prefix: &str| -> Option<usize> {
+        name.strip_prefix(prefix).and_then(|r| r.split('.').next()).and_then(|i| i.parse().ok())
+    };
+    if let Some(i) = index("down_blocks.") {
+        return if name.contains("downsamplers") { 1 << (i + 1) } else { 1 << i };
+    }
+    if let Some(i) = index("up_blocks.") {
+        let level = blocks - 1 - i;
+        return if name.contains("upsamplers") { 1 << level.saturating_sub(1) } else { 1 << level };
+    }
+    if name.starts_with("mid_block") {
+        return 1 << (blocks - 1);
+    }
+    1
+}
+
+/// Forward FLOPs of the U-Net for one sample at latent size `h × w` with `ctx` text tokens.
+pub fn unet_forward_flops(cfg: &UNetConfig, h: usize, w: usize, ctx: usize) -> f64 {
+    let blocks = cfg.block_out_channels.len();
+    let mut flops = 0.0;
+    for (name, shape) in sdbooth_models::unet::param_shapes(cfg) {
+        if !name.ends_with(".weight") {
+            continue;
+        }
+        let s = unet_scale(&name, blocks);
+        let tokens = ((h / s).max(1) * (w / s).max(1)) as f64;
+        let weight: f64 = shape.iter().product::<usize>() as f64;
+        if shape.len() == 4 {
+            flops += 2.0 * weight * tokens;
+        } else if shape.len() == 2 {
+            let t = if name.starts_with("time_embedding") || name.contains("time_emb_proj") {
+                1.0
+            } else if name.contains("attn2.to_k") || name.contains("attn2.to_v") {
+                ctx as f64
+            } else {
+                tokens
+            };
+            flops += 2.0 * weight * t;
+            // Attention products (scores and weighted sum) once per attention, keyed on to_q.
+            if name.ends_with("attn1.to_q.weight") {
+                flops += 4.0 * tokens * tokens * shape[0] as f64;
+            } else if name.ends_with("attn2.to_q.weight") {
+                flops += 4.0 * tokens * ctx as f64 * shape[0] as f64;
+            }
+        }
+    }
+    flops
+}
+
+/// Forward FLOPs of the CLIP text encoder for one sequence of `tokens`.
+pub fn clip_forward_flops(cfg: &ClipConfig, tokens: usize) -> f64 {
+    let t = tokens as f64;
+    let d = cfg.hidden_size as f64;
+    let per_layer = 2.0 * t * (4.0 * d * d + 2.0 * d * cfg.intermediate_size as f64) + 4.0 * t * t * d;
+    per_layer * cfg.num_hidden_layers as f64
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use sdbooth_models::ModelConfig;
+
+    #[test]
+    fn sd15_flops_are_in_the_known_range() {
+        // SD1.5's U-Net is ~0.8 TFLOP... per 64×64 latent? No: about 0.4 T multiply-adds at 64×64
+        // is the figure usually quoted (~800 GFLOP). Check the order of magnitude at 64×64.
+        let f = unet_forward_flops(&ModelConfig::sd1().unet, 64, 64, 77);
+        assert!(f > 6e11 && f < 1e12, "{f:e}");
+        // A quarter of the pixels costs less than a third (attention is quadratic).
+        let small = unet_forward_flops(&ModelConfig::sd1().unet, 32, 32, 77);
+        assert!(small < f / 3.0 && small > f / 6.0, "{small:e}");
+        let te = clip_forward_flops(&ModelConfig::sd1().text, 77);
+        assert!(te > 1.0e10 && te < 2.0e10, "{te:e}");
+    }
+}
