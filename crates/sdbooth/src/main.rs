@@ -37,13 +37,15 @@ enum Command {
 
 /// kohya's flags are snake_case; also accept the kebab-case spelling (`--learning-rate`) as a
 /// hidden alias, so both styles of command line work without doubling `--help`.
+/// `bench` takes train's flags, so it gets the same aliases.
 fn with_kebab_aliases(cmd: clap::Command) -> clap::Command {
-    cmd.mut_subcommand("train", |train| {
-        train.mut_args(|arg| match arg.get_long().filter(|l| l.contains('_')).map(|l| l.replace('_', "-")) {
+    let add = |sub: clap::Command| {
+        sub.mut_args(|arg| match arg.get_long().filter(|l| l.contains('_')).map(|l| l.replace('_', "-")) {
             Some(kebab) => arg.alias(kebab),
             None => arg,
         })
-    })
+    };
+    cmd.mut_subcommand("train", add).mut_subcommand("bench", add)
 }
 
 fn main() -> std::process::ExitCode {
