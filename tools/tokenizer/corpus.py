@@ -47,7 +47,8 @@ CONTRACTIONS = ["it's", "don't", "we're", "I've", "I'm", "we'll", "he'd", "IT'S"
 WEIGHTED = ["(masterpiece:1.2)", "(best quality)", "[blurry]", "((sks dog))", r"\(escaped\)", "(nested (deep:1.5))",
             "(", ")", "[", "]", ":", "(x:.5)", "(x:+1.5)", "(y:-1)", "[[low]]", "(a:0)", r"\\", "\\", r"\[x\]",
             "(big:2.)", "(tag:1.1):", "(unclosed", "closed)", "(a [b] c:1.3)", "(:1.2)", "((a):0.8)", "(x:1.2.3)",
-            "(y:.)", "(z:5..)", "no (open:1.5", "(w:+-1)", "((double:1.2):1.5)", "[(mixed:1.4)]", "(e:1e2)"]
+            "(y:.)", "(z:5..)", "no (open:1.5", "(w:+-1)", "((double:1.2):1.5)", "[(mixed:1.4)]", "(e:1e2)", "(fw:１.５)",
+            "(ar:٢)", "(mix:1٫5)", "（full:1.2）"]
 
 
 def tag(rng):

@@ -182,3 +182,20 @@ with open(os.path.join(ASSETS, "python_lower.txt"), "w", encoding="ascii", newli
     f.write(to_ranges(cased) + "\n")
     f.write("\n".join(mapping) + "\n")
 print("wrote python_lower.txt:", len(mapping), "mappings")
+
+
+# --- decimal digits for --weighted_captions ------------------------------------------------------
+# kohya's weight regex `[.\d]+` (Python `re`: \d is any char with a decimal value, Unicode 14 here)
+# and float() accept every script's digits, e.g. full-width "１.５" typed with a Japanese IME. Each
+# block of ten is written by its zero.
+import unicodedata  # noqa: E402
+
+zeros = [cp for cp in range(0x110000) if not 0xD800 <= cp <= 0xDFFF and re.match(r"\d", chr(cp))
+         and unicodedata.decimal(chr(cp), -1) == 0]
+for z in zeros:
+    assert all(unicodedata.decimal(chr(z + i), -1) == i and re.match(r"\d", chr(z + i)) for i in range(10)), hex(z)
+assert sum(1 for cp in range(0x110000) if not 0xD800 <= cp <= 0xDFFF and re.match(r"\d", chr(cp))) == 10 * len(zeros)
+with open(os.path.join(ASSETS, "python_digits.txt"), "w", encoding="ascii", newline="\n") as f:
+    f.write(f"# Python {sys.version.split()[0]} re \\d: the zero of each block of ten decimal digits\n")
+    f.write(" ".join(f"{z:X}" for z in zeros) + "\n")
+print("wrote python_digits.txt:", len(zeros), "digit blocks")

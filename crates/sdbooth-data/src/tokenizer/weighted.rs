@@ -8,8 +8,13 @@ use regex::Regex;
 
 use super::TokenizerError;
 
+/// The zero of every block of ten decimal digits Python's `re` `\d` and `float()` accept
+/// (written by tools/tokenizer/make_tables.py from Python 3.11).
+const DIGITS: &str = include_str!("../../assets/python_digits.txt");
+
 pub(crate) struct AttentionParser {
     token: Regex,
+    digit_zeros: Vec<u32>,
 }
 
 /// One piece of a caption and the attention weight it gets.
@@ -23,11 +28,43 @@ const ROUND_MULTIPLIER: f64 = 1.1;
 
 impl AttentionParser {
     pub(crate) fn new() -> Result<Self, TokenizerError> {
-        // kohya's `_re_attention`, alternatives in the same order. Python's `\d` is any Unicode
-        // decimal digit; so is Rust's.
-        let token = Regex::new(r"\\\(|\\\)|\\\[|\\\]|\\\\|\\|\(|\[|:([+-]?[.\d]+)\)|\)|\]|[^\\()\[\]:]+|:")
-            .map_err(|e| TokenizerError::Vocabulary(format!("attention regex: {e}")))?;
-        Ok(Self { token })
+        let bad = |what: String| TokenizerError::Vocabulary(format!("attention parser: {what}"));
+        let line =
+            DIGITS.lines().find(|l| !l.starts_with('#')).ok_or_else(|| bad("no digit table".into()))?;
+        let digit_zeros = line
+            .split(' ')
+            .map(|h| u32::from_str_radix(h, 16))
+            .collect::<Result<Vec<u32>, _>>()
+            .map_err(|e| bad(e.to_string()))?;
+        // Python's `\d` (Unicode 14 decimal digits), spelled out: Rust's `\d` has newer tables.
+        let digits: String = digit_zeros.iter().map(|z| format!("\\x{{{z:X}}}-\\x{{{:X}}}", z + 9)).collect();
+        // kohya's `_re_attention`, alternatives in the same order.
+        let pattern =
+            format!(r"\\\(|\\\)|\\\[|\\\]|\\\\|\\|\(|\[|:([+-]?[.{digits}]+)\)|\)|\]|[^\\()\[\]:]+|:");
+        let token = Regex::new(&pattern).map_err(|e| bad(e.to_string()))?;
+        Ok(Self { token, digit_zeros })
+    }
+
+    /// Python's `float()` on what the regex captured (`[+-]?[.\d]+`): digits of any script count
+    /// (full-width `１.５` typed with an IME is 1.5). "1.2.3" and "." raise in Python, where kohya
+    /// stops; here they are an error.
+    fn parse_python_float(&self, s: &str) -> Option<f64> {
+        let mut ascii = String::with_capacity(s.len());
+        for c in s.chars() {
+            let cp = u32::from(c);
+            match c {
+                '+' | '-' | '.' | '0'..='9' => ascii.push(c),
+                _ => {
+                    let zero = self.digit_zeros.iter().find(|&&z| (z..=z + 9).contains(&cp))?;
+                    ascii.push(char::from(b'0' + (cp - zero) as u8));
+                }
+            }
+        }
+        let digits = ascii.trim_start_matches(['+', '-']);
+        if !digits.bytes().any(|b| b.is_ascii_digit()) {
+            return None;
+        }
+        ascii.parse::<f64>().ok()
     }
 
     /// kohya's `parse_prompt_attention`. Weights are f64 products, as Python computes them; the
@@ -54,7 +91,7 @@ impl AttentionParser {
             } else if tok == "[" {
                 square.push(res.len());
             } else if let (Some(w), false) = (weight, round.is_empty()) {
-                let value = parse_python_float(w).ok_or_else(|| TokenizerError::Weight {
+                let value = self.parse_python_float(w).ok_or_else(|| TokenizerError::Weight {
                     caption: text.to_string(),
                     weight: w.to_string(),
                 })?;
@@ -92,18 +129,6 @@ impl AttentionParser {
         }
         Ok(merged)
     }
-}
-
-/// Python's `float()` on what the regex captured (`[+-]?[.\d]+`): "1.2", ".5", "2." parse; "1.2.3"
-/// and "." raise in Python (kohya crashes), and are an error here. Non-ASCII digits, which
-/// Python accepts, are refused too (no caption should weight with Arabic-Indic digits).
-fn parse_python_float(s: &str) -> Option<f64> {
-    let digits = s.trim_start_matches(['+', '-']);
-    if !digits.bytes().all(|b| b.is_ascii_digit() || b == b'.') || !digits.bytes().any(|b| b.is_ascii_digit())
-    {
-        return None;
-    }
-    s.parse::<f64>().ok()
 }
 
 #[cfg(test)]
@@ -150,6 +175,9 @@ mod tests {
     fn bad_weight_is_an_error_not_a_panic() -> Result<(), TokenizerError> {
         let p = AttentionParser::new()?;
         assert!(matches!(p.parse("(cat:1.2.3)"), Err(TokenizerError::Weight { .. })));
+        assert!(matches!(p.parse("(cat:.)"), Err(TokenizerError::Weight { .. })));
+        assert_eq!(spans(&p, "(cat:１.５)"), vec![("cat".to_string(), 1.5)]);
+        assert_eq!(spans(&p, "(cat:٢)"), vec![("cat".to_string(), 2.0)]);
         // Without an open bracket the weight is plain text, as in kohya.
         assert_eq!(spans(&p, "cat:1.2.3)"), vec![("cat:1.2.3)".to_string(), 1.0)]);
         Ok(())
