@@ -50,6 +50,28 @@ fn conv2d(c: &mut Criterion) {
     group.finish();
 }
 
+/// The three conv2d passes alone on f32 slices (no candle graph, no gradient accumulation).
+fn conv2d_parts(c: &mut Criterion) {
+    use ops::kernels::*;
+    let mut group = c.benchmark_group("conv2d_parts");
+    group.sample_size(10).warm_up_time(Duration::from_millis(300)).measurement_time(Duration::from_secs(2));
+    for (ch, hw) in [(320usize, 32usize), (1280, 8)] {
+        let g = Conv2dGeom::new(&[1, ch, hw, hw], &[ch, ch, 3, 3], 1, 1).expect("geometry");
+        let x = vec![0.5f32; ch * hw * hw];
+        let w = vec![0.01f32; ch * ch * 9];
+        let label = format!("{ch}ch_{hw}x{hw}");
+        group.throughput(Throughput::Elements(g.flops() as u64));
+        group.bench_function(BenchmarkId::new("forward", &label), |b| b.iter(|| conv2d_forward(&g, &x, &w)));
+        group.bench_function(BenchmarkId::new("grad_input", &label), |b| {
+            b.iter(|| conv2d_grad_input(&g, &w, &x))
+        });
+        group.bench_function(BenchmarkId::new("grad_weight", &label), |b| {
+            b.iter(|| conv2d_grad_weight(&g, &x, &x))
+        });
+    }
+    group.finish();
+}
+
 /// Self-attention at 32² latents (1024 tokens), 8 heads, head dim 40 (SD1 at 256 px, first
 /// block), and cross-attention to 77 text tokens.
 fn attention(c: &mut Criterion) {
@@ -124,5 +146,5 @@ fn norms(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, conv2d, attention, matmul, norms);
+criterion_group!(benches, conv2d, conv2d_parts, attention, matmul, norms);
 criterion_main!(benches);

@@ -20,7 +20,7 @@ use rayon::prelude::*;
 
 /// Geometry of one convolution, validated once.
 #[derive(Clone, Copy, Debug)]
-pub(crate) struct Geom {
+pub struct Geom {
     pub b: usize,
     pub cin: usize,
     pub h: usize,
@@ -68,10 +68,16 @@ impl Geom {
     }
 }
 
+/// Rows per rayon task so each task moves at least ~32K floats (small planes at 8×8 would
+/// otherwise make thousands of tiny tasks).
+fn min_rows(row_len: usize) -> usize {
+    (32 * 1024 / row_len.max(1)).max(1)
+}
+
 /// Fills `col[K, P]` from one image `x[Cin, H, W]`. One task per (channel, ki, kj) row.
 fn im2col(g: &Geom, x: &[f32], col: &mut [f32]) {
     let p = g.p();
-    col.par_chunks_mut(p).enumerate().for_each(|(row, out)| {
+    col.par_chunks_mut(p).with_min_len(min_rows(p)).enumerate().for_each(|(row, out)| {
         let c = row / (g.kh * g.kw);
         let ki = (row / g.kw) % g.kh;
         let kj = row % g.kw;
@@ -107,42 +113,44 @@ fn im2col(g: &Geom, x: &[f32], col: &mut [f32]) {
 /// One task per input channel, so every dx element is summed by one thread in a fixed order.
 fn col2im(g: &Geom, dcol: &[f32], dx: &mut [f32]) {
     let p = g.p();
-    dx.par_chunks_mut(g.h * g.w).enumerate().for_each(|(c, plane)| {
-        plane.fill(0.0);
-        for ki in 0..g.kh {
-            for kj in 0..g.kw {
-                let row = &dcol[((c * g.kh + ki) * g.kw + kj) * p..][..p];
-                for oh in 0..g.ho {
-                    let ih = (oh * g.stride + ki) as isize - g.pad as isize;
-                    if ih < 0 || ih >= g.h as isize {
-                        continue;
-                    }
-                    let dst = &mut plane[ih as usize * g.w..(ih as usize + 1) * g.w];
-                    let src = &row[oh * g.wo..(oh + 1) * g.wo];
-                    if g.stride == 1 {
-                        let shift = kj as isize - g.pad as isize;
-                        let lo = (-shift).clamp(0, g.wo as isize) as usize;
-                        let hi = (g.w as isize - shift).clamp(lo as isize, g.wo as isize) as usize;
-                        let s0 = (lo as isize + shift) as usize;
-                        for (d, s) in dst[s0..s0 + (hi - lo)].iter_mut().zip(&src[lo..hi]) {
-                            *d += *s;
+    dx.par_chunks_mut(g.h * g.w).with_min_len(min_rows(g.h * g.w * g.kh * g.kw)).enumerate().for_each(
+        |(c, plane)| {
+            plane.fill(0.0);
+            for ki in 0..g.kh {
+                for kj in 0..g.kw {
+                    let row = &dcol[((c * g.kh + ki) * g.kw + kj) * p..][..p];
+                    for oh in 0..g.ho {
+                        let ih = (oh * g.stride + ki) as isize - g.pad as isize;
+                        if ih < 0 || ih >= g.h as isize {
+                            continue;
                         }
-                    } else {
-                        for (ow, s) in src.iter().enumerate() {
-                            let iw = (ow * g.stride + kj) as isize - g.pad as isize;
-                            if iw >= 0 && iw < g.w as isize {
-                                dst[iw as usize] += *s;
+                        let dst = &mut plane[ih as usize * g.w..(ih as usize + 1) * g.w];
+                        let src = &row[oh * g.wo..(oh + 1) * g.wo];
+                        if g.stride == 1 {
+                            let shift = kj as isize - g.pad as isize;
+                            let lo = (-shift).clamp(0, g.wo as isize) as usize;
+                            let hi = (g.w as isize - shift).clamp(lo as isize, g.wo as isize) as usize;
+                            let s0 = (lo as isize + shift) as usize;
+                            for (d, s) in dst[s0..s0 + (hi - lo)].iter_mut().zip(&src[lo..hi]) {
+                                *d += *s;
+                            }
+                        } else {
+                            for (ow, s) in src.iter().enumerate() {
+                                let iw = (ow * g.stride + kj) as isize - g.pad as isize;
+                                if iw >= 0 && iw < g.w as isize {
+                                    dst[iw as usize] += *s;
+                                }
                             }
                         }
                     }
                 }
             }
-        }
-    });
+        },
+    );
 }
 
 /// Forward: `y[B, Cout, Ho, Wo]`.
-pub(crate) fn forward(g: &Geom, x: &[f32], w: &[f32]) -> Vec<f32> {
+pub fn forward(g: &Geom, x: &[f32], w: &[f32]) -> Vec<f32> {
     let (k, p) = (g.k(), g.p());
     let mut y = vec![0f32; g.b * g.cout * p];
     let mut col = if g.is_pointwise() { Vec::new() } else { vec![0f32; k * p] };
@@ -161,7 +169,7 @@ pub(crate) fn forward(g: &Geom, x: &[f32], w: &[f32]) -> Vec<f32> {
 }
 
 /// Gradient with respect to the input.
-pub(crate) fn grad_input(g: &Geom, w: &[f32], dy: &[f32]) -> Vec<f32> {
+pub fn grad_input(g: &Geom, w: &[f32], dy: &[f32]) -> Vec<f32> {
     let (k, p) = (g.k(), g.p());
     let chw = g.cin * g.h * g.w;
     let mut dx = vec![0f32; g.b * chw];
@@ -181,7 +189,7 @@ pub(crate) fn grad_input(g: &Geom, w: &[f32], dy: &[f32]) -> Vec<f32> {
 }
 
 /// Gradient with respect to the weight, summed over the batch in batch order.
-pub(crate) fn grad_weight(g: &Geom, x: &[f32], dy: &[f32]) -> Vec<f32> {
+pub fn grad_weight(g: &Geom, x: &[f32], dy: &[f32]) -> Vec<f32> {
     let (k, p) = (g.k(), g.p());
     let mut dw = vec![0f32; g.cout * k];
     let mut col = if g.is_pointwise() { Vec::new() } else { vec![0f32; k * p] };

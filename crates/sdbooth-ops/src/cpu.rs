@@ -116,17 +116,36 @@ pub(crate) fn sgemm(
     b: Mat<'_>,
     par: gemm::Parallelism,
 ) {
+    sgemm_strided(m, n, k, dst, (dst_rs, 1), accumulate, a, b, par)
+}
+
+/// [`sgemm`] with a destination of any (row, column) strides.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn sgemm_strided(
+    m: usize,
+    n: usize,
+    k: usize,
+    dst: &mut [f32],
+    (dst_rs, dst_cs): (usize, usize),
+    accumulate: bool,
+    a: Mat<'_>,
+    b: Mat<'_>,
+    par: gemm::Parallelism,
+) {
     if m == 0 || n == 0 {
         return;
     }
     // Bounds are checked here once so the unsafe call below only reads/writes inside slices.
-    assert!(m == 0 || n == 0 || (m - 1) * dst_rs + n <= dst.len(), "sgemm: dst too small");
+    let dmat = Mat { data: dst, rs: dst_rs, cs: dst_cs };
+    assert!(dmat.max_index(m, n) < dst.len(), "sgemm: dst too small");
     assert!(k == 0 || a.max_index(m, k) < a.data.len(), "sgemm: lhs too small");
     assert!(k == 0 || b.max_index(k, n) < b.data.len(), "sgemm: rhs too small");
     if k == 0 {
         if !accumulate {
             for i in 0..m {
-                dst[i * dst_rs..i * dst_rs + n].fill(0.0);
+                for j in 0..n {
+                    dst[i * dst_rs + j * dst_cs] = 0.0;
+                }
             }
         }
         return;
@@ -138,7 +157,7 @@ pub(crate) fn sgemm(
             n,
             k,
             dst.as_mut_ptr(),
-            1,
+            dst_cs as isize,
             dst_rs as isize,
             accumulate,
             a.data.as_ptr(),

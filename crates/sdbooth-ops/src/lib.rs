@@ -21,6 +21,13 @@ mod embed;
 mod norm;
 pub mod reference;
 
+/// The conv2d kernels on raw f32 slices, for the per-pass benches (not a stable API).
+#[doc(hidden)]
+pub mod kernels {
+    pub use crate::conv::{forward as conv2d_forward, grad_input as conv2d_grad_input};
+    pub use crate::conv::{grad_weight as conv2d_grad_weight, Geom as Conv2dGeom};
+}
+
 pub use activation::{geglu, gelu_erf, quick_gelu, silu};
 pub use embed::{embedding, timestep_embedding, upsample_nearest2x};
 
