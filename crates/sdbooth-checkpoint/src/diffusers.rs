@@ -141,8 +141,8 @@ fn json_bytes(v: &serde_json::Value) -> Vec<u8> {
     s.into_bytes()
 }
 
-/// Writes a Diffusers folder. `safetensors` picks .safetensors over .bin weights. The tokenizer
-/// folder gets its configs; vocab.json/merges.txt are not embedded yet (see README).
+/// Writes a Diffusers folder. `safetensors` picks .safetensors over .bin weights. Every file,
+/// tokenizer included, comes from inside the binary.
 pub fn save_diffusers(
     dir: &Path,
     parts: &crate::model::ModelParts<'_>,
@@ -197,6 +197,14 @@ pub fn save_diffusers(
     write_json("scheduler/scheduler_config.json", cio::scheduler_config_json(pred))?;
     write_json("tokenizer/tokenizer_config.json", cio::tokenizer_config_json(config.v2))?;
     write_json("tokenizer/special_tokens_map.json", cio::special_tokens_map_json(config.v2))?;
+    let bad = |reason: String| CheckpointError::Invalid(format!("tokenizer files: {reason}"));
+    for (name, text) in [
+        ("tokenizer/vocab.json", crate::tokenizer_files::clip_vocab_json().map_err(bad)?),
+        ("tokenizer/merges.txt", crate::tokenizer_files::clip_merges_txt().map_err(bad)?),
+    ] {
+        let p = dir.join(name);
+        atomic_write_bytes(&p, text.as_bytes()).map_err(io_err(p))?;
+    }
     write_json("model_index.json", cio::model_index_json())?;
     Ok(())
 }

@@ -28,6 +28,7 @@ pub mod save;
 pub mod shapes;
 pub mod single_file;
 pub mod tensor_file;
+pub mod tokenizer_files;
 pub mod vae_file;
 
 pub use atomic::{atomic_write, atomic_write_bytes, atomic_write_file};

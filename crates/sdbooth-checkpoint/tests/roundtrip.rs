@@ -132,6 +132,14 @@ fn builtin_round_trips_through_every_format() {
         for fmt in [SaveFormat::Diffusers, SaveFormat::DiffusersSafetensors] {
             let d = dir.path().join(format!("{name}-{fmt:?}"));
             save(&from_st, &d, fmt, true);
+            for f in [
+                "model_index.json",
+                "tokenizer/vocab.json",
+                "tokenizer/merges.txt",
+                "scheduler/scheduler_config.json",
+            ] {
+                assert!(d.join(f).is_file(), "{fmt:?}: {f} missing");
+            }
             let from_d = load(&d);
             assert_model_eq(&m, &from_d, &format!("{fmt:?}"));
             let back = dir.path().join(format!("{name}-{fmt:?}.safetensors"));
