@@ -58,7 +58,16 @@ pub fn run(cmd: TrainCommand, matches: &ArgMatches) -> anyhow::Result<()> {
     if !refusals.is_empty() {
         bail!("{}", join_messages(refusals.iter().map(|r| r.message.as_str())));
     }
-    bail!("training is not supported yet (use --dry_run to check the dataset)")
+    let summary = sdbooth_train::trainer::train(&args)?;
+    eprintln!(
+        "trained {} steps ({} epochs), final loss {:.4}, {:.2} s/step; model: {}",
+        summary.global_step,
+        summary.epochs,
+        summary.final_loss,
+        summary.mean_step_seconds,
+        summary.final_model.display()
+    );
+    Ok(())
 }
 
 fn join_messages<'a>(msgs: impl Iterator<Item = &'a str>) -> String {

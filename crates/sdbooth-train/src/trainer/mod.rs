@@ -1,9 +1,11 @@
 //! The DreamBooth loop of kohya's train_db.py: bucketed batches of instance and reg images,
 //! U-Net and text encoder trained together, saving and exact resume.
 
+mod sampling;
 mod saving;
 pub mod setup;
 pub mod step;
+mod validation;
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -94,6 +96,7 @@ struct Trainer<'a> {
     noise_args: crate::noise::NoiseArgs,
     loss_args: crate::loss::LossArgs,
     lr_schedule: crate::lr::LrSchedule,
+    monitor: sampling::Monitor,
 }
 
 /// Runs `sdbooth train` (not the dry run): refuses flags this build does not implement, then
@@ -109,6 +112,9 @@ pub fn train(args: &TrainArgs) -> Result<TrainSummary> {
 pub fn train_checked(args: &TrainArgs) -> Result<TrainSummary> {
     let seed = args.training.seed.unwrap_or(42);
     let group = setup::datasets(args)?;
+    // What kohya prints before training: subsets, repeats, reg balancing, buckets.
+    let opts = args.dataset_options().map_err(|e| TrainError::Config(e.to_string()))?;
+    eprintln!("{}", sdbooth_data::DryRunReport::new(&group, &opts).to_text());
     let batches_per_epoch = group.epoch_batches(seed, 1).len() as u64;
     if batches_per_epoch == 0 {
         return Err(TrainError::Config("the dataset has no images to train on".into()));
@@ -121,6 +127,9 @@ pub fn train_checked(args: &TrainArgs) -> Result<TrainSummary> {
         1,
     );
     check_options(args)?;
+    if args.memory.mixed_precision == MixedPrecision::Bf16 && setup::device().is_cpu() {
+        eprintln!("note: --mixed_precision bf16 computes in f32 on the CPU (candle has no CPU bf16 matmul)");
+    }
     let model = setup::load(args)?;
     let output = Output::new(args, &model)?;
     // kohya: no --stop_text_encoder_training trains it throughout; a negative value never.
@@ -133,6 +142,7 @@ pub fn train_checked(args: &TrainArgs) -> Result<TrainSummary> {
         DdpmSchedule::sd()
     };
     let alphas_cumprod = schedule.alphas_cumprod.clone();
+    let monitor = sampling::Monitor::new(args, &group, &model, seed)?;
     let mut trainer = Trainer {
         args,
         sampler: Sampler::new(&group, seed),
@@ -155,6 +165,7 @@ pub fn train_checked(args: &TrainArgs) -> Result<TrainSummary> {
         noise_args: setup::noise_args(args),
         lr_schedule: setup::lr_schedule(args, plan.max_train_steps)?,
         loss_args: setup::loss_args(args, false),
+        monitor,
     };
     trainer.loss_args.v_parameterization = trainer.model.v_parameterization;
     if args.training.cache_latents || args.training.cache_latents_to_disk {
@@ -333,6 +344,7 @@ impl Trainer<'_> {
         let mut step_times = Vec::new();
         let mut last_loss = f64::NAN;
         let mut epoch = self.sampler.state().epoch;
+        sampling::at_start(&mut self, tb.as_mut())?;
         while self.global_step < self.max_train_steps {
             let started = Instant::now();
             if self.train_text_encoder && self.global_step as i64 >= stop_te {
@@ -444,10 +456,12 @@ impl Trainer<'_> {
                 peak_rss_bytes: peak_rss_bytes(),
             })?;
             self.save_on_step(epoch)?;
+            sampling::after_step(&mut self, epoch, tb.as_mut())?;
         }
         bar.finish_and_clear();
         self.end_epoch(epoch, tb.as_mut())?;
         let final_model = saving::save_final(&mut self, epoch)?;
+        sampling::finish(&mut self, epoch, &final_model, tb.as_mut())?;
         let mean = if step_times.is_empty() {
             0.0
         } else {
@@ -468,11 +482,12 @@ impl Trainer<'_> {
         self.lr_schedule.lr(g.lr, self.global_step)
     }
 
-    fn end_epoch(&mut self, epoch: u64, tb: Option<&mut crate::logs::TensorBoardWriter>) -> Result<()> {
-        if let Some(tb) = tb {
+    fn end_epoch(&mut self, epoch: u64, mut tb: Option<&mut crate::logs::TensorBoardWriter>) -> Result<()> {
+        if let Some(tb) = tb.as_deref_mut() {
             tb.add_scalar(TAG_LOSS_EPOCH, self.recorder.moving_average() as f32, epoch as i64)?;
         }
-        saving::save_on_epoch_end(self, epoch)
+        saving::save_on_epoch_end(self, epoch)?;
+        sampling::at_epoch_end(self, epoch, tb)
     }
 
     fn save_on_step(&mut self, epoch: u64) -> Result<()> {

@@ -93,10 +93,14 @@ pub fn load(args: &TrainArgs) -> Result<Model> {
 }
 
 /// Compute dtype of the trained parts for `--mixed_precision`.
+///
+/// candle's CPU matrix multiply has no bf16 kernel, so on the CPU `bf16` computes in f32 (more
+/// precise, same result as `no`); the README says so and the run prints it once.
 pub fn compute_dtype(args: &TrainArgs) -> Option<DType> {
     match args.memory.mixed_precision {
         MixedPrecision::No => None,
         MixedPrecision::Fp16 => Some(DType::F16),
+        MixedPrecision::Bf16 if device().is_cpu() => None,
         MixedPrecision::Bf16 => Some(DType::BF16),
     }
 }

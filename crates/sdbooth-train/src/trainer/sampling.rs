@@ -1,0 +1,413 @@
+//! What the loop shows besides the loss: sample images (kohya's `--sample_every_n_steps`,
+//! `--sample_every_n_epochs`, `--sample_at_first`, `--sample_prompts`, `--sample_sampler`),
+//! validation loss on held-out images, and the HTML run report at the end.
+//!
+//! None of it draws from a training stream: a sample's noise comes from its prompt's `--d` seed,
+//! or (kohya would draw a fresh random seed) from `--seed` and the prompt's index, so the same
+//! prompt gives comparable images at every step; validation has its own seeded noise. Training
+//! is bit-identical with all of this on or off, and resume stays exact.
+//!
+//! When validation runs: with every set of samples (step or epoch trigger); without any sample
+//! trigger, at every epoch end; and always before the first step (fresh runs) and after the last.
+
+use std::path::{Path, PathBuf};
+
+use sdbooth_models::ParamStore;
+use sdbooth_sample::generate::{write_png, Pipeline, Request};
+use sdbooth_sample::prompts::PromptSpec;
+use sdbooth_sample::report::{BucketRow, ImageLoss, RunReport, SampleGroup, StepPoint};
+
+use super::setup::{self, Model};
+use super::validation::{per_image_table, Validation, ValidationRecord};
+use super::Trainer;
+use crate::args::TrainArgs;
+use crate::error::{Result, TrainError};
+use crate::logs::{JsonlWriter, StepRecord, TensorBoardWriter};
+
+pub const TAG_LOSS_VALIDATION: &str = "loss/validation";
+
+/// Sampling and validation state that lives beside the trainer.
+pub(super) struct Monitor {
+    prompts: Vec<PromptSpec>,
+    /// The VAE kept for decoding samples (the trainer frees its own after latent caching).
+    vae: Option<ParamStore>,
+    sampler_name: String,
+    validation: Option<Validation>,
+    last_validation_step: Option<u64>,
+}
+
+impl Monitor {
+    /// Reads the prompt file and prepares the held-out images; call while the model has its VAE.
+    pub fn new(
+        args: &TrainArgs,
+        group: &sdbooth_data::DatasetGroup,
+        model: &Model,
+        seed: u64,
+    ) -> Result<Self> {
+        let s = &args.sampling;
+        let wants_samples = s.sample_every_n_steps.is_some_and(|n| n > 0)
+            || s.sample_every_n_epochs.is_some_and(|n| n > 0)
+            || s.sample_at_first;
+        let prompts = match (&s.sample_prompts, wants_samples) {
+            (Some(file), true) => sdbooth_sample::prompts::read_prompt_file(Path::new(file))
+                .map_err(|e| TrainError::Config(format!("--sample_prompts: {e}")))?,
+            _ => Vec::new(),
+        };
+        let vae = if prompts.is_empty() { None } else { model.vae_params.clone() };
+        let sampler_name = serde_json::to_value(s.sample_sampler)
+            .ok()
+            .and_then(|v| v.as_str().map(str::to_string))
+            .unwrap_or_else(|| "ddim".into());
+        Ok(Monitor {
+            prompts,
+            vae,
+            sampler_name,
+            validation: Validation::new(args, group, model, seed)?,
+            last_validation_step: None,
+        })
+    }
+}
+
+fn sample_triggers(args: &TrainArgs) -> (Option<u64>, Option<u64>) {
+    let s = &args.sampling;
+    (s.sample_every_n_steps.filter(|&n| n > 0), s.sample_every_n_epochs.filter(|&n| n > 0).map(u64::from))
+}
+
+/// Before the first step: `--sample_at_first` samples (kohya's `e000000` names) and the first
+/// validation. A resumed run skips both (the interrupted run made them).
+pub(super) fn at_start(t: &mut Trainer<'_>, tb: Option<&mut TensorBoardWriter>) -> Result<()> {
+    if t.global_step != 0 {
+        return Ok(());
+    }
+    if t.args.sampling.sample_at_first {
+        sample_images(t, Some(0))?;
+    }
+    validate(t, 0, tb)
+}
+
+/// After each optimizer step: `--sample_every_n_steps` (unless `--sample_every_n_epochs` is set,
+/// which overrides it as in kohya).
+pub(super) fn after_step(t: &mut Trainer<'_>, epoch: u64, tb: Option<&mut TensorBoardWriter>) -> Result<()> {
+    match sample_triggers(t.args) {
+        (Some(n), None) if t.global_step % n == 0 => {
+            sample_images(t, None)?;
+            validate(t, epoch, tb)
+        }
+        _ => Ok(()),
+    }
+}
+
+/// At the end of each epoch: `--sample_every_n_epochs`; validation when no sampling schedule.
+pub(super) fn at_epoch_end(
+    t: &mut Trainer<'_>,
+    epoch: u64,
+    tb: Option<&mut TensorBoardWriter>,
+) -> Result<()> {
+    match sample_triggers(t.args) {
+        (_, Some(n)) if epoch % n == 0 => {
+            sample_images(t, Some(epoch))?;
+            validate(t, epoch, tb)
+        }
+        (None, None) => validate(t, epoch, tb),
+        _ => Ok(()),
+    }
+}
+
+/// After the final save: the last validation (when this step has none yet), the per-image table
+/// and `report.html`.
+pub(super) fn finish(
+    t: &mut Trainer<'_>,
+    epoch: u64,
+    final_model: &Path,
+    tb: Option<&mut TensorBoardWriter>,
+) -> Result<()> {
+    validate(t, epoch, tb)?;
+    let records = read_validation(&validation_log(t));
+    if let (Some(first), Some(last)) = (records.first(), records.last()) {
+        eprintln!("validation loss per held-out image (highest first; first → last evaluation):");
+        for (path, _, f, l) in per_image_table(first, last) {
+            eprintln!("  {l:.5}  (was {f:.5})  {path}");
+        }
+    }
+    let path = t.output.dir.join("report.html");
+    let report = build_report(t, epoch, final_model, &records)?;
+    sdbooth_sample::report::write_report(&path, &report).map_err(TrainError::Config)?;
+    eprintln!("report: {}", path.display());
+    Ok(())
+}
+
+fn log_stem(t: &Trainer<'_>) -> String {
+    t.output.name.clone().unwrap_or_else(|| "train".into())
+}
+
+fn validation_log(t: &Trainer<'_>) -> PathBuf {
+    t.output.dir.join(format!("{}.validation.jsonl", log_stem(t)))
+}
+
+fn validate(t: &mut Trainer<'_>, epoch: u64, tb: Option<&mut TensorBoardWriter>) -> Result<()> {
+    let Some(v) = &t.monitor.validation else { return Ok(()) };
+    if t.monitor.last_validation_step == Some(t.global_step) {
+        return Ok(());
+    }
+    let per_image = v.evaluate(t.args, &t.model, &t.alphas_cumprod, &t.loss_args)?;
+    let record = v.record(t.global_step, epoch, per_image);
+    eprintln!("validation loss at step {}: {:.5}", t.global_step, record.loss);
+    if let Some(tb) = tb {
+        tb.add_scalar(TAG_LOSS_VALIDATION, record.loss as f32, t.global_step as i64)?;
+    }
+    JsonlWriter::append(&validation_log(t))?.write(&record)?;
+    t.monitor.last_validation_step = Some(t.global_step);
+    Ok(())
+}
+
+/// kohya's sample_image_inference: one PNG per prompt in `output_dir/sample`, named
+/// `{output_name}_{e{epoch:06d} | {step:06d}}_{i:02d}_{%Y%m%d%H%M%S}{_seed}.png` (UTC time).
+fn sample_images(t: &Trainer<'_>, epoch: Option<u64>) -> Result<()> {
+    let m = &t.monitor;
+    let Some(vae) = m.vae.as_ref() else { return Ok(()) };
+    let dir = t.output.dir.join("sample");
+    std::fs::create_dir_all(&dir).map_err(|e| TrainError::io(&dir, e))?;
+    eprintln!("generating sample images at step {}", t.global_step);
+    let pipe = Pipeline {
+        config: &t.model.config,
+        unet: &t.model.unet_params,
+        text_encoder: &t.model.text_params,
+        vae,
+        tokenizer: &t.model.tokenizer,
+        v_prediction: t.model.v_parameterization,
+        clip_skip: t.args.model.clip_skip.map(|v| v as usize),
+        max_token_length: t.args.model.max_token_length.map(|v| v as usize),
+        dtype: setup::compute_dtype(t.args),
+    };
+    // kohya's defaults for a prompt without options.
+    let defaults = Request {
+        prompt: String::new(),
+        negative_prompt: String::new(),
+        width: 512,
+        height: 512,
+        steps: 30,
+        scale: 7.5,
+        seed: 0,
+        sampler: m.sampler_name.clone(),
+    };
+    let ts = utc_timestamp();
+    let num_suffix = match epoch {
+        Some(e) => format!("e{e:06}"),
+        None => format!("{:06}", t.global_step),
+    };
+    let prefix = t.output.name.as_ref().map(|n| format!("{n}_")).unwrap_or_default();
+    let model_name = t.output.name.clone().unwrap_or_else(|| t.model.loaded.source.spec.clone());
+    for (i, spec) in m.prompts.iter().enumerate() {
+        let mut req = Request::from_spec(spec, &defaults);
+        req.width = (req.width - req.width % 8).max(64);
+        req.height = (req.height - req.height % 8).max(64);
+        req.seed = spec.seed.unwrap_or_else(|| prompt_seed(t.seed, i));
+        let rgb = pipe.generate(&req).map_err(|e| TrainError::Config(format!("sample {i}: {e}")))?;
+        let seed_suffix = spec.seed.map(|s| format!("_{s}")).unwrap_or_default();
+        let path = dir.join(format!("{prefix}{num_suffix}_{i:02}_{ts}{seed_suffix}.png"));
+        write_png(&path, req.width, req.height, &rgb, &req.a1111_parameters(&model_name))
+            .map_err(|e| TrainError::Config(e.to_string()))?;
+    }
+    Ok(())
+}
+
+/// A prompt without `--d`: a seed fixed by the run's seed and the prompt's index (splitmix64).
+fn prompt_seed(seed: u64, index: usize) -> u64 {
+    let mut z = seed.wrapping_add((index as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15));
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    (z ^ (z >> 31)) & 0xFFFF_FFFF
+}
+
+/// `%Y%m%d%H%M%S` of now, UTC (kohya uses local time; servers mostly run on UTC).
+fn utc_timestamp() -> String {
+    let secs = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
+    let (days, rem) = ((secs / 86400) as i64, secs % 86400);
+    // Howard Hinnant's civil_from_days.
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let mo = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(mo <= 2);
+    format!("{y:04}{mo:02}{d:02}{:02}{:02}{:02}", rem / 3600, rem % 3600 / 60, rem % 60)
+}
+
+/// Records of a JSONL log; a resumed run appends, so the last record of a step wins.
+fn read_jsonl<T: serde::de::DeserializeOwned>(path: &Path, step: impl Fn(&T) -> u64) -> Vec<T> {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let mut by_step = std::collections::BTreeMap::new();
+    for line in text.lines() {
+        if let Ok(r) = serde_json::from_str::<T>(line) {
+            by_step.insert(step(&r), r);
+        }
+    }
+    by_step.into_values().collect()
+}
+
+fn read_validation(path: &Path) -> Vec<ValidationRecord> {
+    read_jsonl(path, |r: &ValidationRecord| r.step)
+}
+
+fn build_report(
+    t: &Trainer<'_>,
+    epoch: u64,
+    final_model: &Path,
+    validation: &[ValidationRecord],
+) -> Result<RunReport> {
+    let stem = log_stem(t);
+    let steps: Vec<StepRecord> =
+        read_jsonl(&t.output.dir.join(format!("{stem}.jsonl")), |r: &StepRecord| r.step);
+    let mut r = RunReport { title: format!("sdbooth run: {stem}"), ..Default::default() };
+    let mean = if steps.is_empty() {
+        0.0
+    } else {
+        steps.iter().map(|s| s.step_seconds).sum::<f64>() / steps.len() as f64
+    };
+    r.summary = vec![
+        ("steps".into(), format!("{} / {}", t.global_step, t.max_train_steps)),
+        ("epochs".into(), format!("{epoch} / {}", t.num_epochs)),
+        ("final model".into(), final_model.display().to_string()),
+        ("final loss (average)".into(), steps.last().map_or("-".into(), |s| format!("{:.5}", s.avr_loss))),
+        ("mean step time".into(), format!("{mean:.3} s")),
+        (
+            "peak memory (RSS)".into(),
+            steps
+                .iter()
+                .filter_map(|s| s.peak_rss_bytes)
+                .max()
+                .map_or("-".into(), |b| format!("{:.0} MiB", b as f64 / 1048576.0)),
+        ),
+    ];
+    if let Some(v) = validation.last() {
+        r.summary.push((
+            "validation loss (last)".into(),
+            format!("{:.5} on {} image(s)", v.loss, v.per_image.len()),
+        ));
+    }
+    r.steps = steps
+        .iter()
+        .map(|s| StepPoint {
+            step: s.step,
+            epoch: s.epoch,
+            loss: s.loss as f64,
+            avr_loss: s.avr_loss as f64,
+            lr_unet: s.lr_unet,
+            lr_text_encoder: s.lr_text_encoder,
+            step_seconds: s.step_seconds,
+            peak_rss_bytes: s.peak_rss_bytes,
+        })
+        .collect();
+    r.validation = validation.iter().map(|v| (v.step, v.loss)).collect();
+    if let (Some(first), Some(last)) = (validation.first(), validation.last()) {
+        r.per_image = per_image_table(first, last)
+            .into_iter()
+            .map(|(path, caption, first, last)| ImageLoss { path, caption, first, last })
+            .collect();
+    }
+    // The last step of each epoch places epoch-named samples on the step axis.
+    let epoch_end = |e: u64| steps.iter().filter(|s| s.epoch == e).map(|s| s.step).max().unwrap_or(0);
+    r.samples =
+        sample_groups(&t.output.dir.join("sample"), t.output.name.as_deref(), &t.monitor.prompts, epoch_end);
+    r.checkpoints = checkpoints(&t.output.dir);
+    for (di, d) in t.group.datasets.iter().enumerate() {
+        for (bi, b) in d.buckets.iter().enumerate() {
+            r.buckets.push(BucketRow {
+                dataset: di,
+                index: bi,
+                width: b.reso.0,
+                height: b.reso.1,
+                count: b.items.len(),
+            });
+        }
+    }
+    if let Ok(opts) = t.args.dataset_options() {
+        r.dataset_text = sdbooth_data::DryRunReport::new(&t.group, &opts).to_text();
+    }
+    if let Ok(serde_json::Value::Object(map)) = serde_json::to_value(t.args) {
+        for (k, v) in map {
+            match v {
+                serde_json::Value::Null => {}
+                serde_json::Value::String(s) => r.config.push((k, s)),
+                v => r.config.push((k, v.to_string())),
+            }
+        }
+    }
+    Ok(r)
+}
+
+/// Sample PNGs grouped by their step/epoch part, in step order; a re-made (suffix, index) keeps
+/// the newest file.
+fn sample_groups(
+    dir: &Path,
+    output_name: Option<&str>,
+    prompts: &[PromptSpec],
+    epoch_end: impl Fn(u64) -> u64,
+) -> Vec<SampleGroup> {
+    let mut names: Vec<String> = std::fs::read_dir(dir)
+        .map(|rd| rd.filter_map(|e| e.ok()).map(|e| e.file_name().to_string_lossy().into_owned()).collect())
+        .unwrap_or_default();
+    names.sort();
+    let prefix = output_name.map(|n| format!("{n}_")).unwrap_or_default();
+    // (step, label) -> index -> file
+    let mut groups: std::collections::BTreeMap<(u64, String), std::collections::BTreeMap<usize, String>> =
+        Default::default();
+    for name in names {
+        let Some(rest) = name.strip_suffix(".png").and_then(|n| n.strip_prefix(&prefix)) else { continue };
+        let mut parts = rest.split('_');
+        let (Some(num), Some(idx)) = (parts.next(), parts.next()) else { continue };
+        let Ok(idx) = idx.parse::<usize>() else { continue };
+        let key = if let Some(e) = num.strip_prefix('e').and_then(|e| e.parse::<u64>().ok()) {
+            let step = if e == 0 { 0 } else { epoch_end(e) };
+            (
+                step,
+                if e == 0 {
+                    "before training (step 0)".to_string()
+                } else {
+                    format!("epoch {e} (step {step})")
+                },
+            )
+        } else if let Ok(s) = num.parse::<u64>() {
+            (s, format!("step {s}"))
+        } else {
+            continue;
+        };
+        groups.entry(key).or_default().insert(idx, name);
+    }
+    groups
+        .into_iter()
+        .map(|((_, label), files)| SampleGroup {
+            label,
+            images: files
+                .into_iter()
+                .map(|(i, f)| {
+                    let prompt = prompts.get(i).map_or_else(|| format!("prompt {i}"), |p| p.prompt.clone());
+                    (prompt, dir.join(f))
+                })
+                .collect(),
+        })
+        .collect()
+}
+
+/// Model files and state folders in the output folder.
+fn checkpoints(dir: &Path) -> Vec<(PathBuf, Option<u64>)> {
+    let mut out = Vec::new();
+    let Ok(rd) = std::fs::read_dir(dir) else { return out };
+    for e in rd.filter_map(|e| e.ok()) {
+        let path = e.path();
+        let name = e.file_name().to_string_lossy().into_owned();
+        let Ok(meta) = e.metadata() else { continue };
+        if meta.is_dir() {
+            if name.ends_with("-state") || name == "last-state" || path.join("model_index.json").is_file() {
+                out.push((path, None));
+            }
+        } else if [".safetensors", ".ckpt"].iter().any(|x| name.ends_with(x)) {
+            out.push((path, Some(meta.len())));
+        }
+    }
+    out.sort();
+    out
+}
