@@ -108,6 +108,7 @@ pub fn bench(args: &TrainArgs, steps: usize, warmup: usize) -> Result<BenchRepor
             clip_skip: args.model.clip_skip.map(|v| v as usize),
             max_token_length: args.model.max_token_length.map(|v| v as usize),
             no_token_padding: args.model.no_token_padding,
+            weighted_captions: args.dataset.weighted_captions,
             grad_multiplier: 1.0,
         };
         let inputs =

@@ -380,6 +380,7 @@ impl Trainer<'_> {
                     clip_skip: self.args.model.clip_skip.map(|v| v as usize),
                     max_token_length: self.args.model.max_token_length.map(|v| v as usize),
                     no_token_padding: self.args.model.no_token_padding,
+                    weighted_captions: self.args.dataset.weighted_captions,
                     grad_multiplier: multiplier,
                 };
                 let loss = if fused {

@@ -8,6 +8,7 @@ use candle_core::{DType, Device, Tensor, Var};
 use rand_chacha::ChaCha8Rng;
 use sdbooth_data::tokenizer::ClipTokenizer;
 use sdbooth_models::ddpm::DdpmSchedule;
+use sdbooth_models::clip::apply_token_weights;
 use sdbooth_models::{ClipTrainOptions, TrainOptions};
 
 use super::setup::{model_err, Model};
@@ -35,26 +36,46 @@ pub struct StepSettings<'a> {
     pub clip_skip: Option<usize>,
     pub max_token_length: Option<usize>,
     pub no_token_padding: bool,
+    /// kohya's `--weighted_captions`: A1111 `(word:1.2)` weights scale the token states.
+    pub weighted_captions: bool,
     /// Multiplies dLoss (gradient accumulation's 1/n, fp16 loss scale).
     pub grad_multiplier: f64,
 }
 
-/// Token ids of a batch: `[B, 77]`, `[B, n, 77]` for long prompts, `[B, T]` unpadded.
+fn caption_error(c: &str, e: sdbooth_data::tokenizer::TokenizerError) -> TrainError {
+    TrainError::Config(format!("caption {c:?}: {e}"))
+}
+
+/// Token ids of a batch (`[B, 77]`, `[B, n, 77]` for long prompts, `[B, T]` unpadded) and,
+/// with `--weighted_captions`, the per-token weights `[B, n, 77]`.
 pub fn token_ids(
+    tok: &ClipTokenizer,
+    captions: &[String],
+    s: &StepSettings<'_>,
+    device: &Device,
+) -> Result<(Tensor, Option<Tensor>)> {
+    if s.weighted_captions {
+        let (ids, w) = weighted_token_ids(tok, captions, s.max_token_length, device)?;
+        Ok((ids, Some(w)))
+    } else {
+        Ok((plain_token_ids(tok, captions, s.max_token_length, s.no_token_padding, device)?, None))
+    }
+}
+
+/// Token ids without weights.
+pub fn plain_token_ids(
     tok: &ClipTokenizer,
     captions: &[String],
     max_token_length: Option<usize>,
     no_token_padding: bool,
     device: &Device,
 ) -> Result<Tensor> {
-    let mut per_caption = Vec::with_capacity(captions.len());
-    for c in captions {
-        per_caption.push(
-            tok.tokenize_for_training(c, max_token_length, no_token_padding)
-                .map_err(|e| TrainError::Config(format!("caption {c:?}: {e}")))?,
-        );
-    }
     let b = captions.len();
+    let mut per_caption = Vec::with_capacity(b);
+    for c in captions {
+        per_caption
+            .push(tok.tokenize_for_training(c, max_token_length, no_token_padding).map_err(|e| caption_error(c, e))?);
+    }
     if no_token_padding {
         let first: Vec<Vec<u32>> = per_caption.into_iter().map(|mut w| w.swap_remove(0)).collect();
         let padded = tok.pad_batch(&first);
@@ -69,6 +90,26 @@ pub fn token_ids(
     } else {
         Ok(Tensor::from_vec(flat, (b, n, 77), device)?)
     }
+}
+
+/// `--weighted_captions`: ids as [`plain_token_ids`] and the per-token weights `[B, n, 77]`.
+pub fn weighted_token_ids(
+    tok: &ClipTokenizer,
+    captions: &[String],
+    max_token_length: Option<usize>,
+    device: &Device,
+) -> Result<(Tensor, Tensor)> {
+    let b = captions.len();
+    let (mut ids, mut weights, mut n) = (Vec::new(), Vec::new(), 1);
+    for c in captions {
+        let w = tok.tokenize_weighted(c, max_token_length).map_err(|e| caption_error(c, e))?;
+        n = w.ids.len();
+        ids.extend(w.ids.into_iter().flatten());
+        weights.extend(w.weights.into_iter().flatten());
+    }
+    let ids = Tensor::from_vec(ids, (b, n, 77), device)?;
+    let ids = if n == 1 { ids.squeeze(1)? } else { ids };
+    Ok((ids, Tensor::from_vec(weights, (b, n, 77), device)?))
 }
 
 /// The loss of a micro-batch and where its time went.
@@ -106,7 +147,7 @@ pub fn loss_and_grads(
 ) -> Result<StepOutcome> {
     let started = std::time::Instant::now();
     let device = inputs.latents.device().clone();
-    let ids = token_ids(&model.tokenizer, inputs.captions, s.max_token_length, s.no_token_padding, &device)?;
+    let (ids, token_weights) = token_ids(&model.tokenizer, inputs.captions, s, &device)?;
     // Text embeddings: a training tape when the text encoder learns, a detached encode otherwise
     // (a frozen text encoder runs in the mixed-precision dtype, as kohya).
     let te_tape = if s.train_text_encoder {
@@ -126,6 +167,10 @@ pub fn loss_and_grads(
             .text_encoder
             .encode(&model.text_params, &ids, s.clip_skip, s.compute_dtype)
             .map_err(model_err)?,
+    };
+    let ctx = match &token_weights {
+        Some(w) => apply_token_weights(&ctx, w).map_err(model_err)?,
+        None => ctx,
     };
 
     let ts: Vec<usize> = noised.timesteps.iter().map(|&t| t as usize).collect();
@@ -184,6 +229,11 @@ pub fn loss_and_grads(
         return Err(e);
     }
     if let (Some(tape), Some(ctx_grad)) = (te_tape, unet_grads.ctx) {
+        // The token weights are a constant factor: the same product carries the gradient back.
+        let ctx_grad = match &token_weights {
+            Some(w) => apply_token_weights(&ctx_grad, w).map_err(model_err)?,
+            None => ctx_grad,
+        };
         let mut te_hook = |grads: &[(String, Tensor)]| -> candle_core::Result<()> {
             for (name, g) in grads {
                 if let Err(e) = sink("text_encoder", name, g) {
