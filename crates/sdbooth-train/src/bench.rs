@@ -126,7 +126,7 @@ pub fn bench(args: &TrainArgs, steps: usize, warmup: usize) -> Result<BenchRepor
                     if max_norm > 0.0 { crate::optim::per_tensor_clip_coef(g, max_norm)? } else { 1.0 };
                 optimizer.step_param_scaled(name, var, g, lr, coef)
             };
-            micro_step(&model, inputs, &settings, &mut rng, &mut sink)?
+            micro_step(model, inputs, &settings, &mut rng, &mut sink)?
         } else {
             let mut sink = |part: &str, name: &str, g: &Tensor| buffer.add(part, name, g);
             micro_step(&model, inputs, &settings, &mut rng, &mut sink)?

@@ -74,6 +74,14 @@ pub fn peak_rss_bytes() -> Option<u64> {
     Some(kb * 1024)
 }
 
+/// One batch ready for the step: scaled latents, processed captions, loss weights, masks.
+struct BatchInputs {
+    latents: Tensor,
+    captions: Vec<String>,
+    loss_weights: Vec<f32>,
+    masks: Option<Tensor>,
+}
+
 struct Trainer<'a> {
     args: &'a TrainArgs,
     model: Model,
@@ -252,7 +260,7 @@ impl Trainer<'_> {
         epoch: u64,
         index: usize,
         batch: &BatchRef,
-    ) -> Result<(Tensor, Vec<String>, Vec<f32>, Option<Tensor>)> {
+    ) -> Result<BatchInputs> {
         let ctx = self.sample_context(epoch);
         let loaded =
             load_batch(&self.group, batch, index, &ctx).map_err(|e| TrainError::Config(e.to_string()))?;
@@ -291,7 +299,7 @@ impl Trainer<'_> {
             Some(m) if self.args.loss.masked_loss => Some(Tensor::from_vec(m, (b, h, w), &device)?),
             _ => None,
         };
-        Ok((latents, loaded.captions, loaded.loss_weights, masks))
+        Ok(BatchInputs { latents, captions: loaded.captions, loss_weights: loaded.loss_weights, masks })
     }
 
     fn resume(&mut self, dir: &str) -> Result<()> {
@@ -367,8 +375,9 @@ impl Trainer<'_> {
                     self.end_epoch(epoch, tb.as_mut())?;
                     epoch = e;
                 }
-                let (latents, captions, weights, masks) = self.batch_inputs(epoch, index, &batch)?;
-                let inputs = StepInputs { latents, captions: &captions, loss_weights: &weights, masks };
+                let b = self.batch_inputs(epoch, index, &batch)?;
+                let inputs =
+                    StepInputs { latents: b.latents, captions: &b.captions, loss_weights: &b.loss_weights, masks: b.masks };
                 let settings = StepSettings {
                     noise: &self.noise_args,
                     loss: &self.loss_args,

@@ -170,7 +170,7 @@ pub fn load_state(dir: &Path, model: &mut Model) -> Result<SavedState> {
 pub(super) fn save_on_step(t: &mut Trainer<'_>, epoch: u64) -> Result<()> {
     let Some(n) = t.args.saving.save_every_n_steps.filter(|&n| n > 0) else { return Ok(()) };
     let step = t.global_step;
-    if step % n != 0 {
+    if !step.is_multiple_of(n) {
         return Ok(());
     }
     let name = t.output.name.as_deref();
@@ -192,7 +192,7 @@ pub(super) fn save_on_step(t: &mut Trainer<'_>, epoch: u64) -> Result<()> {
 /// `--save_every_n_epochs`: every n-th epoch but the last (the final save covers that one).
 pub(super) fn save_on_epoch_end(t: &mut Trainer<'_>, epoch: u64) -> Result<()> {
     let Some(n) = t.args.saving.save_every_n_epochs.filter(|&n| n > 0).map(u64::from) else { return Ok(()) };
-    if epoch % n != 0 || epoch >= t.num_epochs {
+    if !epoch.is_multiple_of(n) || epoch >= t.num_epochs {
         return Ok(());
     }
     let name = t.output.name.as_deref();
