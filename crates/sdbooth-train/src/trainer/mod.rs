@@ -255,12 +255,7 @@ impl Trainer<'_> {
     }
 
     /// Latents, captions, loss weights and masks of one batch.
-    fn batch_inputs(
-        &mut self,
-        epoch: u64,
-        index: usize,
-        batch: &BatchRef,
-    ) -> Result<BatchInputs> {
+    fn batch_inputs(&mut self, epoch: u64, index: usize, batch: &BatchRef) -> Result<BatchInputs> {
         let ctx = self.sample_context(epoch);
         let loaded =
             load_batch(&self.group, batch, index, &ctx).map_err(|e| TrainError::Config(e.to_string()))?;
@@ -376,8 +371,12 @@ impl Trainer<'_> {
                     epoch = e;
                 }
                 let b = self.batch_inputs(epoch, index, &batch)?;
-                let inputs =
-                    StepInputs { latents: b.latents, captions: &b.captions, loss_weights: &b.loss_weights, masks: b.masks };
+                let inputs = StepInputs {
+                    latents: b.latents,
+                    captions: &b.captions,
+                    loss_weights: &b.loss_weights,
+                    masks: b.masks,
+                };
                 let settings = StepSettings {
                     noise: &self.noise_args,
                     loss: &self.loss_args,

@@ -7,8 +7,8 @@ use std::collections::HashMap;
 use candle_core::{DType, Device, Tensor, Var};
 use rand_chacha::ChaCha8Rng;
 use sdbooth_data::tokenizer::ClipTokenizer;
-use sdbooth_models::ddpm::DdpmSchedule;
 use sdbooth_models::clip::apply_token_weights;
+use sdbooth_models::ddpm::DdpmSchedule;
 use sdbooth_models::{ClipTrainOptions, TrainOptions};
 
 use super::setup::{model_err, Model};
@@ -73,8 +73,10 @@ pub fn plain_token_ids(
     let b = captions.len();
     let mut per_caption = Vec::with_capacity(b);
     for c in captions {
-        per_caption
-            .push(tok.tokenize_for_training(c, max_token_length, no_token_padding).map_err(|e| caption_error(c, e))?);
+        per_caption.push(
+            tok.tokenize_for_training(c, max_token_length, no_token_padding)
+                .map_err(|e| caption_error(c, e))?,
+        );
     }
     if no_token_padding {
         let first: Vec<Vec<u32>> = per_caption.into_iter().map(|mut w| w.swap_remove(0)).collect();
