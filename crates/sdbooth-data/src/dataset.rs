@@ -64,6 +64,10 @@ pub struct Dataset {
     /// Reg images × repeats before balancing (kohya's num_reg_images).
     pub num_reg_images: u64,
     pub mean_ar_error: f64,
+    /// Instance images held out by `validation_split` (kohya's split_train_val), each with the
+    /// bucket it would train in; never in `buckets`. Validation loss reads them.
+    #[serde(default)]
+    pub validation_images: Vec<ImageEntry>,
 }
 
 impl Dataset {
@@ -236,11 +240,12 @@ pub fn build_dataset_group(spec: DatasetGroupSpec, opts: &DatasetOptions) -> Res
 /// `random.seed(seed); random.shuffle(...)` with Python's generator, so with a validation_seed
 /// the same images are held out as in kohya. (Without one kohya uses its global random state,
 /// which cannot be reproduced; we then use --seed, or 0.)
-fn train_split<T>(mut items: Vec<T>, split: f64, seed: u64) -> Vec<T> {
+/// Returns (train, held out).
+fn train_split<T>(mut items: Vec<T>, split: f64, seed: u64) -> (Vec<T>, Vec<T>) {
     crate::pyrandom::PyRandom::new(seed).shuffle(&mut items);
     let keep = ((items.len() as f64) * (1.0 - split)).ceil() as usize;
-    items.truncate(keep);
-    items
+    let held_out = items.split_off(keep.min(items.len()));
+    (items, held_out)
 }
 
 fn register(
@@ -254,13 +259,33 @@ fn register(
 ) -> Result<Dataset> {
     let mut images: Vec<ImageEntry> = Vec::new();
     let mut reg: Vec<ImageEntry> = Vec::new();
+    let mut validation_images: Vec<ImageEntry> = Vec::new();
     let (mut num_train, mut num_reg) = (0u64, 0u64);
     for l in listed {
         let ss = &spec.subsets[l.subset];
         let mut items = l.images;
         if spec.validation_split > 0.0 && !ss.is_reg {
             let seed = spec.validation_seed.or(opts.seed).unwrap_or(0);
-            items = train_split(items, spec.validation_split, seed);
+            let (train, held_out) = train_split(items, spec.validation_split, seed);
+            items = train;
+            for (path, caption, caption_file) in held_out {
+                let Some(Ok(probe)) = probes.get(&path) else { continue };
+                let orientation = if opts.ignore_exif_orientation { None } else { probe.orientation.clone() };
+                validation_images.push(ImageEntry {
+                    path,
+                    subset: l.subset,
+                    is_reg: false,
+                    caption,
+                    caption_file,
+                    size: probe.size(opts.ignore_exif_orientation),
+                    orientation,
+                    has_alpha: probe.has_alpha,
+                    num_repeats: 1,
+                    bucket: (0, 0),
+                    resized_size: (0, 0),
+                    ar_error: 0.0,
+                });
+            }
         }
         if items.is_empty() {
             infos[l.subset].ignored = Some("no images found".into());
@@ -330,6 +355,19 @@ fn register(
         }
     }
     let buckets = assign_buckets(&spec, &mut images)?;
+    // Held-out images take the bucket they would train in; one that fits none is not validated.
+    let bm = bucket_manager(&spec);
+    validation_images.retain_mut(|img| {
+        let c = bm.select_bucket(img.size.0, img.size.1);
+        let fits = c.reso.0 > 0
+            && c.reso.1 > 0
+            && (spec.enable_bucket || (img.size.0 >= spec.resolution.0 && img.size.1 >= spec.resolution.1));
+        if !fits {
+            notes.push(format!("validation image {} fits no bucket; not validated", img.path.display()));
+        }
+        (img.bucket, img.resized_size, img.ar_error) = (c.reso, c.resized_size, c.ar_error);
+        fits
+    });
     let mean_ar_error = if spec.enable_bucket && !images.is_empty() {
         images.iter().map(|i| i.ar_error.abs()).sum::<f64>() / images.len() as f64
     } else {
@@ -343,11 +381,12 @@ fn register(
         num_train_images: num_train,
         num_reg_images: num_reg,
         mean_ar_error,
+        validation_images,
     })
 }
 
-fn assign_buckets(spec: &DatasetSpec, images: &mut [ImageEntry]) -> Result<Vec<Bucket>> {
-    let bm = if !spec.enable_bucket {
+fn bucket_manager(spec: &DatasetSpec) -> BucketManager {
+    if !spec.enable_bucket {
         BucketManager::fixed(spec.resolution)
     } else if spec.bucket_no_upscale {
         BucketManager::no_upscale(spec.resolution, spec.bucket_reso_steps)
@@ -358,7 +397,11 @@ fn assign_buckets(spec: &DatasetSpec, images: &mut [ImageEntry]) -> Result<Vec<B
             spec.max_bucket_reso,
             spec.bucket_reso_steps,
         )
-    };
+    }
+}
+
+fn assign_buckets(spec: &DatasetSpec, images: &mut [ImageEntry]) -> Result<Vec<Bucket>> {
+    let bm = bucket_manager(spec);
     // kohya's BucketManager only lists the resolutions some image selected (add_if_new_reso).
     let mut resos: Vec<Reso> = Vec::new();
     for img in images.iter_mut() {

@@ -126,7 +126,11 @@ impl Pipeline<'_> {
     /// Generates one image: RGB bytes, `width × height × 3`.
     pub fn generate(&self, req: &Request) -> Result<Vec<u8>> {
         let factor = 8;
-        if req.width % factor != 0 || req.height % factor != 0 || req.width == 0 || req.height == 0 {
+        if !req.width.is_multiple_of(factor)
+            || !req.height.is_multiple_of(factor)
+            || req.width == 0
+            || req.height == 0
+        {
             return Err(GenerateError::Invalid(format!(
                 "image size {}x{} must be a positive multiple of 8",
                 req.width, req.height

@@ -3,4 +3,5 @@
 
 pub mod generate;
 pub mod prompts;
+pub mod report;
 pub mod schedulers;

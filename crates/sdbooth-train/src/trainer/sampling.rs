@@ -89,7 +89,7 @@ pub(super) fn at_start(t: &mut Trainer<'_>, tb: Option<&mut TensorBoardWriter>) 
 /// which overrides it as in kohya).
 pub(super) fn after_step(t: &mut Trainer<'_>, epoch: u64, tb: Option<&mut TensorBoardWriter>) -> Result<()> {
     match sample_triggers(t.args) {
-        (Some(n), None) if t.global_step % n == 0 => {
+        (Some(n), None) if t.global_step.is_multiple_of(n) => {
             sample_images(t, None)?;
             validate(t, epoch, tb)
         }
@@ -104,7 +104,7 @@ pub(super) fn at_epoch_end(
     tb: Option<&mut TensorBoardWriter>,
 ) -> Result<()> {
     match sample_triggers(t.args) {
-        (_, Some(n)) if epoch % n == 0 => {
+        (_, Some(n)) if epoch.is_multiple_of(n) => {
             sample_images(t, Some(epoch))?;
             validate(t, epoch, tb)
         }
@@ -149,7 +149,7 @@ fn validate(t: &mut Trainer<'_>, epoch: u64, tb: Option<&mut TensorBoardWriter>)
     if t.monitor.last_validation_step == Some(t.global_step) {
         return Ok(());
     }
-    let per_image = v.evaluate(t.args, &t.model, &t.alphas_cumprod, &t.loss_args)?;
+    let per_image = v.evaluate(t)?;
     let record = v.record(t.global_step, epoch, per_image);
     eprintln!("validation loss at step {}: {:.5}", t.global_step, record.loss);
     if let Some(tb) = tb {

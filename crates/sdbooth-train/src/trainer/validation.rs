@@ -11,10 +11,11 @@ use rand_chacha::ChaCha8Rng;
 use sdbooth_data::{DatasetGroup, SampleContext};
 
 use super::setup::{self, model_err, Model};
-use super::step::{normal_tensor, token_ids};
+use super::step::{normal_tensor, token_ids, StepSettings};
 use crate::args::TrainArgs;
 use crate::error::{Result, TrainError};
-use crate::loss::{training_loss, LossArgs};
+use crate::loss::training_loss;
+use sdbooth_models::clip::apply_token_weights;
 
 /// Timesteps per held-out image, stratified over the trained range (one forward pass each).
 pub const TIMESTEPS_PER_IMAGE: usize = 4;
@@ -121,39 +122,58 @@ impl Validation {
         Ok(Some(Validation { items }))
     }
 
-    /// Each held-out image's loss with the current weights (no gradients).
-    pub fn evaluate(
-        &self,
-        args: &TrainArgs,
-        model: &Model,
-        alphas_cumprod: &[f32],
-        loss: &LossArgs,
-    ) -> Result<Vec<f64>> {
+    /// Each held-out image's loss with the current weights (no gradients), tokenized and
+    /// encoded as the training step does (same settings, text encoder frozen).
+    pub fn evaluate(&self, t: &super::Trainer<'_>) -> Result<Vec<f64>> {
         let device = setup::device();
+        let args = t.args;
         let dtype = setup::compute_dtype(args);
-        let clip_skip = args.model.clip_skip.map(|v| v as usize);
-        let max_len = args.model.max_token_length.map(|v| v as usize);
+        let settings = StepSettings {
+            noise: &t.noise_args,
+            loss: &t.loss_args,
+            schedule: &t.schedule,
+            alphas_cumprod: &t.alphas_cumprod,
+            train_text_encoder: false,
+            checkpointing: false,
+            compute_dtype: dtype,
+            clip_skip: args.model.clip_skip.map(|v| v as usize),
+            max_token_length: args.model.max_token_length.map(|v| v as usize),
+            no_token_padding: args.model.no_token_padding,
+            weighted_captions: args.dataset.weighted_captions,
+            grad_multiplier: 1.0,
+        };
+        let model = &t.model;
         let mut out = Vec::with_capacity(self.items.len());
         for it in &self.items {
-            let ids = token_ids(
-                &model.tokenizer,
-                std::slice::from_ref(&it.caption),
-                max_len,
-                args.model.no_token_padding,
-                &device,
-            )?;
-            let ctx =
-                model.text_encoder.encode(&model.text_params, &ids, clip_skip, dtype).map_err(model_err)?;
+            let (ids, token_weights) =
+                token_ids(&model.tokenizer, std::slice::from_ref(&it.caption), &settings, &device)?;
+            let ctx = model
+                .text_encoder
+                .encode(&model.text_params, &ids, settings.clip_skip, dtype)
+                .map_err(model_err)?;
+            let ctx = match &token_weights {
+                Some(w) => apply_token_weights(&ctx, w).map_err(model_err)?,
+                None => ctx,
+            };
             let k = it.timesteps.len();
             let ctx = ctx.repeat((k, 1, 1))?;
-            let t = Tensor::from_vec(it.timesteps.iter().map(|&t| t as f32).collect::<Vec<_>>(), k, &device)?;
+            let ts =
+                Tensor::from_vec(it.timesteps.iter().map(|&v| v as f32).collect::<Vec<_>>(), k, &device)?;
             let pred = model
                 .unet
-                .forward_frozen(&model.unet_params, &it.noisy, &t, &ctx, dtype)
+                .forward_frozen(&model.unet_params, &it.noisy, &ts, &ctx, dtype)
                 .map_err(model_err)?
                 .to_dtype(DType::F32)?;
             let weights = vec![1.0f32; k];
-            let l = training_loss(&pred, &it.target, &it.timesteps, &weights, None, alphas_cumprod, loss)?;
+            let l = training_loss(
+                &pred,
+                &it.target,
+                &it.timesteps,
+                &weights,
+                None,
+                &t.alphas_cumprod,
+                &t.loss_args,
+            )?;
             out.push(l.to_dtype(DType::F64)?.to_scalar::<f64>()?);
         }
         Ok(out)
