@@ -176,11 +176,11 @@ pub const FLAG_SUPPORT: &[(&str, Support)] = &[
     ("metadata_preprocessor", Implemented),
     ("metadata_is_negative_embedding", Implemented),
     // Sampling
-    ("sample_prompts", NotYet),
-    ("sample_every_n_steps", NotYet),
-    ("sample_every_n_epochs", NotYet),
-    ("sample_at_first", NotYet),
-    ("sample_sampler", NotYet),
+    ("sample_prompts", Implemented),
+    ("sample_every_n_steps", Implemented),
+    ("sample_every_n_epochs", Implemented),
+    ("sample_at_first", Implemented),
+    ("sample_sampler", Implemented),
     // Logging (log_with's values are checked in `refusals`: wandb is out of scope)
     ("console_log_level", Implemented),
     ("console_log_file", Implemented),
