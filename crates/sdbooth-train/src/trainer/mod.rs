@@ -9,6 +9,7 @@ mod validation;
 
 use std::collections::HashMap;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
 use candle_core::{DType, Tensor};
@@ -63,6 +64,23 @@ impl LossScale {
             self.scale *= 0.5;
             self.good_steps = 0;
         }
+    }
+}
+
+/// Set by Ctrl-C: the loop finishes the step in flight, saves a state and stops.
+static INTERRUPTED: AtomicBool = AtomicBool::new(false);
+
+/// The first Ctrl-C asks for a clean stop after the current step; a second one quits at once.
+fn install_interrupt_handler() {
+    let result = ctrlc::set_handler(|| {
+        if INTERRUPTED.swap(true, Ordering::SeqCst) {
+            eprintln!("\nsecond interrupt: quitting without saving");
+            std::process::exit(130);
+        }
+        eprintln!("\ninterrupt: saving a state after this step (Ctrl-C again to quit at once)");
+    });
+    if let Err(e) = result {
+        tracing::warn!("Ctrl-C handler not installed: {e}");
     }
 }
 
@@ -182,6 +200,7 @@ pub fn train_checked(args: &TrainArgs) -> Result<TrainSummary> {
     if let Some(dir) = &args.saving.resume {
         trainer.resume(dir)?;
     }
+    install_interrupt_handler();
     trainer.run(stop_te)
 }
 
@@ -465,6 +484,16 @@ impl Trainer<'_> {
                 peak_rss_bytes: peak_rss_bytes(),
             })?;
             self.save_on_step(epoch)?;
+            if INTERRUPTED.load(Ordering::SeqCst) {
+                bar.finish_and_clear();
+                let dir = saving::save_interrupted(&self, epoch)?;
+                return Err(TrainError::Config(format!(
+                    "interrupted after step {}; the state is saved in {} (continue with --resume {})",
+                    self.global_step,
+                    dir.display(),
+                    dir.display()
+                )));
+            }
             sampling::after_step(&mut self, epoch, tb.as_mut())?;
         }
         bar.finish_and_clear();

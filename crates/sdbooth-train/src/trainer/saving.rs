@@ -99,7 +99,7 @@ fn save_model_file(t: &Trainer<'_>, path: &Path, epoch: u64) -> Result<()> {
     Ok(())
 }
 
-fn save_state_dir(t: &Trainer<'_>, dir: &Path, epoch: u64) -> Result<()> {
+pub(super) fn save_state_dir(t: &Trainer<'_>, dir: &Path, epoch: u64) -> Result<()> {
     let mut st = TrainingState::new(t.global_step, epoch);
     st.rng_streams.insert("noise".into(), RngState::capture(&t.noise_rng));
     st.rng_streams.insert("vae".into(), RngState::capture(&t.vae_rng));
@@ -223,4 +223,13 @@ pub(super) fn save_final(t: &mut Trainer<'_>, epoch: u64) -> Result<PathBuf> {
         save_state_dir(t, &t.output.path(&state::last_state_name(name)), epoch)?;
     }
     Ok(path)
+}
+
+/// Ctrl-C: the state of the step just finished, under kohya's step-state name.
+pub(super) fn save_interrupted(t: &Trainer<'_>, epoch: u64) -> Result<PathBuf> {
+    let dir = t.output.path(&state::step_state_name(t.output.name.as_deref(), t.global_step));
+    if !dir.is_dir() {
+        save_state_dir(t, &dir, epoch)?;
+    }
+    Ok(dir)
 }
