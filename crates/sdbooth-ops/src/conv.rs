@@ -15,7 +15,7 @@
 
 use crate::cpu::{self, Mat};
 use candle_core::backend::BackendStorage;
-use candle_core::{bail, CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
+use candle_core::{bail, CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
 /// Geometry of one convolution, validated once.
@@ -151,8 +151,18 @@ fn col2im(g: &Geom, dcol: &[f32], dx: &mut [f32]) {
 
 /// Forward: `y[B, Cout, Ho, Wo]`.
 pub fn forward(g: &Geom, x: &[f32], w: &[f32]) -> Vec<f32> {
+    forward_bias(g, x, w, None)
+}
+
+/// Forward with an optional per-channel bias, added by starting the GEMM from the bias planes.
+pub fn forward_bias(g: &Geom, x: &[f32], w: &[f32], bias: Option<&[f32]>) -> Vec<f32> {
     let (k, p) = (g.k(), g.p());
     let mut y = vec![0f32; g.b * g.cout * p];
+    if let Some(bias) = bias {
+        y.par_chunks_mut(p).with_min_len(min_rows(p)).enumerate().for_each(|(i, plane)| {
+            plane.fill(bias[i % g.cout]);
+        });
+    }
     let mut col = if g.is_pointwise() { Vec::new() } else { vec![0f32; k * p] };
     for bi in 0..g.b {
         let xb = &x[bi * g.cin * g.h * g.w..(bi + 1) * g.cin * g.h * g.w];
@@ -163,9 +173,46 @@ pub fn forward(g: &Geom, x: &[f32], w: &[f32]) -> Vec<f32> {
             &col
         };
         let yb = &mut y[bi * g.cout * p..(bi + 1) * g.cout * p];
-        cpu::sgemm(g.cout, p, k, yb, p, false, Mat::rows(w, k), Mat::rows(colv, p), cpu::par_threads());
+        cpu::sgemm(
+            g.cout,
+            p,
+            k,
+            yb,
+            p,
+            bias.is_some(),
+            Mat::rows(w, k),
+            Mat::rows(colv, p),
+            cpu::par_threads(),
+        );
     }
     y
+}
+
+/// Gradient with respect to the bias: per output channel, the sum of dy over batch and plane.
+/// One channel per task, summed in batch order and in 16 fixed lanes per plane.
+pub fn grad_bias(g: &Geom, dy: &[f32]) -> Vec<f32> {
+    let p = g.p();
+    (0..g.cout)
+        .into_par_iter()
+        .with_min_len(min_rows(p * g.b))
+        .map(|c| {
+            let mut lanes = [0f32; 16];
+            let mut tail = 0f32;
+            for bi in 0..g.b {
+                let plane = &dy[(bi * g.cout + c) * p..][..p];
+                let mut chunks = plane.chunks_exact(16);
+                for ch in &mut chunks {
+                    for (l, v) in lanes.iter_mut().zip(ch) {
+                        *l += *v;
+                    }
+                }
+                for v in chunks.remainder() {
+                    tail += *v;
+                }
+            }
+            lanes.iter().sum::<f32>() + tail
+        })
+        .collect()
 }
 
 /// Gradient with respect to the input.
@@ -268,5 +315,60 @@ impl CustomOp2 for Conv2dOp {
             None
         };
         Ok((dx, dw))
+    }
+}
+
+/// The custom op with the bias fused: `(x, w, b) -> y`; the bias gradient is a chunked
+/// per-channel reduction here instead of candle's broadcast-add backward.
+pub(crate) struct Conv2dBiasOp {
+    pub stride: usize,
+    pub pad: usize,
+}
+
+impl CustomOp3 for Conv2dBiasOp {
+    fn name(&self) -> &'static str {
+        "sdbooth-conv2d-bias"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let g = Geom::new(l1.dims(), l2.dims(), self.stride, self.pad)?;
+        if s1.dtype() != s2.dtype() {
+            bail!("conv2d: input dtype {:?} differs from weight dtype {:?}", s1.dtype(), s2.dtype());
+        }
+        if l3.dims() != [g.cout] {
+            bail!("conv2d: bias shape {:?}, expected [{}]", l3.dims(), g.cout);
+        }
+        let x = cpu::storage_f32(s1, l1)?;
+        let w = cpu::storage_f32(s2, l2)?;
+        let b = cpu::storage_f32(s3, l3)?;
+        let y = forward_bias(&g, &x, &w, Some(&b));
+        Ok((cpu::storage_from_f32(y, s1.dtype())?, Shape::from((g.b, g.cout, g.ho, g.wo))))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        b: &Tensor,
+        y: &Tensor,
+        dy: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (dx, dw) = Conv2dOp { stride: self.stride, pad: self.pad }.bwd(x, w, y, dy)?;
+        let db = if b.track_op() {
+            let g = Geom::new(x.dims(), w.dims(), self.stride, self.pad)?;
+            let v = cpu::with_f32(dy, |dy| Ok(grad_bias(&g, dy)))?;
+            Some(cpu::tensor_from_f32(v, b.shape().clone(), b.dtype())?)
+        } else {
+            None
+        };
+        Ok((dx, dw, db))
     }
 }

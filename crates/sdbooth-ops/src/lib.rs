@@ -18,6 +18,7 @@ mod attention;
 mod conv;
 mod cpu;
 mod embed;
+mod linear;
 mod norm;
 pub mod reference;
 
@@ -40,10 +41,10 @@ pub fn conv2d(x: &Tensor, w: &Tensor, b: Option<&Tensor>, stride: usize, padding
     if !x.device().is_cpu() {
         return reference::conv2d(x, w, b, stride, padding);
     }
-    let y = x.contiguous()?.apply_op2(&w.contiguous()?, conv::Conv2dOp { stride, pad: padding })?;
+    let (x, w) = (x.contiguous()?, w.contiguous()?);
     match b {
-        Some(b) => y.broadcast_add(&b.reshape((1, b.dim(0)?, 1, 1))?),
-        None => Ok(y),
+        Some(b) => x.apply_op3(&w, &b.contiguous()?, conv::Conv2dBiasOp { stride, pad: padding }),
+        None => x.apply_op2(&w, conv::Conv2dOp { stride, pad: padding }),
     }
 }
 
@@ -53,8 +54,18 @@ pub fn conv2d_flops(x_dims: &[usize], w_dims: &[usize], stride: usize, padding: 
 }
 
 /// `x @ w^T + b` over the last dimension of `x`.
+///
+/// On CPU one GEMM per product (forward, grad-input, grad-weight written in `[out, in]`), the
+/// bias gradient a chunked row sum; untracked operands get no gradient and cost nothing.
 pub fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
-    reference::linear(x, w, b)
+    if !x.device().is_cpu() {
+        return reference::linear(x, w, b);
+    }
+    let (x, w) = (x.contiguous()?, w.contiguous()?);
+    match b {
+        Some(b) => x.apply_op3(&w, &b.contiguous()?, linear::LinearBiasOp),
+        None => x.apply_op2(&w, linear::LinearOp),
+    }
 }
 
 /// Group normalisation over `[B, C, ...]` with per-channel affine parameters.

@@ -37,6 +37,16 @@ fn kernels_are_bit_identical_across_thread_counts() {
             vec![r.randn(&[1, 24, 16, 16]), r.randn(&[24, 24, 3, 3])],
         ),
         (
+            "linear_bias",
+            Box::new(|t| ops::linear(&t[0], &t[1], Some(&t[2]))),
+            vec![r.randn(&[2, 150, 64]), r.randn(&[96, 64]), r.randn(&[96])],
+        ),
+        (
+            "conv3x3_bias",
+            Box::new(|t| ops::conv2d(&t[0], &t[1], Some(&t[2]), 1, 1)),
+            vec![r.randn(&[2, 16, 20, 20]), r.randn(&[24, 16, 3, 3]), r.randn(&[24])],
+        ),
+        (
             "attention",
             Box::new(|t| ops::attention(&t[0], &t[1], &t[2], true)),
             vec![r.randn(&[1, 4, 160, 16]), r.randn(&[1, 4, 160, 16]), r.randn(&[1, 4, 160, 16])],

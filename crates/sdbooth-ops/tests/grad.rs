@@ -122,6 +122,23 @@ fn custom_kernels_match_f64_reference() {
             vec![r.randn(&[2, 8, 3, 5]), r.randn(&[4, 8, 1, 1])],
         ),
         (
+            // 150 rows: more than two of the bias-gradient's 64-row chunks.
+            "linear_bias",
+            Box::new(|t, custom| {
+                let f = if custom { ops::linear } else { ops::reference::linear };
+                f(&t[0], &t[1], Some(&t[2]))
+            }),
+            vec![r.randn(&[2, 75, 12]), r.randn(&[9, 12]), r.randn(&[9])],
+        ),
+        (
+            "linear_2d_no_bias",
+            Box::new(|t, custom| {
+                let f = if custom { ops::linear } else { ops::reference::linear };
+                f(&t[0], &t[1], None)
+            }),
+            vec![r.randn(&[7, 12]), r.randn(&[5, 12])],
+        ),
+        (
             "group_norm_silu",
             Box::new(|t, custom| {
                 let f = if custom { ops::group_norm_silu } else { ops::reference::group_norm_silu };
@@ -191,6 +208,13 @@ fn untracked_operands_get_no_gradient() {
     let y2 = ops::reference::conv2d(xv.as_tensor(), w.as_tensor(), None, 1, 1).unwrap();
     let g2 = y2.sum_all().unwrap().backward().unwrap();
     assert!(norm_rel(dw, g2.get(w.as_tensor()).unwrap()) < 1e-5);
+
+    // Frozen linear weight and bias, tracked input: only the input gets a gradient.
+    let xv = candle_core::Var::from_tensor(&r.randn(&[2, 3, 4])).unwrap();
+    let (lw, lb) = (r.randn(&[5, 4]), r.randn(&[5]));
+    let y = ops::linear(xv.as_tensor(), &lw, Some(&lb)).unwrap();
+    let grads = y.sum_all().unwrap().backward().unwrap();
+    assert!(grads.get(xv.as_tensor()).is_some() && grads.get(&lw).is_none() && grads.get(&lb).is_none());
 
     let q = candle_core::Var::from_tensor(&r.randn(&[1, 2, 6, 4])).unwrap();
     let kv = r.randn(&[1, 2, 6, 4]);

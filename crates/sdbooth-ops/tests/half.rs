@@ -27,6 +27,11 @@ fn half_precision_within_stated_bounds() {
             vec![r.randn(&[1, 8, 8, 8]), (r.randn(&[8, 8, 3, 3]) * 0.1).unwrap()],
         ),
         (
+            "linear_bias",
+            Box::new(|t| ops::linear(&t[0], &t[1], Some(&t[2]))),
+            vec![r.randn(&[2, 9, 32]), (r.randn(&[12, 32]) * 0.1).unwrap(), r.randn(&[12])],
+        ),
+        (
             "attention",
             Box::new(|t| ops::attention(&t[0], &t[1], &t[2], false)),
             vec![r.randn(&[1, 2, 70, 16]), r.randn(&[1, 2, 70, 16]), r.randn(&[1, 2, 70, 16])],
