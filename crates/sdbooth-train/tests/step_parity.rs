@@ -22,7 +22,7 @@ use sdbooth_train::args::TrainArgs;
 use sdbooth_train::noise::{add_noise, NoisedBatch};
 use sdbooth_train::optim::{clip_coef, Optimizer};
 use sdbooth_train::trainer::setup::{self, Model};
-use sdbooth_train::trainer::step::{loss_and_grads, token_ids, GradBuffer, StepInputs, StepSettings};
+use sdbooth_train::trainer::step::{loss_and_grads, plain_token_ids, GradBuffer, StepInputs, StepSettings};
 
 const LOSS_TOL: f64 = 1e-5;
 /// Per-tensor norm-relative bound on gradients (JL estimate, ±35% at K = 16). Measured
@@ -151,6 +151,7 @@ fn step(model: &Model, args: &TrainArgs, b: &Batch) -> (f64, GradBuffer) {
         clip_skip: args.model.clip_skip.map(|v| v as usize),
         max_token_length: None,
         no_token_padding: false,
+        weighted_captions: false,
         grad_multiplier: 1.0,
     };
     let inputs = StepInputs {
@@ -361,7 +362,7 @@ fn check_grads(case: &str) {
     assert_eq!(model.v_parameterization, meta["v_parameterization"].as_bool().unwrap());
     let b = batch(fx, case);
     // Our tokenizer gives the ids transformers' CLIPTokenizer gave in train_step.py.
-    let ids = token_ids(&model.tokenizer, &b.captions, None, false, &Device::Cpu).unwrap();
+    let ids = plain_token_ids(&model.tokenizer, &b.captions, None, false, &Device::Cpu).unwrap();
     let want: Vec<i64> = fx.get(&format!("{case}.ids")).flatten_all().unwrap().to_vec1().unwrap();
     let got: Vec<i64> = ids.to_dtype(DType::I64).unwrap().flatten_all().unwrap().to_vec1().unwrap();
     assert_eq!(got, want, "{case}: token ids");
