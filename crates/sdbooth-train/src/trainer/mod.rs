@@ -2,6 +2,7 @@
 //! U-Net and text encoder trained together, saving and exact resume.
 
 mod sampling;
+mod latent_cache;
 mod saving;
 pub mod setup;
 pub mod step;
@@ -123,6 +124,8 @@ struct Trainer<'a> {
     loss_args: crate::loss::LossArgs,
     lr_schedule: crate::lr::LrSchedule,
     monitor: sampling::Monitor,
+    /// Threads that decode and augment images (`--max_data_loader_n_workers`).
+    loader_pool: rayon::ThreadPool,
 }
 
 /// Runs `sdbooth train` (not the dry run): refuses flags this build does not implement, then
@@ -190,6 +193,10 @@ pub fn train_checked(args: &TrainArgs) -> Result<TrainSummary> {
         recorder: LossRecorder::default(),
         noise_args: setup::noise_args(args),
         lr_schedule: setup::lr_schedule(args, plan.max_train_steps)?,
+        loader_pool: rayon::ThreadPoolBuilder::new()
+            .num_threads(args.training.max_data_loader_n_workers.max(1) as usize)
+            .build()
+            .map_err(|e| TrainError::Config(format!("image loader threads: {e}")))?,
         loss_args: setup::loss_args(args, false),
         monitor,
     };
@@ -207,6 +214,12 @@ pub fn train_checked(args: &TrainArgs) -> Result<TrainSummary> {
 /// Options whose combinations kohya refuses, or that this loop cannot honour.
 fn check_options(args: &TrainArgs) -> Result<()> {
     let m = &args.memory;
+    let caching = args.training.cache_latents || args.training.cache_latents_to_disk;
+    if caching && args.dataset.flip_aug {
+        return Err(TrainError::Config(
+            "--cache_latents with --flip_aug is not supported yet (kohya caches both orientations)".into(),
+        ));
+    }
     if args.optimizer.fused_backward_pass {
         if args.training.gradient_accumulation_steps > 1 {
             return Err(TrainError::Config(
@@ -236,48 +249,37 @@ impl Trainer<'_> {
         }
     }
 
-    /// Encodes every image once (kohya's --cache_latents): one latent sample per image, drawn
-    /// from the VAE stream in image order so the cache is the same on every run.
+    /// Encodes every image once (kohya's --cache_latents / --cache_latents_to_disk).
     fn cache_latents(&mut self) -> Result<()> {
         let vae_params =
             self.model.vae_params.as_ref().ok_or_else(|| TrainError::Config("VAE was freed".into()))?;
         let total: usize = self.group.datasets.iter().map(|d| d.images.len()).sum();
         let bar = progress_bar(total as u64, "caching latents");
-        let mut cache = HashMap::new();
+        let settings = latent_cache::CacheSettings {
+            seed: self.seed,
+            to_disk: self.args.training.cache_latents_to_disk,
+            skip_cache_check: self.args.training.skip_cache_check,
+            vae_batch_size: self.args.training.vae_batch_size as usize,
+        };
         let ctx = self.sample_context(1);
-        for (di, ds) in self.group.datasets.iter().enumerate() {
-            for ii in 0..ds.images.len() {
-                let sample = sdbooth_data::load_sample(&self.group, di, ii, 0, &ctx)
-                    .map_err(|e| TrainError::Config(e.to_string()))?;
-                let img = Tensor::from_vec(
-                    sample.pixels,
-                    (1, 3, sample.height as usize, sample.width as usize),
-                    &setup::device(),
-                )?;
-                let f = self.model.vae.downscale_factor();
-                let shape = [1, 4, sample.height as usize / f, sample.width as usize / f];
-                let noise = normal_tensor(&mut self.vae_rng, &shape, &setup::device())?;
-                let latents = self
-                    .model
-                    .vae
-                    .encode_to_latents(vae_params, &img, &noise, None)
-                    .map_err(setup::model_err)?;
-                cache.insert((di, ii), latents);
-                bar.inc(1);
-            }
-        }
+        let cache = latent_cache::build(&self.group, &self.model.vae, vae_params, &settings, &ctx, &bar)?;
         bar.finish_and_clear();
         self.latent_cache = Some(cache);
-        // Sampling during training would need the VAE; nothing else does.
-        self.model.vae_params = None;
+        // Without samples to decode, nothing needs the VAE any more (`--highvram` keeps it).
+        if !self.args.memory.highvram && self.args.sampling.sample_prompts.is_none() {
+            self.model.vae_params = None;
+        }
         Ok(())
     }
 
     /// Latents, captions, loss weights and masks of one batch.
     fn batch_inputs(&mut self, epoch: u64, index: usize, batch: &BatchRef) -> Result<BatchInputs> {
         let ctx = self.sample_context(epoch);
-        let loaded =
-            load_batch(&self.group, batch, index, &ctx).map_err(|e| TrainError::Config(e.to_string()))?;
+        let group = &self.group;
+        let loaded = self
+            .loader_pool
+            .install(|| load_batch(group, batch, index, &ctx))
+            .map_err(|e| TrainError::Config(e.to_string()))?;
         let (b, h, w) = (loaded.samples.len(), loaded.height as usize, loaded.width as usize);
         let device = setup::device();
         let latents = match &self.latent_cache {
