@@ -134,8 +134,10 @@ pub fn render_html(r: &RunReport) -> String {
             let _ = write!(h, "<h3>{}</h3>\n<div class=\"grid\">", esc(&g.label));
             for (prompt, path) in &g.images {
                 let img = match thumbnail_png(path) {
-                    Ok(bytes) => format!(
-                        "<img alt=\"{}\" src=\"data:image/png;base64,{}\">",
+                    // Small samples (tests, tiny models) are shown at least 128 px wide, pixelated.
+                    Ok((bytes, w)) => format!(
+                        "<img width=\"{}\" alt=\"{}\" src=\"data:image/png;base64,{}\">",
+                        w.max(128),
                         esc(prompt),
                         base64(&bytes)
                     ),
@@ -262,7 +264,7 @@ fn line_chart(title: &str, series: &[Series<'_>]) -> String {
             py + 4.0,
             tick(yv),
             top + ph + 14.0,
-            tick(xv)
+            if x1 - x0 >= 4.0 { format!("{xv:.0}") } else { tick(xv) }
         );
     }
     let _ =
@@ -320,7 +322,7 @@ fn tick(v: f64) -> String {
 }
 
 /// A PNG of the image scaled down to [`THUMBNAIL_SIZE`] on its longest side (as is when smaller).
-fn thumbnail_png(path: &Path) -> Result<Vec<u8>, String> {
+fn thumbnail_png(path: &Path) -> Result<(Vec<u8>, u32), String> {
     let img = image::open(path).map_err(|e| format!("{}: {e}", path.display()))?;
     let img = if img.width().max(img.height()) > THUMBNAIL_SIZE {
         img.resize(THUMBNAIL_SIZE, THUMBNAIL_SIZE, image::imageops::FilterType::Triangle)
@@ -331,7 +333,7 @@ fn thumbnail_png(path: &Path) -> Result<Vec<u8>, String> {
     img.to_rgb8()
         .write_to(&mut out, image::ImageFormat::Png)
         .map_err(|e| format!("{}: {e}", path.display()))?;
-    Ok(out.into_inner())
+    Ok((out.into_inner(), img.width()))
 }
 
 fn esc(s: &str) -> String {

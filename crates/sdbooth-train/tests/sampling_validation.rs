@@ -31,8 +31,6 @@ fn args(out: &Path, extra: &[&str]) -> TrainArgs {
         "0.4",
         "--validation_seed",
         "3",
-        "--max_train_steps",
-        "6",
     ]
     .iter()
     .map(|s| s.to_string())
@@ -41,6 +39,9 @@ fn args(out: &Path, extra: &[&str]) -> TrainArgs {
     v.push(toy_toml().display().to_string());
     v.push("--output_dir".into());
     v.push(out.display().to_string());
+    if !extra.contains(&"--max_train_steps") {
+        v.extend(["--max_train_steps".to_string(), "6".to_string()]);
+    }
     v.extend(extra.iter().map(|s| s.to_string()));
     TrainArgs::try_parse_from(v).expect("flags parse")
 }
@@ -156,4 +157,30 @@ fn samples_validation_report_and_exact_resume() {
     assert_eq!(names.len(), 2, "{names:?}");
     assert!(names.iter().all(|n| n.starts_with("m_000006_")));
     assert!(b.join("report.html").is_file());
+}
+
+#[test]
+fn samples_at_epoch_end_and_validates_there() {
+    let dir = tempfile::tempdir().unwrap();
+    let prompts = dir.path().join("prompts.toml");
+    std::fs::write(&prompts, "[[prompt]]\nprompt = \"sks dog\"\nwidth = 64\nheight = 64\nsample_steps = 2\n")
+        .unwrap();
+    let p = prompts.display().to_string();
+    let out = dir.path().join("e");
+    // Training stops inside epoch 1; kohya still runs the epoch-end sampling then.
+    let extra = ["--max_train_steps", "2", "--sample_prompts", &p, "--sample_every_n_epochs", "1"];
+    let a = args(&out, &extra);
+    assert_eq!(a.training.max_train_steps, 2);
+    train_checked(&a).expect("training runs");
+    let names = samples(&out);
+    assert_eq!(names.len(), 1, "{names:?}");
+    assert!(check_name(&names[0], "e000001", 0, None), "{names:?}");
+    let val = std::fs::read_to_string(out.join("m.validation.jsonl")).unwrap();
+    let steps: Vec<u64> = val
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["step"].as_u64().unwrap())
+        .collect();
+    assert_eq!(steps, [0, 2]);
+    let html = std::fs::read_to_string(out.join("report.html")).unwrap();
+    assert!(html.contains("epoch 1 (step 2)"), "sample group label");
 }
