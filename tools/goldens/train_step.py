@@ -29,6 +29,7 @@ computes in f32. Cases:
   sd1_prior  tiny-sd1, epsilon, 1 instance + 1 regularisation image (prior_loss_weight 0.5)
   sd1_snr    tiny-sd1, epsilon, --min_snr_gamma 5
   sd2_v      tiny-sd2, v-prediction (--v2 --v_parameterization)
+  sd1_clip_skip2  tiny-sd1, epsilon, --clip_skip 2 (hidden_states[-2] then final_layer_norm)
 
 For each: the loss and every parameter gradient. For sd1_eps and sd2_v also the weights after
 one step of kohya's SGDNesterov (torch.optim.SGD lr 0.1, momentum 0.9, nesterov) and after 5
@@ -127,9 +128,13 @@ def apply_snr_weight(loss, timesteps, sched, gamma, v_prediction):
     return loss * snr_weight
 
 
-def kohya_loss(unet, te, ids, latents, noise, timesteps, weights, v_pred, min_snr_gamma, sched):
-    """train_db.py's loss block (cached latents, no clip_skip, l2 loss, no noise extras)."""
-    encoder_hidden_states = te(ids)[0]
+def kohya_loss(unet, te, ids, latents, noise, timesteps, weights, v_pred, min_snr_gamma, sched, clip_skip=None):
+    """train_db.py's loss block (cached latents, l2 loss, no noise extras)."""
+    if clip_skip is None:  # train_util.get_hidden_states / strategy_sd.encode_tokens
+        encoder_hidden_states = te(ids)[0]
+    else:
+        enc_out = te(ids, output_hidden_states=True, return_dict=True)
+        encoder_hidden_states = te.text_model.final_layer_norm(enc_out["hidden_states"][-clip_skip])
     noisy_latents = sched.add_noise(latents, noise, timesteps)
     noise_pred = unet(noisy_latents, timesteps, encoder_hidden_states).sample
     target = sched.get_velocity(latents, noise, timesteps) if v_pred else noise
@@ -174,8 +179,8 @@ def clip_(params, max_norm=1.0):
 
 
 def f32_batch(batch):
-    ids, latents, noise, timesteps, weights, v_pred, gamma, sched = batch
-    return (ids, latents.float(), noise.float(), timesteps, weights, v_pred, gamma, sched)
+    ids, latents, noise, timesteps, weights, v_pred, gamma, sched, skip = batch
+    return (ids, latents.float(), noise.float(), timesteps, weights, v_pred, gamma, sched, skip)
 
 
 def spread(params, ours, ref, zeros):
@@ -230,6 +235,7 @@ def write():
         "sd1_prior": dict(model="tiny-sd1", v_pred=False, weights=[1.0, 0.5], gamma=None, optim=False),
         "sd1_snr": dict(model="tiny-sd1", v_pred=False, weights=[1.0, 1.0], gamma=5.0, optim=False),
         "sd2_v": dict(model="tiny-sd2", v_pred=True, weights=[1.0, 1.0], gamma=None, optim=True),
+        "sd1_clip_skip2": dict(model="tiny-sd1", v_pred=False, weights=[1.0, 1.0], gamma=None, optim=False, skip=2),
     }
     gen = torch.Generator().manual_seed(20261125)
     tensors, meta = {}, {"k_proj": K_PROJ, "seeds": SEEDS, "params": {}, "cases": {}}
@@ -247,13 +253,16 @@ def write():
         timesteps = torch.tensor([int(torch.randint(0, 1000, (1,), generator=gen)), 37], dtype=torch.long)
         ids = token_ids(toks[c["model"]], CAPTIONS)
         weights = torch.tensor(c["weights"], dtype=torch.float32)
-        batch = (ids, latents, noise, timesteps, weights, c["v_pred"], c["gamma"], sched)
+        batch = (ids, latents, noise, timesteps, weights, c["v_pred"], c["gamma"], sched, c.get("skip"))
 
         unet, te = build_models(c["model"])
         params = named_params(unet, te)
         loss = kohya_loss(unet, te, *batch)
         loss.backward()
-        grads = [p.grad for _, _, p in params]
+        # With clip_skip the last encoder layer gets no gradient (p.grad None: torch's optimizers
+        # skip it, weight decay included); stored as zeros and listed.
+        no_grad = [f"{part}/{name}" for part, name, p in params if p.grad is None]
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for _, _, p in params]
         gn, gp = compress(params, grads)
         total = float(torch.sqrt(sum((g.double() ** 2).sum() for g in grads)))
         # Exactly-zero gradients (CLIP's k_proj.bias): rounding noise only; see step_parity.rs.
@@ -265,7 +274,8 @@ def write():
         loss32 = kohya_loss(u32, t32, *f32_batch(batch))
         loss32.backward()
         torch.set_default_dtype(torch.float64)
-        torch_f32 = spread(params, [p.grad for _, _, p in p32], grads, zeros)
+        g32 = [p.grad if p.grad is not None else torch.zeros_like(p) for _, _, p in p32]
+        torch_f32 = spread(params, g32, grads, zeros)
         torch_f32["loss"] = abs(loss32.item() - loss.item()) / abs(loss.item())
         tensors.update(
             {
@@ -284,9 +294,11 @@ def write():
             captions=CAPTIONS,
             loss_weights=c["weights"],
             min_snr_gamma=c["gamma"],
+            clip_skip=c.get("skip"),
             loss=loss.item(),
             total_grad_norm=total,
             torch_f32_vs_f64=torch_f32,
+            no_grad=no_grad,
         )
         print(f"{cname}: loss {loss.item():.6f}, grad norm {total:.4f}, {len(params)} tensors; torch f32: {torch_f32}")
         if c["optim"]:

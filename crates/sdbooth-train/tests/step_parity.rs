@@ -306,14 +306,18 @@ fn structural_zeros(fx: &Fixture, case: &str, params: &[(String, String)]) -> Ha
     params.iter().zip(&norms).filter(|(_, &n)| n <= 1e-9 * total).map(|((_, name), _)| name.clone()).collect()
 }
 
-fn grad_of<'a>(buffer: &'a GradBuffer) -> impl Fn(&str, &str) -> Vec<f32> + 'a {
-    move |part: &str, name: &str| {
-        values(
-            buffer
-                .grads
-                .get(&(part.to_string(), name.to_string()))
-                .unwrap_or_else(|| panic!("no gradient for {part}/{name}")),
-        )
+/// Our gradient of a parameter; a parameter that got none (the last CLIP layer under
+/// clip_skip, as PyTorch's `p.grad is None`) reads as zeros.
+fn grad_of<'a>(
+    buffer: &'a GradBuffer,
+    params: &'a [(String, String)],
+) -> impl Fn(&str, &str) -> Vec<f32> + 'a {
+    move |part: &str, name: &str| match buffer.grads.get(&(part.to_string(), name.to_string())) {
+        Some(g) => values(g),
+        None => {
+            assert!(params.iter().any(|(p, n)| p == part && n == name), "{part}/{name} is not a parameter");
+            Vec::new()
+        }
     }
 }
 
@@ -347,15 +351,20 @@ fn case_flags(meta: &serde_json::Value) -> Vec<String> {
         v.push("--min_snr_gamma".into());
         v.push(g.to_string());
     }
+    if let Some(k) = meta["clip_skip"].as_u64() {
+        v.push("--clip_skip".into());
+        v.push(k.to_string());
+    }
     v
 }
 
-fn check_grads(case: &str) {
+fn check_grads(case: &str, extra: &[&str]) {
     let su = setup_all();
     let fx = &su.fx;
     let meta = &fx.meta["cases"][case];
     let model_name = meta["model"].as_str().unwrap();
-    let flags = case_flags(meta);
+    let mut flags = case_flags(meta);
+    flags.extend(extra.iter().map(|s| s.to_string()));
     let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
     let args = train_args(&su.models[model_name], &flags);
     let model = setup::load(&args).expect("model loads");
@@ -371,11 +380,33 @@ fn check_grads(case: &str) {
     let want_loss = fx.f64s(&format!("{case}.loss"))[0];
     let loss_rel = (loss - want_loss).abs() / want_loss.abs();
     let params = fx.params(model_name);
-    assert_eq!(buffer.grads.len(), params.len(), "{case}: one gradient per parameter");
+    // Every parameter PyTorch gives a gradient must have one here; those it leaves at None may
+    // be absent or zero (a zero gradient would still be stepped: weight decay, Adam state).
+    let no_grad: Vec<String> =
+        meta["no_grad"].as_array().unwrap().iter().map(|v| v.as_str().unwrap().to_string()).collect();
+    for (p, n) in &params {
+        let key = (p.clone(), n.clone());
+        if !no_grad.contains(&format!("{p}/{n}")) {
+            assert!(buffer.grads.contains_key(&key), "{case}: no gradient for {p}/{n}");
+        }
+    }
+    let stepped_without_grad = no_grad
+        .iter()
+        .filter(|k| {
+            let (p, n) = k.split_once('/').unwrap();
+            buffer.grads.contains_key(&(p.to_string(), n.to_string()))
+        })
+        .count();
+    if !no_grad.is_empty() {
+        eprintln!(
+            "{case}: {} parameters get no gradient in PyTorch; {stepped_without_grad} of them get a (zero) gradient from us",
+            no_grad.len()
+        );
+    }
     let zeros = structural_zeros(fx, case, &params);
-    let r = compare(fx, &params, &format!("{case}.grad"), &grad_of(&buffer), &zeros);
+    let r = compare(fx, &params, &format!("{case}.grad"), &grad_of(&buffer, &params), &zeros);
     eprintln!(
-        "{case}: loss {loss:.8} vs {want_loss:.8} (rel {loss_rel:.2e}); {} gradients: overall {:.2e}, worst {:.2e} ({}), worst norm diff {:.2e} ({}); {} exactly-zero gradients: ours at most {:.2e} of the total norm ({})",
+        "{case}{extra:?}: loss {loss:.8} vs {want_loss:.8} (rel {loss_rel:.2e}); {} gradients: overall {:.2e}, worst {:.2e} ({}), worst norm diff {:.2e} ({}); {} exactly-zero gradients: ours at most {:.2e} of the total norm ({})",
         r.count,
         r.overall(),
         r.worst.0,
@@ -497,22 +528,34 @@ fn check_optimizer(case: &str, kind: &str, steps: usize) {
 
 #[test]
 fn sd1_eps_loss_and_grads() {
-    check_grads("sd1_eps");
+    check_grads("sd1_eps", &[]);
 }
 
 #[test]
 fn sd1_prior_loss_and_grads() {
-    check_grads("sd1_prior");
+    check_grads("sd1_prior", &[]);
 }
 
 #[test]
 fn sd1_min_snr_loss_and_grads() {
-    check_grads("sd1_snr");
+    check_grads("sd1_snr", &[]);
 }
 
 #[test]
 fn sd2_v_prediction_loss_and_grads() {
-    check_grads("sd2_v");
+    check_grads("sd2_v", &[]);
+}
+
+#[test]
+fn sd1_clip_skip2_loss_and_grads() {
+    check_grads("sd1_clip_skip2", &[]);
+}
+
+/// Gradient checkpointing recomputes each block in backward: the same gradients as PyTorch's
+/// plain step.
+#[test]
+fn sd2_v_prediction_with_gradient_checkpointing() {
+    check_grads("sd2_v", &["--gradient_checkpointing"]);
 }
 
 #[test]
