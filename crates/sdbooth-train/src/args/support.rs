@@ -155,7 +155,7 @@ pub const FLAG_SUPPORT: &[(&str, Support)] = &[
     ("save_precision", Implemented),
     ("save_every_n_epochs", Implemented),
     ("save_every_n_steps", Implemented),
-    ("save_n_epoch_ratio", NotYet),
+    ("save_n_epoch_ratio", Implemented),
     ("save_last_n_epochs", Implemented),
     ("save_last_n_epochs_state", Implemented),
     ("save_last_n_steps", Implemented),
