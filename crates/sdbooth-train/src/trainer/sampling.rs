@@ -88,13 +88,19 @@ pub(super) fn at_start(t: &mut Trainer<'_>, tb: Option<&mut TensorBoardWriter>) 
 /// After each optimizer step: `--sample_every_n_steps` (unless `--sample_every_n_epochs` is set,
 /// which overrides it as in kohya).
 pub(super) fn after_step(t: &mut Trainer<'_>, epoch: u64, tb: Option<&mut TensorBoardWriter>) -> Result<()> {
-    match sample_triggers(t.args) {
-        (Some(n), None) if t.global_step.is_multiple_of(n) => {
+    if let (Some(n), None) = sample_triggers(t.args) {
+        if t.global_step.is_multiple_of(n) {
             sample_images(t, None)?;
-            validate(t, epoch, tb)
+            validate(t, epoch, tb)?;
         }
-        _ => Ok(()),
     }
+    // A report at each --save_every_n_steps too, so an interrupted run has one.
+    if t.args.saving.save_every_n_steps.is_some_and(|n| n > 0 && t.global_step.is_multiple_of(n))
+        && t.global_step < t.max_train_steps
+    {
+        write_report(t, epoch, None, &read_validation(&validation_log(t)))?;
+    }
+    Ok(())
 }
 
 /// At the end of each epoch: `--sample_every_n_epochs`; validation when no sampling schedule.
@@ -129,11 +135,21 @@ pub(super) fn finish(
             eprintln!("  {l:.5}  (was {f:.5})  {path}");
         }
     }
-    let path = t.output.dir.join("report.html");
-    let report = build_report(t, epoch, final_model, &records)?;
-    sdbooth_sample::report::write_report(&path, &report).map_err(TrainError::Config)?;
+    let path = write_report(t, epoch, Some(final_model), &records)?;
     eprintln!("report: {}", path.display());
     Ok(())
+}
+
+fn write_report(
+    t: &Trainer<'_>,
+    epoch: u64,
+    final_model: Option<&Path>,
+    records: &[ValidationRecord],
+) -> Result<PathBuf> {
+    let path = t.output.dir.join("report.html");
+    let report = build_report(t, epoch, final_model, records)?;
+    sdbooth_sample::report::write_report(&path, &report).map_err(TrainError::Config)?;
+    Ok(path)
 }
 
 fn log_stem(t: &Trainer<'_>) -> String {
@@ -255,7 +271,7 @@ fn read_validation(path: &Path) -> Vec<ValidationRecord> {
 fn build_report(
     t: &Trainer<'_>,
     epoch: u64,
-    final_model: &Path,
+    final_model: Option<&Path>,
     validation: &[ValidationRecord],
 ) -> Result<RunReport> {
     let stem = log_stem(t);
@@ -270,7 +286,10 @@ fn build_report(
     r.summary = vec![
         ("steps".into(), format!("{} / {}", t.global_step, t.max_train_steps)),
         ("epochs".into(), format!("{epoch} / {}", t.num_epochs)),
-        ("final model".into(), final_model.display().to_string()),
+        (
+            "final model".into(),
+            final_model.map_or("(training in progress)".into(), |p| p.display().to_string()),
+        ),
         ("final loss (average)".into(), steps.last().map_or("-".into(), |s| format!("{:.5}", s.avr_loss))),
         ("mean step time".into(), format!("{mean:.3} s")),
         (
