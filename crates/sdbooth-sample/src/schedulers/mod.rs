@@ -18,7 +18,7 @@ use candle_core::{Result, Tensor};
 
 pub use ddim::Ddim;
 pub use dpm_solver::{DpmAlgorithm, DpmSolverMultistep, DpmSolverSinglestep};
-pub use euler::{Euler, EulerAncestral};
+pub use euler::Euler;
 pub use kdiffusion::{Heun, KDpm2, KDpm2Ancestral, Lms};
 pub use pndm::Pndm;
 
@@ -35,10 +35,14 @@ pub enum PredictionType {
 pub trait Sampler {
     /// The U-Net timestep of each model call, in order.
     fn timesteps(&self) -> &[f64];
-    /// Scale of the initial noise latent.
-    fn init_noise_sigma(&self) -> f64;
-    /// The model input for call `i`.
-    fn scale_model_input(&self, x: &Tensor, i: usize) -> Result<Tensor>;
+    /// Scale of the initial noise latent (1 for the DDPM-style samplers).
+    fn init_noise_sigma(&self) -> f64 {
+        1.0
+    }
+    /// The model input for call `i` (unscaled for the DDPM-style samplers).
+    fn scale_model_input(&self, x: &Tensor, _i: usize) -> Result<Tensor> {
+        Ok(x.clone())
+    }
     /// Advances the latent after call `i`.
     fn step(
         &mut self,
@@ -80,7 +84,7 @@ pub fn sampler_by_name(
     Ok(match name {
         "ddim" => Box::new(Ddim::new(steps, prediction)),
         "euler" | "k_euler" => Box::new(Euler::new(steps, prediction)),
-        "euler_a" | "k_euler_a" => Box::new(EulerAncestral::new(steps, prediction)),
+        "euler_a" | "k_euler_a" => Box::new(Euler::ancestral(steps, prediction)),
         "lms" | "k_lms" => Box::new(Lms::new(steps, prediction)),
         "heun" => Box::new(Heun::new(steps, prediction)),
         "dpm_2" | "k_dpm_2" => Box::new(KDpm2::new(steps, prediction)),
