@@ -14,6 +14,7 @@
 //! device the same functions fall back to [`reference`], compositions of candle primitives.
 
 mod activation;
+mod alloc;
 mod attention;
 mod conv;
 mod cpu;
@@ -30,6 +31,7 @@ pub mod kernels {
 }
 
 pub use activation::{geglu, gelu_erf, quick_gelu, silu};
+pub use alloc::tune_allocator;
 pub use embed::{embedding, timestep_embedding, upsample_nearest2x};
 
 use candle_core::{Result, Tensor};
@@ -41,6 +43,7 @@ pub fn conv2d(x: &Tensor, w: &Tensor, b: Option<&Tensor>, stride: usize, padding
     if !x.device().is_cpu() {
         return reference::conv2d(x, w, b, stride, padding);
     }
+    tune_allocator();
     let (x, w) = (x.contiguous()?, w.contiguous()?);
     match b {
         Some(b) => x.apply_op3(&w, &b.contiguous()?, conv::Conv2dBiasOp { stride, pad: padding }),
@@ -61,6 +64,7 @@ pub fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
     if !x.device().is_cpu() {
         return reference::linear(x, w, b);
     }
+    tune_allocator();
     let (x, w) = (x.contiguous()?, w.contiguous()?);
     match b {
         Some(b) => x.apply_op3(&w, &b.contiguous()?, linear::LinearBiasOp),
