@@ -120,6 +120,31 @@ fn matmul(c: &mut Criterion) {
         group.throughput(Throughput::Elements((2 * m * k * n) as u64));
         group.bench_function(name, |b| b.iter(|| ops::linear(&a, &w, None).expect("linear")));
     }
+    // linear forward + backward (x, w, b all tracked) against candle's autograd of the same
+    // composition: SD's feed-forward at 1024 tokens and the 8×8 level's GEGLU projection
+    // (64 tokens, 1280 → 10240), where the weight gradient dominates.
+    for (label, m, k, n) in
+        [("1024x320x1280", 1024usize, 320usize, 1280usize), ("64x1280x10240", 64, 1280, 10240)]
+    {
+        let x = Var::from_tensor(&randn(&[1, m, k])).expect("var");
+        let w = Var::from_tensor(&(randn(&[n, k]) * 0.02).expect("scale")).expect("var");
+        let bias = Var::from_tensor(&randn(&[n])).expect("var");
+        group.throughput(Throughput::Elements((3 * 2 * m * k * n) as u64));
+        for (id, f) in [
+            (
+                "linear_fwd_bwd",
+                ops::linear as fn(&Tensor, &Tensor, Option<&Tensor>) -> candle_core::Result<Tensor>,
+            ),
+            ("linear_fwd_bwd_candle", ops::reference::linear),
+        ] {
+            group.bench_function(BenchmarkId::new(id, label), |b| {
+                b.iter(|| {
+                    let y = f(x.as_tensor(), w.as_tensor(), Some(bias.as_tensor())).expect("linear");
+                    y.sum_all().and_then(|s| s.backward()).expect("backward")
+                })
+            });
+        }
+    }
     group.finish();
 }
 
