@@ -53,6 +53,9 @@ fn conv2d(c: &mut Criterion) {
 /// The three conv2d passes alone on f32 slices (no candle graph, no gradient accumulation).
 fn conv2d_parts(c: &mut Criterion) {
     use ops::kernels::*;
+    // The raw kernels bypass ops::conv2d, which applies the malloc tuning on first use: apply it
+    // here too so the parts add up to the op (fresh 59 MB outputs are otherwise page-faulted).
+    ops::tune_allocator();
     let mut group = c.benchmark_group("conv2d_parts");
     group.sample_size(10).warm_up_time(Duration::from_millis(300)).measurement_time(Duration::from_secs(2));
     for (ch, hw) in [(320usize, 32usize), (1280, 8)] {
