@@ -54,6 +54,12 @@ fn main() -> std::process::ExitCode {
         Ok(cli) => cli,
         Err(e) => e.exit(),
     };
+    // Training-sized buffers: keep large blocks in the heap instead of fresh mmaps per step
+    // (see sdbooth_ops::alloc). The ops would apply it on first use; doing it here makes it
+    // visible. SDBOOTH_NO_MALLOC_TUNING=1 leaves malloc alone.
+    if matches!(cli.command, Command::Train(_) | Command::Bench(_) | Command::Generate(_)) {
+        sdbooth_ops::tune_allocator();
+    }
     let result = match cli.command {
         Command::Train(args) => match matches.subcommand_matches("train") {
             Some(train_matches) => train_cmd::run(*args, train_matches),

@@ -97,6 +97,10 @@ pub fn load(args: &TrainArgs) -> Result<Model> {
 /// candle's CPU matrix multiply has no bf16 kernel, so on the CPU `bf16` computes in f32 (more
 /// precise, same result as `no`); the README says so and the run prints it once.
 pub fn compute_dtype(args: &TrainArgs) -> Option<DType> {
+    // --full_bf16 stores bf16 weights; on the CPU they are cast to f32 per block for compute.
+    if args.memory.full_bf16 && device().is_cpu() {
+        return Some(DType::F32);
+    }
     match args.memory.mixed_precision {
         MixedPrecision::No => None,
         MixedPrecision::Fp16 => Some(DType::F16),
