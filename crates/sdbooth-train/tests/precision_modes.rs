@@ -59,7 +59,7 @@ fn fused_backward_refuses_accumulation_and_fp16() {
         v.extend(["--dataset_config".to_string(), toml.display().to_string()]);
         v.extend(["--output_dir".to_string(), dir.path().display().to_string()]);
         v.extend(mode.iter().map(|s| s.to_string()));
-        let err = train_checked(&TrainArgs::try_parse_from(v).unwrap()).err().expect("refused");
+        let err = train_checked(&TrainArgs::try_parse_from(v).unwrap()).expect_err("refused");
         assert!(err.to_string().contains("--fused_backward_pass"), "{mode:?}: {err}");
     }
 }

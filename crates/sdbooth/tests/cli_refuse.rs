@@ -36,7 +36,8 @@ fn out_of_scope_flags_say_so() {
 
 #[test]
 fn unimplemented_flags_are_listed_together() {
-    let err = failing_stderr(&["train", "--full_fp16", "--log_config", "--learning_rate", "1e-6", "--deepspeed"]);
+    let err =
+        failing_stderr(&["train", "--full_fp16", "--log_config", "--learning_rate", "1e-6", "--deepspeed"]);
     assert!(err.contains("--full_fp16 is not supported yet"), "{err}");
     assert!(err.contains("--log_config is not supported yet"), "{err}");
     assert!(!err.contains("--learning_rate"), "an implemented flag was refused: {err}");

@@ -25,8 +25,6 @@ impl Sampler for Ddim {
         &self.timesteps
     }
 
-
-
     fn step(&mut self, out: &Tensor, i: usize, x: &Tensor, _noise: &mut NoiseSource) -> Result<Tensor> {
         let t = self.timesteps[i] as usize;
         let a_t = self.alphas_cumprod[t] as f64;

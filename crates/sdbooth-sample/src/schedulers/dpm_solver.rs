@@ -97,8 +97,6 @@ impl Sampler for DpmSolverMultistep {
         &self.timesteps
     }
 
-
-
     fn step(&mut self, out: &Tensor, i: usize, x: &Tensor, _noise: &mut NoiseSource) -> Result<Tensor> {
         let n = self.timesteps.len();
         let m0 = self.convert(out, x, self.sigmas[i])?;
@@ -148,8 +146,6 @@ impl Sampler for DpmSolverSinglestep {
     fn timesteps(&self) -> &[f64] {
         &self.timesteps
     }
-
-
 
     fn step(&mut self, out: &Tensor, i: usize, x: &Tensor, _noise: &mut NoiseSource) -> Result<Tensor> {
         let m0 = convert(DpmAlgorithm::Data, self.prediction, out, x, self.sigmas[i])?;

@@ -118,8 +118,6 @@ impl Sampler for Pndm {
         &self.timesteps
     }
 
-
-
     fn step(&mut self, out: &Tensor, i: usize, x: &Tensor, _noise: &mut NoiseSource) -> Result<Tensor> {
         if i < self.prk_calls {
             self.step_rk(out, i, x)

@@ -1,8 +1,8 @@
 //! The DreamBooth loop of kohya's train_db.py: bucketed batches of instance and reg images,
 //! U-Net and text encoder trained together, saving and exact resume.
 
-mod sampling;
 mod latent_cache;
+mod sampling;
 mod saving;
 pub mod setup;
 pub mod step;

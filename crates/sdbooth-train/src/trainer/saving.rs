@@ -192,7 +192,8 @@ pub(super) fn save_on_step(t: &mut Trainer<'_>, epoch: u64) -> Result<()> {
 /// `--save_every_n_epochs`: every n-th epoch but the last (the final save covers that one).
 pub(super) fn save_on_epoch_end(t: &mut Trainer<'_>, epoch: u64) -> Result<()> {
     // kohya: --save_n_epoch_ratio r sets save_every_n_epochs to floor(epochs / r), at least 1.
-    let from_ratio = t.args.saving.save_n_epoch_ratio.filter(|&r| r > 0).map(|r| (t.num_epochs / r as u64).max(1));
+    let from_ratio =
+        t.args.saving.save_n_epoch_ratio.filter(|&r| r > 0).map(|r| (t.num_epochs / r as u64).max(1));
     let every = from_ratio.or(t.args.saving.save_every_n_epochs.map(u64::from));
     let Some(n) = every.filter(|&n| n > 0) else { return Ok(()) };
     if !epoch.is_multiple_of(n) || epoch >= t.num_epochs {
