@@ -2,15 +2,14 @@
 //! file names, `loss/validation` records, report.html; sampling leaves training bit-identical,
 //! and a run resumed from a mid-run state ends with the uninterrupted run's weights.
 
-use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+mod common;
 
+use std::collections::HashMap;
+use std::path::Path;
+
+use common::toy_toml;
 use sdbooth_train::args::TrainArgs;
 use sdbooth_train::trainer::train_checked;
-
-fn toy_toml() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/toy/dataset.toml")
-}
 
 fn args(out: &Path, extra: &[&str]) -> TrainArgs {
     let mut v: Vec<String> = [
