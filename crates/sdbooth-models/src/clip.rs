@@ -16,6 +16,7 @@ use candle_core::{DType, Tensor, Var};
 use sdbooth_ops as ops;
 
 use crate::config::{Activation, ClipConfig};
+use crate::params::Weights;
 use crate::{ModelError, ParamStore};
 
 /// CLIP's context length: every window of token ids is this long.
@@ -61,35 +62,6 @@ pub fn param_shapes(cfg: &ClipConfig) -> Vec<(String, Vec<usize>)> {
     out.push((format!("{FINAL_LN}.weight"), vec![d]));
     out.push((format!("{FINAL_LN}.bias"), vec![d]));
     out
-}
-
-/// Parameter access for one run: tracked or detached, optionally cast to a compute dtype.
-struct Weights<'a> {
-    params: &'a ParamStore,
-    /// false: detached views (share storage, record no graph).
-    track: bool,
-    /// Compute dtype; weights are cast per use (the cast is differentiable, so gradients of f32
-    /// master weights come back in f32).
-    dtype: Option<DType>,
-}
-
-impl Weights<'_> {
-    fn get(&self, name: &str) -> Result<Tensor, ModelError> {
-        let t = self.params.get(name)?;
-        let t = if self.track { t.clone() } else { t.detach() };
-        self.cast(&t)
-    }
-
-    fn wb(&self, prefix: &str) -> Result<(Tensor, Tensor), ModelError> {
-        Ok((self.get(&format!("{prefix}.weight"))?, self.get(&format!("{prefix}.bias"))?))
-    }
-
-    fn cast(&self, x: &Tensor) -> Result<Tensor, ModelError> {
-        match self.dtype {
-            Some(dt) if dt != x.dtype() => Ok(x.to_dtype(dt)?),
-            _ => Ok(x.clone()),
-        }
-    }
 }
 
 /// Token ids as the model sees them: `[N, T]` rows, and how to join them back.

@@ -131,3 +131,45 @@ impl ParamStore {
         }
     }
 }
+
+/// Parameter access for one run: tracked or detached, optionally cast to a compute dtype. The
+/// U-Net, the text encoder and the VAE all read their weights through it.
+pub(crate) struct Weights<'a> {
+    pub params: &'a ParamStore,
+    /// false: detached views (share storage, record no graph).
+    pub track: bool,
+    /// Compute dtype; weights are cast per use (the cast is differentiable, so gradients of f32
+    /// master weights come back in f32).
+    pub dtype: Option<DType>,
+}
+
+impl Weights<'_> {
+    pub(crate) fn get(&self, name: &str) -> Result<Tensor, ModelError> {
+        let t = self.params.get(name)?;
+        let t = if self.track { t.clone() } else { t.detach() };
+        self.cast(&t)
+    }
+
+    /// `{prefix}.weight` and `{prefix}.bias`.
+    pub(crate) fn wb(&self, prefix: &str) -> Result<(Tensor, Tensor), ModelError> {
+        Ok((self.get(&format!("{prefix}.weight"))?, self.get(&format!("{prefix}.bias"))?))
+    }
+
+    /// `x` in the compute dtype.
+    pub(crate) fn cast(&self, x: &Tensor) -> Result<Tensor, ModelError> {
+        match self.dtype {
+            Some(dt) if dt != x.dtype() => Ok(x.to_dtype(dt)?),
+            _ => Ok(x.clone()),
+        }
+    }
+
+    /// The network input in the compute dtype: the given one, else that of the weights (a model
+    /// loaded in f16 takes f32 inputs without the caller casting them).
+    pub(crate) fn input(&self, x: &Tensor, first_weight: &str) -> Result<Tensor, ModelError> {
+        let dt = match self.dtype {
+            Some(dt) => dt,
+            None => self.params.get(first_weight)?.dtype(),
+        };
+        Ok(if x.dtype() == dt { x.clone() } else { x.to_dtype(dt)? })
+    }
+}

@@ -12,6 +12,7 @@ use candle_core::{DType, Tensor};
 use sdbooth_ops as ops;
 
 use crate::config::VaeConfig;
+use crate::params::Weights;
 use crate::{ModelError, ParamStore};
 
 /// diffusers builds every VAE norm (ResNet blocks, mid-block attention, conv_norm_out) with 1e-6.
@@ -108,39 +109,6 @@ impl LatentDist {
     pub fn sample(&self, noise: &Tensor) -> Result<Tensor, ModelError> {
         let noise = noise.to_dtype(self.mean.dtype())?;
         Ok((&self.mean + self.std.mul(&noise)?)?)
-    }
-}
-
-/// Parameter access for one run: tracked or detached, optionally cast to a compute dtype.
-struct Weights<'a> {
-    params: &'a ParamStore,
-    track: bool,
-    dtype: Option<DType>,
-}
-
-impl Weights<'_> {
-    fn get(&self, name: &str) -> Result<Tensor, ModelError> {
-        let t = self.params.get(name)?;
-        let t = if self.track { t.clone() } else { t.detach() };
-        self.cast(&t)
-    }
-    fn wb(&self, p: &str) -> Result<(Tensor, Tensor), ModelError> {
-        Ok((self.get(&format!("{p}.weight"))?, self.get(&format!("{p}.bias"))?))
-    }
-    fn cast(&self, x: &Tensor) -> Result<Tensor, ModelError> {
-        match self.dtype {
-            Some(dt) if dt != x.dtype() => Ok(x.to_dtype(dt)?),
-            _ => Ok(x.clone()),
-        }
-    }
-    /// The network input in the compute dtype: the given one, else that of the weights (a VAE
-    /// loaded in f16 takes f32 images without the caller casting them).
-    fn input(&self, x: &Tensor, first_weight: &str) -> Result<Tensor, ModelError> {
-        let dt = match self.dtype {
-            Some(dt) => dt,
-            None => self.params.get(first_weight)?.dtype(),
-        };
-        Ok(if x.dtype() == dt { x.clone() } else { x.to_dtype(dt)? })
     }
 }
 

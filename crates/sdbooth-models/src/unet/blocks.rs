@@ -6,44 +6,13 @@ use sdbooth_ops as ops;
 
 use super::{Node, NodeKind};
 use crate::config::UNetConfig;
-use crate::{ModelError, ParamStore};
+pub(crate) use crate::params::Weights;
+use crate::ModelError;
 
 /// diffusers' Transformer2DModel hard-codes this GroupNorm eps (its LayerNorms use `norm_eps`).
 const TRANSFORMER_GROUP_NORM_EPS: f64 = 1e-6;
 /// BasicTransformerBlock's LayerNorm eps (diffusers' default `norm_eps` for SD checkpoints).
 const LAYER_NORM_EPS: f64 = 1e-5;
-
-/// How a node reads its weights.
-pub(crate) struct Weights<'a> {
-    pub params: &'a ParamStore,
-    /// false: detached views (share storage, record no graph).
-    pub track: bool,
-    /// Compute dtype; weights are cast per use (the cast is differentiable, so gradients of
-    /// fp32 masters come back in fp32).
-    pub dtype: Option<DType>,
-}
-
-impl Weights<'_> {
-    fn get(&self, name: &str) -> Result<Tensor, ModelError> {
-        let t = self.params.get(name)?;
-        let t = if self.track { t.clone() } else { t.detach() };
-        match self.dtype {
-            Some(dt) if dt != t.dtype() => Ok(t.to_dtype(dt)?),
-            _ => Ok(t),
-        }
-    }
-
-    fn wb(&self, p: &str) -> Result<(Tensor, Tensor), ModelError> {
-        Ok((self.get(&format!("{p}.weight"))?, self.get(&format!("{p}.bias"))?))
-    }
-
-    fn cast(&self, x: &Tensor) -> Result<Tensor, ModelError> {
-        match self.dtype {
-            Some(dt) if dt != x.dtype() => Ok(x.to_dtype(dt)?),
-            _ => Ok(x.clone()),
-        }
-    }
-}
 
 fn join(prefix: &str, name: &str) -> String {
     if prefix.is_empty() {
