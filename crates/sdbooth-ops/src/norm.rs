@@ -189,28 +189,7 @@ impl CustomOp3 for GroupNormOp {
                 })
             })
         })?;
-        // Sum the per-batch partials in batch order.
-        let reduce = |p: &[f64]| -> Vec<f32> {
-            let mut out = vec![0f64; gd.c];
-            for chunk in p.chunks(gd.c) {
-                for (o, v) in out.iter_mut().zip(chunk) {
-                    *o += v;
-                }
-            }
-            out.into_iter().map(|v| v as f32).collect()
-        };
-        let dxt = if want_x { Some(cpu::tensor_from_f32(dx, x.shape().clone(), x.dtype())?) } else { None };
-        let dg = if want_g {
-            Some(cpu::tensor_from_f32(reduce(&pg), gamma.shape().clone(), gamma.dtype())?)
-        } else {
-            None
-        };
-        let db = if want_b {
-            Some(cpu::tensor_from_f32(reduce(&pb), beta.shape().clone(), beta.dtype())?)
-        } else {
-            None
-        };
-        Ok((dxt, dg, db))
+        norm_grads(dx, &pg, &pb, gd.c, (x, gamma, beta), (want_x, want_g, want_b))
     }
 }
 
@@ -318,27 +297,7 @@ impl CustomOp3 for LayerNormOp {
                 })
             })
         })?;
-        let reduce = |p: &[f64]| -> Vec<f32> {
-            let mut out = vec![0f64; d];
-            for chunk in p.chunks(d) {
-                for (o, v) in out.iter_mut().zip(chunk) {
-                    *o += v;
-                }
-            }
-            out.into_iter().map(|v| v as f32).collect()
-        };
-        let dxt = if want_x { Some(cpu::tensor_from_f32(dx, x.shape().clone(), x.dtype())?) } else { None };
-        let dg = if want_g {
-            Some(cpu::tensor_from_f32(reduce(&pg), gamma.shape().clone(), gamma.dtype())?)
-        } else {
-            None
-        };
-        let db = if want_b {
-            Some(cpu::tensor_from_f32(reduce(&pb), beta.shape().clone(), beta.dtype())?)
-        } else {
-            None
-        };
-        Ok((dxt, dg, db))
+        norm_grads(dx, &pg, &pb, d, (x, gamma, beta), (want_x, want_g, want_b))
     }
 }
 
@@ -390,4 +349,40 @@ impl CustomOp1 for SoftmaxOp {
         })?;
         Ok(Some(cpu::tensor_from_f32(dx, x.shape().clone(), x.dtype())?))
     }
+}
+
+type NormGrads = (Option<Tensor>, Option<Tensor>, Option<Tensor>);
+
+/// The gradients of a normalisation op as tensors in their operands' dtypes. The scale and shift
+/// gradients arrive as per-chunk partial sums of `width` values each (`pg`, `pb`); they are
+/// added in chunk order, so the result does not depend on thread scheduling.
+fn norm_grads(
+    dx: Vec<f32>,
+    pg: &[f64],
+    pb: &[f64],
+    width: usize,
+    (x, gamma, beta): (&Tensor, &Tensor, &Tensor),
+    (want_x, want_g, want_b): (bool, bool, bool),
+) -> Result<NormGrads> {
+    let reduce = |p: &[f64]| -> Vec<f32> {
+        let mut out = vec![0f64; width];
+        for chunk in p.chunks(width) {
+            for (o, v) in out.iter_mut().zip(chunk) {
+                *o += v;
+            }
+        }
+        out.into_iter().map(|v| v as f32).collect()
+    };
+    let to_tensor = |want: bool, values: Vec<f32>, like: &Tensor| -> Result<Option<Tensor>> {
+        if want {
+            Ok(Some(cpu::tensor_from_f32(values, like.shape().clone(), like.dtype())?))
+        } else {
+            Ok(None)
+        }
+    };
+    Ok((
+        to_tensor(want_x, dx, x)?,
+        to_tensor(want_g, if want_g { reduce(pg) } else { Vec::new() }, gamma)?,
+        to_tensor(want_b, if want_b { reduce(pb) } else { Vec::new() }, beta)?,
+    ))
 }
