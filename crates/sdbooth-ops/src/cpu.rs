@@ -11,6 +11,7 @@
 //! below unchanged so no kernel has to know.
 
 use candle_core::backend::BackendStorage;
+use candle_core::op::BackpropOp;
 use candle_core::{bail, CpuStorage, DType, Layout, Result, Shape, Storage, Tensor};
 use half::{bf16, f16};
 use std::borrow::Cow;
@@ -29,6 +30,14 @@ pub(crate) fn storage_f32<'a>(s: &'a CpuStorage, l: &Layout) -> Result<Cow<'a, [
         CpuStorage::F64(v) => Cow::Owned(v[start..end].iter().map(|&x| x as f32).collect()),
         other => bail!("sdbooth-ops: unsupported dtype {:?} for a float kernel", other.dtype()),
     })
+}
+
+/// Refuses operands of different dtypes (the kernels widen both to f32, which would hide it).
+pub(crate) fn same_dtype(op: &str, a: &CpuStorage, b: &CpuStorage) -> Result<()> {
+    if a.dtype() != b.dtype() {
+        bail!("{op}: input dtype {:?} differs from weight dtype {:?}", a.dtype(), b.dtype());
+    }
+    Ok(())
 }
 
 /// Converts an f32 result into a storage of `dtype`.
@@ -55,14 +64,15 @@ pub(crate) fn with_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> Result<R>) -> Re
     }
 }
 
-/// Builds a CPU tensor of `dtype` from an f32 result.
-pub(crate) fn tensor_from_f32(v: Vec<f32>, shape: impl Into<Shape>, dtype: DType) -> Result<Tensor> {
-    let t = Tensor::from_vec(v, shape.into(), &candle_core::Device::Cpu)?;
-    if dtype == DType::F32 {
-        Ok(t)
-    } else {
-        t.to_dtype(dtype)
+/// A kernel's f32 result as a tensor of the CPU backend in `dtype` (no copy for f32): for the
+/// results an op hands back beside its output (see [`crate::backend::Slot`]).
+pub(crate) fn cpu_tensor(v: Vec<f32>, shape: impl Into<Shape>, dtype: DType) -> Result<Tensor> {
+    let shape = shape.into();
+    if shape.elem_count() != v.len() {
+        bail!("sdbooth-ops: {} values do not fill shape {shape:?}", v.len());
     }
+    let storage = Storage::Cpu(storage_from_f32(v, dtype)?);
+    Ok(Tensor::from_storage(storage, shape, BackpropOp::none(), false))
 }
 
 /// Parallelism for GEMMs issued from the calling thread (not from inside a rayon job).

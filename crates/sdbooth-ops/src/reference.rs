@@ -1,7 +1,8 @@
 //! Reference implementations composed of candle primitives (candle's autograd gives their
-//! backward). They run on every device: the public ops use them on CUDA/Metal, and the tests use
-//! them as the naive baseline the custom CPU kernels must match. Attention here materialises the
-//! full score matrix: O(N·M) memory.
+//! backward). They run on every device: the public ops use them on devices without kernels of
+//! this crate (and on the CPU under `SDBOOTH_REFERENCE_OPS`, see [`crate::reference_ops_forced`]),
+//! and the tests use them as the naive baseline the custom CPU kernels must match. Attention here
+//! materialises the full score matrix: O(N·M) memory.
 
 use candle_core::{DType, Result, Tensor, D};
 

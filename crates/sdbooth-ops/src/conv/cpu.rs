@@ -1,4 +1,4 @@
-//! conv2d on CPU as a candle custom op with its own backward (im2col + GEMM).
+//! conv2d's CPU kernels on f32 slices (im2col + GEMM).
 //!
 //! candle's CPU conv2d backward goes through `conv_transpose2d`, a dot-product loop, and its CPU
 //! conv2d refuses bf16. Here all three products are GEMMs on the `gemm` crate (AVX-512 with the
@@ -13,60 +13,9 @@
 //! Determinism: col2im runs one input channel per task with a fixed loop order; grad-weight sums
 //! over the batch in batch order; gemm never splits the k-sum across threads.
 
+use super::Geom;
 use crate::cpu::{self, Mat};
-use candle_core::backend::BackendStorage;
-use candle_core::{bail, CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
-
-/// Geometry of one convolution, validated once.
-#[derive(Clone, Copy, Debug)]
-pub struct Geom {
-    pub b: usize,
-    pub cin: usize,
-    pub h: usize,
-    pub w: usize,
-    pub cout: usize,
-    pub kh: usize,
-    pub kw: usize,
-    pub stride: usize,
-    pub pad: usize,
-    pub ho: usize,
-    pub wo: usize,
-}
-
-impl Geom {
-    pub fn new(x: &[usize], wt: &[usize], stride: usize, pad: usize) -> Result<Self> {
-        let (&[b, cin, h, w], &[cout, cin_w, kh, kw]) = (x, wt) else {
-            bail!("conv2d: expected 4-D input and weight, got {x:?} and {wt:?}")
-        };
-        if cin != cin_w {
-            bail!("conv2d: input has {cin} channels but weight expects {cin_w}");
-        }
-        if stride == 0 {
-            bail!("conv2d: stride must be positive");
-        }
-        if h + 2 * pad < kh || w + 2 * pad < kw || kh == 0 || kw == 0 {
-            bail!("conv2d: kernel {kh}x{kw} larger than padded input {h}x{w} (padding {pad})");
-        }
-        let ho = (h + 2 * pad - kh) / stride + 1;
-        let wo = (w + 2 * pad - kw) / stride + 1;
-        Ok(Geom { b, cin, h, w, cout, kh, kw, stride, pad, ho, wo })
-    }
-    fn k(&self) -> usize {
-        self.cin * self.kh * self.kw
-    }
-    fn p(&self) -> usize {
-        self.ho * self.wo
-    }
-    /// 1x1, stride 1, no padding: the input plane already is the column matrix.
-    fn is_pointwise(&self) -> bool {
-        self.kh == 1 && self.kw == 1 && self.stride == 1 && self.pad == 0
-    }
-    /// FLOPs of the forward pass (multiply-add = 2).
-    pub fn flops(&self) -> f64 {
-        2.0 * (self.b * self.cout * self.k() * self.p()) as f64
-    }
-}
 
 /// Rows per rayon task so each task moves at least ~32K floats (small planes at 8×8 would
 /// otherwise make thousands of tiny tasks).
@@ -149,6 +98,18 @@ fn col2im(g: &Geom, dcol: &[f32], dx: &mut [f32]) {
     );
 }
 
+/// The column matrix `col[K, P]` of image `bi` of `x`: the image itself for a pointwise
+/// convolution, else filled into `col` by im2col.
+fn columns<'a>(g: &Geom, x: &'a [f32], bi: usize, col: &'a mut [f32]) -> &'a [f32] {
+    let xb = &x[bi * g.cin * g.h * g.w..(bi + 1) * g.cin * g.h * g.w];
+    if g.is_pointwise() {
+        xb
+    } else {
+        im2col(g, xb, col);
+        col
+    }
+}
+
 /// Forward: `y[B, Cout, Ho, Wo]`.
 pub fn forward(g: &Geom, x: &[f32], w: &[f32]) -> Vec<f32> {
     forward_bias(g, x, w, None)
@@ -165,13 +126,7 @@ pub fn forward_bias(g: &Geom, x: &[f32], w: &[f32], bias: Option<&[f32]>) -> Vec
     }
     let mut col = if g.is_pointwise() { Vec::new() } else { vec![0f32; k * p] };
     for bi in 0..g.b {
-        let xb = &x[bi * g.cin * g.h * g.w..(bi + 1) * g.cin * g.h * g.w];
-        let colv: &[f32] = if g.is_pointwise() {
-            xb
-        } else {
-            im2col(g, xb, &mut col);
-            &col
-        };
+        let colv = columns(g, x, bi, &mut col);
         let yb = &mut y[bi * g.cout * p..(bi + 1) * g.cout * p];
         cpu::sgemm(
             g.cout,
@@ -241,13 +196,7 @@ pub fn grad_weight(g: &Geom, x: &[f32], dy: &[f32]) -> Vec<f32> {
     let mut dw = vec![0f32; g.cout * k];
     let mut col = if g.is_pointwise() { Vec::new() } else { vec![0f32; k * p] };
     for bi in 0..g.b {
-        let xb = &x[bi * g.cin * g.h * g.w..(bi + 1) * g.cin * g.h * g.w];
-        let colv: &[f32] = if g.is_pointwise() {
-            xb
-        } else {
-            im2col(g, xb, &mut col);
-            &col
-        };
+        let colv = columns(g, x, bi, &mut col);
         let dyb = &dy[bi * g.cout * p..(bi + 1) * g.cout * p];
         cpu::sgemm(
             g.cout,
@@ -262,113 +211,4 @@ pub fn grad_weight(g: &Geom, x: &[f32], dy: &[f32]) -> Vec<f32> {
         );
     }
     dw
-}
-
-/// The custom op: `(x, w) -> y` with backward for both operands.
-pub(crate) struct Conv2dOp {
-    pub stride: usize,
-    pub pad: usize,
-}
-
-impl CustomOp2 for Conv2dOp {
-    fn name(&self) -> &'static str {
-        "sdbooth-conv2d"
-    }
-
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        let g = Geom::new(l1.dims(), l2.dims(), self.stride, self.pad)?;
-        if s1.dtype() != s2.dtype() {
-            bail!("conv2d: input dtype {:?} differs from weight dtype {:?}", s1.dtype(), s2.dtype());
-        }
-        let x = cpu::storage_f32(s1, l1)?;
-        let w = cpu::storage_f32(s2, l2)?;
-        let y = forward(&g, &x, &w);
-        Ok((cpu::storage_from_f32(y, s1.dtype())?, Shape::from((g.b, g.cout, g.ho, g.wo))))
-    }
-
-    fn bwd(
-        &self,
-        x: &Tensor,
-        w: &Tensor,
-        _y: &Tensor,
-        dy: &Tensor,
-    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let g = Geom::new(x.dims(), w.dims(), self.stride, self.pad)?;
-        // An operand that is not tracked (frozen weight, frozen upstream) gets no gradient and
-        // costs no GEMM.
-        let dx = if x.track_op() {
-            let v = cpu::with_f32(w, |w| cpu::with_f32(dy, |dy| Ok(grad_input(&g, w, dy))))?;
-            Some(cpu::tensor_from_f32(v, x.shape().clone(), x.dtype())?)
-        } else {
-            None
-        };
-        let dw = if w.track_op() {
-            let v = cpu::with_f32(x, |x| cpu::with_f32(dy, |dy| Ok(grad_weight(&g, x, dy))))?;
-            Some(cpu::tensor_from_f32(v, w.shape().clone(), w.dtype())?)
-        } else {
-            None
-        };
-        Ok((dx, dw))
-    }
-}
-
-/// The custom op with the bias fused: `(x, w, b) -> y`; the bias gradient is a chunked
-/// per-channel reduction here instead of candle's broadcast-add backward.
-pub(crate) struct Conv2dBiasOp {
-    pub stride: usize,
-    pub pad: usize,
-}
-
-impl CustomOp3 for Conv2dBiasOp {
-    fn name(&self) -> &'static str {
-        "sdbooth-conv2d-bias"
-    }
-
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-        s3: &CpuStorage,
-        l3: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        let g = Geom::new(l1.dims(), l2.dims(), self.stride, self.pad)?;
-        if s1.dtype() != s2.dtype() {
-            bail!("conv2d: input dtype {:?} differs from weight dtype {:?}", s1.dtype(), s2.dtype());
-        }
-        if l3.dims() != [g.cout] {
-            bail!("conv2d: bias shape {:?}, expected [{}]", l3.dims(), g.cout);
-        }
-        let x = cpu::storage_f32(s1, l1)?;
-        let w = cpu::storage_f32(s2, l2)?;
-        let b = cpu::storage_f32(s3, l3)?;
-        let y = forward_bias(&g, &x, &w, Some(&b));
-        Ok((cpu::storage_from_f32(y, s1.dtype())?, Shape::from((g.b, g.cout, g.ho, g.wo))))
-    }
-
-    fn bwd(
-        &self,
-        x: &Tensor,
-        w: &Tensor,
-        b: &Tensor,
-        y: &Tensor,
-        dy: &Tensor,
-    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let (dx, dw) = Conv2dOp { stride: self.stride, pad: self.pad }.bwd(x, w, y, dy)?;
-        let db = if b.track_op() {
-            let g = Geom::new(x.dims(), w.dims(), self.stride, self.pad)?;
-            let v = cpu::with_f32(dy, |dy| Ok(grad_bias(&g, dy)))?;
-            Some(cpu::tensor_from_f32(v, b.shape().clone(), b.dtype())?)
-        } else {
-            None
-        };
-        Ok((dx, dw, db))
-    }
 }

@@ -1,5 +1,6 @@
 //! Element-wise activations, composed of candle primitives whose backward candle has (and which
-//! run on every device). They are memory-bound; a fused kernel would save one pass at most.
+//! run on every device). They are memory-bound; a fused kernel would save one pass at most. Such
+//! a kernel (e.g. GEGLU) would go in `cpu.rs`/`cuda.rs` beside this file, as for the other ops.
 
 use candle_core::{Result, Tensor, D};
 

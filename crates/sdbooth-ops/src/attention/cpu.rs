@@ -9,38 +9,14 @@
 //! in a fixed tile order, so results are bit-identical whatever the thread count. Tile products
 //! go through [`crate::cpu::sgemm`] (single-threaded inside a task).
 
+use super::{Dims, Want};
 use crate::cpu::{self, Mat};
-use candle_core::backend::BackendStorage;
-use candle_core::{bail, CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
-use std::sync::{Arc, Mutex};
 
 /// Query rows per tile.
 const BQ: usize = 64;
 /// Key rows per tile.
 const BK: usize = 256;
-
-#[derive(Clone, Copy, Debug)]
-struct Dims {
-    bh: usize,
-    n: usize,
-    m: usize,
-    d: usize,
-    dv: usize,
-}
-
-fn dims(q: &[usize], k: &[usize], v: &[usize]) -> Result<Dims> {
-    let (&[b, h, n, d], &[bk, hk, m, dk], &[bv, hv, mv, dv]) = (q, k, v) else {
-        bail!("attention: expected 4-D q, k, v ([B, H, tokens, head_dim]), got {q:?}, {k:?}, {v:?}")
-    };
-    if (b, h) != (bk, hk) || (b, h) != (bv, hv) || m != mv || d != dk {
-        bail!("attention: incompatible shapes q {q:?}, k {k:?}, v {v:?}");
-    }
-    if m == 0 || d == 0 || dv == 0 {
-        bail!("attention: empty key set or head dimension (k {k:?}, v {v:?})");
-    }
-    Ok(Dims { bh: b * h, n, m, d, dv })
-}
 
 /// Key tiles a query tile `[q0, q1)` must visit: all of them, or up to the diagonal if causal.
 fn key_end(causal: bool, q1: usize, m: usize) -> usize {
@@ -154,14 +130,6 @@ fn head_forward(
     }
 }
 
-/// Which gradients backward must produce.
-#[derive(Clone, Copy)]
-struct Want {
-    dq: bool,
-    dk: bool,
-    dv: bool,
-}
-
 /// One head's q, k, v, o and dO.
 type HeadInputs<'a> = (&'a [f32], &'a [f32], &'a [f32], &'a [f32], &'a [f32]);
 
@@ -267,22 +235,8 @@ fn head_backward(
     }
 }
 
-/// The custom op. The per-row log-sum-exp of the forward is kept here for the backward
-/// (candle's `bwd` only sees inputs, output and output gradient).
-pub(crate) struct AttentionOp {
-    pub causal: bool,
-    pub scale: f32,
-    pub lse: Arc<Mutex<Option<Vec<f32>>>>,
-}
-
-impl AttentionOp {
-    pub fn new(causal: bool, head_dim: usize) -> Self {
-        AttentionOp { causal, scale: 1.0 / (head_dim as f32).sqrt(), lse: Arc::new(Mutex::new(None)) }
-    }
-}
-
 /// Forward on f32 slices; returns `(o, lse)`.
-fn forward(q: &[f32], k: &[f32], v: &[f32], dm: &Dims, scale: f32, causal: bool) -> (Vec<f32>, Vec<f32>) {
+pub fn forward(q: &[f32], k: &[f32], v: &[f32], dm: &Dims, scale: f32, causal: bool) -> (Vec<f32>, Vec<f32>) {
     let mut o = vec![0f32; dm.bh * dm.n * dm.dv];
     let mut lse = vec![0f32; dm.bh * dm.n];
     if dm.n == 0 {
@@ -303,82 +257,20 @@ fn forward(q: &[f32], k: &[f32], v: &[f32], dm: &Dims, scale: f32, causal: bool)
     (o, lse)
 }
 
-impl CustomOp3 for AttentionOp {
-    fn name(&self) -> &'static str {
-        "sdbooth-attention"
-    }
-
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-        s3: &CpuStorage,
-        l3: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        let dm = dims(l1.dims(), l2.dims(), l3.dims())?;
-        if s1.dtype() != s2.dtype() || s1.dtype() != s3.dtype() {
-            bail!("attention: q, k, v dtypes differ");
-        }
-        let (q, k, v) = (cpu::storage_f32(s1, l1)?, cpu::storage_f32(s2, l2)?, cpu::storage_f32(s3, l3)?);
-        let (o, lse) = forward(&q, &k, &v, &dm, self.scale, self.causal);
-        if let Ok(mut slot) = self.lse.lock() {
-            *slot = Some(lse);
-        }
-        let sh = l1.dims();
-        Ok((cpu::storage_from_f32(o, s1.dtype())?, Shape::from((sh[0], sh[1], dm.n, dm.dv))))
-    }
-
-    fn bwd(
-        &self,
-        q: &Tensor,
-        k: &Tensor,
-        v: &Tensor,
-        o: &Tensor,
-        go: &Tensor,
-    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let want = Want { dq: q.track_op(), dk: k.track_op(), dv: v.track_op() };
-        if !(want.dq || want.dk || want.dv) {
-            return Ok((None, None, None));
-        }
-        let dm = dims(q.dims(), k.dims(), v.dims())?;
-        let (dq, dk, dv) = cpu::with_f32(q, |qs| {
-            cpu::with_f32(k, |ks| {
-                cpu::with_f32(v, |vs| {
-                    cpu::with_f32(o, |os| {
-                        cpu::with_f32(go, |gos| {
-                            // The saved lse, or (if this op object lost it) a recomputation.
-                            let saved = self.lse.lock().ok().and_then(|s| s.clone());
-                            let lse = match saved {
-                                Some(l) if l.len() == dm.bh * dm.n => l,
-                                _ => forward(qs, ks, vs, &dm, self.scale, self.causal).1,
-                            };
-                            Ok(backward(qs, ks, vs, os, gos, &lse, &dm, self.scale, self.causal, want))
-                        })
-                    })
-                })
-            })
-        })?;
-        let wrap = |want: bool, data: Vec<f32>, like: &Tensor| -> Result<Option<Tensor>> {
-            if want {
-                Ok(Some(cpu::tensor_from_f32(data, like.shape().clone(), like.dtype())?))
-            } else {
-                Ok(None)
-            }
-        };
-        Ok((wrap(want.dq, dq, q)?, wrap(want.dk, dk, k)?, wrap(want.dv, dv, v)?))
-    }
+/// The operands of the backward, as f32 slices of all heads.
+pub struct BackwardInputs<'a> {
+    pub q: &'a [f32],
+    pub k: &'a [f32],
+    pub v: &'a [f32],
+    pub o: &'a [f32],
+    pub go: &'a [f32],
+    pub lse: &'a [f32],
 }
 
-#[allow(clippy::too_many_arguments)]
-fn backward(
-    q: &[f32],
-    k: &[f32],
-    v: &[f32],
-    o: &[f32],
-    go: &[f32],
-    lse: &[f32],
+/// Backward on f32 slices: returns `(dq, dk, dv)` (an unwanted gradient stays zero). Three
+/// buffers rather than one: no allocation is larger than the largest operand.
+pub fn backward(
+    t: &BackwardInputs<'_>,
     dm: &Dims,
     scale: f32,
     causal: bool,
@@ -398,13 +290,13 @@ fn backward(
         .for_each(|(h, ((dqh, dkh), dvh))| {
             head_backward(
                 (
-                    &q[h * n * d..(h + 1) * n * d],
-                    &k[h * m * d..(h + 1) * m * d],
-                    &v[h * m * dv..(h + 1) * m * dv],
-                    &o[h * n * dv..(h + 1) * n * dv],
-                    &go[h * n * dv..(h + 1) * n * dv],
+                    &t.q[h * n * d..(h + 1) * n * d],
+                    &t.k[h * m * d..(h + 1) * m * d],
+                    &t.v[h * m * dv..(h + 1) * m * dv],
+                    &t.o[h * n * dv..(h + 1) * n * dv],
+                    &t.go[h * n * dv..(h + 1) * n * dv],
                 ),
-                &lse[h * n..(h + 1) * n],
+                &t.lse[h * n..(h + 1) * n],
                 (dqh, dkh, dvh),
                 dm,
                 scale,

@@ -1,0 +1,66 @@
+//! linear's CPU kernels on f32 slices (`x @ wᵀ + b`).
+//!
+//! candle's autograd for `broadcast_matmul(&w.t())` builds the weight gradient through
+//! zero-filled buffers and a strided (transposed) add, which made linear's backward 10–15× its
+//! forward. Here each product is one GEMM, with `x` flattened to `[M, in]` rows:
+//!
+//! * forward      `y[M, out]  = x[M, in] · wᵀ[in, out] (+ b per row)`
+//! * grad-input   `dx[M, in]  = dy[M, out] · w[out, in]`
+//! * grad-weight  `dw[out, in] = dyᵀ[out, M] · x[M, in]`   (written in `[out, in]` layout)
+//! * grad-bias    `db[out]    = Σ_rows dy`, summed in fixed row chunks, chunks in order
+//!
+//! Determinism: gemm never splits the k-sum across threads, and the bias sum is chunked by a
+//! fixed row count, so results do not depend on the thread count.
+
+use crate::cpu::{self, Mat};
+use rayon::prelude::*;
+
+/// Rows per chunk of the bias-gradient sum (fixed: the sum order must not depend on threads).
+const BIAS_ROWS: usize = 64;
+
+/// Forward: `y[M, out] = x · wᵀ + b`.
+pub fn forward(m: usize, k: usize, n: usize, x: &[f32], w: &[f32], b: Option<&[f32]>) -> Vec<f32> {
+    let mut y = vec![0f32; m * n];
+    if let Some(b) = b {
+        y.par_chunks_mut(n).with_min_len(1024usize.div_ceil(n).max(1)).for_each(|r| r.copy_from_slice(b));
+    }
+    cpu::sgemm(m, n, k, &mut y, n, b.is_some(), Mat::rows(x, k), Mat::transposed(w, k), cpu::par_threads());
+    y
+}
+
+/// `dx[M, in] = dy[M, out] · w[out, in]`.
+pub fn grad_input(m: usize, k: usize, n: usize, w: &[f32], dy: &[f32]) -> Vec<f32> {
+    let mut dx = vec![0f32; m * k];
+    cpu::sgemm(m, k, n, &mut dx, k, false, Mat::rows(dy, n), Mat::rows(w, k), cpu::par_threads());
+    dx
+}
+
+/// `dw[out, in] = dyᵀ · x`.
+pub fn grad_weight(m: usize, k: usize, n: usize, x: &[f32], dy: &[f32]) -> Vec<f32> {
+    let mut dw = vec![0f32; n * k];
+    cpu::sgemm(n, k, m, &mut dw, k, false, Mat::transposed(dy, n), Mat::rows(x, k), cpu::par_threads());
+    dw
+}
+
+/// `db[out] = Σ_rows dy[M, out]`, in fixed chunks of rows summed in chunk order.
+pub fn grad_bias(n: usize, dy: &[f32]) -> Vec<f32> {
+    let partials: Vec<Vec<f32>> = dy
+        .par_chunks(BIAS_ROWS * n.max(1))
+        .map(|c| {
+            let mut acc = vec![0f32; n];
+            for row in c.chunks_exact(n.max(1)) {
+                for (a, v) in acc.iter_mut().zip(row) {
+                    *a += *v;
+                }
+            }
+            acc
+        })
+        .collect();
+    let mut db = vec![0f32; n];
+    for p in &partials {
+        for (a, v) in db.iter_mut().zip(p) {
+            *a += *v;
+        }
+    }
+    db
+}

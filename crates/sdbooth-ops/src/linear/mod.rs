@@ -1,0 +1,238 @@
+//! linear (`x @ wᵀ + b`): the contract and its candle custom ops.
+//!
+//! Forward is [`LinearOp`] (or [`LinearBiasOp`]); its backward applies one op per wanted
+//! gradient, [`LinearGradInput`], [`LinearGradWeight`] and [`LinearGradBias`], each running the
+//! kernel of its operands' device (`cpu.rs`).
+
+pub(crate) mod cpu;
+
+use crate::backend::{self, expect_dims, WeightGradOps};
+use crate::cpu::{same_dtype, storage_f32, storage_from_f32};
+use crate::reference;
+use candle_core::backend::BackendStorage;
+use candle_core::{bail, CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor};
+
+/// `x @ w^T + b` over the last dimension of `x`.
+///
+/// On CPU one GEMM per product (forward, grad-input, grad-weight written in `[out, in]`), the
+/// bias gradient a chunked row sum; untracked operands get no gradient and cost nothing.
+pub fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
+    if !backend::has_kernels(x.device()) {
+        return reference::linear(x, w, b);
+    }
+    crate::tune_allocator();
+    let (x, w) = (x.contiguous()?, w.contiguous()?);
+    match b {
+        Some(b) => x.apply_op3(&w, &b.contiguous()?, LinearBiasOp),
+        None => x.apply_op2(&w, LinearOp),
+    }
+}
+
+/// `(rows, in, out)` for `x[..., in]` and `w[out, in]`, validated.
+fn dims(x: &[usize], w: &[usize]) -> Result<(usize, usize, usize)> {
+    let (Some((&k, lead)), &[out, k_w]) = (x.split_last(), w) else {
+        bail!("linear: expected x[..., in] and 2-D weight, got {x:?} and {w:?}")
+    };
+    if k != k_w {
+        bail!("linear: input has {k} features but weight expects {k_w}");
+    }
+    Ok((lead.iter().product(), k, out))
+}
+
+fn out_shape(x: &[usize], out: usize) -> Shape {
+    let mut s = x.to_vec();
+    if let Some(l) = s.last_mut() {
+        *l = out;
+    }
+    Shape::from(s)
+}
+
+fn forward(
+    xs: &CpuStorage,
+    xl: &Layout,
+    ws: &CpuStorage,
+    wl: &Layout,
+    b: Option<(&CpuStorage, &Layout)>,
+) -> Result<(CpuStorage, Shape)> {
+    let (m, k, n) = dims(xl.dims(), wl.dims())?;
+    same_dtype("linear", xs, ws)?;
+    let x = storage_f32(xs, xl)?;
+    let w = storage_f32(ws, wl)?;
+    let bias = match b {
+        Some((bs, bl)) => {
+            if bl.dims() != [n] {
+                bail!("linear: bias shape {:?}, expected [{n}]", bl.dims());
+            }
+            Some(storage_f32(bs, bl)?)
+        }
+        None => None,
+    };
+    let y = cpu::forward(m, k, n, &x, &w, bias.as_deref());
+    Ok((storage_from_f32(y, xs.dtype())?, out_shape(xl.dims(), n)))
+}
+
+/// Forward `(x, w) -> x @ wᵀ`.
+pub(crate) struct LinearOp;
+
+impl CustomOp2 for LinearOp {
+    fn name(&self) -> &'static str {
+        "sdbooth-linear"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        forward(s1, l1, s2, l2, None)
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _y: &Tensor,
+        dy: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let [dx, dw, _] = linear_grads(x, w, None, dy)?;
+        Ok((dx, dw))
+    }
+}
+
+/// Forward `(x, w, b) -> x @ wᵀ + b`.
+pub(crate) struct LinearBiasOp;
+
+impl CustomOp3 for LinearBiasOp {
+    fn name(&self) -> &'static str {
+        "sdbooth-linear-bias"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        forward(s1, l1, s2, l2, Some((s3, l3)))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        b: &Tensor,
+        _y: &Tensor,
+        dy: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let [dx, dw, db] = linear_grads(x, w, Some(b), dy)?;
+        Ok((dx, dw, db))
+    }
+}
+
+/// The gradients of linear's tracked operands, one backward op each.
+fn linear_grads(x: &Tensor, w: &Tensor, b: Option<&Tensor>, dy: &Tensor) -> Result<[Option<Tensor>; 3]> {
+    let (rows, inp, out) = dims(x.dims(), w.dims())?;
+    let geom = Geom { rows, inp, out };
+    let bias_dtype = b.map_or(x.dtype(), |b| b.dtype());
+    let ops = WeightGradOps {
+        input: &|dy| dy.apply_op2_no_bwd(w, &LinearGradInput { geom, x_shape: x.shape().clone() }),
+        weight: &|dy| x.apply_op2_no_bwd(dy, &LinearGradWeight { geom }),
+        bias: &|dy| dy.apply_op1_no_bwd(&LinearGradBias { geom, dtype: bias_dtype }),
+    };
+    backend::weight_op_grads((x, w, b), dy, reference::linear, ops)
+}
+
+/// `x` flattened to `[rows, inp]`, `w` is `[out, inp]`.
+#[derive(Clone, Copy)]
+pub(crate) struct Geom {
+    rows: usize,
+    inp: usize,
+    out: usize,
+}
+
+impl Geom {
+    fn dy_dims(&self) -> [usize; 2] {
+        [self.rows, self.out]
+    }
+}
+
+/// The row count of an operand whose last dimension is `width` (the flattened `[rows, width]`).
+fn flat_dims(dims: &[usize], width: usize) -> [usize; 2] {
+    [dims.iter().product::<usize>() / width.max(1), dims.last().copied().unwrap_or(0)]
+}
+
+/// Backward `(dy, w) -> dx = dy · w`, in `x`'s shape.
+pub(crate) struct LinearGradInput {
+    pub geom: Geom,
+    pub x_shape: Shape,
+}
+
+impl CustomOp2 for LinearGradInput {
+    fn name(&self) -> &'static str {
+        "sdbooth-linear-grad-input"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let Geom { rows, inp, out } = self.geom;
+        expect_dims(self.name(), "output gradient", &flat_dims(l1.dims(), out), &self.geom.dy_dims())?;
+        expect_dims(self.name(), "weight", l2.dims(), &[out, inp])?;
+        let dx = cpu::grad_input(rows, inp, out, &storage_f32(s2, l2)?, &storage_f32(s1, l1)?);
+        Ok((storage_from_f32(dx, s2.dtype())?, self.x_shape.clone()))
+    }
+}
+
+/// Backward `(x, dy) -> dw = dyᵀ · x`, written in `[out, in]`.
+pub(crate) struct LinearGradWeight {
+    pub geom: Geom,
+}
+
+impl CustomOp2 for LinearGradWeight {
+    fn name(&self) -> &'static str {
+        "sdbooth-linear-grad-weight"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let Geom { rows, inp, out } = self.geom;
+        expect_dims(self.name(), "input", &flat_dims(l1.dims(), inp), &[rows, inp])?;
+        expect_dims(self.name(), "output gradient", &flat_dims(l2.dims(), out), &self.geom.dy_dims())?;
+        let dw = cpu::grad_weight(rows, inp, out, &storage_f32(s1, l1)?, &storage_f32(s2, l2)?);
+        Ok((storage_from_f32(dw, s1.dtype())?, Shape::from((out, inp))))
+    }
+}
+
+/// Backward `dy -> db = Σ_rows dy`.
+pub(crate) struct LinearGradBias {
+    pub geom: Geom,
+    /// The bias's dtype, which may differ from the activations'.
+    pub dtype: DType,
+}
+
+impl CustomOp1 for LinearGradBias {
+    fn name(&self) -> &'static str {
+        "sdbooth-linear-grad-bias"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let out = self.geom.out;
+        expect_dims(self.name(), "output gradient", &flat_dims(l.dims(), out), &self.geom.dy_dims())?;
+        let db = cpu::grad_bias(out, &storage_f32(s, l)?);
+        Ok((storage_from_f32(db, self.dtype)?, Shape::from(out)))
+    }
+}
