@@ -28,6 +28,7 @@ pub mod save;
 pub mod shapes;
 pub mod single_file;
 pub mod tensor_file;
+pub mod time;
 pub mod tokenizer_files;
 pub mod vae_file;
 

@@ -89,7 +89,8 @@ pub fn param_values(name: &str, shape: &[usize], seed: u64, style: InitStyle) ->
     out
 }
 
-/// Seeded weights for every `(name, shape)` (f32, on `device`), `InitStyle::Standard`.
+/// Seeded weights for every `(name, shape)` (f32), `InitStyle::Standard`. They are made on the
+/// host, as a model read from a file is; the trainer moves them to its device.
 pub fn random_params(shapes: &[(String, Vec<usize>)], seed: u64) -> Result<ParamStore, ModelError> {
     random_params_with(shapes, seed, InitStyle::Standard, &Device::Cpu)
 }

@@ -104,6 +104,8 @@ pub struct Pipeline<'a> {
     pub clip_skip: Option<usize>,
     pub max_token_length: Option<usize>,
     pub dtype: Option<DType>,
+    /// Where the weights are and the image is computed.
+    pub device: &'a Device,
 }
 
 impl Pipeline<'_> {
@@ -115,9 +117,9 @@ impl Pipeline<'_> {
         let n = windows.len();
         let flat: Vec<u32> = windows.into_iter().flatten().collect();
         let ids = if n == 1 {
-            Tensor::from_vec(flat, (1, 77), &Device::Cpu)?
+            Tensor::from_vec(flat, (1, 77), self.device)?
         } else {
-            Tensor::from_vec(flat, (1, n, 77), &Device::Cpu)?
+            Tensor::from_vec(flat, (1, n, 77), self.device)?
         };
         let te = ClipTextModel::new(&self.config.text);
         Ok(te.encode(self.text_encoder, &ids, self.clip_skip, self.dtype)?)
@@ -150,7 +152,7 @@ impl Pipeline<'_> {
         let mut normal = |shape: &[usize]| -> candle_core::Result<Tensor> {
             let n: usize = shape.iter().product();
             let v: Vec<f32> = (0..n).map(|_| StandardNormal.sample(&mut rng)).collect();
-            Tensor::from_vec(v, shape, &Device::Cpu)
+            Tensor::from_vec(v, shape, self.device)
         };
         let mut x = (normal(&shape)? * sampler.init_noise_sigma())?;
         let unet = UNet::new(&self.config.unet);
@@ -158,7 +160,7 @@ impl Pipeline<'_> {
             let t = sampler.timesteps()[i];
             let input = sampler.scale_model_input(&x, i)?;
             let both = Tensor::cat(&[&input, &input], 0)?;
-            let ts = Tensor::new(&[t as f32, t as f32], &Device::Cpu)?;
+            let ts = Tensor::new(&[t as f32, t as f32], self.device)?;
             let out = unet.forward_frozen(self.unet, &both, &ts, &ctx, self.dtype)?.to_dtype(DType::F32)?;
             let (u, c) = (out.narrow(0, 0, 1)?, out.narrow(0, 1, 1)?);
             let guided = (&u + ((c - &u)? * req.scale)?)?;

@@ -73,10 +73,9 @@ pub struct RunReport {
 pub const THUMBNAIL_SIZE: u32 = 256;
 
 /// Writes the report atomically.
-pub fn write_report(path: &Path, report: &RunReport) -> Result<(), String> {
+pub fn write_report(path: &Path, report: &RunReport) -> std::io::Result<()> {
     let html = render_html(report);
     sdbooth_checkpoint::atomic_write_bytes(path, html.as_bytes())
-        .map_err(|e| format!("{}: {e}", path.display()))
 }
 
 pub fn render_html(r: &RunReport) -> String {

@@ -2,8 +2,13 @@
 //!
 //! `TrainArgs` is one clap `Args` struct made of one struct per `--help` group; each group is
 //! flattened for clap and for serde, so a flag's clap id, its serde key and its key in a
-//! `--config_file` TOML are all kohya's flag name. The training loop reads `args.<group>.<flag>`
-//! (e.g. `args.optimizer.learning_rate`).
+//! `--config_file` TOML are all kohya's flag name. The training loop never reads these: the flags
+//! are resolved once into a [`crate::plan::TrainPlan`].
+//!
+//! The flags live here rather than in the binary crate because the library needs them whole:
+//! `--config_file` merging and `--output_config`, the support table that refuses unimplemented
+//! flags, and the tests, which build runs from kohya command lines. A copy in the binary would
+//! be a near-copy of this struct; the plan is the boundary instead.
 //!
 //! - support.rs: the one table of which flags this build implements (`check_supported`).
 //! - config.rs: kohya's `--config_file` / `--output_config`.
@@ -149,17 +154,9 @@ impl TrainArgs {
         Ok(ours.into_iter().filter(|(k, v)| defaults.get(k) != Some(v)).map(|(k, _)| k).collect())
     }
 
-    /// The caption extension after kohya's misspelt alias (`--caption_extention` wins when given).
-    pub fn caption_extension(&self) -> &str {
-        self.dataset.caption_extention.as_deref().unwrap_or(&self.dataset.caption_extension)
-    }
-
-    /// The command-line fallbacks of the dataset (sdbooth-data). `DatasetOptions` uses kohya's
-    /// flag names as field names, so the flag map converts by name; a field the flags do not have
-    /// keeps its default.
-    pub fn dataset_options(&self) -> Result<sdbooth_data::DatasetOptions, ArgsError> {
-        serde_json::from_value(serde_json::Value::Object(self.to_flag_map()?))
-            .map_err(|e| ArgsError::Internal(format!("cannot pass the flags to the dataset: {e}")))
+    /// The command-line fallbacks of the dataset (sdbooth-data), field by field (plan/convert.rs).
+    pub fn dataset_options(&self) -> sdbooth_data::DatasetOptions {
+        sdbooth_data::DatasetOptions::from(self)
     }
 
     /// `--dry_run` or kohya's `--debug_dataset`: describe the dataset, do not train.
@@ -294,10 +291,7 @@ mod tests {
             Ok(a) => a,
             Err(e) => panic!("{e}"),
         };
-        let o = match a.dataset_options() {
-            Ok(o) => o,
-            Err(e) => panic!("{e}"),
-        };
+        let o = a.dataset_options();
         assert_eq!(o.train_data_dir.as_deref(), Some("t"));
         assert_eq!(o.reg_data_dir.as_deref(), Some("r"));
         assert_eq!(o.resolution.as_deref(), Some("768,512"));
@@ -316,7 +310,7 @@ mod tests {
         assert_eq!(o.gradient_accumulation_steps, 2);
         // kohya's defaults arrive as kohya's defaults.
         let d = TrainArgs::try_parse_from(Vec::<String>::new()).map_err(|e| e.to_string());
-        let d = d.and_then(|d| d.dataset_options().map_err(|e| e.to_string()));
+        let d = d.map(|d| d.dataset_options());
         assert_eq!(d.ok(), Some(sdbooth_data::DatasetOptions::default()));
     }
 }

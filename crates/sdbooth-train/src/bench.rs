@@ -11,14 +11,13 @@ use candle_core::Tensor;
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use sdbooth_models::config::{ClipConfig, UNetConfig};
-use sdbooth_models::ddpm::DdpmSchedule;
 use serde::Serialize;
 
-use crate::args::TrainArgs;
 use crate::error::{Result, TrainError};
+use crate::plan::TrainPlan;
 use crate::trainer::setup;
-use crate::trainer::step::{micro_step, normal_tensor, GradBuffer, StepInputs, StepSettings};
-use crate::trainer::{apply_update, peak_rss_bytes};
+use crate::trainer::step::{micro_step, normal_tensor, GradBuffer, StepInputs};
+use crate::trainer::{apply_update, peak_rss_bytes, step_settings};
 
 #[derive(Debug, Clone, Serialize)]
 pub struct BenchReport {
@@ -56,72 +55,50 @@ fn median(v: &[f64]) -> f64 {
     }
 }
 
-/// Parses `--resolution` ("512" or "W,H") into (width, height).
-fn resolution(args: &TrainArgs, default: usize) -> Result<(usize, usize)> {
-    let Some(r) = args.dataset.resolution.as_deref() else { return Ok((default, default)) };
-    let parts: Vec<&str> = r.split(',').map(str::trim).collect();
-    let parse = |s: &str| s.parse::<usize>().map_err(|_| TrainError::Config(format!("--resolution {r:?}")));
-    match parts.as_slice() {
-        [s] => Ok((parse(s)?, parse(s)?)),
-        [w, h] => Ok((parse(w)?, parse(h)?)),
-        _ => Err(TrainError::Config(format!("--resolution {r:?}: give SIZE or WIDTH,HEIGHT"))),
-    }
+/// The bench's image size: `--resolution` (SIZE or WIDTH,HEIGHT), else the model's.
+fn resolution(plan: &TrainPlan, default: usize) -> Result<(usize, usize)> {
+    let Some(r) = plan.data.options.resolution.as_deref() else { return Ok((default, default)) };
+    let (w, h) = sdbooth_data::options::parse_resolution(r)?;
+    Ok((w as usize, h as usize))
 }
 
-pub fn bench(args: &TrainArgs, steps: usize, warmup: usize) -> Result<BenchReport> {
-    if let Err(refusals) = args.check_supported() {
-        return Err(TrainError::Config(refusals.join("\n")));
-    }
-    let mut model = setup::load(args)?;
+/// Times `steps` training steps after `warmup` untimed ones, on the plan's model and settings.
+pub fn bench(plan: &TrainPlan, steps: usize, warmup: usize) -> Result<BenchReport> {
+    let mut model = setup::load(plan)?;
     model.vae_params = None; // the bench trains on latents
-    let (w, h) = resolution(args, model.config.resolution)?;
+    let (w, h) = resolution(plan, model.config.resolution)?;
     if w % 64 != 0 || h % 64 != 0 {
         return Err(TrainError::Config(format!("--resolution {w}x{h}: use multiples of 64")));
     }
-    let batch = args.training.train_batch_size.max(1) as usize;
-    let seed = args.training.seed.unwrap_or(42);
-    let train_te = args.training.stop_text_encoder_training.is_none_or(|s| s > 0);
-    let mut optimizer = setup::build_optimizer(args, &model, train_te, seed)?;
-    let schedule = DdpmSchedule::sd();
-    let noise = setup::noise_args(args);
-    let loss = setup::loss_args(args, model.v_parameterization);
-    let mut rng = ChaCha8Rng::seed_from_u64(seed);
-    let device = setup::device();
+    let batch = plan.data.options.train_batch_size.max(1) as usize;
+    let train_te = plan.steps.stop_text_encoder_training.is_none_or(|s| s > 0);
+    let mut optimizer = setup::build_optimizer(plan, &model, train_te)?;
+    let schedule = plan.noise_schedule();
+    let loss = model.loss_args(plan);
+    let mut rng = ChaCha8Rng::seed_from_u64(plan.seed);
+    let device = &plan.device;
     // Latents of SD scale: unit-variance samples, as the VAE produces them after scaling.
-    let latents = normal_tensor(&mut rng, &[batch, 4, h / 8, w / 8], &device)?;
+    let latents = normal_tensor(&mut rng, &[batch, 4, h / 8, w / 8], device)?;
     let captions = vec!["a photo of sks dog".to_string(); batch];
     let weights = vec![1.0f32; batch];
-    let fused = args.optimizer.fused_backward_pass;
-    let lr = args.optimizer.learning_rate;
-    let lr_te = args.optimizer.learning_rate_te.unwrap_or(lr);
+    let o = &plan.optimizer;
+    let fused = o.fused_backward_pass;
+    let (lr, lr_te) = (o.learning_rate, o.learning_rate_te);
     let (mut fwd, mut bwd, mut opt_t, mut total) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     for i in 0..warmup + steps {
         let started = Instant::now();
-        let settings = StepSettings {
-            noise: &noise,
-            loss: &loss,
-            schedule: &schedule,
-            alphas_cumprod: &schedule.alphas_cumprod,
-            train_text_encoder: train_te,
-            checkpointing: args.memory.gradient_checkpointing,
-            compute_dtype: setup::compute_dtype(args),
-            clip_skip: args.model.clip_skip.map(|v| v as usize),
-            max_token_length: args.model.max_token_length.map(|v| v as usize),
-            no_token_padding: args.model.no_token_padding,
-            weighted_captions: args.dataset.weighted_captions,
-            grad_multiplier: 1.0,
-        };
+        let settings = step_settings(plan, &loss, &schedule, train_te, 1.0);
         let inputs =
             StepInputs { latents: latents.clone(), captions: &captions, loss_weights: &weights, masks: None };
         let mut buffer = GradBuffer::default();
         let outcome = if fused {
             let model = &model;
             let optimizer = &mut optimizer;
-            let max_norm = args.optimizer.max_grad_norm;
+            let max_norm = o.max_grad_norm;
             let mut sink = |part: &str, name: &str, g: &Tensor| -> Result<()> {
                 let (store, lr) =
                     if part == "unet" { (&model.unet_params, lr) } else { (&model.text_params, lr_te) };
-                let var = store.var(name).map_err(setup::model_err)?;
+                let var = store.var(name)?;
                 let coef =
                     if max_norm > 0.0 { crate::optim::per_tensor_clip_coef(g, max_norm)? } else { 1.0 };
                 optimizer.step_param_scaled(name, var, g, lr, coef)
@@ -133,20 +110,12 @@ pub fn bench(args: &TrainArgs, steps: usize, warmup: usize) -> Result<BenchRepor
         };
         let before_update = Instant::now();
         if !fused {
-            apply_update(
-                &mut optimizer,
-                &model,
-                &buffer,
-                (lr, lr_te),
-                args.optimizer.max_grad_norm,
-                None,
-                i as u64,
-            )?;
+            apply_update(&mut optimizer, &model, &buffer, (lr, lr_te), o.max_grad_norm, None, i as u64)?;
         }
         drop(buffer);
         let update = before_update.elapsed().as_secs_f64();
         let secs = started.elapsed().as_secs_f64();
-        eprintln!(
+        tracing::info!(
             "{} step {}: {secs:.2} s (forward {:.2}, backward {:.2}, optimizer {update:.2}), loss {:.4}",
             if i < warmup { "warm-up" } else { "timed" },
             i + 1,
@@ -166,15 +135,16 @@ pub fn bench(args: &TrainArgs, steps: usize, warmup: usize) -> Result<BenchRepor
     let forward_flops = batch as f64
         * (unet_forward_flops(&model.config.unet, h / 8, w / 8, 77)
             + clip_forward_flops(&model.config.text, 77));
-    let passes = if args.memory.gradient_checkpointing { 4.0 } else { 3.0 };
+    let checkpointing = plan.steps.gradient_checkpointing;
+    let passes = if checkpointing { 4.0 } else { 3.0 };
     let flops_per_step = forward_flops * passes;
     Ok(BenchReport {
-        model: args.model.pretrained_model_name_or_path.clone().unwrap_or_default(),
+        model: plan.model.spec.clone().unwrap_or_default(),
         resolution: (w, h),
         batch_size: batch,
-        optimizer: format!("{:?}", setup::optimizer_kind(args)?),
-        mixed_precision: format!("{:?}", args.memory.mixed_precision).to_lowercase(),
-        gradient_checkpointing: args.memory.gradient_checkpointing,
+        optimizer: format!("{:?}", o.config.kind),
+        mixed_precision: format!("{:?}", plan.precision.mixed_precision).to_lowercase(),
+        gradient_checkpointing: checkpointing,
         fused_backward_pass: fused,
         train_text_encoder: train_te,
         warmup_steps: warmup,

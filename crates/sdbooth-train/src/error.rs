@@ -1,4 +1,5 @@
-//! Typed errors of the training building blocks.
+//! Typed errors of training: each says what went wrong in the user's terms and names the file,
+//! flag or step concerned. `Config` is for option values and combinations only.
 
 use std::path::PathBuf;
 
@@ -14,15 +15,62 @@ pub enum TrainError {
     UnknownOptimizer(String),
     #[error("unknown LR scheduler {0:?}")]
     UnknownScheduler(String),
+    /// An option value or a combination of options this build cannot run.
     #[error("invalid configuration: {0}")]
     Config(String),
+    /// Flags this build refuses (one message per flag).
+    #[error("{}", .0.join("\n"))]
+    Refused(Vec<String>),
+    #[error(transparent)]
+    Flags(#[from] crate::args::ArgsError),
+    #[error("model: {0}")]
+    Model(#[from] sdbooth_models::ModelError),
+    // The larger error types are boxed to keep `Result<T, TrainError>` small.
+    #[error(transparent)]
+    Data(Box<sdbooth_data::DataError>),
+    /// A model file or folder that cannot be read or written (the message names it).
+    #[error(transparent)]
+    Checkpoint(Box<sdbooth_checkpoint::CheckpointError>),
+    #[error("caption {caption:?}: {source}")]
+    Caption { caption: String, source: Box<sdbooth_data::tokenizer::TokenizerError> },
+    #[error("sample image {index}: {source}")]
+    Sample { index: usize, source: Box<sdbooth_sample::generate::GenerateError> },
     #[error("parameter {name}: {reason}")]
     Param { name: String, reason: String },
     #[error("state file {path}: {reason}")]
     State { path: PathBuf, reason: String },
+    /// Ctrl-C: the step in flight finished and its state was saved.
+    #[error(
+        "interrupted after step {step}; the state is saved in {} (continue with --resume {})",
+        state.display(),
+        state.display()
+    )]
+    Interrupted { step: u64, state: PathBuf },
+    /// A NaN or infinite loss: nothing is saved over the last good files.
+    #[error(
+        "the loss became {loss} at step {step}; stopped without saving (the last saved model and state in \
+         {} are intact)",
+        output_dir.display()
+    )]
+    NonFiniteLoss { loss: f64, step: u64, output_dir: PathBuf },
+    /// A broken invariant of sdbooth itself, not of the user's input.
+    #[error("internal error: {0}")]
+    Internal(String),
 }
 
 pub type Result<T, E = TrainError> = std::result::Result<T, E>;
+
+impl From<sdbooth_data::DataError> for TrainError {
+    fn from(e: sdbooth_data::DataError) -> Self {
+        TrainError::Data(Box::new(e))
+    }
+}
+
+impl From<sdbooth_checkpoint::CheckpointError> for TrainError {
+    fn from(e: sdbooth_checkpoint::CheckpointError) -> Self {
+        TrainError::Checkpoint(Box::new(e))
+    }
+}
 
 impl TrainError {
     pub(crate) fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {

@@ -3,12 +3,14 @@
 
 pub mod args;
 pub mod bench;
+pub mod device;
 pub mod error;
 pub mod logs;
 pub mod loss;
 pub mod lr;
 pub mod noise;
 pub mod optim;
+pub mod plan;
 pub mod state;
 pub mod trainer;
 

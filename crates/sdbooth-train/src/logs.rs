@@ -161,26 +161,10 @@ impl TensorBoardWriter {
 /// kohya's logging folder: `{logging_dir}/{log_prefix}{YYYYmmddHHMMSS}` (UTC here; kohya uses
 /// local time) and the tracker subfolder.
 pub fn kohya_log_dir(logging_dir: &Path, log_prefix: Option<&str>, tracker_name: Option<&str>) -> PathBuf {
-    let secs = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
-    let (days, rem) = (secs / 86_400, secs % 86_400);
-    let (y, m, d) = civil_from_days(days as i64);
-    let stamp = format!("{y:04}{m:02}{d:02}{:02}{:02}{:02}", rem / 3600, rem % 3600 / 60, rem % 60);
+    let stamp = sdbooth_checkpoint::time::UtcTime::now().compact();
     logging_dir
         .join(format!("{}{stamp}", log_prefix.unwrap_or("")))
         .join(tracker_name.unwrap_or("dreambooth"))
-}
-
-/// Days since 1970-01-01 to (year, month, day) (H. Hinnant's algorithm).
-fn civil_from_days(z: i64) -> (i64, u32, u32) {
-    let z = z + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
-    (yoe + era * 400 + i64::from(m <= 2), m, d)
 }
 
 /// A JSON-lines log: one object per line, flushed per line.

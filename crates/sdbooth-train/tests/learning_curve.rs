@@ -23,6 +23,7 @@ use sdbooth_models::ModelConfig;
 use sdbooth_train::args::TrainArgs;
 use sdbooth_train::noise::{add_noise, NoisedBatch};
 use sdbooth_train::optim::clip_coef;
+use sdbooth_train::plan::TrainPlan;
 use sdbooth_train::trainer::setup;
 use sdbooth_train::trainer::step::{loss_and_grads, plain_token_ids, GradBuffer, StepInputs, StepSettings};
 
@@ -134,15 +135,15 @@ fn our_curve(g: &Golden, steps: usize) -> Vec<f64> {
         "1.0".into(),
     ])
     .expect("flags parse");
-    let model = setup::load(&args).expect("model loads");
-    let mut opt = setup::build_optimizer(&args, &model, true, 42).unwrap();
-    let lr_schedule = setup::lr_schedule(&args, g.timesteps.len() as u64).unwrap();
+    let plan = TrainPlan::resolve(&args).expect("flags resolve");
+    let model = setup::load(&plan).expect("model loads");
+    let mut opt = setup::build_optimizer(&plan, &model, true).unwrap();
+    let lr_schedule = setup::lr_schedule(&plan, g.timesteps.len() as u64).unwrap();
     let schedule = DdpmSchedule::sd();
     let ac = schedule.alphas_cumprod.clone();
-    let noise_args = setup::noise_args(&args);
-    let loss_args = setup::loss_args(&args, model.v_parameterization);
+    let loss_args = model.loss_args(&plan);
     let settings = StepSettings {
-        noise: &noise_args,
+        noise: &plan.noise,
         loss: &loss_args,
         schedule: &schedule,
         alphas_cumprod: &ac,

@@ -21,6 +21,7 @@ use sdbooth_models::{ModelConfig, Prediction};
 use sdbooth_train::args::TrainArgs;
 use sdbooth_train::noise::{add_noise, NoisedBatch};
 use sdbooth_train::optim::{clip_coef, Optimizer};
+use sdbooth_train::plan::TrainPlan;
 use sdbooth_train::trainer::setup::{self, Model};
 use sdbooth_train::trainer::step::{loss_and_grads, plain_token_ids, GradBuffer, StepInputs, StepSettings};
 
@@ -126,7 +127,7 @@ fn batch(fx: &Fixture, case: &str) -> Batch {
 }
 
 /// One call of the trainer's `loss_and_grads` with the fixture's noise and timesteps.
-fn step(model: &Model, args: &TrainArgs, b: &Batch) -> (f64, GradBuffer) {
+fn step(model: &Model, plan: &TrainPlan, b: &Batch) -> (f64, GradBuffer) {
     let schedule = DdpmSchedule::sd();
     let ac = schedule.alphas_cumprod.clone();
     let x0 = b.latents.flatten_all().unwrap().to_vec1::<f32>().unwrap();
@@ -138,17 +139,16 @@ fn step(model: &Model, args: &TrainArgs, b: &Batch) -> (f64, GradBuffer) {
         noisy_latents: Tensor::from_vec(noisy, b.latents.dims(), &Device::Cpu).unwrap(),
         timesteps: b.timesteps.clone(),
     };
-    let noise_args = setup::noise_args(args);
-    let loss_args = setup::loss_args(args, model.v_parameterization);
+    let loss_args = model.loss_args(plan);
     let s = StepSettings {
-        noise: &noise_args,
+        noise: &plan.noise,
         loss: &loss_args,
         schedule: &schedule,
         alphas_cumprod: &ac,
         train_text_encoder: true,
-        checkpointing: args.memory.gradient_checkpointing,
-        compute_dtype: setup::compute_dtype(args),
-        clip_skip: args.model.clip_skip.map(|v| v as usize),
+        checkpointing: plan.steps.gradient_checkpointing,
+        compute_dtype: plan.precision.compute_dtype,
+        clip_skip: plan.text.clip_skip,
         max_token_length: None,
         no_token_padding: false,
         weighted_captions: false,
@@ -366,8 +366,8 @@ fn check_grads(case: &str, extra: &[&str]) {
     let mut flags = case_flags(meta);
     flags.extend(extra.iter().map(|s| s.to_string()));
     let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
-    let args = train_args(&su.models[model_name], &flags);
-    let model = setup::load(&args).expect("model loads");
+    let plan = TrainPlan::resolve(&train_args(&su.models[model_name], &flags)).expect("flags resolve");
+    let model = setup::load(&plan).expect("model loads");
     assert_eq!(model.v_parameterization, meta["v_parameterization"].as_bool().unwrap());
     let b = batch(fx, case);
     // Our tokenizer gives the ids transformers' CLIPTokenizer gave in train_step.py.
@@ -376,7 +376,7 @@ fn check_grads(case: &str, extra: &[&str]) {
     let got: Vec<i64> = ids.to_dtype(DType::I64).unwrap().flatten_all().unwrap().to_vec1().unwrap();
     assert_eq!(got, want, "{case}: token ids");
 
-    let (loss, buffer) = step(&model, &args, &b);
+    let (loss, buffer) = step(&model, &plan, &b);
     let want_loss = fx.f64s(&format!("{case}.loss"))[0];
     let loss_rel = (loss - want_loss).abs() / want_loss.abs();
     let params = fx.params(model_name);
@@ -449,9 +449,9 @@ fn check_optimizer(case: &str, kind: &str, steps: usize) {
     flags.extend(["--optimizer_type".into(), opt_type.into(), "--learning_rate".into(), lr.to_string()]);
     flags.extend(["--max_grad_norm".into(), "1.0".into()]);
     let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
-    let args = train_args(&su.models[model_name], &flags);
-    let model = setup::load(&args).expect("model loads");
-    let mut opt = setup::build_optimizer(&args, &model, true, 42).unwrap();
+    let plan = TrainPlan::resolve(&train_args(&su.models[model_name], &flags)).expect("flags resolve");
+    let model = setup::load(&plan).expect("model loads");
+    let mut opt = setup::build_optimizer(&plan, &model, true).unwrap();
     let before: HashMap<(String, String), Vec<f32>> = model
         .unet_params
         .iter()
@@ -468,7 +468,7 @@ fn check_optimizer(case: &str, kind: &str, steps: usize) {
     let want_losses = fx.f64s(&format!("{case}.{tag}.losses"));
     let mut worst_loss = 0f64;
     for (i, want) in want_losses.iter().enumerate().take(steps) {
-        let (loss, buffer) = step(&model, &args, &b);
+        let (loss, buffer) = step(&model, &plan, &b);
         update(&mut opt, &model, &buffer, 1.0);
         worst_loss = worst_loss.max((loss - want).abs() / want.abs());
         eprintln!("{case} {tag} step {}: loss {loss:.8} vs {want:.8}", i + 1);

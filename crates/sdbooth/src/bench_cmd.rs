@@ -2,6 +2,7 @@
 
 use anyhow::Context;
 use sdbooth_train::args::TrainArgs;
+use sdbooth_train::plan::TrainPlan;
 
 #[derive(clap::Args)]
 #[command(rename_all = "snake_case")]
@@ -20,7 +21,10 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     if args.steps == 0 {
         anyhow::bail!("--steps must be at least 1");
     }
-    let report = sdbooth_train::bench::bench(&args.train, args.steps, args.warmup)?;
+    crate::logging::init(&args.train.logging)?;
+    args.train.check_supported().map_err(sdbooth_train::TrainError::Refused)?;
+    let plan = TrainPlan::resolve(&args.train)?;
+    let report = sdbooth_train::bench::bench(&plan, args.steps, args.warmup)?;
     let json = serde_json::to_string_pretty(&report)?;
     println!("{json}");
     if let Some(path) = &args.train.run.json {

@@ -65,10 +65,14 @@ pub struct GenerateArgs {
     pub vae: Option<PathBuf>,
 }
 
-fn store(map: &std::collections::BTreeMap<String, candle_core::Tensor>) -> anyhow::Result<ParamStore> {
+/// Loaded tensors as f32 parameters on `device`.
+fn store(
+    map: &std::collections::BTreeMap<String, candle_core::Tensor>,
+    device: &candle_core::Device,
+) -> anyhow::Result<ParamStore> {
     let mut out = std::collections::BTreeMap::new();
     for (k, t) in map {
-        out.insert(k.clone(), t.to_dtype(DType::F32)?);
+        out.insert(k.clone(), t.to_dtype(DType::F32)?.to_device(device)?);
     }
     Ok(ParamStore::from_tensors(out)?)
 }
@@ -90,7 +94,9 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
         dtype: None,
     };
     let model = load_model(&args.ckpt, &opts).with_context(|| format!("loading {}", args.ckpt))?;
-    let (unet, te, vae) = (store(&model.unet)?, store(&model.text_encoder)?, store(&model.vae)?);
+    let device = sdbooth_train::device::resolve_device()?;
+    let (unet, te, vae) =
+        (store(&model.unet, &device)?, store(&model.text_encoder, &device)?, store(&model.vae, &device)?);
     let tokenizer = if model.config.v2 { ClipTokenizer::sd2()? } else { ClipTokenizer::sd1()? };
     let pipeline = Pipeline {
         config: &model.config,
@@ -102,6 +108,7 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
         clip_skip: args.clip_skip,
         max_token_length: args.max_token_length.filter(|&n| n != 75),
         dtype: None,
+        device: &device,
     };
     let model_name = std::path::Path::new(&args.ckpt)
         .file_stem()

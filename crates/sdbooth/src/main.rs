@@ -4,6 +4,7 @@ mod bench_cmd;
 mod convert_cmd;
 mod generate_cmd;
 mod inspect_cmd;
+mod logging;
 mod train_cmd;
 
 use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};

@@ -7,7 +7,6 @@ use std::path::Path;
 use anyhow::{bail, Context};
 use clap::ArgMatches;
 use sdbooth_data::{prepare_datasets, DryRunReport};
-use sdbooth_train::args::types::ConsoleLogLevel;
 use sdbooth_train::args::{resolve_config_file, ConfigOutcome, RefusalKind, TrainArgs};
 
 #[derive(clap::Args)]
@@ -24,7 +23,7 @@ pub fn run(cmd: TrainCommand, matches: &ArgMatches) -> anyhow::Result<()> {
         }
         ConfigOutcome::Run(args) => *args,
     };
-    init_logging(&args)?;
+    crate::logging::init(&args.logging)?;
     if let Some(cfg) = &args.run.config_file {
         tracing::info!(
             "flags read from {} (command-line flags win)",
@@ -80,7 +79,7 @@ fn join_messages<'a>(msgs: impl Iterator<Item = &'a str>) -> String {
 }
 
 fn dry_run(args: &TrainArgs) -> anyhow::Result<()> {
-    let opts = args.dataset_options()?;
+    let opts = args.dataset_options();
     opts.validate()?;
     if args.dataset.dataset_config.is_none() && args.dataset.train_data_dir.is_none() {
         bail!("no dataset: give --dataset_config TOML or --train_data_dir DIR");
@@ -116,57 +115,9 @@ fn dry_run(args: &TrainArgs) -> anyhow::Result<()> {
         }
     }
     if let Some(json) = &args.run.json {
-        write_atomic(Path::new(json), report.to_json().as_bytes())
+        sdbooth_checkpoint::atomic_write_bytes(Path::new(json), report.to_json().as_bytes())
             .with_context(|| format!("cannot write the dry-run JSON to {json}"))?;
         writeln!(out, "wrote {json}")?;
     }
-    Ok(())
-}
-
-/// Temp file in the same folder, fsync, rename (ARCHITECTURE.md: every user file is atomic).
-fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    let dir = match path.parent() {
-        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
-        _ => std::path::PathBuf::from("."),
-    };
-    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-    let tmp = dir.join(format!(".{name}.tmp{}", std::process::id()));
-    let result = (|| {
-        let mut f = std::fs::File::create(&tmp)?;
-        f.write_all(bytes)?;
-        f.sync_all()?;
-        std::fs::rename(&tmp, path)
-    })();
-    if result.is_err() {
-        let _ = std::fs::remove_file(&tmp);
-    }
-    result
-}
-
-/// kohya's --console_log_level/--console_log_file/--console_log_simple; RUST_LOG wins when set.
-fn init_logging(args: &TrainArgs) -> anyhow::Result<()> {
-    let level = match args.logging.console_log_level {
-        Some(ConsoleLogLevel::Debug) => "debug",
-        Some(ConsoleLogLevel::Warning) => "warn",
-        Some(ConsoleLogLevel::Error | ConsoleLogLevel::Critical) => "error",
-        Some(ConsoleLogLevel::Info) | None => "info",
-    };
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
-    let builder =
-        tracing_subscriber::fmt().with_env_filter(filter).with_target(!args.logging.console_log_simple);
-    let result = match &args.logging.console_log_file {
-        Some(file) => {
-            let f = std::fs::OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(file)
-                .with_context(|| format!("cannot open --console_log_file {file}"))?;
-            builder.with_ansi(false).with_writer(std::sync::Mutex::new(f)).try_init()
-        }
-        None => builder.with_writer(std::io::stderr).try_init(),
-    };
-    // A second init (tests calling run twice) keeps the first subscriber; that is fine.
-    let _ = result;
     Ok(())
 }

@@ -33,7 +33,8 @@ pub struct TrainingArgs {
     /// Encode all images with the VAE once, before training (no per-step augmentation).
     #[arg(long)]
     pub cache_latents: bool,
-    /// Cache latents in .npz files beside the images (implies --cache_latents).
+    /// Cache latents in <image>.sdbooth-latents.safetensors files beside the images (implies
+    /// --cache_latents).
     #[arg(long)]
     pub cache_latents_to_disk: bool,
     /// Trust existing latent cache files without checking their contents.

@@ -1,5 +1,5 @@
-//! `--cache_latents` (in memory) and `--cache_latents_to_disk` (a safetensors file beside each
-//! image, as kohya keeps an `.npz` there).
+//! `--cache_latents` (in memory) and `--cache_latents_to_disk` (an
+//! `<image>.sdbooth-latents.safetensors` file beside each image, where kohya keeps an `.npz`).
 //!
 //! Each image's latent is one sample of the VAE posterior, drawn with noise from a stream named
 //! by the run's seed and the image's path, so the cached latent does not depend on the order of
@@ -16,7 +16,6 @@ use rand_chacha::ChaCha8Rng;
 use sdbooth_data::{DatasetGroup, SampleContext};
 use sdbooth_models::{ParamStore, Vae};
 
-use super::setup::model_err;
 use super::step::normal_tensor;
 use crate::error::{Result, TrainError};
 
@@ -26,6 +25,8 @@ pub type LatentCache = HashMap<(usize, usize), Tensor>;
 const KEY: &str = "sdbooth.latent_key";
 
 pub struct CacheSettings {
+    /// Where the latents are computed and kept (files are read and written on the host).
+    pub device: Device,
     pub seed: u64,
     pub to_disk: bool,
     pub skip_cache_check: bool,
@@ -86,11 +87,11 @@ fn read_cached(path: &Path, key: &str, shape: &[usize], trust: bool) -> Option<T
 fn write_cached(path: &Path, key: &str, latents: &Tensor) -> Result<()> {
     let data: Vec<f32> = latents.flatten_all()?.to_vec1()?;
     let bytes: Vec<u8> = data.iter().flat_map(|v| v.to_le_bytes()).collect();
+    let encode_error = |e: safetensors::SafeTensorError| TrainError::io(path, std::io::Error::other(e));
     let view = safetensors::tensor::TensorView::new(safetensors::Dtype::F32, latents.dims().to_vec(), &bytes)
-        .map_err(|e| TrainError::Config(format!("{}: {e}", path.display())))?;
+        .map_err(encode_error)?;
     let meta = std::collections::HashMap::from([(KEY.to_string(), key.to_string())]);
-    let out = safetensors::serialize([("latents", view)], &Some(meta))
-        .map_err(|e| TrainError::Config(format!("{}: {e}", path.display())))?;
+    let out = safetensors::serialize([("latents", view)], &Some(meta)).map_err(encode_error)?;
     sdbooth_checkpoint::atomic_write_bytes(path, &out).map_err(|e| TrainError::io(path, e))
 }
 
@@ -103,7 +104,7 @@ pub fn build(
     ctx: &SampleContext,
     bar: &indicatif::ProgressBar,
 ) -> Result<LatentCache> {
-    let device = Device::Cpu;
+    let device = &settings.device;
     let fingerprint = if settings.to_disk { vae_fingerprint(vae_params)? } else { String::new() };
     let f = vae.downscale_factor();
     let mut cache = LatentCache::new();
@@ -122,7 +123,7 @@ pub fn build(
                     let key = image_key(group, di, ii, &fingerprint, settings.seed)?;
                     let path = cache_path(&ds.images[ii].path);
                     if let Some(t) = read_cached(&path, &key, &shape, settings.skip_cache_check) {
-                        cache.insert((di, ii), t);
+                        cache.insert((di, ii), t.to_device(device)?);
                         reused += 1;
                         bar.inc(1);
                         continue;
@@ -134,17 +135,19 @@ pub fn build(
                 let mut images = Vec::with_capacity(chunk.len());
                 let mut noises = Vec::with_capacity(chunk.len());
                 for &ii in chunk {
-                    let sample = sdbooth_data::load_sample(group, di, ii, 0, ctx)
-                        .map_err(|e| TrainError::Config(e.to_string()))?;
+                    let sample = sdbooth_data::load_sample(group, di, ii, 0, ctx)?;
                     let (h, w) = (sample.height as usize, sample.width as usize);
-                    images.push(Tensor::from_vec(sample.pixels, (1, 3, h, w), &device)?);
+                    images.push(Tensor::from_vec(sample.pixels, (1, 3, h, w), device)?);
                     let path_hash = fnv(ds.images[ii].path.to_string_lossy().as_bytes(), settings.seed);
                     let mut rng = ChaCha8Rng::seed_from_u64(path_hash);
-                    noises.push(normal_tensor(&mut rng, &[1, 4, h / f, w / f], &device)?);
+                    noises.push(normal_tensor(&mut rng, &[1, 4, h / f, w / f], device)?);
                 }
-                let latents = vae
-                    .encode_to_latents(vae_params, &Tensor::cat(&images, 0)?, &Tensor::cat(&noises, 0)?, None)
-                    .map_err(model_err)?;
+                let latents = vae.encode_to_latents(
+                    vae_params,
+                    &Tensor::cat(&images, 0)?,
+                    &Tensor::cat(&noises, 0)?,
+                    None,
+                )?;
                 for (k, &ii) in chunk.iter().enumerate() {
                     let latent = latents.narrow(0, k, 1)?.contiguous()?;
                     if settings.to_disk {
@@ -158,7 +161,7 @@ pub fn build(
         }
     }
     if settings.to_disk {
-        eprintln!("latents: {reused} read from disk caches, {} encoded", cache.len() - reused);
+        tracing::info!("latents: {reused} read from disk caches, {} encoded", cache.len() - reused);
     }
     Ok(cache)
 }

@@ -17,214 +17,195 @@ use sdbooth_sample::generate::{write_png, Pipeline, Request};
 use sdbooth_sample::prompts::PromptSpec;
 use sdbooth_sample::report::{BucketRow, ImageLoss, RunReport, SampleGroup, StepPoint};
 
-use super::setup::{self, Model};
+use super::parts::{Board, RunPart};
 use super::validation::{per_image_table, Validation, ValidationRecord};
 use super::Trainer;
-use crate::args::TrainArgs;
 use crate::error::{Result, TrainError};
-use crate::logs::{JsonlWriter, StepRecord, TensorBoardWriter};
+use crate::logs::{JsonlWriter, StepRecord};
 
 pub const TAG_LOSS_VALIDATION: &str = "loss/validation";
 
-/// Sampling and validation state that lives beside the trainer.
+/// The sampling, validation and report part of a run.
 pub(super) struct Monitor {
     prompts: Vec<PromptSpec>,
     /// The VAE kept for decoding samples (the trainer frees its own after latent caching).
     vae: Option<ParamStore>,
-    sampler_name: String,
     validation: Option<Validation>,
     last_validation_step: Option<u64>,
 }
 
 impl Monitor {
     /// Reads the prompt file and prepares the held-out images; call while the model has its VAE.
-    pub fn new(
-        args: &TrainArgs,
-        group: &sdbooth_data::DatasetGroup,
-        model: &Model,
-        seed: u64,
-    ) -> Result<Self> {
-        let s = &args.sampling;
-        let wants_samples = s.sample_every_n_steps.is_some_and(|n| n > 0)
-            || s.sample_every_n_epochs.is_some_and(|n| n > 0)
-            || s.sample_at_first;
-        let prompts = match (&s.sample_prompts, wants_samples) {
-            (Some(file), true) => sdbooth_sample::prompts::read_prompt_file(Path::new(file))
+    pub fn new(t: &Trainer<'_>) -> Result<Self> {
+        let s = &t.plan.sampling;
+        let wants_samples = s.every_n_steps.is_some() || s.every_n_epochs.is_some() || s.at_first;
+        let prompts = match (&s.prompts, wants_samples) {
+            (Some(file), true) => sdbooth_sample::prompts::read_prompt_file(file)
                 .map_err(|e| TrainError::Config(format!("--sample_prompts: {e}")))?,
             _ => Vec::new(),
         };
-        let vae = if prompts.is_empty() { None } else { model.vae_params.clone() };
-        let sampler_name = serde_json::to_value(s.sample_sampler)
-            .ok()
-            .and_then(|v| v.as_str().map(str::to_string))
-            .unwrap_or_else(|| "ddim".into());
+        let vae = if prompts.is_empty() { None } else { t.model.vae_params.clone() };
         Ok(Monitor {
             prompts,
             vae,
-            sampler_name,
-            validation: Validation::new(args, group, model, seed)?,
+            validation: Validation::new(t.plan, &t.group, &t.model)?,
             last_validation_step: None,
         })
     }
 }
 
-fn sample_triggers(args: &TrainArgs) -> (Option<u64>, Option<u64>) {
-    let s = &args.sampling;
-    (s.sample_every_n_steps.filter(|&n| n > 0), s.sample_every_n_epochs.filter(|&n| n > 0).map(u64::from))
-}
-
-/// Before the first step: `--sample_at_first` samples (kohya's `e000000` names) and the first
-/// validation. A resumed run skips both (the interrupted run made them).
-pub(super) fn at_start(t: &mut Trainer<'_>, tb: Option<&mut TensorBoardWriter>) -> Result<()> {
-    if t.global_step != 0 {
-        return Ok(());
+impl RunPart for Monitor {
+    /// Before the first step: `--sample_at_first` samples (kohya's `e000000` names) and the first
+    /// validation. A resumed run skips both (the interrupted run made them).
+    fn at_start(&mut self, t: &Trainer<'_>, board: &mut Board) -> Result<()> {
+        if t.global_step != 0 {
+            return Ok(());
+        }
+        if t.plan.sampling.at_first {
+            self.sample_images(t, Some(0))?;
+        }
+        self.validate(t, 0, board)
     }
-    if t.args.sampling.sample_at_first {
-        sample_images(t, Some(0))?;
-    }
-    validate(t, 0, tb)
-}
 
-/// After each optimizer step: `--sample_every_n_steps` (unless `--sample_every_n_epochs` is set,
-/// which overrides it as in kohya).
-pub(super) fn after_step(t: &mut Trainer<'_>, epoch: u64, tb: Option<&mut TensorBoardWriter>) -> Result<()> {
-    if let (Some(n), None) = sample_triggers(t.args) {
-        if t.global_step.is_multiple_of(n) {
-            sample_images(t, None)?;
-            validate(t, epoch, tb)?;
+    /// After each optimizer step: `--sample_every_n_steps` (unless `--sample_every_n_epochs` is
+    /// set, which overrides it as in kohya).
+    fn after_step(&mut self, t: &Trainer<'_>, r: &StepRecord, board: &mut Board) -> Result<()> {
+        let s = &t.plan.sampling;
+        if let (Some(n), None) = (s.every_n_steps, s.every_n_epochs) {
+            if t.global_step.is_multiple_of(n) {
+                self.sample_images(t, None)?;
+                self.validate(t, r.epoch, board)?;
+            }
+        }
+        // A report at each --save_every_n_steps too, so an interrupted run has one.
+        if t.plan.saving.every_n_steps.is_some_and(|n| t.global_step.is_multiple_of(n))
+            && t.global_step < t.max_train_steps
+        {
+            self.write_report(t, r.epoch, None, &read_validation(&validation_log(t)))?;
+        }
+        Ok(())
+    }
+
+    /// At the end of each epoch: `--sample_every_n_epochs`; validation when no sampling schedule.
+    fn at_epoch_end(&mut self, t: &Trainer<'_>, epoch: u64, board: &mut Board) -> Result<()> {
+        let s = &t.plan.sampling;
+        match (s.every_n_steps, s.every_n_epochs) {
+            (_, Some(n)) if epoch.is_multiple_of(n) => {
+                self.sample_images(t, Some(epoch))?;
+                self.validate(t, epoch, board)
+            }
+            (None, None) => self.validate(t, epoch, board),
+            _ => Ok(()),
         }
     }
-    // A report at each --save_every_n_steps too, so an interrupted run has one.
-    if t.args.saving.save_every_n_steps.is_some_and(|n| n > 0 && t.global_step.is_multiple_of(n))
-        && t.global_step < t.max_train_steps
-    {
-        write_report(t, epoch, None, &read_validation(&validation_log(t)))?;
-    }
-    Ok(())
-}
 
-/// At the end of each epoch: `--sample_every_n_epochs`; validation when no sampling schedule.
-pub(super) fn at_epoch_end(
-    t: &mut Trainer<'_>,
-    epoch: u64,
-    tb: Option<&mut TensorBoardWriter>,
-) -> Result<()> {
-    match sample_triggers(t.args) {
-        (_, Some(n)) if epoch.is_multiple_of(n) => {
-            sample_images(t, Some(epoch))?;
-            validate(t, epoch, tb)
+    /// After the final save: the last validation (when this step has none yet), the per-image
+    /// table and `report.html`.
+    fn at_end(&mut self, t: &Trainer<'_>, epoch: u64, board: &mut Board) -> Result<()> {
+        self.validate(t, epoch, board)?;
+        let records = read_validation(&validation_log(t));
+        if let (Some(first), Some(last)) = (records.first(), records.last()) {
+            let rows: Vec<String> = per_image_table(first, last)
+                .into_iter()
+                .map(|(path, _, f, l)| format!("  {l:.5}  (was {f:.5})  {path}"))
+                .collect();
+            tracing::info!(
+                "validation loss per held-out image (highest first; first → last evaluation):\n{}",
+                rows.join("\n")
+            );
         }
-        (None, None) => validate(t, epoch, tb),
-        _ => Ok(()),
+        let final_model = t.output.final_model_path();
+        let path = self.write_report(t, epoch, Some(&final_model), &records)?;
+        tracing::info!("report: {}", path.display());
+        Ok(())
     }
 }
 
-/// After the final save: the last validation (when this step has none yet), the per-image table
-/// and `report.html`.
-pub(super) fn finish(
-    t: &mut Trainer<'_>,
-    epoch: u64,
-    final_model: &Path,
-    tb: Option<&mut TensorBoardWriter>,
-) -> Result<()> {
-    validate(t, epoch, tb)?;
-    let records = read_validation(&validation_log(t));
-    if let (Some(first), Some(last)) = (records.first(), records.last()) {
-        eprintln!("validation loss per held-out image (highest first; first → last evaluation):");
-        for (path, _, f, l) in per_image_table(first, last) {
-            eprintln!("  {l:.5}  (was {f:.5})  {path}");
+impl Monitor {
+    fn write_report(
+        &self,
+        t: &Trainer<'_>,
+        epoch: u64,
+        final_model: Option<&Path>,
+        records: &[ValidationRecord],
+    ) -> Result<PathBuf> {
+        let path = t.output.dir.join("report.html");
+        let report = build_report(t, &self.prompts, epoch, final_model, records);
+        sdbooth_sample::report::write_report(&path, &report).map_err(|e| TrainError::io(&path, e))?;
+        Ok(path)
+    }
+
+    fn validate(&mut self, t: &Trainer<'_>, epoch: u64, board: &mut Board) -> Result<()> {
+        let Some(v) = &self.validation else { return Ok(()) };
+        if self.last_validation_step == Some(t.global_step) {
+            return Ok(());
         }
+        let per_image = v.evaluate(t)?;
+        let record = v.record(t.global_step, epoch, per_image);
+        tracing::info!("validation loss at step {}: {:.5}", t.global_step, record.loss);
+        if let Some(tb) = board {
+            tb.add_scalar(TAG_LOSS_VALIDATION, record.loss as f32, t.global_step as i64)?;
+        }
+        JsonlWriter::append(&validation_log(t))?.write(&record)?;
+        self.last_validation_step = Some(t.global_step);
+        Ok(())
     }
-    let path = write_report(t, epoch, Some(final_model), &records)?;
-    eprintln!("report: {}", path.display());
-    Ok(())
-}
 
-fn write_report(
-    t: &Trainer<'_>,
-    epoch: u64,
-    final_model: Option<&Path>,
-    records: &[ValidationRecord],
-) -> Result<PathBuf> {
-    let path = t.output.dir.join("report.html");
-    let report = build_report(t, epoch, final_model, records)?;
-    sdbooth_sample::report::write_report(&path, &report).map_err(TrainError::Config)?;
-    Ok(path)
-}
-
-fn log_stem(t: &Trainer<'_>) -> String {
-    t.output.name.clone().unwrap_or_else(|| "train".into())
+    /// kohya's sample_image_inference: one PNG per prompt in `output_dir/sample`, named
+    /// `{output_name}_{e{epoch:06d} | {step:06d}}_{i:02d}_{%Y%m%d%H%M%S}{_seed}.png` (UTC time).
+    fn sample_images(&self, t: &Trainer<'_>, epoch: Option<u64>) -> Result<()> {
+        let Some(vae) = self.vae.as_ref() else { return Ok(()) };
+        let dir = t.output.dir.join("sample");
+        std::fs::create_dir_all(&dir).map_err(|e| TrainError::io(&dir, e))?;
+        tracing::info!("generating sample images at step {}", t.global_step);
+        let pipe = Pipeline {
+            config: &t.model.config,
+            unet: &t.model.unet_params,
+            text_encoder: &t.model.text_params,
+            vae,
+            tokenizer: &t.model.tokenizer,
+            v_prediction: t.model.v_parameterization,
+            clip_skip: t.plan.text.clip_skip,
+            max_token_length: t.plan.text.max_token_length,
+            dtype: t.plan.precision.compute_dtype,
+            device: &t.plan.device,
+        };
+        // kohya's defaults for a prompt without options.
+        let defaults = Request {
+            prompt: String::new(),
+            negative_prompt: String::new(),
+            width: 512,
+            height: 512,
+            steps: 30,
+            scale: 7.5,
+            seed: 0,
+            sampler: t.plan.sampling.sampler.clone(),
+        };
+        let ts = sdbooth_checkpoint::time::UtcTime::now().compact();
+        let num_suffix = match epoch {
+            Some(e) => format!("e{e:06}"),
+            None => format!("{:06}", t.global_step),
+        };
+        let prefix = t.output.name.as_ref().map(|n| format!("{n}_")).unwrap_or_default();
+        let model_name = t.output.name.clone().unwrap_or_else(|| t.model.loaded.source.spec.clone());
+        for (i, spec) in self.prompts.iter().enumerate() {
+            let mut req = Request::from_spec(spec, &defaults);
+            req.width = (req.width - req.width % 8).max(64);
+            req.height = (req.height - req.height % 8).max(64);
+            req.seed = spec.seed.unwrap_or_else(|| prompt_seed(t.plan.seed, i));
+            let rgb =
+                pipe.generate(&req).map_err(|e| TrainError::Sample { index: i, source: Box::new(e) })?;
+            let seed_suffix = spec.seed.map(|s| format!("_{s}")).unwrap_or_default();
+            let path = dir.join(format!("{prefix}{num_suffix}_{i:02}_{ts}{seed_suffix}.png"));
+            write_png(&path, req.width, req.height, &rgb, &req.a1111_parameters(&model_name))
+                .map_err(|e| TrainError::Sample { index: i, source: Box::new(e) })?;
+        }
+        Ok(())
+    }
 }
 
 fn validation_log(t: &Trainer<'_>) -> PathBuf {
-    t.output.dir.join(format!("{}.validation.jsonl", log_stem(t)))
-}
-
-fn validate(t: &mut Trainer<'_>, epoch: u64, tb: Option<&mut TensorBoardWriter>) -> Result<()> {
-    let Some(v) = &t.monitor.validation else { return Ok(()) };
-    if t.monitor.last_validation_step == Some(t.global_step) {
-        return Ok(());
-    }
-    let per_image = v.evaluate(t)?;
-    let record = v.record(t.global_step, epoch, per_image);
-    eprintln!("validation loss at step {}: {:.5}", t.global_step, record.loss);
-    if let Some(tb) = tb {
-        tb.add_scalar(TAG_LOSS_VALIDATION, record.loss as f32, t.global_step as i64)?;
-    }
-    JsonlWriter::append(&validation_log(t))?.write(&record)?;
-    t.monitor.last_validation_step = Some(t.global_step);
-    Ok(())
-}
-
-/// kohya's sample_image_inference: one PNG per prompt in `output_dir/sample`, named
-/// `{output_name}_{e{epoch:06d} | {step:06d}}_{i:02d}_{%Y%m%d%H%M%S}{_seed}.png` (UTC time).
-fn sample_images(t: &Trainer<'_>, epoch: Option<u64>) -> Result<()> {
-    let m = &t.monitor;
-    let Some(vae) = m.vae.as_ref() else { return Ok(()) };
-    let dir = t.output.dir.join("sample");
-    std::fs::create_dir_all(&dir).map_err(|e| TrainError::io(&dir, e))?;
-    eprintln!("generating sample images at step {}", t.global_step);
-    let pipe = Pipeline {
-        config: &t.model.config,
-        unet: &t.model.unet_params,
-        text_encoder: &t.model.text_params,
-        vae,
-        tokenizer: &t.model.tokenizer,
-        v_prediction: t.model.v_parameterization,
-        clip_skip: t.args.model.clip_skip.map(|v| v as usize),
-        max_token_length: t.args.model.max_token_length.map(|v| v as usize),
-        dtype: setup::compute_dtype(t.args),
-    };
-    // kohya's defaults for a prompt without options.
-    let defaults = Request {
-        prompt: String::new(),
-        negative_prompt: String::new(),
-        width: 512,
-        height: 512,
-        steps: 30,
-        scale: 7.5,
-        seed: 0,
-        sampler: m.sampler_name.clone(),
-    };
-    let ts = utc_timestamp();
-    let num_suffix = match epoch {
-        Some(e) => format!("e{e:06}"),
-        None => format!("{:06}", t.global_step),
-    };
-    let prefix = t.output.name.as_ref().map(|n| format!("{n}_")).unwrap_or_default();
-    let model_name = t.output.name.clone().unwrap_or_else(|| t.model.loaded.source.spec.clone());
-    for (i, spec) in m.prompts.iter().enumerate() {
-        let mut req = Request::from_spec(spec, &defaults);
-        req.width = (req.width - req.width % 8).max(64);
-        req.height = (req.height - req.height % 8).max(64);
-        req.seed = spec.seed.unwrap_or_else(|| prompt_seed(t.seed, i));
-        let rgb = pipe.generate(&req).map_err(|e| TrainError::Config(format!("sample {i}: {e}")))?;
-        let seed_suffix = spec.seed.map(|s| format!("_{s}")).unwrap_or_default();
-        let path = dir.join(format!("{prefix}{num_suffix}_{i:02}_{ts}{seed_suffix}.png"));
-        write_png(&path, req.width, req.height, &rgb, &req.a1111_parameters(&model_name))
-            .map_err(|e| TrainError::Config(e.to_string()))?;
-    }
-    Ok(())
+    t.output.dir.join(format!("{}.validation.jsonl", t.output.log_stem()))
 }
 
 /// A prompt without `--d`: a seed fixed by the run's seed and the prompt's index (splitmix64).
@@ -233,23 +214,6 @@ fn prompt_seed(seed: u64, index: usize) -> u64 {
     z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
     z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
     (z ^ (z >> 31)) & 0xFFFF_FFFF
-}
-
-/// `%Y%m%d%H%M%S` of now, UTC (kohya uses local time; servers mostly run on UTC).
-fn utc_timestamp() -> String {
-    let secs = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
-    let (days, rem) = ((secs / 86400) as i64, secs % 86400);
-    // Howard Hinnant's civil_from_days.
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let mo = if mp < 10 { mp + 3 } else { mp - 9 };
-    let y = yoe + era * 400 + i64::from(mo <= 2);
-    format!("{y:04}{mo:02}{d:02}{:02}{:02}{:02}", rem / 3600, rem % 3600 / 60, rem % 60)
 }
 
 /// Records of a JSONL log; a resumed run appends, so the last record of a step wins.
@@ -270,11 +234,12 @@ fn read_validation(path: &Path) -> Vec<ValidationRecord> {
 
 fn build_report(
     t: &Trainer<'_>,
+    prompts: &[PromptSpec],
     epoch: u64,
     final_model: Option<&Path>,
     validation: &[ValidationRecord],
-) -> Result<RunReport> {
-    let stem = log_stem(t);
+) -> RunReport {
+    let stem = t.output.log_stem();
     let steps: Vec<StepRecord> =
         read_jsonl(&t.output.dir.join(format!("{stem}.jsonl")), |r: &StepRecord| r.step);
     let mut r = RunReport { title: format!("sdbooth run: {stem}"), ..Default::default() };
@@ -329,8 +294,7 @@ fn build_report(
     }
     // The last step of each epoch places epoch-named samples on the step axis.
     let epoch_end = |e: u64| steps.iter().filter(|s| s.epoch == e).map(|s| s.step).max().unwrap_or(0);
-    r.samples =
-        sample_groups(&t.output.dir.join("sample"), t.output.name.as_deref(), &t.monitor.prompts, epoch_end);
+    r.samples = sample_groups(&t.output.dir.join("sample"), t.output.name.as_deref(), prompts, epoch_end);
     r.checkpoints = checkpoints(&t.output.dir);
     for (di, d) in t.group.datasets.iter().enumerate() {
         for (bi, b) in d.buckets.iter().enumerate() {
@@ -343,19 +307,9 @@ fn build_report(
             });
         }
     }
-    if let Ok(opts) = t.args.dataset_options() {
-        r.dataset_text = sdbooth_data::DryRunReport::new(&t.group, &opts).to_text();
-    }
-    if let Ok(serde_json::Value::Object(map)) = serde_json::to_value(t.args) {
-        for (k, v) in map {
-            match v {
-                serde_json::Value::Null => {}
-                serde_json::Value::String(s) => r.config.push((k, s)),
-                v => r.config.push((k, v.to_string())),
-            }
-        }
-    }
-    Ok(r)
+    r.dataset_text = sdbooth_data::DryRunReport::new(&t.group, &t.plan.data.options).to_text();
+    r.config = t.plan.flags.clone();
+    r
 }
 
 /// Sample PNGs grouped by their step/epoch part, in step order; a re-made (suffix, index) keeps

@@ -1,17 +1,19 @@
-//! Model files and training states, named and pruned as kohya names and prunes them.
+//! Model files and training states, named and pruned as kohya names and prunes them: the
+//! [`Saver`] part of the run, and the loading half for `--resume`.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
-use candle_core::Tensor;
+use candle_core::{Device, Tensor};
 use rand_chacha::ChaCha8Rng;
-use sdbooth_checkpoint::{modelspec_metadata, save_model, ModelParts, ModelSpecArgs, SaveOptions};
+use sdbooth_checkpoint::{modelspec_metadata, save_model, ModelParts, SaveOptions};
 use sdbooth_data::SamplerState;
 
-use super::setup::{model_err, Model};
+use super::parts::{Board, RunPart};
+use super::setup::Model;
 use super::{LossScale, Trainer};
 use crate::error::{Result, TrainError};
-use crate::logs::LossRecorder;
+use crate::logs::{LossRecorder, StepRecord};
 use crate::optim::Optimizer;
 use crate::state::{self, RngState, TrainingState};
 
@@ -46,56 +48,32 @@ fn save_model_file(t: &Trainer<'_>, path: &Path, epoch: u64) -> Result<()> {
                 &sdbooth_checkpoint::LoadOptions {
                     v2: None,
                     v_parameterization: t.model.v_parameterization,
-                    vae: t.args.model.vae.as_ref().map(PathBuf::from),
+                    vae: t.plan.model.vae.clone(),
                     dtype: None,
                 },
-            )
-            .map_err(|e| TrainError::Config(format!("reloading the VAE to save: {e}")))?;
+            )?;
             vae_map = reloaded.vae;
             Some(&vae_map)
         }
     };
     let parts = ModelParts { unet: &unet, text_encoder: &text, vae };
-    let a = &t.args.metadata;
-    let spec_args = ModelSpecArgs {
-        title: a.metadata_title.clone(),
-        output_name: t.output.name.clone(),
-        author: a.metadata_author.clone(),
-        description: a.metadata_description.clone(),
-        license: a.metadata_license.clone(),
-        tags: a.metadata_tags.clone(),
-        usage_hint: a.metadata_usage_hint.clone(),
-        thumbnail: a.metadata_thumbnail.clone(),
-        merged_from: a.metadata_merged_from.clone(),
-        trigger_phrase: a.metadata_trigger_phrase.clone(),
-        preprocessor: a.metadata_preprocessor.clone(),
-        is_negative_embedding: a.metadata_is_negative_embedding.clone(),
-        resolution: None,
-        timesteps: None,
-        clip_skip: t.args.model.clip_skip.map(|v| v as usize),
-    };
     let mut metadata = modelspec_metadata(
         &t.model.config,
         t.model.v_parameterization,
-        &spec_args,
+        &t.plan.saving.metadata,
         std::time::SystemTime::now(),
     );
     metadata.insert("sdbooth.global_step".into(), t.global_step.to_string());
     metadata.insert("sdbooth.epoch".into(), epoch.to_string());
     let mut opts = SaveOptions::new(t.output.format);
-    opts.precision = t.args.saving.save_precision.map(|p| match p {
-        crate::args::types::SavePrecision::Float => sdbooth_checkpoint::Precision::Float,
-        crate::args::types::SavePrecision::Fp16 => sdbooth_checkpoint::Precision::Fp16,
-        crate::args::types::SavePrecision::Bf16 => sdbooth_checkpoint::Precision::Bf16,
-    });
+    opts.precision = t.plan.saving.precision;
     opts.source = Some(&t.model.loaded.source);
     opts.metadata = metadata;
     opts.epoch = epoch as i64;
     opts.global_step = t.global_step as i64;
     opts.v_parameterization = t.model.v_parameterization;
-    save_model(path, &parts, &t.model.config, &opts)
-        .map_err(|e| TrainError::Config(format!("{}: {e}", path.display())))?;
-    eprintln!("saved {}", path.display());
+    save_model(path, &parts, &t.model.config, &opts)?;
+    tracing::info!("saved {}", path.display());
     Ok(())
 }
 
@@ -115,13 +93,13 @@ pub(super) fn save_state_dir(t: &Trainer<'_>, dir: &Path, epoch: u64) -> Result<
         weights.insert(format!("{TEXT_PREFIX}{k}"), v.as_tensor().detach());
     }
     state::save_state(dir, &st, &t.optimizer, &weights)?;
-    eprintln!("saved state {}", dir.display());
+    tracing::info!("saved state {}", dir.display());
     Ok(())
 }
 
-/// Reads a state folder and writes its weights into the model.
-pub fn load_state(dir: &Path, model: &mut Model) -> Result<SavedState> {
-    let (st, optimizer, weights) = state::load_state(dir, &candle_core::Device::Cpu)?;
+/// Reads a state folder and writes its weights, on `device`, into the model.
+pub fn load_state(dir: &Path, model: &mut Model, device: &Device) -> Result<SavedState> {
+    let (st, optimizer, weights) = state::load_state(dir, device)?;
     let mut unet = std::collections::BTreeMap::new();
     let mut text = std::collections::BTreeMap::new();
     for (k, v) in weights {
@@ -144,8 +122,8 @@ pub fn load_state(dir: &Path, model: &mut Model) -> Result<SavedState> {
     };
     check(&model.unet_params, &unet, "U-Net")?;
     check(&model.text_params, &text, "text encoder")?;
-    model.unet_params = sdbooth_models::ParamStore::from_tensors(unet).map_err(model_err)?;
-    model.text_params = sdbooth_models::ParamStore::from_tensors(text).map_err(model_err)?;
+    model.unet_params = sdbooth_models::ParamStore::from_tensors(unet)?;
+    model.text_params = sdbooth_models::ParamStore::from_tensors(text)?;
     let rng = |name: &str| -> Result<ChaCha8Rng> {
         st.rng_streams
             .get(name)
@@ -166,9 +144,48 @@ pub fn load_state(dir: &Path, model: &mut Model) -> Result<SavedState> {
     })
 }
 
+/// The saving part of a run: models and states at kohya's moments, pruned as kohya prunes them;
+/// on Ctrl-C, the state of the step just finished, and the run stops.
+pub(super) struct Saver {
+    /// `--save_every_n_epochs`, or what `--save_n_epoch_ratio` makes of it for this run.
+    every_n_epochs: Option<u64>,
+}
+
+impl Saver {
+    pub fn new(t: &Trainer<'_>) -> Self {
+        let s = &t.plan.saving;
+        // kohya: --save_n_epoch_ratio r sets save_every_n_epochs to floor(epochs / r), at least 1.
+        let from_ratio = s.n_epoch_ratio.map(|r| (t.num_epochs / r).max(1));
+        Saver { every_n_epochs: from_ratio.or(s.every_n_epochs).filter(|&n| n > 0) }
+    }
+}
+
+impl RunPart for Saver {
+    fn after_step(&mut self, t: &Trainer<'_>, r: &StepRecord, _board: &mut Board) -> Result<()> {
+        save_on_step(t, r.epoch)?;
+        if super::interrupt_requested() {
+            let state = save_interrupted(t, r.epoch)?;
+            return Err(TrainError::Interrupted { step: t.global_step, state });
+        }
+        Ok(())
+    }
+
+    fn at_epoch_end(&mut self, t: &Trainer<'_>, epoch: u64, _board: &mut Board) -> Result<()> {
+        match self.every_n_epochs {
+            Some(n) => save_on_epoch_end(t, epoch, n),
+            None => Ok(()),
+        }
+    }
+
+    fn at_end(&mut self, t: &Trainer<'_>, epoch: u64, _board: &mut Board) -> Result<()> {
+        save_final(t, epoch)
+    }
+}
+
 /// `--save_every_n_steps` (model and, with `--save_state`, state), with kohya's pruning.
-pub(super) fn save_on_step(t: &mut Trainer<'_>, epoch: u64) -> Result<()> {
-    let Some(n) = t.args.saving.save_every_n_steps.filter(|&n| n > 0) else { return Ok(()) };
+fn save_on_step(t: &Trainer<'_>, epoch: u64) -> Result<()> {
+    let s = &t.plan.saving;
+    let Some(n) = s.every_n_steps else { return Ok(()) };
     let step = t.global_step;
     if !step.is_multiple_of(n) {
         return Ok(());
@@ -176,12 +193,12 @@ pub(super) fn save_on_step(t: &mut Trainer<'_>, epoch: u64) -> Result<()> {
     let name = t.output.name.as_deref();
     let ext = t.output.ext();
     save_model_file(t, &t.output.path(&state::step_file_name(name, step, ext)), epoch)?;
-    if let Some(old) = state::remove_step_no(step, n, t.args.saving.save_last_n_steps) {
+    if let Some(old) = state::remove_step_no(step, n, s.last_n_steps) {
         state::remove_if_exists(&t.output.path(&state::step_file_name(name, old, ext)))?;
     }
-    if t.args.saving.save_state {
+    if s.save_state {
         save_state_dir(t, &t.output.path(&state::step_state_name(name, step)), epoch)?;
-        let last_n = t.args.saving.save_last_n_steps_state.or(t.args.saving.save_last_n_steps);
+        let last_n = s.last_n_steps_state.or(s.last_n_steps);
         if let Some(old) = state::remove_state_step_no(step, n, last_n) {
             state::remove_if_exists(&t.output.path(&state::step_state_name(name, old)))?;
         }
@@ -189,27 +206,21 @@ pub(super) fn save_on_step(t: &mut Trainer<'_>, epoch: u64) -> Result<()> {
     Ok(())
 }
 
-/// `--save_every_n_epochs`: every n-th epoch but the last (the final save covers that one).
-pub(super) fn save_on_epoch_end(t: &mut Trainer<'_>, epoch: u64) -> Result<()> {
-    // kohya: --save_n_epoch_ratio r sets save_every_n_epochs to floor(epochs / r), at least 1.
-    let from_ratio =
-        t.args.saving.save_n_epoch_ratio.filter(|&r| r > 0).map(|r| (t.num_epochs / r as u64).max(1));
-    let every = from_ratio.or(t.args.saving.save_every_n_epochs.map(u64::from));
-    let Some(n) = every.filter(|&n| n > 0) else { return Ok(()) };
+/// Every n-th epoch but the last (the final save covers that one).
+fn save_on_epoch_end(t: &Trainer<'_>, epoch: u64, n: u64) -> Result<()> {
     if !epoch.is_multiple_of(n) || epoch >= t.num_epochs {
         return Ok(());
     }
+    let s = &t.plan.saving;
     let name = t.output.name.as_deref();
     let ext = t.output.ext();
     save_model_file(t, &t.output.path(&state::epoch_file_name(name, epoch, ext)), epoch)?;
-    let last_n = t.args.saving.save_last_n_epochs.map(u64::from);
-    if let Some(old) = state::remove_epoch_no(epoch, n, last_n) {
+    if let Some(old) = state::remove_epoch_no(epoch, n, s.last_n_epochs) {
         state::remove_if_exists(&t.output.path(&state::epoch_file_name(name, old, ext)))?;
     }
-    if t.args.saving.save_state {
+    if s.save_state {
         save_state_dir(t, &t.output.path(&state::epoch_state_name(name, epoch)), epoch)?;
-        let last_n =
-            t.args.saving.save_last_n_epochs_state.or(t.args.saving.save_last_n_epochs).map(u64::from);
+        let last_n = s.last_n_epochs_state.or(s.last_n_epochs);
         if let Some(old) = state::remove_epoch_no(epoch, n, last_n) {
             state::remove_if_exists(&t.output.path(&state::epoch_state_name(name, old)))?;
         }
@@ -219,18 +230,17 @@ pub(super) fn save_on_epoch_end(t: &mut Trainer<'_>, epoch: u64) -> Result<()> {
 
 /// The final model (`{output_name}.{ext}`, or kohya's `last`) and, with
 /// `--save_state_on_train_end`, the final state.
-pub(super) fn save_final(t: &mut Trainer<'_>, epoch: u64) -> Result<PathBuf> {
-    let name = t.output.name.as_deref();
-    let path = t.output.path(&state::last_file_name(name, t.output.ext()));
-    save_model_file(t, &path, epoch)?;
-    if t.args.saving.save_state_on_train_end {
+fn save_final(t: &Trainer<'_>, epoch: u64) -> Result<()> {
+    save_model_file(t, &t.output.final_model_path(), epoch)?;
+    if t.plan.saving.save_state_on_train_end {
+        let name = t.output.name.as_deref();
         save_state_dir(t, &t.output.path(&state::last_state_name(name)), epoch)?;
     }
-    Ok(path)
+    Ok(())
 }
 
 /// Ctrl-C: the state of the step just finished, under kohya's step-state name.
-pub(super) fn save_interrupted(t: &Trainer<'_>, epoch: u64) -> Result<PathBuf> {
+fn save_interrupted(t: &Trainer<'_>, epoch: u64) -> Result<PathBuf> {
     let dir = t.output.path(&state::step_state_name(t.output.name.as_deref(), t.global_step));
     if !dir.is_dir() {
         save_state_dir(t, &dir, epoch)?;

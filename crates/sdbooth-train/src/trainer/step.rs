@@ -11,7 +11,7 @@ use sdbooth_models::clip::apply_token_weights;
 use sdbooth_models::ddpm::DdpmSchedule;
 use sdbooth_models::{ClipTrainOptions, TrainOptions};
 
-use super::setup::{model_err, Model};
+use super::setup::Model;
 use crate::error::{Result, TrainError};
 use crate::loss::{training_loss, LossArgs};
 use crate::noise::{noise_noisy_latents_and_timesteps, Draws, NoiseArgs, NoisedBatch};
@@ -43,7 +43,7 @@ pub struct StepSettings<'a> {
 }
 
 fn caption_error(c: &str, e: sdbooth_data::tokenizer::TokenizerError) -> TrainError {
-    TrainError::Config(format!("caption {c:?}: {e}"))
+    TrainError::Caption { caption: c.to_string(), source: Box::new(e) }
 }
 
 /// Token ids of a batch (`[B, 77]`, `[B, n, 77]` for long prompts, `[B, T]` unpadded) and,
@@ -154,30 +154,22 @@ pub fn loss_and_grads(
     // (a frozen text encoder runs in the mixed-precision dtype, as kohya).
     let te_tape = if s.train_text_encoder {
         let opts = ClipTrainOptions { checkpointing: s.checkpointing, compute_dtype: s.compute_dtype };
-        Some(
-            model
-                .text_encoder
-                .forward_train(&model.text_params, &ids, s.clip_skip, opts)
-                .map_err(model_err)?,
-        )
+        Some(model.text_encoder.forward_train(&model.text_params, &ids, s.clip_skip, opts)?)
     } else {
         None
     };
     let ctx = match &te_tape {
         Some(tape) => tape.output().clone(),
-        None => model
-            .text_encoder
-            .encode(&model.text_params, &ids, s.clip_skip, s.compute_dtype)
-            .map_err(model_err)?,
+        None => model.text_encoder.encode(&model.text_params, &ids, s.clip_skip, s.compute_dtype)?,
     };
     let ctx = match &token_weights {
-        Some(w) => apply_token_weights(&ctx, w).map_err(model_err)?,
+        Some(w) => apply_token_weights(&ctx, w)?,
         None => ctx,
     };
 
     let ts: Vec<usize> = noised.timesteps.iter().map(|&t| t as usize).collect();
     let target = if s.loss.v_parameterization {
-        s.schedule.velocity(&inputs.latents, &noised.noise, &ts).map_err(model_err)?
+        s.schedule.velocity(&inputs.latents, &noised.noise, &ts)?
     } else {
         noised.noise.clone()
     };
@@ -220,20 +212,17 @@ pub fn loss_and_grads(
         ctx_grad: te_tape.is_some(),
         latents_grad: false,
     };
-    let tape = model
-        .unet
-        .forward_train(&model.unet_params, &noised.noisy_latents, &t_tensor, &ctx, opts)
-        .map_err(model_err)?;
+    let tape = model.unet.forward_train(&model.unet_params, &noised.noisy_latents, &t_tensor, &ctx, opts)?;
     let forward_seconds = started.elapsed().as_secs_f64();
-    let grad = grad_fn(tape.output()).map_err(model_err)?;
-    let unet_grads = tape.backward(&grad, &mut unet_hook).map_err(model_err)?;
+    let grad = grad_fn(tape.output())?;
+    let unet_grads = tape.backward(&grad, &mut unet_hook)?;
     if let Some(e) = sink_error.take() {
         return Err(e);
     }
     if let (Some(tape), Some(ctx_grad)) = (te_tape, unet_grads.ctx) {
         // The token weights are a constant factor: the same product carries the gradient back.
         let ctx_grad = match &token_weights {
-            Some(w) => apply_token_weights(&ctx_grad, w).map_err(model_err)?,
+            Some(w) => apply_token_weights(&ctx_grad, w)?,
             None => ctx_grad,
         };
         let mut te_hook = |grads: &[(String, Tensor)]| -> candle_core::Result<()> {
@@ -244,7 +233,7 @@ pub fn loss_and_grads(
             }
             Ok(())
         };
-        tape.backward(&ctx_grad, &mut te_hook).map_err(model_err)?;
+        tape.backward(&ctx_grad, &mut te_hook)?;
         if let Some(e) = sink_error.take() {
             return Err(e);
         }

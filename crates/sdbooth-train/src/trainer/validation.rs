@@ -10,11 +10,11 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use sdbooth_data::{DatasetGroup, SampleContext};
 
-use super::setup::{self, model_err, Model};
-use super::step::{normal_tensor, token_ids, StepSettings};
-use crate::args::TrainArgs;
-use crate::error::{Result, TrainError};
+use super::setup::Model;
+use super::step::{normal_tensor, token_ids};
+use crate::error::Result;
 use crate::loss::training_loss;
+use crate::plan::TrainPlan;
 use sdbooth_models::clip::apply_token_weights;
 
 /// Timesteps per held-out image, stratified over the trained range (one forward pass each).
@@ -47,12 +47,11 @@ pub(super) struct ValidationRecord {
 
 impl Validation {
     /// Loads and encodes the held-out images; `None` when there are none. Needs the VAE.
-    pub fn new(args: &TrainArgs, group: &DatasetGroup, model: &Model, seed: u64) -> Result<Option<Self>> {
+    pub fn new(plan: &TrainPlan, group: &DatasetGroup, model: &Model) -> Result<Option<Self>> {
         if group.datasets.iter().all(|d| d.validation_images.is_empty()) {
             return Ok(None);
         }
-        let vae_params =
-            model.vae_params.as_ref().ok_or_else(|| TrainError::Config("VAE was freed".into()))?;
+        let vae_params = model.vae_params.as_ref().ok_or_else(super::vae_freed)?;
         // The held-out images as a group of their own, augmentation and caption randomness off.
         let mut vgroup = group.clone();
         for d in &mut vgroup.datasets {
@@ -68,30 +67,23 @@ impl Validation {
                 s.caption.token_warmup_step = 0.0;
             }
         }
-        let val_seed = args.dataset.validation_seed.unwrap_or(seed);
+        let val_seed = plan.data.options.validation_seed.unwrap_or(plan.seed);
         let mut rng = ChaCha8Rng::seed_from_u64(val_seed ^ 0x5641_4c49_4441_5445);
         let ctx = SampleContext { seed: val_seed, epoch: 1, step: 0, max_train_steps: 1 };
-        let noise = setup::noise_args(args);
-        let t_min = noise.min_timestep.unwrap_or(0);
-        let t_max = noise.max_timestep.unwrap_or(1000).max(t_min + 1);
-        let schedule = if args.loss.zero_terminal_snr {
-            sdbooth_models::ddpm::DdpmSchedule::sd().with_zero_terminal_snr()
-        } else {
-            sdbooth_models::ddpm::DdpmSchedule::sd()
-        };
-        let device = setup::device();
+        let t_min = plan.noise.min_timestep.unwrap_or(0);
+        let t_max = plan.noise.max_timestep.unwrap_or(1000).max(t_min + 1);
+        let schedule = plan.noise_schedule();
+        let device = &plan.device;
         let mut items = Vec::new();
         for (di, d) in vgroup.datasets.iter().enumerate() {
             for ii in 0..d.images.len() {
-                let s = sdbooth_data::load_sample(&vgroup, di, ii, ii as u64, &ctx)
-                    .map_err(|e| TrainError::Config(format!("validation image: {e}")))?;
+                let s = sdbooth_data::load_sample(&vgroup, di, ii, ii as u64, &ctx)?;
                 let (h, w) = (s.height as usize, s.width as usize);
-                let img = Tensor::from_vec(s.pixels, (1, 3, h, w), &device)?;
+                let img = Tensor::from_vec(s.pixels, (1, 3, h, w), device)?;
                 let f = model.vae.downscale_factor();
                 let shape = [1, 4, h / f, w / f];
-                let vae_noise = normal_tensor(&mut rng, &shape, &device)?;
-                let latent =
-                    model.vae.encode_to_latents(vae_params, &img, &vae_noise, None).map_err(model_err)?;
+                let vae_noise = normal_tensor(&mut rng, &shape, device)?;
+                let latent = model.vae.encode_to_latents(vae_params, &img, &vae_noise, None)?;
                 let k = TIMESTEPS_PER_IMAGE;
                 // Stratified: one timestep in each k-th of [t_min, t_max).
                 let span = (t_max - t_min) as f64 / k as f64;
@@ -99,13 +91,10 @@ impl Validation {
                     (0..k).map(|j| t_min + ((j as f64 + rng.gen::<f64>()) * span) as u64).collect();
                 let ts: Vec<usize> = timesteps.iter().map(|&t| (t as usize).min(999)).collect();
                 let latents = latent.repeat((k, 1, 1, 1))?;
-                let noise = normal_tensor(&mut rng, &[k, shape[1], shape[2], shape[3]], &device)?;
-                let noisy = schedule.add_noise(&latents, &noise, &ts).map_err(model_err)?;
-                let target = if model.v_parameterization {
-                    schedule.velocity(&latents, &noise, &ts).map_err(model_err)?
-                } else {
-                    noise
-                };
+                let noise = normal_tensor(&mut rng, &[k, shape[1], shape[2], shape[3]], device)?;
+                let noisy = schedule.add_noise(&latents, &noise, &ts)?;
+                let target =
+                    if model.v_parameterization { schedule.velocity(&latents, &noise, &ts)? } else { noise };
                 items.push(Item {
                     path: d.images[ii].path.display().to_string(),
                     caption: s.caption,
@@ -115,7 +104,7 @@ impl Validation {
                 });
             }
         }
-        eprintln!(
+        tracing::info!(
             "validation: {} held-out image(s), {TIMESTEPS_PER_IMAGE} fixed timesteps each",
             items.len()
         );
@@ -125,44 +114,25 @@ impl Validation {
     /// Each held-out image's loss with the current weights (no gradients), tokenized and
     /// encoded as the training step does (same settings, text encoder frozen).
     pub fn evaluate(&self, t: &super::Trainer<'_>) -> Result<Vec<f64>> {
-        let device = setup::device();
-        let args = t.args;
-        let dtype = setup::compute_dtype(args);
-        let settings = StepSettings {
-            noise: &t.noise_args,
-            loss: &t.loss_args,
-            schedule: &t.schedule,
-            alphas_cumprod: &t.alphas_cumprod,
-            train_text_encoder: false,
-            checkpointing: false,
-            compute_dtype: dtype,
-            clip_skip: args.model.clip_skip.map(|v| v as usize),
-            max_token_length: args.model.max_token_length.map(|v| v as usize),
-            no_token_padding: args.model.no_token_padding,
-            weighted_captions: args.dataset.weighted_captions,
-            grad_multiplier: 1.0,
-        };
+        let device = &t.plan.device;
+        let settings = super::step_settings(t.plan, &t.loss, &t.schedule, false, 1.0);
+        let dtype = settings.compute_dtype;
         let model = &t.model;
         let mut out = Vec::with_capacity(self.items.len());
         for it in &self.items {
             let (ids, token_weights) =
-                token_ids(&model.tokenizer, std::slice::from_ref(&it.caption), &settings, &device)?;
-            let ctx = model
-                .text_encoder
-                .encode(&model.text_params, &ids, settings.clip_skip, dtype)
-                .map_err(model_err)?;
+                token_ids(&model.tokenizer, std::slice::from_ref(&it.caption), &settings, device)?;
+            let ctx = model.text_encoder.encode(&model.text_params, &ids, settings.clip_skip, dtype)?;
             let ctx = match &token_weights {
-                Some(w) => apply_token_weights(&ctx, w).map_err(model_err)?,
+                Some(w) => apply_token_weights(&ctx, w)?,
                 None => ctx,
             };
             let k = it.timesteps.len();
             let ctx = ctx.repeat((k, 1, 1))?;
-            let ts =
-                Tensor::from_vec(it.timesteps.iter().map(|&v| v as f32).collect::<Vec<_>>(), k, &device)?;
+            let ts = Tensor::from_vec(it.timesteps.iter().map(|&v| v as f32).collect::<Vec<_>>(), k, device)?;
             let pred = model
                 .unet
-                .forward_frozen(&model.unet_params, &it.noisy, &ts, &ctx, dtype)
-                .map_err(model_err)?
+                .forward_frozen(&model.unet_params, &it.noisy, &ts, &ctx, dtype)?
                 .to_dtype(DType::F32)?;
             let weights = vec![1.0f32; k];
             let l = training_loss(
@@ -171,8 +141,8 @@ impl Validation {
                 &it.timesteps,
                 &weights,
                 None,
-                &t.alphas_cumprod,
-                &t.loss_args,
+                &t.schedule.alphas_cumprod,
+                &t.loss,
             )?;
             out.push(l.to_dtype(DType::F64)?.to_scalar::<f64>()?);
         }
