@@ -2,7 +2,7 @@
 //!
 //! An op runs its own kernels (its `cpu.rs`, later `cuda.rs`) only where [`has_kernels`] says the
 //! device has them; everywhere else it runs the composition of candle primitives in
-//! [`crate::reference`], whose backward candle's autograd gives.
+//! [`crate::reference`](mod@crate::reference), whose backward candle's autograd gives.
 
 use candle_core::{Device, Result, Tensor, Var};
 use std::sync::OnceLock;
@@ -12,7 +12,7 @@ pub const REFERENCE_OPS_ENV: &str = "SDBOOTH_REFERENCE_OPS";
 
 /// Whether `SDBOOTH_REFERENCE_OPS` is set (to anything but empty or `0`): then the CPU takes the
 /// same path a device without kernels of this crate takes, the compositions of candle primitives
-/// in [`crate::reference`], so the generic (GPU) path can be tested on a machine without a GPU.
+/// in [`crate::reference`](mod@crate::reference), so the generic (GPU) path can be tested on a machine without a GPU.
 /// Read once per process, on the first call.
 pub fn reference_ops_forced() -> bool {
     static FORCED: OnceLock<bool> = OnceLock::new();

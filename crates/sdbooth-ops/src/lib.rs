@@ -26,7 +26,7 @@
 //! On CPU, conv2d, linear, attention, group_norm(+SiLU), layer_norm and softmax run our own
 //! kernels: their gradients skip untracked operands and their reductions run in fixed chunks, so
 //! results do not depend on the thread count. On any device without kernels of this crate the
-//! same functions run [`reference`], compositions of candle primitives (autograd gives their
+//! same functions run [`reference`](mod@reference), compositions of candle primitives (autograd gives their
 //! backward). Setting the environment variable `SDBOOTH_REFERENCE_OPS=1` (read once per process,
 //! see [`reference_ops_forced`]) sends the CPU down that reference path too, so the code a GPU
 //! runs can be tested on a machine without one.
