@@ -83,3 +83,23 @@ impl TrainError {
         TrainError::State { path: path.into(), reason: reason.into() }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn run_errors_say_what_happened_and_where() {
+        let e = TrainError::Interrupted { step: 7, state: PathBuf::from("out/at-step00000007-state") };
+        let msg = e.to_string();
+        assert!(msg.starts_with("interrupted after step 7"), "{msg}");
+        assert!(msg.contains("--resume out/at-step00000007-state"), "{msg}");
+        let e = TrainError::NonFiniteLoss { loss: f64::NAN, step: 3, output_dir: PathBuf::from("out") };
+        let msg = e.to_string();
+        assert!(msg.contains("NaN at step 3") && msg.contains("in out are intact"), "{msg}");
+        let e = TrainError::from(sdbooth_models::ModelError::BadInput("latents must be 4-D".into()));
+        assert_eq!(e.to_string(), "model: bad input: latents must be 4-D");
+        let e = TrainError::io("out/model.safetensors", std::io::Error::other("disk full"));
+        assert_eq!(e.to_string(), "out/model.safetensors: disk full");
+    }
+}

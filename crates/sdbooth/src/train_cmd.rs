@@ -47,8 +47,8 @@ pub fn run(cmd: TrainCommand, matches: &ArgMatches) -> anyhow::Result<()> {
         }
         if !later.is_empty() {
             let flags: Vec<String> = later.iter().map(|r| format!("--{}", r.flag)).collect();
-            eprintln!(
-                "note: training (not this dry run) would refuse, as not supported yet: {}",
+            tracing::warn!(
+                "training (not this dry run) would refuse, as not supported yet: {}",
                 flags.join(" ")
             );
         }
@@ -58,7 +58,7 @@ pub fn run(cmd: TrainCommand, matches: &ArgMatches) -> anyhow::Result<()> {
         bail!("{}", join_messages(refusals.iter().map(|r| r.message.as_str())));
     }
     let summary = sdbooth_train::trainer::train(&args)?;
-    eprintln!(
+    tracing::info!(
         "trained {} steps ({} epochs), final loss {:.4}, {:.2} s/step; model: {}",
         summary.global_step,
         summary.epochs,
