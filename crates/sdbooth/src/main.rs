@@ -34,6 +34,8 @@ enum Command {
     Generate(Box<generate_cmd::GenerateArgs>),
     /// Time the training step (train's flags; --steps, --warmup, --json FILE) on any model.
     Bench(Box<bench_cmd::BenchArgs>),
+    /// A local web UI: set up, check, run and watch training runs (each one a `train` child).
+    Ui(Box<sdbooth_ui::UiArgs>),
 }
 
 /// kohya's flags are snake_case; also accept the kebab-case spelling (`--learning-rate`) as a
@@ -70,6 +72,9 @@ fn main() -> std::process::ExitCode {
         Command::Inspect(args) => inspect_cmd::run(*args),
         Command::Generate(args) => generate_cmd::run(*args),
         Command::Bench(args) => bench_cmd::run(*args),
+        Command::Ui(args) => std::env::current_exe()
+            .map_err(|e| anyhow::anyhow!("cannot find this program's own path to run training: {e}"))
+            .and_then(|exe| sdbooth_ui::run(*args, exe)),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
