@@ -71,6 +71,63 @@ pub fn atomic_write_bytes(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     atomic_write(path, |w| w.write_all(bytes))
 }
 
+/// Writes a folder atomically: `fill` writes into a temporary sibling folder
+/// (`.NAME.tmp-PID`), whose files are fsynced (one level of sub-folders too) before it is renamed
+/// to `dir`. An existing `dir` is first moved aside (`.NAME.old-PID`) and removed after the new one
+/// is in place, so at any moment `dir` is either the old folder or the complete new one. `io`
+/// turns an I/O error on a path into the caller's error, so every error names its path.
+pub fn atomic_write_dir<E>(
+    dir: &Path,
+    fill: impl FnOnce(&Path) -> Result<(), E>,
+    io: impl Fn(&Path, std::io::Error) -> E,
+) -> Result<(), E> {
+    let parent = dir.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let name = dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "out".into());
+    fs::create_dir_all(parent).map_err(|e| io(parent, e))?;
+    let pid = std::process::id();
+    let tmp = parent.join(format!(".{name}.tmp-{pid}"));
+    if tmp.exists() {
+        fs::remove_dir_all(&tmp).map_err(|e| io(&tmp, e))?;
+    }
+    fs::create_dir(&tmp).map_err(|e| io(&tmp, e))?;
+    let written = fill(&tmp).and_then(|()| fsync_tree(&tmp, 2).map_err(|(p, e)| io(&p, e)));
+    if let Err(e) = written {
+        let _ = fs::remove_dir_all(&tmp);
+        return Err(e);
+    }
+    let old = parent.join(format!(".{name}.old-{pid}"));
+    let replaced = dir.exists();
+    if replaced {
+        fs::rename(dir, &old).map_err(|e| io(dir, e))?;
+    }
+    if let Err(e) = fs::rename(&tmp, dir) {
+        // Put the old folder back: the new one stays under its temporary name.
+        if replaced {
+            let _ = fs::rename(&old, dir);
+        }
+        return Err(io(dir, e));
+    }
+    sync_parent(dir);
+    if replaced {
+        fs::remove_dir_all(&old).map_err(|e| io(&old, e))?;
+    }
+    Ok(())
+}
+
+/// fsyncs every file of `dir` and its sub-folders down to `depth` levels, then `dir` itself.
+fn fsync_tree(dir: &Path, depth: u32) -> Result<(), (PathBuf, std::io::Error)> {
+    let rd = fs::read_dir(dir).map_err(|e| (dir.to_path_buf(), e))?;
+    for entry in rd {
+        let p = entry.map_err(|e| (dir.to_path_buf(), e))?.path();
+        if p.is_file() {
+            File::open(&p).and_then(|f| f.sync_all()).map_err(|e| (p.clone(), e))?;
+        } else if p.is_dir() && depth > 1 {
+            fsync_tree(&p, depth - 1)?;
+        }
+    }
+    File::open(dir).and_then(|f| f.sync_all()).map_err(|e| (dir.to_path_buf(), e))
+}
+
 fn sync_parent(path: &Path) {
     // Best effort: not every platform lets a directory be opened for fsync.
     if let Some(parent) = path.parent() {
@@ -84,6 +141,35 @@ fn sync_parent(path: &Path) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn folder_write_replaces_whole_or_not_at_all() {
+        let root = tempfile::tempdir().unwrap();
+        let dir = root.path().join("model");
+        let io = |p: &Path, e: std::io::Error| std::io::Error::new(e.kind(), format!("{}: {e}", p.display()));
+        atomic_write_dir(&dir, |d| fs::write(d.join("a"), b"old"), io).unwrap();
+        // A failing fill leaves the old folder as it was and no temporary folder.
+        let r = atomic_write_dir(
+            &dir,
+            |d| {
+                fs::write(d.join("a"), b"new")?;
+                Err(std::io::Error::other("killed"))
+            },
+            io,
+        );
+        assert!(r.is_err());
+        assert_eq!(fs::read(dir.join("a")).unwrap(), b"old");
+        assert_eq!(fs::read_dir(root.path()).unwrap().count(), 1);
+        atomic_write_dir(
+            &dir,
+            |d| fs::create_dir(d.join("sub")).and_then(|()| fs::write(d.join("sub/b"), b"new")),
+            io,
+        )
+        .unwrap();
+        assert!(!dir.join("a").exists(), "the old folder's files are gone");
+        assert_eq!(fs::read(dir.join("sub/b")).unwrap(), b"new");
+        assert_eq!(fs::read_dir(root.path()).unwrap().count(), 1);
+    }
 
     #[test]
     fn failed_write_leaves_target_untouched_and_no_temp() {

@@ -83,7 +83,22 @@ pub fn load_part(
     Ok(out)
 }
 
+/// A Diffusers folder has `model_index.json`, written last by diffusers and by us (after every
+/// weight): without it the folder is an interrupted or partial save, refused rather than loaded.
+pub fn check_model_index(dir: &Path) -> Result<()> {
+    if dir.join("model_index.json").is_file() {
+        return Ok(());
+    }
+    Err(CheckpointError::NotAModel {
+        path: dir.into(),
+        reason: "not a complete Diffusers folder: model_index.json is missing (an interrupted save, or \
+                 not a pipeline folder)"
+            .into(),
+    })
+}
+
 pub fn load_diffusers(dir: &Path, spec: &str, opts: &LoadOptions) -> Result<LoadedModel> {
+    check_model_index(dir)?;
     let need = |p: PathBuf| -> Result<PathBuf> {
         if p.is_file() {
             Ok(p)
@@ -142,8 +157,25 @@ fn json_bytes(v: &serde_json::Value) -> Vec<u8> {
 }
 
 /// Writes a Diffusers folder. `safetensors` picks .safetensors over .bin weights. Every file,
-/// tokenizer included, comes from inside the binary.
+/// tokenizer included, comes from inside the binary. The folder is written under a temporary name
+/// and renamed into place (an existing one is replaced only then), so a kill during the save never
+/// leaves a folder that mixes old and new parts or lacks `model_index.json`.
 pub fn save_diffusers(
+    dir: &Path,
+    parts: &crate::model::ModelParts<'_>,
+    config: &ModelConfig,
+    v_parameterization: bool,
+    precision: Option<Precision>,
+    safetensors: bool,
+) -> Result<()> {
+    crate::atomic::atomic_write_dir(
+        dir,
+        |tmp| fill_diffusers(tmp, parts, config, v_parameterization, precision, safetensors),
+        |path, source| CheckpointError::Io { path: path.into(), source },
+    )
+}
+
+fn fill_diffusers(
     dir: &Path,
     parts: &crate::model::ModelParts<'_>,
     config: &ModelConfig,

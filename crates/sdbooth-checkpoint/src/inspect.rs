@@ -85,6 +85,7 @@ fn single(path: &Path, index: TensorIndex) -> Result<Inspection> {
 }
 
 fn diffusers(dir: &Path) -> Result<Inspection> {
+    crate::diffusers::check_model_index(dir)?;
     let unet = cio::read_unet_config(&dir.join("unet/config.json"))?;
     let text = cio::read_clip_config(&dir.join("text_encoder/config.json"))?;
     let vae = cio::read_vae_config(&dir.join("vae/config.json"))?;

@@ -13,6 +13,11 @@ use crate::options::DatasetOptions;
 use crate::scan::{read_caption, scan_folder, unused_caption_files, CaptionRead};
 use crate::validate::{probe_all, ImageProbe};
 
+/// The most image repeats (images × num_repeats, reg images included) one dataset's epoch may
+/// hold. Each one is an entry in a bucket list; far beyond any real dataset (10,000 images × 1,000
+/// repeats), far below what would exhaust memory or wrap a count.
+pub const MAX_IMAGES_PER_EPOCH: u64 = 10_000_000;
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ImageEntry {
     pub path: PathBuf,
@@ -127,6 +132,7 @@ pub fn build_dataset_group(spec: DatasetGroupSpec, opts: &DatasetOptions) -> Res
         }
     }
     let mut notes = spec.notes.clone();
+    let spec_file = spec.config_file.clone();
     let mut problems: Vec<BadFile> = Vec::new();
     // 1. list folders (kohya order: datasets, then subsets), dropping what kohya ignores.
     let mut per_ds: Vec<ListedDataset> = Vec::new();
@@ -137,7 +143,10 @@ pub fn build_dataset_group(spec: DatasetGroupSpec, opts: &DatasetOptions) -> Res
         for (i, ss) in ds.subsets.iter().enumerate() {
             let mut info = SubsetInfo { spec: ss.clone(), img_count: 0, ignored: None };
             if ss.num_repeats < 1 {
-                info.ignored = Some(format!("num_repeats is {} (< 1)", ss.num_repeats));
+                info.ignored = Some(format!(
+                    "key `num_repeats` is {}; a subset needs at least 1 repeat (kohya ignores it too)",
+                    ss.num_repeats
+                ));
             } else if ds.subsets[..i].iter().any(|o| o.image_dir == ss.image_dir) {
                 info.ignored = Some("duplicate image_dir; the first subset is used".into());
             } else {
@@ -220,11 +229,7 @@ pub fn build_dataset_group(spec: DatasetGroupSpec, opts: &DatasetOptions) -> Res
         datasets.push(d);
     }
     if datasets.iter().all(|d| d.images.is_empty()) {
-        return Err(DataError::EmptyDataset {
-            detail:
-                "no usable train images in any subset (check image_dir, num_repeats and the problems above)"
-                    .into(),
-        });
+        return Err(DataError::EmptyDataset { detail: empty_dataset_detail(&datasets, spec_file, &notes) });
     }
     Ok(DatasetGroup {
         datasets,
@@ -234,6 +239,51 @@ pub fn build_dataset_group(spec: DatasetGroupSpec, opts: &DatasetOptions) -> Res
         rotated,
         ignore_exif_orientation: opts.ignore_exif_orientation,
     })
+}
+
+/// Why no train image is left, per dataset and subset, so the user knows which key or folder to fix.
+fn empty_dataset_detail(datasets: &[Dataset], config_file: Option<PathBuf>, notes: &[String]) -> String {
+    let mut lines = Vec::new();
+    if datasets.is_empty() {
+        lines.push(match &config_file {
+            Some(f) => format!("{} has no [[datasets]] table", f.display()),
+            None => "no dataset".into(),
+        });
+    }
+    let mut train_subsets = 0;
+    for (i, d) in datasets.iter().enumerate() {
+        if d.subsets.is_empty() {
+            lines.push(match &config_file {
+                Some(f) => {
+                    format!("[[datasets]] number {} in {} has no [[datasets.subsets]]", i + 1, f.display())
+                }
+                None => "no usable <repeats>_<class tokens> sub-folder in --train_data_dir".into(),
+            });
+        }
+        for s in &d.subsets {
+            let dir = s.spec.image_dir.display();
+            let line = match (&s.ignored, s.spec.is_reg) {
+                (Some(why), true) => format!("reg subset {dir}: {why}"),
+                (Some(why), false) => format!("subset {dir}: {why}"),
+                (None, true) => {
+                    format!("reg subset {dir}: {} image(s), used only to balance train images", s.img_count)
+                }
+                (None, false) => format!("subset {dir}: {} image(s)", s.img_count),
+            };
+            train_subsets += usize::from(!s.spec.is_reg);
+            lines.push(line);
+        }
+    }
+    if train_subsets == 0 && datasets.iter().any(|d| !d.subsets.is_empty()) {
+        lines.push(
+            "every subset is a regularization subset (is_reg = true or --reg_data_dir): at least one \
+             train subset is needed"
+                .into(),
+        );
+    }
+    // Folders and files that were skipped explain an empty dataset more often than anything else.
+    lines.extend(notes.iter().filter(|n| n.contains("ignored") && !n.starts_with("ignored subset")).cloned());
+    format!("no usable train images:\n  {}", lines.join("\n  "))
 }
 
 /// kohya's split_train_val for the train side: the first ceil(n * (1 - split)) after
@@ -292,12 +342,23 @@ fn register(
             notes.push(format!("ignored subset {}: no images found", ss.image_dir.display()));
             continue;
         }
-        let repeats = ss.num_repeats as u64;
-        if ss.is_reg {
-            num_reg += repeats * items.len() as u64;
-        } else {
-            num_train += repeats * items.len() as u64;
-        }
+        // Checked: resolve_subset bounds num_repeats, but many subsets can still add up.
+        let repeats = u64::try_from(ss.num_repeats).unwrap_or(0);
+        let total = if ss.is_reg { &mut num_reg } else { &mut num_train };
+        let before = *total;
+        *total = repeats
+            .checked_mul(items.len() as u64)
+            .and_then(|n| before.checked_add(n))
+            .filter(|&n| n <= MAX_IMAGES_PER_EPOCH)
+            .ok_or_else(|| DataError::InvalidOption {
+                key: format!("num_repeats of subset {}", ss.image_dir.display()),
+                message: format!(
+                    "{} images × {} repeats brings the dataset over {MAX_IMAGES_PER_EPOCH} image repeats \
+                     per epoch; lower num_repeats and use max_train_steps or max_train_epochs for length",
+                    items.len(),
+                    ss.num_repeats
+                ),
+            })?;
         infos[l.subset].img_count = items.len();
         for (path, caption, caption_file) in items {
             let Some(Ok(probe)) = probes.get(&path) else { continue };
@@ -314,7 +375,8 @@ fn register(
                 size: probe.size(opts.ignore_exif_orientation),
                 orientation,
                 has_alpha: probe.has_alpha,
-                num_repeats: ss.num_repeats as u32,
+                // At most MAX_IMAGES_PER_EPOCH (resolve_subset), so it fits.
+                num_repeats: u32::try_from(ss.num_repeats).unwrap_or(u32::MAX),
                 bucket: (0, 0),
                 resized_size: (0, 0),
                 ar_error: 0.0,
@@ -361,6 +423,7 @@ fn register(
         let c = bm.select_bucket(img.size.0, img.size.1);
         let fits = c.reso.0 > 0
             && c.reso.1 > 0
+            && crate::resize::check_resize(img.size, c.resized_size).is_ok()
             && (spec.enable_bucket || (img.size.0 >= spec.resolution.0 && img.size.1 >= spec.resolution.1));
         if !fits {
             notes.push(format!("validation image {} fits no bucket; not validated", img.path.display()));
@@ -437,6 +500,9 @@ fn assign_buckets(spec: &DatasetSpec, images: &mut [ImageEntry]) -> Result<Vec<B
                 ),
             });
         }
+        // From the header sizes, before any decoding: a resize that cannot fit in memory.
+        crate::resize::check_resize(img.size, c.resized_size)
+            .map_err(|message| DataError::ImageLoad { path: img.path.clone(), message })?;
         img.bucket = c.reso;
         img.resized_size = c.resized_size;
         img.ar_error = c.ar_error;

@@ -205,7 +205,7 @@ fn face_crop(
     if nh < th || nw < tw {
         return Err(load_err(&entry.path, format!("{w}x{h} is too small for the face crop to {tw}x{th}")));
     }
-    let mut img = resize(&img, nw, nh, entry_interp(ss));
+    let mut img = resize(&img, nw, nh, entry_interp(ss)).map_err(|m| load_err(&entry.path, m))?;
     let fc = [(fcy as f64 * scale + 0.5) as i64, (fcx as f64 * scale + 0.5) as i64];
     let face_size = fw.max(fh);
     for (axis, (target, length)) in [(th as i64, nh as i64), (tw as i64, nw as i64)].into_iter().enumerate() {
@@ -254,7 +254,7 @@ pub fn load_sample(
     if ds.spec.enable_bucket {
         let (rw, rh) = entry.resized_size;
         if (rw, rh) != original {
-            img = resize(&img, rw, rh, entry_interp(ss));
+            img = resize(&img, rw, rh, entry_interp(ss)).map_err(|m| load_err(&entry.path, m))?;
         }
         let (w, h) = img.dimensions();
         let x = if w > bw {

@@ -200,9 +200,51 @@ impl DatasetOptions {
                 message: "must be at least 1".into(),
             });
         }
+        // Sizes the bucket arithmetic divides by: 0 would panic there (kohya's TOML schema and our
+        // TOML path require >= 1 as well).
+        for (key, v) in [
+            ("--min_bucket_reso", self.min_bucket_reso),
+            ("--max_bucket_reso", self.max_bucket_reso),
+            ("--bucket_reso_steps", self.bucket_reso_steps),
+        ] {
+            if v == 0 {
+                return Err(DataError::InvalidOption {
+                    key: key.into(),
+                    message: "must be at least 1".into(),
+                });
+            }
+        }
+        for (key, v) in [
+            ("--caption_dropout_rate", self.caption_dropout_rate),
+            ("--caption_tag_dropout_rate", self.caption_tag_dropout_rate),
+            ("--validation_split", self.validation_split),
+        ] {
+            if let Some(message) = rate_problem(v) {
+                return Err(DataError::InvalidOption { key: key.into(), message });
+            }
+        }
+        for (key, v) in
+            [("--token_warmup_step", self.token_warmup_step), ("--prior_loss_weight", self.prior_loss_weight)]
+        {
+            if let Some(message) = non_negative_problem(v) {
+                return Err(DataError::InvalidOption { key: key.into(), message });
+            }
+        }
         if self.cache_info {
             return Err(DataError::Unsupported { what: "--cache_info".into() });
         }
         Ok(())
     }
+}
+
+/// The one check of a rate (caption dropout rates, validation_split), shared by the TOML keys and
+/// the command-line flags: None when `v` is within [0, 1], else what is wrong with it.
+pub(crate) fn rate_problem(v: f64) -> Option<String> {
+    // NaN fails `contains` too.
+    (!(0.0..=1.0).contains(&v)).then(|| format!("must be between 0.0 and 1.0, got {v}"))
+}
+
+/// None when `v` is a finite number >= 0, else what is wrong with it.
+pub fn non_negative_problem(v: f64) -> Option<String> {
+    (!(v.is_finite() && v >= 0.0)).then(|| format!("must be a finite number >= 0, got {v}"))
 }

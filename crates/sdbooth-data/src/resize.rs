@@ -165,35 +165,83 @@ where
     ImageBuffer::from_raw(nw, nh, cur).unwrap_or_else(|| ImageBuffer::new(nw, nh))
 }
 
-/// Resizes as kohya's resize_image does. `interp` is a validated name or None.
+/// The most memory one resize may take: the same cap the upfront check gives the decoder.
+pub(crate) const MAX_RESIZE_BYTES: u64 = 4 << 30;
+
+/// An upper bound of what `resize` allocates to resize RGBA8 `from` → `to`: a copy of the source,
+/// the horizontal pass (f64 in area resampling), the output and the per-index weights. It needs
+/// sizes only, so the dataset check refuses an impossible resize before any image is decoded.
+pub(crate) fn resize_bytes(from: (u32, u32), to: (u32, u32)) -> u64 {
+    let (w, h, nw, nh) = (from.0 as u64, from.1 as u64, to.0 as u64, to.1 as u64);
+    const CHANNELS: u64 = 4;
+    (w * h * CHANNELS)
+        .saturating_add((nw * h).saturating_mul(CHANNELS * 8))
+        .saturating_add((nw * nh).saturating_mul(CHANNELS))
+        .saturating_add((w + h + nw + nh) * 64)
+}
+
+/// Err with a message for the user when resizing `from` → `to` would take more than
+/// MAX_RESIZE_BYTES (a 1×10,000,000 picture in a 256×1024 bucket is resized to 256×2.56e9).
+pub(crate) fn check_resize(from: (u32, u32), to: (u32, u32)) -> Result<(), String> {
+    let bytes = resize_bytes(from, to);
+    if bytes <= MAX_RESIZE_BYTES {
+        return Ok(());
+    }
+    Err(format!(
+        "resizing {}x{} to {}x{} would take {:.1} GiB, over the limit of {} GiB (the aspect ratio is too \
+         extreme for the buckets); crop or resize the image",
+        from.0,
+        from.1,
+        to.0,
+        to.1,
+        bytes as f64 / (1u64 << 30) as f64,
+        MAX_RESIZE_BYTES >> 30
+    ))
+}
+
+/// Resizes as kohya's resize_image does. `interp` is a validated name or None. Refuses (Err with
+/// the reason) a resize whose buffers would exceed MAX_RESIZE_BYTES.
 pub(crate) fn resize<P>(
     src: &ImageBuffer<P, Vec<u8>>,
     nw: u32,
     nh: u32,
     interp: Option<&str>,
-) -> ImageBuffer<P, Vec<u8>>
+) -> Result<ImageBuffer<P, Vec<u8>>, String>
 where
     P: Pixel<Subpixel = u8> + 'static,
 {
     let (w, h) = src.dimensions();
+    check_resize((w, h), (nw, nh))?;
     let shrink = w >= nw && h >= nh;
     let method = interp.unwrap_or(if shrink { "area" } else { "lanczos" });
     let filter = match method {
-        "area" | "box" if shrink => return area_downscale(src, nw, nh),
+        "area" | "box" if shrink => return Ok(area_downscale(src, nw, nh)),
         // OpenCV's INTER_AREA enlarges bilinearly.
         "area" | "box" | "bilinear" | "linear" => FilterType::Triangle,
         "nearest" => FilterType::Nearest,
         "bicubic" | "cubic" => FilterType::CatmullRom,
         // PIL's LANCZOS (a = 3), done as PIL does; kohya sends "lanczos4" to PIL too.
-        _ => return pil_lanczos(src, nw, nh),
+        _ => return Ok(pil_lanczos(src, nw, nh)),
     };
-    image::imageops::resize(src, nw, nh, filter)
+    Ok(image::imageops::resize(src, nw, nh, filter))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use image::{Rgb, RgbImage};
+
+    #[test]
+    fn an_extreme_aspect_ratio_is_refused_before_allocating() {
+        // 1×10,000,000 into a 256-wide bucket: 256×2,560,000,000.
+        let err = check_resize((1, 10_000_000), (256, 2_560_000_000)).err().unwrap_or_default();
+        assert!(err.contains("over the limit of 4 GiB"), "{err}");
+        let tall = RgbImage::new(1, 5000);
+        assert!(resize(&tall, 256, 5_000_000, None).is_err());
+        // An ordinary photo into an ordinary bucket is fine.
+        assert!(check_resize((8000, 6000), (683, 512)).is_ok());
+        assert!(check_resize((300, 200), (768, 512)).is_ok());
+    }
 
     #[test]
     fn area_halving_is_the_mean_of_2x2_blocks() {
@@ -239,11 +287,11 @@ mod golden {
     fn area_matches_opencv_and_lanczos_matches_pil() {
         let src = load("src_47x37.png");
         for (w, h) in [(23, 18), (30, 21), (40, 32)] {
-            let ours = resize(&src, w, h, None);
+            let ours = resize(&src, w, h, None).unwrap_or_default();
             let cv = load(&format!("area_{w}x{h}.png"));
             assert!(max_diff(&ours, &cv) <= 1, "area {w}x{h}: max diff {}", max_diff(&ours, &cv));
         }
-        let ours = resize(&src, 70, 55, None);
+        let ours = resize(&src, 70, 55, None).unwrap_or_default();
         let pil = load("lanczos_70x55.png");
         assert_eq!(max_diff(&ours, &pil), 0, "lanczos must match PIL exactly");
     }

@@ -22,6 +22,19 @@ pub(crate) struct FolderScan {
     pub notes: Vec<String>,
 }
 
+/// Picture files kohya's glob does not pick up: formats it does not list, and listed extensions in
+/// a case it does not match (`.Png`). They are skipped, with a note, since kohya skips them too.
+fn is_unread_picture(name: &str) -> bool {
+    const OTHER_PICTURES: &[&str] = &["gif", "tif", "tiff", "avif", "jxl", "heic", "heif"];
+    match name.rsplit_once('.') {
+        Some((_, ext)) => {
+            let lower = ext.to_ascii_lowercase();
+            OTHER_PICTURES.contains(&lower.as_str()) || IMAGE_EXTENSIONS.contains(&lower.as_str())
+        }
+        None => false,
+    }
+}
+
 fn has_image_ext(name: &str) -> bool {
     match name.rsplit_once('.') {
         Some((_, ext)) => IMAGE_EXTENSIONS.contains(&ext),
@@ -49,6 +62,7 @@ pub(crate) fn scan_folder(dir: &Path) -> FolderScan {
         }
     };
     let mut hidden = 0usize;
+    let mut unread: Vec<String> = Vec::new();
     for entry in rd {
         let entry = match entry {
             Ok(e) => e,
@@ -71,6 +85,9 @@ pub(crate) fn scan_folder(dir: &Path) -> FolderScan {
             continue;
         }
         if !has_image_ext(&name) {
+            if is_unread_picture(&name) && !name.starts_with('.') {
+                unread.push(name);
+            }
             continue;
         }
         if name.starts_with("._") {
@@ -91,6 +108,16 @@ pub(crate) fn scan_folder(dir: &Path) -> FolderScan {
         out.notes.push(format!(
             "{}: ignored {hidden} hidden image file(s) (kohya does not see them)",
             dir.display()
+        ));
+    }
+    if !unread.is_empty() {
+        unread.sort();
+        out.notes.push(format!(
+            "{}: ignored {} picture file(s) that kohya does not read either (it reads .png .jpg .jpeg \
+             .webp .bmp, all lower or all upper case; convert or rename them): {}",
+            dir.display(),
+            unread.len(),
+            unread.join(", ")
         ));
     }
     // Python sorts str paths by code point; UTF-8 byte order is the same order.

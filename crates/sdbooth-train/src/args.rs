@@ -12,6 +12,7 @@
 //!
 //! - support.rs: the one table of which flags this build implements (`check_supported`).
 //! - config.rs: kohya's `--config_file` / `--output_config`.
+//! - values.rs: values that parse but cannot train (`check_values`, run by `refusals`).
 
 mod config;
 mod dataset;
@@ -22,6 +23,7 @@ mod scope;
 mod support;
 mod training;
 pub mod types;
+mod values;
 
 use clap::{Args, FromArgMatches};
 use serde::{Deserialize, Serialize};

@@ -13,7 +13,10 @@ pub enum TrainError {
     OptimizerArg { arg: String, reason: String },
     #[error("unknown optimizer type {0:?} (known: AdamW, AdamW8bit, Lion, SGDNesterov, Adafactor)")]
     UnknownOptimizer(String),
-    #[error("unknown LR scheduler {0:?}")]
+    #[error(
+        "unknown LR scheduler {0:?} (known: constant, constant_with_warmup, linear, cosine, \
+         cosine_with_restarts, polynomial, inverse_sqrt, cosine_with_min_lr, warmup_stable_decay, adafactor)"
+    )]
     UnknownScheduler(String),
     /// An option value or a combination of options this build cannot run.
     #[error("invalid configuration: {0}")]

@@ -54,6 +54,9 @@ pub enum SchedulerKind {
     InverseSqrt,
     CosineWithMinLr,
     WarmupStableDecay,
+    /// kohya's `adafactor` (transformers' AdafactorSchedule): the factor stays 1 and Adafactor with
+    /// `relative_step=True` computes its own step size; valid with that optimizer only.
+    Adafactor,
 }
 
 impl SchedulerKind {
@@ -68,6 +71,12 @@ impl SchedulerKind {
             "inverse_sqrt" => Self::InverseSqrt,
             "cosine_with_min_lr" => Self::CosineWithMinLr,
             "warmup_stable_decay" => Self::WarmupStableDecay,
+            // kohya rewrites the name to "adafactor:<initial lr>" internally; accept that too.
+            n if n == "adafactor" || n.starts_with("adafactor:") => Self::Adafactor,
+            // transformers' schedulers that kohya accepts and sdbooth has not built.
+            "piecewise_constant" | "reduce_lr_on_plateau" => {
+                return Err(TrainError::Config(format!("--lr_scheduler {name} is not supported yet")))
+            }
             _ => return Err(TrainError::UnknownScheduler(name.to_string())),
         })
     }
@@ -121,10 +130,11 @@ impl LrSchedule {
         let kind = SchedulerKind::parse(&args.lr_scheduler)?;
         let warmup = args.lr_warmup_steps.resolve(total_steps);
         let decay = args.lr_decay_steps.resolve(total_steps);
-        if kind == SchedulerKind::Constant && warmup != 0 {
-            return Err(TrainError::Config(
-                "constant does not require `num_warmup_steps`. Set None or 0.".into(),
-            ));
+        if matches!(kind, SchedulerKind::Constant | SchedulerKind::Adafactor) && warmup != 0 {
+            return Err(TrainError::Config(format!(
+                "{} does not require `num_warmup_steps`. Set None or 0.",
+                args.lr_scheduler
+            )));
         }
         let min_lr_ratio = match kind {
             SchedulerKind::CosineWithMinLr => args.lr_scheduler_min_lr_ratio.ok_or_else(|| {
@@ -166,7 +176,7 @@ impl LrSchedule {
         let warm = || s / w.max(1.0);
         use SchedulerKind::*;
         match self.kind {
-            Constant => 1.0,
+            Constant | Adafactor => 1.0,
             ConstantWithWarmup => {
                 if step < self.warmup {
                     warm()

@@ -149,45 +149,11 @@ impl TrainingState {
     }
 }
 
-fn fsync_path(p: &Path) -> Result<()> {
-    std::fs::File::open(p).and_then(|f| f.sync_all()).map_err(|e| TrainError::io(p, e))
-}
-
 /// Writes a folder atomically: `fill` writes into a temporary sibling folder, whose files are then
 /// fsynced and which is renamed to `dir` (an existing `dir` is replaced only after the new one is
-/// complete).
+/// complete). The same routine writes Diffusers model folders.
 pub fn write_dir_atomic(dir: &Path, fill: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
-    let parent = dir.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
-    let name = dir
-        .file_name()
-        .ok_or_else(|| TrainError::Config(format!("{}: not a folder name", dir.display())))?
-        .to_string_lossy()
-        .into_owned();
-    std::fs::create_dir_all(parent).map_err(|e| TrainError::io(parent, e))?;
-    let tmp = parent.join(format!(".{name}.tmp-{}", std::process::id()));
-    if tmp.exists() {
-        std::fs::remove_dir_all(&tmp).map_err(|e| TrainError::io(&tmp, e))?;
-    }
-    std::fs::create_dir(&tmp).map_err(|e| TrainError::io(&tmp, e))?;
-    fill(&tmp)?;
-    for entry in std::fs::read_dir(&tmp).map_err(|e| TrainError::io(&tmp, e))? {
-        let p = entry.map_err(|e| TrainError::io(&tmp, e))?.path();
-        if p.is_file() {
-            fsync_path(&p)?;
-        }
-    }
-    fsync_path(&tmp)?;
-    let old = parent.join(format!(".{name}.old-{}", std::process::id()));
-    let replaced = dir.exists();
-    if replaced {
-        std::fs::rename(dir, &old).map_err(|e| TrainError::io(dir, e))?;
-    }
-    std::fs::rename(&tmp, dir).map_err(|e| TrainError::io(dir, e))?;
-    fsync_path(parent)?;
-    if replaced {
-        std::fs::remove_dir_all(&old).map_err(|e| TrainError::io(&old, e))?;
-    }
-    Ok(())
+    sdbooth_checkpoint::atomic::atomic_write_dir(dir, fill, |path, e| TrainError::io(path, e))
 }
 
 /// Saves a complete training state folder.
@@ -201,7 +167,12 @@ pub fn save_state(
         let json = serde_json::to_vec_pretty(state).map_err(|e| TrainError::state(tmp, e.to_string()))?;
         let p = tmp.join(STATE_JSON);
         std::fs::write(&p, json).map_err(|e| TrainError::io(&p, e))?;
-        candle_core::safetensors::save(weights, tmp.join(WEIGHTS_FILE))?;
+        let w = tmp.join(WEIGHTS_FILE);
+        candle_core::safetensors::save(weights, &w).map_err(|e| TrainError::state(&w, e.to_string()))?;
+        // candle writes through a private (0600) temporary file; give the weights the mode every
+        // other output gets (the umask's), that of state.json.
+        let mode = std::fs::metadata(&p).map_err(|e| TrainError::io(&p, e))?.permissions();
+        std::fs::set_permissions(&w, mode).map_err(|e| TrainError::io(&w, e))?;
         optimizer.save(&tmp.join(OPTIMIZER_FILE))
     })
 }
@@ -224,7 +195,13 @@ pub fn load_state(
     device: &Device,
 ) -> Result<(TrainingState, Optimizer, HashMap<String, Tensor>)> {
     let st = read_state_json(dir)?;
-    let weights = candle_core::safetensors::load(dir.join(WEIGHTS_FILE), device)?;
+    let w = dir.join(WEIGHTS_FILE);
+    let weights = match std::fs::metadata(&w) {
+        Err(e) => return Err(TrainError::io(&w, e)),
+        Ok(_) => {
+            candle_core::safetensors::load(&w, device).map_err(|e| TrainError::state(&w, e.to_string()))?
+        }
+    };
     let opt = Optimizer::load(&dir.join(OPTIMIZER_FILE))?;
     Ok((st, opt, weights))
 }
@@ -267,5 +244,91 @@ pub fn remove_if_exists(path: &Path) -> Result<bool> {
         Ok(()) => Ok(true),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(false),
         Err(e) => Err(TrainError::io(path, e)),
+    }
+}
+
+/// The process id in a temporary name left by an atomic write of one of `output_name`'s files or
+/// folders: `.{inner}.tmp-{pid}`, `.{inner}.tmp-{pid}-{n}` or `.{inner}.old-{pid}`, where `inner`
+/// is one of kohya's names for this output (`{name}`, `{name}.ext`, `{name}-step…`, `{name}-…`).
+fn stale_temp_pid(file_name: &str, output_name: Option<&str>) -> Option<u32> {
+    let rest = file_name.strip_prefix('.')?;
+    let (inner, tail) = rest.rsplit_once(".tmp-").or_else(|| rest.rsplit_once(".old-"))?;
+    let pid: u32 = tail.split('-').next()?.parse().ok()?;
+    let prefixes: Vec<String> = match output_name {
+        Some(n) => vec![n.to_string()],
+        None => vec![DEFAULT_STEP_NAME.into(), DEFAULT_EPOCH_NAME.into(), DEFAULT_LAST_OUTPUT_NAME.into()],
+    };
+    let ours = prefixes.iter().any(|p| {
+        inner == p || inner.strip_prefix(p.as_str()).is_some_and(|r| r.starts_with('-') || r.starts_with('.'))
+    });
+    ours.then_some(pid)
+}
+
+/// Whether process `pid` is running. Without /proc (not Linux) every process counts as live, so
+/// nothing is removed.
+fn process_is_live(pid: u32) -> bool {
+    let proc = Path::new("/proc");
+    pid == std::process::id() || !proc.join("self").exists() || proc.join(pid.to_string()).exists()
+}
+
+/// Removes the temporary files and folders that atomic saves of this output name left behind
+/// when their process was killed (or stopped by a second Ctrl-C), skipping those of a live
+/// process. Returns what was removed.
+pub fn clean_stale_temps(output_dir: &Path, output_name: Option<&str>) -> Result<Vec<PathBuf>> {
+    let rd = match std::fs::read_dir(output_dir) {
+        Ok(rd) => rd,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(TrainError::io(output_dir, e)),
+    };
+    let mut removed = Vec::new();
+    for entry in rd {
+        let path = entry.map_err(|e| TrainError::io(output_dir, e))?.path();
+        let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        let Some(pid) = stale_temp_pid(&name, output_name) else { continue };
+        if process_is_live(pid) {
+            continue;
+        }
+        remove_if_exists(&path)?;
+        removed.push(path);
+    }
+    removed.sort();
+    Ok(removed)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stale_temps_of_this_output_and_of_dead_processes_are_removed() {
+        let dir = tempfile::tempdir().map_err(|e| e.to_string());
+        let dir = match dir {
+            Ok(d) => d,
+            Err(e) => panic!("{e}"),
+        };
+        // Above the largest pid_max Linux allows (2^22), so never a live process.
+        let dead = 4_194_305u32;
+        let me = std::process::id();
+        let made = [
+            (format!(".m-step00000003-state.tmp-{dead}"), true, true),
+            (format!(".m-step00000003-state.old-{dead}"), true, true),
+            (format!(".m.safetensors.tmp-{dead}-4"), false, true),
+            (format!(".m-step00000004-state.tmp-{me}"), true, false),
+            (format!(".other-state.tmp-{dead}"), true, false),
+            (format!(".mine.safetensors.tmp-{dead}-1"), false, false),
+            ("m-step00000002-state".to_string(), true, false),
+        ];
+        for (name, is_dir, _) in &made {
+            let p = dir.path().join(name);
+            let r = if *is_dir { std::fs::create_dir(&p) } else { std::fs::write(&p, b"x") };
+            assert!(r.is_ok(), "{name}");
+        }
+        let removed = clean_stale_temps(dir.path(), Some("m")).unwrap_or_default();
+        for (name, _, gone) in &made {
+            assert_eq!(!dir.path().join(name).exists(), *gone, "{name}");
+        }
+        assert_eq!(removed.len(), 3);
+        assert_eq!(stale_temp_pid(&format!(".at-step00000001-state.tmp-{dead}"), None), Some(dead));
+        assert_eq!(stale_temp_pid(&format!(".last.ckpt.tmp-{dead}-0"), None), Some(dead));
     }
 }

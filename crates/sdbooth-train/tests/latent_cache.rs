@@ -78,3 +78,24 @@ fn disk_cache_matches_memory_cache_and_is_invalidated_by_a_changed_image() {
         "stale cache was reused"
     );
 }
+
+/// A bit flipped in a cached latent (disk corruption) is caught by the stored checksum and the
+/// latent is encoded again, even with --skip_cache_check: training matches the in-memory cache.
+#[test]
+fn a_bit_flipped_disk_cache_is_encoded_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("toy");
+    copy_dir(&Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/toy"), &data);
+    let toml = data.join("dataset.toml");
+    let memory = run(&toml, &dir.path().join("a"), &["--cache_latents"]);
+    run(&toml, &dir.path().join("b"), &["--cache_latents_to_disk"]);
+    let cache_file = data.join("instance/sks_01.png.sdbooth-latents.safetensors");
+    let mut bytes = std::fs::read(&cache_file).unwrap();
+    // The latent payload is the end of the file; flip the exponent's top bit of its last float.
+    let last = bytes.len() - 1;
+    bytes[last] ^= 0x40;
+    std::fs::write(&cache_file, &bytes).unwrap();
+    let again = run(&toml, &dir.path().join("c"), &["--cache_latents_to_disk", "--skip_cache_check"]);
+    assert!(memory == again, "training used the damaged latent");
+    assert_ne!(std::fs::read(&cache_file).unwrap(), bytes, "the damaged cache file was not rewritten");
+}

@@ -1,7 +1,7 @@
 //! `sdbooth convert IN OUT`: any model spec `--pretrained_model_name_or_path` takes, to an SD
 //! single file (.safetensors / .ckpt) or a Diffusers folder (owned by the checkpoint work, issue 4).
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::SystemTime;
 
 use anyhow::{bail, Context};
@@ -31,6 +31,10 @@ pub struct ConvertArgs {
     /// Replace the VAE with this file or folder.
     #[arg(long = "vae")]
     pub vae: Option<PathBuf>,
+    /// Replace OUT when it exists (a file, or a Diffusers folder); without it an existing OUT is
+    /// refused.
+    #[arg(long = "overwrite")]
+    pub overwrite: bool,
     /// Do not write the v2-inference.yaml beside SD2 single files.
     #[arg(long = "no_yaml")]
     pub no_yaml: bool,
@@ -61,9 +65,7 @@ pub fn run(args: ConvertArgs) -> anyhow::Result<()> {
         ),
         None => None,
     };
-    if format.is_single_file() && args.output.is_dir() {
-        bail!("{} is a folder; a {format:?} output needs a file name", args.output.display());
-    }
+    check_output(&args.output, format, args.overwrite)?;
     let opts = LoadOptions {
         v2: if args.v2 { Some(true) } else { None },
         v_parameterization: args.v_parameterization,
@@ -90,7 +92,7 @@ pub fn run(args: ConvertArgs) -> anyhow::Result<()> {
             ..Default::default()
         };
         let mut m = modelspec_metadata(&model.config, model.v_parameterization, &spec, SystemTime::now());
-        m.insert("sdbooth.converted_from".into(), args.input.clone());
+        m.insert("sdbooth.converted_from".into(), published_source_name(&args.input));
         m
     };
     let mut save = SaveOptions::new(format);
@@ -109,5 +111,62 @@ pub fn run(args: ConvertArgs) -> anyhow::Result<()> {
         report.tensors,
         report.files.iter().map(|f| f.display().to_string()).collect::<Vec<_>>().join(", ")
     );
+    Ok(())
+}
+
+/// The source as recorded in the output's metadata: a local file or folder by its name only (users
+/// publish converted models; the absolute path would tell where their files live), anything else
+/// (a builtin, a Hugging Face id) as given.
+fn published_source_name(input: &str) -> String {
+    let path = Path::new(input);
+    match path.file_name() {
+        Some(name) if path.exists() => name.to_string_lossy().into_owned(),
+        _ => input.to_string(),
+    }
+}
+
+/// Refuses, before anything is loaded, an OUT whose extension says another format, and an OUT
+/// that exists unless `--overwrite` (and even then a folder that is not a Diffusers model).
+fn check_output(out: &Path, format: SaveFormat, overwrite: bool) -> anyhow::Result<()> {
+    // The extension names the format for every reader of the file; a pickle under a .safetensors
+    // name (or a folder named *.ckpt) would mislead them.
+    let implied = SaveFormat::from_path(out);
+    let agrees = match format {
+        SaveFormat::Safetensors | SaveFormat::Ckpt => implied == format,
+        SaveFormat::Diffusers | SaveFormat::DiffusersSafetensors => !implied.is_single_file(),
+    };
+    if !agrees {
+        let wanted = match format {
+            SaveFormat::Safetensors => "a name ending in .safetensors",
+            SaveFormat::Ckpt => "a name ending in .ckpt (or .pt, .pth)",
+            _ => "a folder name without .safetensors/.ckpt",
+        };
+        bail!(
+            "{}: the name says {implied:?} but the output format is {format:?}; give {wanted}, or drop \
+             --save_model_as to take the format from the name",
+            out.display()
+        );
+    }
+    if format.is_single_file() && out.is_dir() {
+        bail!("{} is a folder; a {format:?} output needs a file name", out.display());
+    }
+    if !out.exists() {
+        return Ok(());
+    }
+    let is_empty_dir =
+        out.is_dir() && std::fs::read_dir(out).map(|mut d| d.next().is_none()).unwrap_or(false);
+    if is_empty_dir {
+        return Ok(());
+    }
+    if !overwrite {
+        bail!("{} exists; add --overwrite to replace it", out.display());
+    }
+    if out.is_dir() && !out.join("model_index.json").is_file() {
+        bail!(
+            "{} is a folder that is not a Diffusers model (no model_index.json); refusing to replace it even \
+             with --overwrite",
+            out.display()
+        );
+    }
     Ok(())
 }

@@ -87,6 +87,20 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
     if let Some(n) = args.max_token_length.filter(|n| ![75, 150, 225].contains(n)) {
         bail!("--max_token_length {n}: choose 75, 150 or 225");
     }
+    // Refusals that need no model: a command that would exit 0 having done nothing, or NaN images.
+    if args.images_per_prompt == 0 {
+        bail!("--images_per_prompt 0 generates nothing; give 1 or more");
+    }
+    if specs.is_empty() {
+        let file = args.from_file.as_ref().map(|f| f.display().to_string()).unwrap_or_default();
+        bail!("{file}: no prompt in the file (it is empty or holds only comments)");
+    }
+    if !args.scale.is_finite() {
+        bail!("--scale {}: must be a finite number", args.scale);
+    }
+    if let Some((i, s)) = specs.iter().enumerate().find(|(_, s)| s.scale.is_some_and(|l| !l.is_finite())) {
+        bail!("prompt {} ({:?}): the scale (--l) must be a finite number", i + 1, s.prompt);
+    }
     let opts = LoadOptions {
         v2: args.v2.then_some(true),
         v_parameterization: args.v_parameterization,

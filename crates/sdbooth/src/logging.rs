@@ -1,6 +1,8 @@
 //! kohya's `--console_log_level` / `--console_log_file` / `--console_log_simple`: every message
 //! of `train` and `bench` goes through `tracing` to stderr or that file. RUST_LOG wins when set.
 
+use std::io::IsTerminal as _;
+
 use anyhow::Context;
 use sdbooth_train::args::types::ConsoleLogLevel;
 use sdbooth_train::args::LoggingArgs;
@@ -24,7 +26,8 @@ pub fn init(flags: &LoggingArgs) -> anyhow::Result<()> {
                 .with_context(|| format!("cannot open --console_log_file {file}"))?;
             builder.with_ansi(false).with_writer(std::sync::Mutex::new(f)).try_init()
         }
-        None => builder.with_writer(std::io::stderr).try_init(),
+        // Colour codes only on a terminal: a log redirected to a file stays plain text.
+        None => builder.with_ansi(std::io::stderr().is_terminal()).with_writer(std::io::stderr).try_init(),
     };
     // A second init (tests calling run twice) keeps the first subscriber; that is fine.
     let _ = result;

@@ -51,8 +51,23 @@ fn with_kebab_aliases(cmd: clap::Command) -> clap::Command {
     cmd.mut_subcommand("train", add).mut_subcommand("bench", add)
 }
 
+/// kohya's argparse reads `--learning_rate -1` as the value -1; clap would take `-1` for a flag and
+/// answer "unexpected argument". Let every flag that takes a value take a negative number too (the
+/// value checks then refuse what cannot train, naming the flag).
+fn with_negative_numbers(cmd: clap::Command) -> clap::Command {
+    let numbers = |arg: clap::Arg| {
+        if arg.get_action().takes_values() {
+            arg.allow_negative_numbers(true)
+        } else {
+            arg
+        }
+    };
+    let names: Vec<String> = cmd.get_subcommands().map(|s| s.get_name().to_string()).collect();
+    names.iter().fold(cmd, |cmd, name| cmd.mut_subcommand(name, |sub| sub.mut_args(numbers)))
+}
+
 fn main() -> std::process::ExitCode {
-    let matches = with_kebab_aliases(Cli::command()).get_matches();
+    let matches = with_negative_numbers(with_kebab_aliases(Cli::command())).get_matches();
     let cli = match Cli::from_arg_matches(&matches) {
         Ok(cli) => cli,
         Err(e) => e.exit(),
@@ -91,7 +106,7 @@ mod tests {
 
     #[test]
     fn cli_definition_is_valid() {
-        with_kebab_aliases(Cli::command()).debug_assert();
+        with_negative_numbers(with_kebab_aliases(Cli::command())).debug_assert();
     }
 
     #[test]

@@ -86,6 +86,27 @@ fn ctrl_c_saves_a_state_that_resumes() {
     assert!(dir.path().join("b/m.safetensors").is_file());
 }
 
+/// SIGTERM (docker stop, Slurm, systemd) is the first Ctrl-C: finish the step, save a state,
+/// exit non-zero.
+#[test]
+fn sigterm_saves_a_state_like_ctrl_c() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("t");
+    let child = start(&out, &[]);
+    wait_for_steps(&out, 2);
+    signal(&child, "-TERM");
+    let result = child.wait_with_output().expect("exits");
+    let stderr = String::from_utf8_lossy(&result.stderr);
+    assert!(!result.status.success(), "a terminated run does not report success");
+    assert!(stderr.contains("interrupted after step"), "{stderr}");
+    let states = std::fs::read_dir(&out)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.is_dir() && p.file_name().unwrap().to_string_lossy().ends_with("-state"))
+        .count();
+    assert_eq!(states, 1, "SIGTERM saved no state");
+}
+
 #[test]
 fn kill_9_while_saving_leaves_every_finished_file_loadable() {
     let dir = tempfile::tempdir().unwrap();

@@ -14,8 +14,13 @@ use crate::options::DatasetOptions;
 /// Splits a folder name into (repeats, class tokens), or None when it has no numeric prefix.
 pub(crate) fn parse_folder_name(name: &str) -> Option<(i64, String)> {
     let mut it = name.splitn(2, '_');
-    let first = it.next()?;
-    let n: i64 = first.trim().parse().ok()?;
+    let first = it.next()?.trim();
+    let n: i64 = match first.parse() {
+        Ok(n) => n,
+        // All digits but too large for i64: a repeat count, refused later as too large.
+        Err(_) if !first.is_empty() && first.bytes().all(|b| b.is_ascii_digit()) => i64::MAX,
+        Err(_) => return None,
+    };
     Some((n, it.next().unwrap_or("").to_string()))
 }
 

@@ -12,9 +12,10 @@ use std::path::{Path, PathBuf};
 pub use legacy::legacy_dataset_config;
 pub use spec::{CaptionOptions, DatasetGroupSpec, DatasetSpec, SubsetSpec};
 
+use crate::dataset::MAX_IMAGES_PER_EPOCH;
 use crate::error::{DataError, Result};
 use crate::options::{
-    check_resize_interpolation, parse_face_crop_aug_range, parse_resolution, DatasetOptions,
+    check_resize_interpolation, parse_face_crop_aug_range, parse_resolution, rate_problem, DatasetOptions,
 };
 use tree::{Kind, Node};
 
@@ -165,14 +166,18 @@ impl<'a> Levels<'a> {
     }
     fn rate(&self, key: &str) -> Result<Option<f64>> {
         let Some(v) = self.num(key) else { return Ok(None) };
-        if !(0.0..=1.0).contains(&v) {
-            let node = self.get(key).ok_or_else(|| DataError::Sampler("internal: key vanished".into()))?;
-            return Err(self.bad(key, node, format!("must be between 0.0 and 1.0, got {v}")));
+        match rate_problem(v) {
+            Some(message) => Err(self.blame(key, message)),
+            None => Ok(Some(v)),
         }
-        Ok(Some(v))
     }
-    fn line_of(&self, key: &str) -> usize {
-        self.get(key).map(|n| n.line).unwrap_or(0)
+    /// An error about the value of `key` where it came from: its TOML line when one of the levels
+    /// sets it, else the command-line flag `--key` (whose value, or default, was used).
+    pub(crate) fn blame(&self, key: &str, message: impl Into<String>) -> DataError {
+        match self.get(key) {
+            Some(node) => self.bad(key, node, message),
+            None => DataError::InvalidOption { key: format!("--{key}"), message: message.into() },
+        }
     }
     fn as_option_error(&self, key: &str, e: DataError) -> DataError {
         match (self.get(key), e) {
@@ -231,9 +236,11 @@ pub(crate) fn resolve_subset(
         caption_extension.insert(0, '.');
     }
     if lv.bool("cache_info").unwrap_or(opts.cache_info) {
-        return Err(DataError::Unsupported {
-            what: format!("cache_info ({}:{})", lv.file.display(), lv.line_of("cache_info")),
-        });
+        let what = match lv.get("cache_info") {
+            Some(n) => format!("cache_info ({}:{})", lv.file.display(), n.line),
+            None => "--cache_info".into(),
+        };
+        return Err(DataError::Unsupported { what });
     }
     let custom_attributes = match lv.get("custom_attributes") {
         Some(n) => node_to_json(n),
@@ -263,16 +270,28 @@ pub(crate) fn resolve_subset(
         weighted_captions: opts.weighted_captions,
     };
     if caption.caption_separator.is_empty() {
-        return Err(DataError::ConfigValue {
-            path: lv.file.to_path_buf(),
-            line: lv.line_of("caption_separator"),
-            key: "caption_separator".into(),
-            message: "must not be empty".into(),
+        return Err(lv.blame("caption_separator", "must not be empty"));
+    }
+    if let Some(message) = crate::options::non_negative_problem(caption.token_warmup_step) {
+        return Err(lv.blame("token_warmup_step", message));
+    }
+    let num_repeats = lv.int("num_repeats").or(legacy_repeats).unwrap_or(1);
+    if num_repeats > MAX_IMAGES_PER_EPOCH as i64 {
+        let message = format!(
+            "num_repeats {num_repeats} is more than an epoch can hold (at most {MAX_IMAGES_PER_EPOCH} \
+             image repeats per dataset); lower it and use max_train_steps or max_train_epochs for length"
+        );
+        return Err(match (lv.get("num_repeats"), legacy_repeats.is_some()) {
+            (None, true) => DataError::InvalidOption {
+                key: format!("folder {} (its <repeats>_ prefix)", image_dir.display()),
+                message,
+            },
+            _ => lv.blame("num_repeats", message),
         });
     }
     Ok(SubsetSpec {
         image_dir,
-        num_repeats: lv.int("num_repeats").or(legacy_repeats).unwrap_or(1),
+        num_repeats,
         is_reg: lv.bool("is_reg").or(legacy_reg).unwrap_or(false),
         class_tokens: lv.string("class_tokens")?.or(legacy_class),
         caption_extension,
@@ -371,6 +390,6 @@ pub(crate) fn resolve_dataset(
         subsets,
         notes: Vec::new(),
     };
-    spec.check_buckets(&file, line)?;
+    spec.check_buckets(|key, message| lv.blame(key, message))?;
     Ok(spec)
 }

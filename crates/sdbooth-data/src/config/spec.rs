@@ -1,6 +1,6 @@
 //! Resolved dataset parameters: what kohya's blueprint holds after the fallback chain.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
@@ -93,20 +93,13 @@ pub struct DatasetSpec {
 }
 
 impl DatasetSpec {
-    /// kohya's adjust_min_max_bucket_reso_by_steps and verify_bucket_reso_steps(64).
-    pub(crate) fn check_buckets(&mut self, file: &Path, line: usize) -> Result<()> {
-        let err = |key: &str, message: String| DataError::ConfigValue {
-            path: file.to_path_buf(),
-            line,
-            key: key.into(),
-            message,
-        };
-        if !(0.0..=1.0).contains(&self.validation_split) {
+    /// kohya's adjust_min_max_bucket_reso_by_steps and verify_bucket_reso_steps(64). `blame`
+    /// builds the error for a key where its value came from (TOML line or command-line flag).
+    pub(crate) fn check_buckets(&mut self, blame: impl Fn(&str, String) -> DataError) -> Result<()> {
+        let err = |key: &str, message: String| blame(key, message);
+        if let Some(message) = crate::options::rate_problem(self.validation_split) {
             // kohya warns and skips the split; we refuse, since the user asked for something.
-            return Err(err(
-                "validation_split",
-                format!("must be between 0.0 and 1.0, got {}", self.validation_split),
-            ));
+            return Err(err("validation_split", message));
         }
         if !self.enable_bucket {
             return Ok(());

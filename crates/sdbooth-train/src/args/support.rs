@@ -246,8 +246,11 @@ pub fn support_of(flag: &str) -> Option<Support> {
 }
 
 impl TrainArgs {
-    /// Every set flag this build does not implement, with its message, in table order.
+    /// Every set flag this build does not implement, with its message, in table order. A flag
+    /// value that cannot train (`check_values`) is an error first, so every command that checks
+    /// its flags (train, its dry run, bench) checks their values too.
     pub fn refusals(&self) -> Result<Vec<Refusal>, ArgsError> {
+        self.check_values()?;
         let changed = self.changed_flags()?;
         let mut out = Vec::new();
         for (flag, status) in FLAG_SUPPORT {

@@ -109,7 +109,7 @@ pub struct DataPlan {
     /// The command-line fallbacks of the dataset TOML.
     pub options: DatasetOptions,
     pub latent_cache: Option<LatentCachePolicy>,
-    /// `--max_data_loader_n_workers`, at least 1.
+    /// `--max_data_loader_n_workers`, at least 1 and at most the CPU count.
     pub loader_threads: usize,
     /// `--highvram`: keep the VAE after caching latents.
     pub keep_vae: bool,
@@ -229,7 +229,7 @@ impl TrainPlan {
                     skip_cache_check: args.training.skip_cache_check,
                     vae_batch_size: args.training.vae_batch_size.max(1) as usize,
                 }),
-                loader_threads: args.training.max_data_loader_n_workers.max(1) as usize,
+                loader_threads: loader_threads(args.training.max_data_loader_n_workers),
                 keep_vae: args.memory.highvram,
             },
             saving: SavePolicy::from(args),
@@ -288,8 +288,15 @@ impl PrecisionPlan {
     }
 }
 
+/// Image-loading threads for `--max_data_loader_n_workers`: capped at the CPU count as kohya does
+/// (`min(n, os.cpu_count())`; 100,000 would start 100,000 threads), and at least one.
+fn loader_threads(requested: u32) -> usize {
+    let cpus = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+    (requested as usize).clamp(1, cpus)
+}
+
 /// `--optimizer_type`, with kohya's older `--use_8bit_adam` / `--use_lion_optimizer` first.
-fn optimizer_kind(args: &TrainArgs) -> Result<OptimizerKind> {
+pub(crate) fn optimizer_kind(args: &TrainArgs) -> Result<OptimizerKind> {
     let o = &args.optimizer;
     if o.use_8bit_adam {
         return Ok(OptimizerKind::AdamW8bit);

@@ -6,6 +6,8 @@
 //! encoding or on whether it came from memory or disk. A disk entry is reused only when its key
 //! matches: the image file (size and modification time), its bucket, resize and crop, the VAE
 //! weights and the seed; `--skip_cache_check` trusts any entry of the right shape, as kohya.
+//! Either way the latent bytes must match the checksum stored beside them: a corrupted file is
+//! encoded again (with a warning naming it), never trained on.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -23,6 +25,9 @@ use crate::error::{Result, TrainError};
 pub type LatentCache = HashMap<(usize, usize), Tensor>;
 
 const KEY: &str = "sdbooth.latent_key";
+/// FNV-1a 64 of the latent tensor's bytes, hex.
+const CHECKSUM: &str = "sdbooth.latent_fnv64";
+const FNV_OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
 
 pub struct CacheSettings {
     /// Where the latents are computed and kept (files are read and written on the host).
@@ -43,7 +48,7 @@ fn fnv(bytes: &[u8], mut h: u64) -> u64 {
 
 /// A fingerprint of the VAE weights: every tensor's name and sum of absolute values.
 pub fn vae_fingerprint(params: &ParamStore) -> Result<String> {
-    let mut h = 0xcbf2_9ce4_8422_2325u64;
+    let mut h = FNV_OFFSET;
     for (name, var) in params.iter() {
         let s = var.as_tensor().abs()?.sum_all()?.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()?;
         h = fnv(name.as_bytes(), h);
@@ -64,7 +69,7 @@ fn image_key(group: &DatasetGroup, di: usize, ii: usize, vae: &str, seed: u64) -
     let mtime =
         meta.modified().ok().and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok()).map(|d| d.as_nanos());
     Ok(format!(
-        "v1 size={} mtime={:?} bucket={:?} resized={:?} vae={vae} seed={seed}",
+        "v2 size={} mtime={:?} bucket={:?} resized={:?} vae={vae} seed={seed}",
         meta.len(),
         mtime,
         entry.bucket,
@@ -72,11 +77,21 @@ fn image_key(group: &DatasetGroup, di: usize, ii: usize, vae: &str, seed: u64) -
     ))
 }
 
+fn checksum(payload: &[u8]) -> String {
+    format!("{:016x}", fnv(payload, FNV_OFFSET))
+}
+
 fn read_cached(path: &Path, key: &str, shape: &[usize], trust: bool) -> Option<Tensor> {
     let bytes = std::fs::read(path).ok()?;
     let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes).ok()?;
-    let stored_key = meta.metadata().as_ref().and_then(|m| m.get(KEY).cloned());
-    if !trust && stored_key.as_deref() != Some(key) {
+    let meta = meta.metadata().clone().unwrap_or_default();
+    if !trust && meta.get(KEY).map(String::as_str) != Some(key) {
+        return None;
+    }
+    let file = safetensors::SafeTensors::deserialize(&bytes).ok()?;
+    let payload = file.tensor("latents").ok()?;
+    if meta.get(CHECKSUM) != Some(&checksum(payload.data())) {
+        tracing::warn!("latent cache {}: checksum mismatch (damaged file); encoding again", path.display());
         return None;
     }
     let tensors = candle_core::safetensors::load_buffer(&bytes, &Device::Cpu).ok()?;
@@ -90,7 +105,10 @@ fn write_cached(path: &Path, key: &str, latents: &Tensor) -> Result<()> {
     let encode_error = |e: safetensors::SafeTensorError| TrainError::io(path, std::io::Error::other(e));
     let view = safetensors::tensor::TensorView::new(safetensors::Dtype::F32, latents.dims().to_vec(), &bytes)
         .map_err(encode_error)?;
-    let meta = std::collections::HashMap::from([(KEY.to_string(), key.to_string())]);
+    let meta = std::collections::HashMap::from([
+        (KEY.to_string(), key.to_string()),
+        (CHECKSUM.to_string(), checksum(&bytes)),
+    ]);
     let out = safetensors::serialize([("latents", view)], &Some(meta)).map_err(encode_error)?;
     sdbooth_checkpoint::atomic_write_bytes(path, &out).map_err(|e| TrainError::io(path, e))
 }

@@ -217,6 +217,9 @@ impl<'a> Trainer<'a> {
         }
         let model = setup::load(plan)?;
         let output = Output::new(plan, &model)?;
+        for stale in crate::state::clean_stale_temps(&output.dir, output.name.as_deref())? {
+            tracing::info!("removed {} (left by an interrupted save)", stale.display());
+        }
         // kohya: no --stop_text_encoder_training trains it throughout; a negative value never.
         let stop_text_encoder_at =
             plan.steps.stop_text_encoder_training.unwrap_or(steps.max_train_steps as i64 + 1);
@@ -389,7 +392,10 @@ impl<'a> Trainer<'a> {
             let (loss, (lr_unet, lr_te)) = self.train_step(&mut epoch, parts, &mut board)?;
             self.global_step += 1;
             last_loss = loss;
-            self.recorder.add(epoch, self.sampler.state().next_batch, loss);
+            // kohya's recorder takes the 0-based epoch and the index of the batch just consumed; a
+            // 1-based position would count a phantom zero loss at the start of every epoch.
+            let batch_index = self.sampler.state().next_batch.saturating_sub(1);
+            self.recorder.add(epoch.saturating_sub(1), batch_index, loss);
             let secs = started.elapsed().as_secs_f64();
             step_times.push(secs);
             let avr = self.recorder.moving_average();
@@ -516,7 +522,7 @@ impl<'a> Trainer<'a> {
     }
 
     /// The learning rate of a parameter group at this step (0 for a group that is gone).
-    fn lr_of(&self, group: &str) -> f64 {
+    pub(super) fn lr_of(&self, group: &str) -> f64 {
         let Some(g) = self.optimizer.groups.iter().find(|g| g.name == group) else { return 0.0 };
         self.lr_schedule.lr(g.lr, self.global_step)
     }

@@ -11,6 +11,7 @@ use crate::logs::{
     JsonlWriter, StepRecord, TensorBoardWriter, TAG_LOSS, TAG_LOSS_EPOCH, TAG_LR_TEXT_ENCODER, TAG_LR_UNET,
 };
 
+use super::setup::{TEXT_ENCODER_GROUP, UNET_GROUP};
 use super::Trainer;
 
 /// The TensorBoard writer of the run (`--logging_dir`), shared by the parts that log scalars.
@@ -51,11 +52,14 @@ impl StepLog {
 }
 
 impl RunPart for StepLog {
-    fn after_step(&mut self, _t: &Trainer<'_>, r: &StepRecord, board: &mut Board) -> Result<()> {
+    fn after_step(&mut self, t: &Trainer<'_>, r: &StepRecord, board: &mut Board) -> Result<()> {
         if let Some(tb) = board {
-            let mut scalars = vec![(TAG_LOSS, r.loss), (TAG_LR_UNET, r.lr_unet as f32)];
-            if let Some(l) = r.lr_text_encoder {
-                scalars.push((TAG_LR_TEXT_ENCODER, l as f32));
+            // kohya logs after its scheduler step: `lr/*` at step N is the rate of step N + 1 (the
+            // JSONL record keeps the rate step N used).
+            let next_lr = |group| t.lr_of(group) as f32;
+            let mut scalars = vec![(TAG_LOSS, r.loss), (TAG_LR_UNET, next_lr(UNET_GROUP))];
+            if r.lr_text_encoder.is_some() {
+                scalars.push((TAG_LR_TEXT_ENCODER, next_lr(TEXT_ENCODER_GROUP)));
             }
             scalars.push(("sdbooth/step_seconds", r.step_seconds as f32));
             if let Some(rss) = r.peak_rss_bytes {

@@ -1,0 +1,454 @@
+//! Issue 11, a new user's adversarial pass: bad flags, datasets and outputs are refused with a
+//! message naming the flag, key, file or folder, before any model is loaded; never a panic, an
+//! abort or an "internal error".
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+fn sdbooth(dir: &Path, args: &[&str]) -> Output {
+    match Command::new(env!("CARGO_BIN_EXE_sdbooth")).current_dir(dir).args(args).output() {
+        Ok(o) => o,
+        Err(e) => panic!("cannot run sdbooth: {e}"),
+    }
+}
+
+/// Runs a command that must fail cleanly; returns its stderr.
+fn refused(dir: &Path, args: &[&str]) -> String {
+    let out = sdbooth(dir, args);
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert_eq!(out.status.code(), Some(1), "{args:?} should fail with exit 1:\n{err}");
+    for bad in ["panicked", "internal error", "RUST_BACKTRACE", "memory allocation"] {
+        assert!(!err.contains(bad), "{args:?}: {bad}:\n{err}");
+    }
+    err
+}
+
+fn png(path: &Path, w: u32, h: u32) {
+    let img = image::RgbImage::from_fn(w, h, |x, y| image::Rgb([(x * 3) as u8, (y * 5) as u8, 128]));
+    if let Err(e) = img.save(path) {
+        panic!("cannot write {}: {e}", path.display());
+    }
+}
+
+fn mkdir(p: &Path) {
+    if let Err(e) = std::fs::create_dir_all(p) {
+        panic!("{}: {e}", p.display());
+    }
+}
+
+fn write(p: &Path, text: &str) {
+    if let Err(e) = std::fs::write(p, text) {
+        panic!("{}: {e}", p.display());
+    }
+}
+
+fn tempdir() -> tempfile::TempDir {
+    match tempfile::tempdir() {
+        Ok(d) => d,
+        Err(e) => panic!("{e}"),
+    }
+}
+
+/// `instance/` with two 64×64 images and `reg/` with one.
+fn small_dataset(root: &Path) {
+    for d in ["instance", "reg"] {
+        mkdir(&root.join(d));
+    }
+    png(&root.join("instance/a.png"), 64, 64);
+    png(&root.join("instance/b.png"), 64, 64);
+    png(&root.join("reg/c.png"), 64, 64);
+}
+
+fn dry_run_toml<'a>(toml: &'a str, extra: &[&'a str]) -> Vec<&'a str> {
+    let mut v = vec!["train", "--dry_run", "--dataset_config", toml];
+    v.extend(extra);
+    v
+}
+
+/// Item 9: bucket sizes of 0 (division by zero) and rates out of range, on the command line.
+#[test]
+fn command_line_dataset_values_are_validated_like_the_toml() {
+    let dir = tempdir();
+    small_dataset(dir.path());
+    mkdir(&dir.path().join("legacy/3_sks"));
+    png(&dir.path().join("legacy/3_sks/a.png"), 64, 64);
+    let base = ["train", "--dry_run", "--train_data_dir", "legacy", "--resolution", "64", "--enable_bucket"];
+    for (flag, value) in [
+        ("--min_bucket_reso", "0"),
+        ("--bucket_reso_steps", "0"),
+        ("--max_bucket_reso", "0"),
+        ("--caption_dropout_rate", "5"),
+        ("--caption_tag_dropout_rate", "-0.5"),
+    ] {
+        let mut args = base.to_vec();
+        args.extend([flag, value]);
+        let err = refused(dir.path(), &args);
+        assert!(err.contains(&format!("{flag}: ")), "{flag} {value}: {err}");
+    }
+}
+
+/// Item 10: repeat counts that cannot be represented or trained, from the TOML and folder names.
+#[test]
+fn huge_repeat_counts_are_refused_by_key_and_folder() {
+    let dir = tempdir();
+    small_dataset(dir.path());
+    for n in ["9223372036854775807", "4294967297"] {
+        let toml = format!(
+            "[[datasets]]\nresolution = 64\n[[datasets.subsets]]\nimage_dir = \"instance\"\nnum_repeats = {n}\n"
+        );
+        write(&dir.path().join("d.toml"), &toml);
+        let err = refused(dir.path(), &dry_run_toml("d.toml", &[]));
+        assert!(err.contains("d.toml:5: key `num_repeats`"), "{n}: {err}");
+    }
+    for n in ["4294967297", "99999999999999999999999"] {
+        let folder = dir.path().join(format!("legacy{n}/{n}_sks"));
+        mkdir(&folder);
+        png(&folder.join("a.png"), 64, 64);
+        let data = format!("legacy{n}");
+        let err =
+            refused(dir.path(), &["train", "--dry_run", "--train_data_dir", &data, "--resolution", "64"]);
+        assert!(err.contains(&format!("{n}_sks")) && err.contains("repeats"), "{n}: {err}");
+    }
+}
+
+/// Item 11: a 1×10,000,000 PNG passes the pixel-count check but its bucket resize would need
+/// gigabytes; it is refused from its header size, naming the file.
+#[test]
+fn an_extreme_aspect_ratio_is_refused_before_resizing() {
+    let dir = tempdir();
+    let folder = dir.path().join("data/1_sks");
+    mkdir(&folder);
+    let tall = folder.join("tall.png");
+    let img = image::GrayImage::new(1, 10_000_000);
+    if let Err(e) = img.save(&tall) {
+        panic!("{e}");
+    }
+    let err = refused(
+        dir.path(),
+        &["train", "--dry_run", "--train_data_dir", "data", "--resolution", "512", "--enable_bucket"],
+    );
+    assert!(err.contains("tall.png") && err.contains("GiB"), "{err}");
+}
+
+/// Item 13: values that parse but cannot train are refused by flag, before the dataset or the
+/// model is read.
+#[test]
+fn values_that_cannot_train_are_refused_by_flag() {
+    let dir = tempdir();
+    for (flag, value) in [
+        ("--learning_rate", "-1"),
+        ("--learning_rate", "nan"),
+        ("--learning_rate", "inf"),
+        ("--min_snr_gamma", "-5"),
+        ("--noise_offset", "-0.1"),
+        ("--max_grad_norm", "-1"),
+        ("--prior_loss_weight", "-1"),
+        ("--validation_split", "nan"),
+        ("--validation_split", "inf"),
+    ] {
+        let eq = format!("{flag}={value}");
+        let err = refused(
+            dir.path(),
+            &[
+                "train",
+                "--pretrained_model_name_or_path",
+                "builtin:tiny-sd1",
+                "--train_data_dir",
+                "none",
+                &eq,
+            ],
+        );
+        assert!(err.contains(&format!("{flag}: ")), "{eq}: {err}");
+    }
+    // Item 19: the argparse spelling with a space reads the negative number too.
+    let err = refused(dir.path(), &["train", "--learning_rate", "-1", "--train_data_dir", "none"]);
+    assert!(err.contains("--learning_rate: must be a finite number >= 0, got -1"), "{err}");
+}
+
+/// Item 13: generate commands that would do nothing, or draw NaN images, say so.
+#[test]
+fn generate_refuses_what_would_make_nothing() {
+    let dir = tempdir();
+    let base = ["generate", "--ckpt", "builtin:tiny-sd1", "--outdir", "out", "--W", "64", "--H", "64"];
+    let mut a = base.to_vec();
+    a.extend(["--prompt", "a dog", "--images_per_prompt", "0"]);
+    assert!(refused(dir.path(), &a).contains("--images_per_prompt 0"));
+    write(&dir.path().join("empty.txt"), "# only a comment\n\n");
+    let mut a = base.to_vec();
+    a.extend(["--from_file", "empty.txt"]);
+    assert!(refused(dir.path(), &a).contains("empty.txt: no prompt"));
+    let mut a = base.to_vec();
+    a.extend(["--prompt", "a dog", "--scale", "nan"]);
+    assert!(refused(dir.path(), &a).contains("--scale NaN"));
+    write(&dir.path().join("nan.txt"), "a dog --l nan\n");
+    let mut a = base.to_vec();
+    a.extend(["--from_file", "nan.txt"]);
+    assert!(refused(dir.path(), &a).contains("prompt 1"));
+    assert!(!dir.path().join("out").exists(), "generate wrote before refusing");
+}
+
+/// Item 14: kohya's Adafactor recipe trains; the schedulers not built are refused by name.
+#[test]
+fn lr_scheduler_adafactor_and_unbuilt_schedulers() {
+    let dir = tempdir();
+    let err =
+        refused(dir.path(), &["train", "--lr_scheduler", "piecewise_constant", "--train_data_dir", "x"]);
+    assert!(err.contains("--lr_scheduler piecewise_constant is not supported yet"), "{err}");
+    let err =
+        refused(dir.path(), &["train", "--lr_scheduler", "reduce_lr_on_plateau", "--train_data_dir", "x"]);
+    assert!(err.contains("--lr_scheduler reduce_lr_on_plateau is not supported yet"), "{err}");
+    let err = refused(dir.path(), &["train", "--lr_scheduler", "adafactor", "--train_data_dir", "x"]);
+    assert!(err.contains("needs --optimizer_type AdaFactor"), "{err}");
+    let toy = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/toy");
+    let out = dir.path().join("out");
+    let out_s = out.display().to_string();
+    let o = sdbooth(
+        &toy,
+        &[
+            "train",
+            "--pretrained_model_name_or_path",
+            "builtin:tiny-sd1",
+            "--dataset_config",
+            "dataset.toml",
+            "--output_dir",
+            &out_s,
+            "--output_name",
+            "m",
+            "--max_train_steps",
+            "2",
+            "--optimizer_type",
+            "AdaFactor",
+            "--optimizer_args",
+            "scale_parameter=False",
+            "relative_step=True",
+            "warmup_init=True",
+            "--lr_scheduler",
+            "adafactor",
+            "--learning_rate",
+            "0",
+            "--save_model_as",
+            "safetensors",
+            "--max_data_loader_n_workers",
+            "100000",
+        ],
+    );
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{err}");
+    assert!(out.join("m.safetensors").is_file());
+}
+
+/// Item 18: a value from a flag is blamed on the flag, not on a line of the TOML; empty datasets
+/// say which subset, folder and key; skipped picture formats are mentioned.
+#[test]
+fn messages_name_the_flag_subset_and_folder() {
+    let dir = tempdir();
+    small_dataset(dir.path());
+    let toml = "[general]\nenable_bucket = true\n\n[[datasets]]\nresolution = 64\nmin_bucket_reso = 64\n\
+                max_bucket_reso = 128\n\n  [[datasets.subsets]]\n  image_dir = \"instance\"\n";
+    write(&dir.path().join("d.toml"), toml);
+    let err = refused(dir.path(), &dry_run_toml("d.toml", &["--validation_split=2"]));
+    assert!(err.contains("--validation_split: must be between"), "{err}");
+    assert!(!err.contains("d.toml:"), "a flag value was blamed on the TOML: {err}");
+    let err = refused(dir.path(), &dry_run_toml("d.toml", &["--caption_separator="]));
+    assert!(err.contains("--caption_separator: must not be empty"), "{err}");
+
+    // An empty file, only reg images, num_repeats 0 or -1: each says why.
+    write(&dir.path().join("empty.toml"), "# nothing\n");
+    let err = refused(dir.path(), &dry_run_toml("empty.toml", &[]));
+    assert!(err.contains("empty.toml has no [[datasets]]"), "{err}");
+    write(
+        &dir.path().join("reg.toml"),
+        "[[datasets]]\nresolution = 64\n[[datasets.subsets]]\nimage_dir = \"reg\"\nis_reg = true\n",
+    );
+    let err = refused(dir.path(), &dry_run_toml("reg.toml", &[]));
+    assert!(err.contains("every subset is a regularization subset"), "{err}");
+    for n in ["0", "-1"] {
+        write(
+            &dir.path().join("zero.toml"),
+            &format!("[[datasets]]\nresolution = 64\n[[datasets.subsets]]\nimage_dir = \"instance\"\nnum_repeats = {n}\n"),
+        );
+        let err = refused(dir.path(), &dry_run_toml("zero.toml", &[]));
+        assert!(err.contains("instance") && err.contains(&format!("key `num_repeats` is {n}")), "{err}");
+    }
+    // Legacy folders that are all skipped are listed; so are .gif/.tiff files.
+    mkdir(&dir.path().join("legacy/sks"));
+    mkdir(&dir.path().join("legacy/0_dog"));
+    let err =
+        refused(dir.path(), &["train", "--dry_run", "--train_data_dir", "legacy", "--resolution", "64"]);
+    assert!(err.contains("without a <repeats>_ prefix") && err.contains("sks"), "{err}");
+    assert!(err.contains("repeats < 1") && err.contains("0_dog"), "{err}");
+    mkdir(&dir.path().join("gifs/2_cat"));
+    write(&dir.path().join("gifs/2_cat/a.gif"), "GIF89a");
+    write(&dir.path().join("gifs/2_cat/b.tiff"), "II*");
+    let err = refused(dir.path(), &["train", "--dry_run", "--train_data_dir", "gifs", "--resolution", "64"]);
+    assert!(err.contains("a.gif") && err.contains("b.tiff"), "{err}");
+}
+
+/// Item 19: a mistyped flag gets the nearest name.
+#[test]
+fn mistyped_flags_get_the_nearest_name() {
+    let dir = tempdir();
+    for (typo, right) in [("--learnig_rate", "--learning_rate"), ("--max_train_step", "--max_train_steps")] {
+        let out = sdbooth(dir.path(), &["train", typo, "1"]);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success());
+        assert!(err.contains(right), "{typo}: {err}");
+    }
+}
+
+fn builtin_safetensors(dir: &Path) -> PathBuf {
+    let out = dir.join("tiny.safetensors");
+    let o = sdbooth(dir, &["convert", "builtin:tiny-sd1", "tiny.safetensors"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    out
+}
+
+/// Items 7 and 21: convert refuses to overwrite and mismatched extensions; the source path in the
+/// metadata is the file name only.
+#[test]
+fn convert_refuses_overwrites_and_mismatched_names() {
+    let dir = tempdir();
+    builtin_safetensors(dir.path());
+    let err = refused(dir.path(), &["convert", "builtin:tiny-sd1", "tiny.safetensors"]);
+    assert!(err.contains("exists; add --overwrite"), "{err}");
+    let err =
+        refused(dir.path(), &["convert", "builtin:tiny-sd1", "x.safetensors", "--save_model_as", "ckpt"]);
+    assert!(err.contains("x.safetensors") && err.contains("Ckpt"), "{err}");
+    assert!(!dir.path().join("x.safetensors").exists());
+    let err = refused(dir.path(), &["convert", "builtin:tiny-sd1", "y.ckpt", "--save_model_as", "diffusers"]);
+    assert!(err.contains("a Diffusers output is a folder") || err.contains("folder name"), "{err}");
+    mkdir(&dir.path().join("stuff"));
+    write(&dir.path().join("stuff/notes.txt"), "mine");
+    let err = refused(dir.path(), &["convert", "builtin:tiny-sd1", "stuff", "--overwrite"]);
+    assert!(err.contains("not a Diffusers model"), "{err}");
+    assert!(dir.path().join("stuff/notes.txt").is_file());
+
+    // The absolute path of the source stays on this machine: only its file name is recorded.
+    let o = sdbooth(dir.path(), &["convert", "tiny.safetensors", "copy.ckpt"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let abs = dir.path().join("copy.ckpt").display().to_string();
+    let o = sdbooth(dir.path(), &["convert", &abs, "again.safetensors"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let bytes = std::fs::read(dir.path().join("again.safetensors")).unwrap_or_default();
+    let n = u64::from_le_bytes(bytes[..8].try_into().unwrap_or([0; 8])) as usize;
+    let header: serde_json::Value = serde_json::from_slice(&bytes[8..8 + n]).unwrap_or_default();
+    assert_eq!(header["__metadata__"]["sdbooth.converted_from"], "copy.ckpt", "{header}");
+    assert!(!header.to_string().contains(&dir.path().display().to_string()), "absolute path stored");
+    let o = sdbooth(dir.path(), &["convert", "copy.ckpt", "again.safetensors", "--overwrite"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+}
+
+/// Item 5: a Diffusers folder without model_index.json (an interrupted save) is refused.
+#[test]
+fn a_partial_diffusers_folder_is_refused() {
+    let dir = tempdir();
+    let o = sdbooth(dir.path(), &["convert", "builtin:tiny-sd1", "tiny", "--save_model_as", "diffusers"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let names: Vec<String> = std::fs::read_dir(dir.path())
+        .map(|rd| rd.filter_map(|e| e.ok()).map(|e| e.file_name().to_string_lossy().into_owned()).collect())
+        .unwrap_or_default();
+    assert_eq!(names, vec!["tiny".to_string()], "temporary folders left behind");
+    let o = sdbooth(dir.path(), &["inspect", "tiny"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    if let Err(e) = std::fs::remove_file(dir.path().join("tiny/model_index.json")) {
+        panic!("{e}");
+    }
+    for args in [
+        vec!["inspect", "tiny"],
+        vec!["generate", "--ckpt", "tiny", "--prompt", "a", "--outdir", "o", "--W", "64", "--H", "64"],
+    ] {
+        let err = refused(dir.path(), &args);
+        assert!(err.contains("model_index.json is missing"), "{args:?}: {err}");
+    }
+}
+
+/// Item 21: a log redirected to a file has no colour codes.
+#[test]
+fn redirected_logs_have_no_colour_codes() {
+    let dir = tempdir();
+    let o = sdbooth(
+        dir.path(),
+        &["train", "--dry_run", "--tokenizer_cache_dir", "x", "--train_data_dir", "none"],
+    );
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("--tokenizer_cache_dir is ignored"), "{err}");
+    assert!(!err.contains('\u{1b}'), "ANSI escape in a redirected log: {err:?}");
+}
+
+fn files_under(dir: &Path, out: &mut Vec<PathBuf>) {
+    for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        let p = e.path();
+        if p.is_dir() {
+            files_under(&p, out);
+        } else {
+            out.push(p);
+        }
+    }
+}
+
+/// The f32 value of every scalar `tag` in a TensorBoard event file, in file order.
+fn scalars(events: &[u8], tag: &str) -> Vec<f32> {
+    let mut out = Vec::new();
+    let mut i = 0;
+    while let Some(at) = events[i..].windows(tag.len()).position(|w| w == tag.as_bytes()) {
+        let after = i + at + tag.len();
+        // Summary.Value.simple_value: field 2, fixed32 (key 0x15), right after the tag string.
+        if events.get(after) == Some(&0x15) && after + 5 <= events.len() {
+            let b = [events[after + 1], events[after + 2], events[after + 3], events[after + 4]];
+            out.push(f32::from_le_bytes(b));
+        }
+        i = after;
+    }
+    out
+}
+
+/// Item 20: the average loss counts only the losses seen (step 1's average is its loss), and
+/// TensorBoard's `lr/*` at step N is the rate of step N + 1, as kohya logs it.
+#[test]
+fn average_loss_and_logged_rates_match_kohya() {
+    let dir = tempdir();
+    let toy = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/toy");
+    let out = dir.path().join("out");
+    let logs = dir.path().join("logs");
+    let (out_s, logs_s) = (out.display().to_string(), logs.display().to_string());
+    let o = sdbooth(
+        &toy,
+        &[
+            "train",
+            "--pretrained_model_name_or_path",
+            "builtin:tiny-sd1",
+            "--dataset_config",
+            "dataset.toml",
+            "--output_dir",
+            &out_s,
+            "--output_name",
+            "m",
+            "--max_train_steps",
+            "4",
+            "--learning_rate",
+            "1e-3",
+            "--lr_scheduler",
+            "linear",
+            "--logging_dir",
+            &logs_s,
+            "--save_model_as",
+            "safetensors",
+        ],
+    );
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let jsonl = std::fs::read_to_string(out.join("m.jsonl")).unwrap_or_default();
+    let first: serde_json::Value =
+        serde_json::from_str(jsonl.lines().next().unwrap_or("{}")).unwrap_or_default();
+    assert_eq!(first["avr_loss"], first["loss"], "step 1's average is not its loss: {first}");
+    assert!((first["lr_unet"].as_f64().unwrap_or(0.0) - 1e-3).abs() < 1e-12, "{first}");
+    let mut files = Vec::new();
+    files_under(&logs, &mut files);
+    let events = files.iter().find(|p| p.to_string_lossy().contains("tfevents"));
+    let bytes = events.map(std::fs::read).and_then(Result::ok).unwrap_or_default();
+    let lrs = scalars(&bytes, "lr/unet");
+    let expected = [7.5e-4f32, 5e-4, 2.5e-4, 0.0];
+    assert_eq!(lrs.len(), 4, "{lrs:?}");
+    for (got, want) in lrs.iter().zip(expected) {
+        assert!((got - want).abs() < 1e-9, "{lrs:?}");
+    }
+}
