@@ -14,6 +14,7 @@
     KOHYA_SD_SCRIPTS=/tmp/sdscripts tools/.venv/bin/python tools/checkpoint/make_tiny_fixtures.py \
         crates/sdbooth-checkpoint/tests/fixtures
 """
+import json
 import os
 import sys
 
@@ -88,6 +89,23 @@ for v2, seed in ((False, 1), (True, 2)):
                                     clip_sample=False, set_alpha_to_one=False,
                                     prediction_type="v_prediction" if v2 else "epsilon")
     sched.save_pretrained(os.path.join(d, "scheduler"))
+    # What StableDiffusionPipeline.save_pretrained writes last: sdbooth refuses a folder without it
+    # (an interrupted save). The tokenizer is not saved: sdbooth ships its own.
+    index = {
+        "_class_name": "StableDiffusionPipeline",
+        "_diffusers_version": diffusers.__version__,
+        "feature_extractor": [None, None],
+        "requires_safety_checker": None,
+        "safety_checker": [None, None],
+        "scheduler": ["diffusers", "DDIMScheduler"],
+        "text_encoder": ["transformers", "CLIPTextModel"],
+        "tokenizer": ["transformers", "CLIPTokenizer"],
+        "unet": ["diffusers", "UNet2DConditionModel"],
+        "vae": ["diffusers", "AutoencoderKL"],
+    }
+    with open(os.path.join(d, "model_index.json"), "w") as f:
+        json.dump(index, f, indent=2, sort_keys=True)
+        f.write("\n")
     sd = kohya_state_dict(v2, unet, vae, text)
     save_file(sd, os.path.join(out_dir, f"kohya-{name}.safetensors"))
     if not v2:
