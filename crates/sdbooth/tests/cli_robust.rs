@@ -452,3 +452,57 @@ fn average_loss_and_logged_rates_match_kohya() {
         assert!((got - want).abs() < 1e-9, "{lrs:?}");
     }
 }
+
+fn toy_train(out: &Path, extra: &[&str]) -> Output {
+    let toy = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/toy");
+    let out_s = out.display().to_string();
+    let mut args = vec![
+        "train",
+        "--dataset_config",
+        "dataset.toml",
+        "--output_dir",
+        &out_s,
+        "--output_name",
+        "m",
+        "--save_model_as",
+        "safetensors",
+    ];
+    args.extend(extra);
+    sdbooth(&toy, &args)
+}
+
+/// Item 2: an output that would replace the base model is refused before training, not after.
+#[test]
+fn an_output_equal_to_the_base_model_is_refused_before_training() {
+    let dir = tempdir();
+    let out = dir.path().join("out");
+    mkdir(&out);
+    let o = sdbooth(&out, &["convert", "builtin:tiny-sd1", "m.safetensors"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let base = out.join("m.safetensors").display().to_string();
+    let o = toy_train(&out, &["--pretrained_model_name_or_path", &base, "--max_train_steps", "1"]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success());
+    assert!(err.contains("would replace the base model"), "{err}");
+    assert!(!out.join("m.jsonl").exists(), "it trained before refusing");
+}
+
+/// Item 15: resuming a state that is already at the last step says there is nothing to train.
+#[test]
+fn resuming_a_finished_state_says_there_is_nothing_left() {
+    let dir = tempdir();
+    let out = dir.path().join("out");
+    let base = ["--pretrained_model_name_or_path", "builtin:tiny-sd1", "--max_train_steps", "2"];
+    let mut a = base.to_vec();
+    a.push("--save_state_on_train_end");
+    let o = toy_train(&out, &a);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let state = out.join("m-state").display().to_string();
+    let mut a = base.to_vec();
+    a.extend(["--resume", &state]);
+    let o = toy_train(&dir.path().join("again"), &a);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success(), "{err}");
+    assert!(err.contains("nothing left to train"), "{err}");
+    assert!(!err.contains("NaN"), "{err}");
+}

@@ -215,6 +215,7 @@ impl<'a> Trainer<'a> {
                 "--mixed_precision bf16 computes in f32 on the CPU (candle has no CPU bf16 matmul)"
             );
         }
+        setup::refuse_replacing_the_source(plan)?;
         let model = setup::load(plan)?;
         let output = Output::new(plan, &model)?;
         for stale in crate::state::clean_stale_temps(&output.dir, output.name.as_deref())? {
@@ -349,6 +350,15 @@ impl<'a> Trainer<'a> {
             Resume::From(dir) => dir.clone(),
         };
         let saved = saving::load_state(&dir, &mut self.model, &self.plan.device)?;
+        if saved.global_step >= self.max_train_steps {
+            return Err(TrainError::Config(format!(
+                "the state in {} is at step {}, and this run ends at step {}: nothing left to train (raise \
+                 --max_train_steps or --max_train_epochs to continue it)",
+                dir.display(),
+                saved.global_step,
+                self.max_train_steps
+            )));
+        }
         self.optimizer = saved.optimizer;
         self.global_step = saved.global_step;
         self.noise_rng = saved.noise_rng;

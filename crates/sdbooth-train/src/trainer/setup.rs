@@ -119,6 +119,30 @@ pub struct Output {
     pub format: SaveFormat,
 }
 
+/// The final model must not replace the base model it is trained from (its untrained keys are
+/// copied from that file when saving): refused before the model is loaded, not after training.
+pub fn refuse_replacing_the_source(plan: &TrainPlan) -> Result<()> {
+    let Some(spec) = plan.model.spec.as_deref() else { return Ok(()) };
+    let source = std::path::Path::new(spec);
+    let (true, Some(dir)) = (source.is_file(), plan.saving.output_dir.as_deref()) else { return Ok(()) };
+    // Without --save_model_as a single-file source is saved in its own format (kohya's rule).
+    let format = plan.saving.format.unwrap_or_else(|| SaveFormat::from_path(source));
+    let name = crate::state::last_file_name(plan.saving.output_name.as_deref(), format.extension());
+    let target = dir.join(name);
+    let same = std::fs::canonicalize(source)
+        .ok()
+        .zip(std::fs::canonicalize(&target).ok())
+        .is_some_and(|(a, b)| a == b);
+    if same {
+        return Err(TrainError::Config(format!(
+            "the final model {} would replace the base model --pretrained_model_name_or_path {spec}, \
+             which saving reads from: choose another --output_name or --output_dir",
+            target.display()
+        )));
+    }
+    Ok(())
+}
+
 impl Output {
     pub fn new(plan: &TrainPlan, model: &Model) -> Result<Self> {
         let dir = plan.output_dir()?.to_path_buf();
