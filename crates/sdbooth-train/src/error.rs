@@ -49,6 +49,14 @@ pub enum TrainError {
         state.display()
     )]
     Interrupted { step: u64, state: PathBuf },
+    /// An error after steps were trained in this process: their state was saved first, so the
+    /// run can continue from it.
+    #[error(
+        "{source}\nthe run is saved at step {step} as a state in {} (continue with --resume {})",
+        state.display(),
+        state.display()
+    )]
+    SavedAfterError { step: u64, state: PathBuf, source: Box<TrainError> },
     /// A NaN or infinite loss: nothing is saved over the last good files.
     #[error(
         "the loss became {loss} at step {step}; stopped without saving (the last saved model and state in \

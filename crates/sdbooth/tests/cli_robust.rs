@@ -506,3 +506,60 @@ fn resuming_a_finished_state_says_there_is_nothing_left() {
     assert!(err.contains("nothing left to train"), "{err}");
     assert!(!err.contains("NaN"), "{err}");
 }
+
+/// Item 3: an error after steps were trained (here the final save: a folder sits where the model
+/// goes) saves a state of those steps first and says where it is.
+#[test]
+fn an_error_after_training_saves_the_trained_steps() {
+    let dir = tempdir();
+    let out = dir.path().join("out");
+    mkdir(&out.join("m.safetensors"));
+    write(&out.join("m.safetensors/keep.txt"), "a folder where the model would go");
+    let o =
+        toy_train(&out, &["--pretrained_model_name_or_path", "builtin:tiny-sd1", "--max_train_steps", "2"]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success(), "{err}");
+    assert!(err.contains("the run is saved at step 2 as a state in"), "{err}");
+    assert!(out.join("m-step00000002-state/state.json").is_file(), "{err}");
+}
+
+/// Item 6: on --resume, flags that cannot apply to the saved state are refused with the saved
+/// value named; the learning rate applies from the resumed step and says so.
+#[test]
+fn resume_refuses_or_applies_each_changed_flag() {
+    let dir = tempdir();
+    let out = dir.path().join("out");
+    let base = ["--pretrained_model_name_or_path", "builtin:tiny-sd1", "--learning_rate", "1e-4"];
+    let mut a = base.to_vec();
+    a.extend(["--max_train_steps", "2", "--save_state_on_train_end"]);
+    let o = toy_train(&out, &a);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let state = out.join("m-state").display().to_string();
+    let resume = |extra: &[&str], to: &str| {
+        let mut a = vec!["--max_train_steps", "3", "--resume", &state];
+        a.extend(extra);
+        let o = toy_train(&dir.path().join(to), &a);
+        (o.status.success(), String::from_utf8_lossy(&o.stderr).into_owned())
+    };
+    let mut lion = base.to_vec();
+    lion.extend(["--optimizer_type", "Lion"]);
+    let (ok, err) = resume(&lion, "lion");
+    assert!(!ok && err.contains("--optimizer_type AdamW, not Lion"), "{err}");
+    let mut args = base.to_vec();
+    args.extend(["--optimizer_args", "weight_decay=0.5"]);
+    let (ok, err) = resume(&args, "args");
+    assert!(!ok && err.contains("--optimizer_args differ"), "{err}");
+    let mut bf16 = base.to_vec();
+    bf16.push("--full_bf16");
+    let (ok, err) = resume(&bf16, "bf16");
+    assert!(!ok && err.contains("without --full_bf16"), "{err}");
+    let (ok, err) = resume(&["--pretrained_model_name_or_path", "builtin:tiny-sd2", "--v2"], "sd2");
+    assert!(
+        !ok && (err.contains("another model architecture") || err.contains("tensors, the model has")),
+        "{err}"
+    );
+    let (ok, err) =
+        resume(&["--pretrained_model_name_or_path", "builtin:tiny-sd1", "--learning_rate", "5e-5"], "lr");
+    assert!(ok, "{err}");
+    assert!(err.contains("--learning_rate 0.00005 applies from step 2 (the saved run used 0.0001)"), "{err}");
+}

@@ -54,7 +54,7 @@ impl TrainArgs {
         }
         self.check_scheduler()?;
         // The dataset flags' ranges (rates within [0, 1], bucket sizes >= 1), as the TOML's.
-        self.dataset_options()?.validate().map_err(|e| ArgsError::Usage(e.to_string()))
+        self.dataset_options().validate().map_err(|e| ArgsError::Usage(e.to_string()))
     }
 }
 

@@ -6,6 +6,7 @@
 
 mod latent_cache;
 mod parts;
+mod resume_policy;
 mod sampling;
 mod saving;
 pub mod setup;
@@ -359,7 +360,10 @@ impl<'a> Trainer<'a> {
                 self.max_train_steps
             )));
         }
+        resume_policy::check_optimizer(&dir, &saved.optimizer.config, self.plan)?;
+        resume_policy::check_weight_dtype(&dir, &self.model, self.plan)?;
         self.optimizer = saved.optimizer;
+        resume_policy::apply_learning_rates(&mut self.optimizer, self.plan, saved.global_step);
         self.global_step = saved.global_step;
         self.noise_rng = saved.noise_rng;
         self.vae_rng = saved.vae_rng;
@@ -376,9 +380,33 @@ impl<'a> Trainer<'a> {
     fn run(mut self, parts: &mut [Box<dyn RunPart>]) -> Result<TrainSummary> {
         let bar = progress_bar(self.max_train_steps, "steps");
         bar.set_position(self.global_step);
+        let start = self.global_step;
         let result = self.run_steps(parts, &bar);
         bar.finish_and_clear();
-        result
+        match result {
+            // Trained steps are not thrown away by a later failure (a sample, validation, the
+            // final save): their state is saved first. Ctrl-C has saved already; a NaN loss keeps
+            // the last good files as they are.
+            Err(e)
+                if self.global_step > start
+                    && !matches!(e, TrainError::Interrupted { .. } | TrainError::NonFiniteLoss { .. }) =>
+            {
+                Err(self.save_after_error(e))
+            }
+            r => r,
+        }
+    }
+
+    fn save_after_error(&self, error: TrainError) -> TrainError {
+        match saving::save_interrupted(self, self.sampler.state().epoch) {
+            Ok(state) => {
+                TrainError::SavedAfterError { step: self.global_step, state, source: Box::new(error) }
+            }
+            Err(save) => {
+                tracing::error!("saving a state after the error below failed too: {save}");
+                error
+            }
+        }
     }
 
     fn run_steps(&mut self, parts: &mut [Box<dyn RunPart>], bar: &ProgressBar) -> Result<TrainSummary> {

@@ -118,6 +118,20 @@ pub fn load_state(dir: &Path, model: &mut Model, device: &Device) -> Result<Save
                 format!("{what}: {} tensors, the model has {}", got.len(), expected.len()),
             ));
         }
+        // Another architecture (an SD1 state on an SD2 model) has other shapes.
+        for (name, var) in expected.iter() {
+            let saved = got.get(name).map(|t| t.dims().to_vec());
+            if saved.as_deref() != Some(var.dims()) {
+                return Err(TrainError::state(
+                    dir,
+                    format!(
+                        "--resume: {what} tensor {name} is {saved:?} in the state but {:?} in this model: \
+                         the state is of another model architecture",
+                        var.dims()
+                    ),
+                ));
+            }
+        }
         Ok(())
     };
     check(&model.unet_params, &unet, "U-Net")?;
@@ -240,7 +254,7 @@ fn save_final(t: &Trainer<'_>, epoch: u64) -> Result<()> {
 }
 
 /// Ctrl-C: the state of the step just finished, under kohya's step-state name.
-fn save_interrupted(t: &Trainer<'_>, epoch: u64) -> Result<PathBuf> {
+pub(super) fn save_interrupted(t: &Trainer<'_>, epoch: u64) -> Result<PathBuf> {
     let dir = t.output.path(&state::step_state_name(t.output.name.as_deref(), t.global_step));
     if !dir.is_dir() {
         save_state_dir(t, &dir, epoch)?;
