@@ -377,6 +377,8 @@ fn start_watch_stop_queue_resume_and_list_runs() {
         d["steps"].as_array().is_some_and(|s| s.len() >= stopped_at + 2)
     });
     assert!(d["log_tail"].to_string().contains("resumed from"), "{}", d["log_tail"]);
+    let command = d["command"].as_str().unwrap();
+    assert!(command.contains("sdbooth train ") && command.contains("--resume="), "{command}");
     ui.post(&format!("/api/runs/{a}/stop"), &json!({}));
     ui.wait_run(&a, 120, "stopped again", |d| d["meta"]["status"] == "stopped");
 
