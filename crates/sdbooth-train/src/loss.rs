@@ -19,38 +19,11 @@ pub enum LossType {
     SmoothL1,
 }
 
-impl LossType {
-    pub fn parse(s: &str) -> Result<Self> {
-        Ok(match s {
-            "l2" => Self::L2,
-            "l1" => Self::L1,
-            "huber" => Self::Huber,
-            "smooth_l1" => Self::SmoothL1,
-            _ => {
-                return Err(TrainError::Config(format!(
-                    "unknown --loss_type {s:?} (l1, l2, huber, smooth_l1)"
-                )))
-            }
-        })
-    }
-}
-
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum HuberSchedule {
     Constant,
     Exponential,
     Snr,
-}
-
-impl HuberSchedule {
-    pub fn parse(s: &str) -> Result<Self> {
-        Ok(match s {
-            "constant" => Self::Constant,
-            "exponential" => Self::Exponential,
-            "snr" => Self::Snr,
-            _ => return Err(TrainError::Config(format!("unknown --huber_schedule {s:?}"))),
-        })
-    }
 }
 
 /// kohya's loss flags with its defaults.
