@@ -7,17 +7,19 @@
 
 use std::time::Instant;
 
-use candle_core::Tensor;
-use rand::SeedableRng;
-use rand_chacha::ChaCha8Rng;
+use sdbooth_data::Streams;
 use sdbooth_models::config::{ClipConfig, UNetConfig};
 use serde::Serialize;
 
 use crate::error::{Result, TrainError};
 use crate::plan::TrainPlan;
 use crate::trainer::setup;
-use crate::trainer::step::{micro_step, normal_tensor, GradBuffer, StepInputs};
-use crate::trainer::{apply_update, peak_rss_bytes, step_settings};
+use crate::trainer::step::{micro_step, normal_tensor, StepInputs};
+use crate::trainer::{peak_rss_bytes, step_settings};
+use crate::update::{
+    apply_accumulated, grad_multiplier, FusedUpdate, GradAccumulator, GradSink, LearningRates, LossScale,
+    TrainedParams, UpdateOutcome,
+};
 
 #[derive(Debug, Clone, Serialize)]
 pub struct BenchReport {
@@ -75,7 +77,7 @@ pub fn bench(plan: &TrainPlan, steps: usize, warmup: usize) -> Result<BenchRepor
     let mut optimizer = setup::build_optimizer(plan, &model, train_te)?;
     let schedule = plan.noise_schedule();
     let loss = model.loss_args(plan);
-    let mut rng = ChaCha8Rng::seed_from_u64(plan.seed);
+    let mut rng = Streams::new(plan.seed).noise();
     let device = &plan.device;
     // Latents of SD scale: unit-variance samples, as the VAE produces them after scaling.
     let latents = normal_tensor(&mut rng, &[batch, 4, h / 8, w / 8], device)?;
@@ -83,36 +85,38 @@ pub fn bench(plan: &TrainPlan, steps: usize, warmup: usize) -> Result<BenchRepor
     let weights = vec![1.0f32; batch];
     let o = &plan.optimizer;
     let fused = o.fused_backward_pass;
-    let (lr, lr_te) = (o.learning_rate, o.learning_rate_te);
+    // The bench's steps are the run: the schedule spans them, as train's spans --max_train_steps.
+    let lr_schedule = setup::lr_schedule(plan, (warmup + steps) as u64)?;
+    let mut loss_scale = plan.precision.fp16_loss_scale.then(LossScale::default);
     let (mut fwd, mut bwd, mut opt_t, mut total) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     for i in 0..warmup + steps {
         let started = Instant::now();
-        let settings = step_settings(plan, &loss, &schedule, train_te, 1.0);
+        let multiplier = grad_multiplier(loss_scale.as_ref(), 1);
+        let settings = step_settings(plan, &loss, &schedule, train_te, multiplier);
         let inputs =
             StepInputs { latents: latents.clone(), captions: &captions, loss_weights: &weights, masks: None };
-        let mut buffer = GradBuffer::default();
-        let outcome = if fused {
-            let model = &model;
-            let optimizer = &mut optimizer;
-            let max_norm = o.max_grad_norm;
-            let mut sink = |part: &str, name: &str, g: &Tensor| -> Result<()> {
-                let (store, lr) =
-                    if part == "unet" { (&model.unet_params, lr) } else { (&model.text_params, lr_te) };
-                let var = store.var(name)?;
-                let coef =
-                    if max_norm > 0.0 { crate::optim::per_tensor_clip_coef(g, max_norm)? } else { 1.0 };
-                optimizer.step_param_scaled(name, var, g, lr, coef)
-            };
-            micro_step(model, inputs, &settings, &mut rng, &mut sink)?
-        } else {
-            let mut sink = |part: &str, name: &str, g: &Tensor| buffer.add(part, name, g);
-            micro_step(&model, inputs, &settings, &mut rng, &mut sink)?
-        };
+        let lrs = LearningRates::at_step(&optimizer, &lr_schedule, i as u64);
+        let params = TrainedParams { unet: &model.unet_params, text_encoder: &model.text_params };
+        let mut accumulated = GradAccumulator::default();
+        let mut fused_update =
+            FusedUpdate { optimizer: &mut optimizer, params, lrs, max_norm: o.max_grad_norm };
+        let sink: &mut dyn GradSink = if fused { &mut fused_update } else { &mut accumulated };
+        let outcome = micro_step(&model, inputs, &settings, &mut rng, sink)?;
         let before_update = Instant::now();
         if !fused {
-            apply_update(&mut optimizer, &model, &buffer, (lr, lr_te), o.max_grad_norm, None, i as u64)?;
+            let update = apply_accumulated(
+                &mut optimizer,
+                params,
+                &accumulated,
+                lrs,
+                o.max_grad_norm,
+                loss_scale.as_mut(),
+            )?;
+            if let UpdateOutcome::SkippedOverflow { new_scale } = update {
+                tracing::warn!("step {}: fp16 gradients overflowed, loss scale now {new_scale}", i + 1);
+            }
         }
-        drop(buffer);
+        drop(accumulated);
         let update = before_update.elapsed().as_secs_f64();
         let secs = started.elapsed().as_secs_f64();
         tracing::info!(

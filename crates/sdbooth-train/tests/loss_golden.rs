@@ -7,7 +7,7 @@ use candle_core::{DType, Device, Tensor, Var};
 use sdbooth_train::args::TrainArgs;
 use sdbooth_train::loss::{training_loss, LossArgs};
 use sdbooth_train::noise::{noise_noisy_latents_and_timesteps, Draws};
-use sdbooth_train::trainer::setup;
+use sdbooth_train::plan::TrainPlan;
 
 fn fixture() -> HashMap<String, Tensor> {
     let p = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/loss.safetensors");
@@ -25,8 +25,9 @@ fn rel_err(a: &[f64], b: &[f64]) -> f64 {
     (num / den.max(1e-300)).sqrt()
 }
 
-fn parse(flags: &[&str]) -> TrainArgs {
-    TrainArgs::try_parse_from(flags).expect("flags parse")
+/// The plan `sdbooth train <flags>` runs with.
+fn plan(flags: &[&str]) -> TrainPlan {
+    TrainPlan::resolve(&TrainArgs::try_parse_from(flags).expect("flags parse")).expect("plan resolves")
 }
 
 /// The loss settings of a fixture case, as the trainer derives them from its flags (and the
@@ -75,8 +76,9 @@ fn loss_case(name: &str) -> (LossArgs, bool) {
         ),
         _ => panic!("unknown case {name}"),
     };
-    let args = parse(flags);
-    (setup::loss_args(&args, v_pred), args.loss.masked_loss)
+    let plan = plan(flags);
+    // The plan leaves v_parameterization to the loaded model (`Model::loss_args`).
+    (LossArgs { v_parameterization: v_pred, ..plan.loss }, plan.steps.masked_loss)
 }
 
 #[test]
@@ -171,7 +173,7 @@ fn noise_pipeline_matches_kohya() {
         ),
     ];
     for (name, flags) in cases {
-        let args = setup::noise_args(&parse(flags));
+        let args = plan(flags).noise;
         let k = |s: &str| format!("noise/{name}/{s}");
         let mut rec = Recorded {
             normal: fx[&k("draw_normal")].to_vec1::<f32>().unwrap().into(),

@@ -1,15 +1,16 @@
 //! LR schedules against transformers' functions called with kohya's argument mapping
 //! (fixture: tools/goldens/optim.py --lr). The schedules are built as the trainer builds them:
-//! from the command line, through `setup::lr_schedule`.
+//! from the command line, resolved into a `TrainPlan`, through `setup::lr_schedule`.
 
 use sdbooth_train::args::TrainArgs;
 use sdbooth_train::lr::LrSchedule;
+use sdbooth_train::plan::TrainPlan;
 use sdbooth_train::trainer::setup;
 
 /// The schedule `sdbooth train <flags>` trains with over `total` steps.
 fn schedule(flags: &[String], total: u64) -> sdbooth_train::Result<LrSchedule> {
     let args = TrainArgs::try_parse_from(flags).expect("flags parse");
-    setup::lr_schedule(&args, total)
+    setup::lr_schedule(&TrainPlan::resolve(&args)?, total)
 }
 
 fn flags(pairs: &[(&str, String)]) -> Vec<String> {

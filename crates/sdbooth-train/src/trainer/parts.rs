@@ -68,7 +68,7 @@ impl RunPart for StepLog {
 
     fn at_epoch_end(&mut self, t: &Trainer<'_>, epoch: u64, board: &mut Board) -> Result<()> {
         if let Some(tb) = board {
-            tb.add_scalar(TAG_LOSS_EPOCH, t.recorder.moving_average() as f32, epoch as i64)?;
+            tb.add_scalar(TAG_LOSS_EPOCH, t.state.loss_recorder.moving_average() as f32, epoch as i64)?;
         }
         Ok(())
     }
