@@ -165,63 +165,15 @@ pub fn bench(plan: &TrainPlan, steps: usize, warmup: usize) -> Result<BenchRepor
     })
 }
 
-/// Spatial downscale of the feature map a U-Net parameter works on (1 = latent size).
-fn unet_scale(name: &str, blocks: usize) -> usize {
-    let index = |prefix: &str| -> Option<usize> {
-        name.strip_prefix(prefix).and_then(|r| r.split('.').next()).and_then(|i| i.parse().ok())
-    };
-    if let Some(i) = index("down_blocks.") {
-        return if name.contains("downsamplers") { 1 << (i + 1) } else { 1 << i };
-    }
-    if let Some(i) = index("up_blocks.") {
-        let level = blocks - 1 - i;
-        return if name.contains("upsamplers") { 1 << level.saturating_sub(1) } else { 1 << level };
-    }
-    if name.starts_with("mid_block") {
-        return 1 << (blocks - 1);
-    }
-    1
-}
-
-/// Forward FLOPs of the U-Net for one sample at latent size `h × w` with `ctx` text tokens.
+/// Forward FLOPs of the U-Net for one sample at latent size `h × w` with `ctx` text tokens,
+/// counted from the model's own node list.
 pub fn unet_forward_flops(cfg: &UNetConfig, h: usize, w: usize, ctx: usize) -> f64 {
-    let blocks = cfg.block_out_channels.len();
-    let mut flops = 0.0;
-    for (name, shape) in sdbooth_models::unet::param_shapes(cfg) {
-        if !name.ends_with(".weight") {
-            continue;
-        }
-        let s = unet_scale(&name, blocks);
-        let tokens = ((h / s).max(1) * (w / s).max(1)) as f64;
-        let weight: f64 = shape.iter().product::<usize>() as f64;
-        if shape.len() == 4 {
-            flops += 2.0 * weight * tokens;
-        } else if shape.len() == 2 {
-            let t = if name.starts_with("time_embedding") || name.contains("time_emb_proj") {
-                1.0
-            } else if name.contains("attn2.to_k") || name.contains("attn2.to_v") {
-                ctx as f64
-            } else {
-                tokens
-            };
-            flops += 2.0 * weight * t;
-            // Attention products (scores and weighted sum) once per attention, keyed on to_q.
-            if name.ends_with("attn1.to_q.weight") {
-                flops += 4.0 * tokens * tokens * shape[0] as f64;
-            } else if name.ends_with("attn2.to_q.weight") {
-                flops += 4.0 * tokens * ctx as f64 * shape[0] as f64;
-            }
-        }
-    }
-    flops
+    sdbooth_models::UNet::new(cfg).forward_flops(h, w, ctx)
 }
 
 /// Forward FLOPs of the CLIP text encoder for one sequence of `tokens`.
 pub fn clip_forward_flops(cfg: &ClipConfig, tokens: usize) -> f64 {
-    let t = tokens as f64;
-    let d = cfg.hidden_size as f64;
-    let per_layer = 2.0 * t * (4.0 * d * d + 2.0 * d * cfg.intermediate_size as f64) + 4.0 * t * t * d;
-    per_layer * cfg.num_hidden_layers as f64
+    sdbooth_models::ClipTextModel::new(cfg).forward_flops(tokens)
 }
 
 #[cfg(test)]

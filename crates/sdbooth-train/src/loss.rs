@@ -8,6 +8,7 @@
 
 use candle_core::{DType, Tensor};
 use serde::{Deserialize, Serialize};
+use sdbooth_models::ddpm::DdpmSchedule;
 
 use crate::error::{Result, TrainError};
 
@@ -56,13 +57,12 @@ impl Default for LossArgs {
     }
 }
 
-/// SNR(t) = (sqrt(ᾱ)/sqrt(1-ᾱ))² in f32, as kohya's prepare_scheduler_for_custom_training.
+/// SNR(t) of the schedule `alphas_cumprod` (the one formula: `DdpmSchedule::snr_of`).
 pub fn snr(alphas_cumprod: &[f32], t: u64) -> Result<f32> {
     let ac = *alphas_cumprod
         .get(t as usize)
         .ok_or_else(|| TrainError::Config(format!("timestep {t} out of the schedule's range")))?;
-    let r = ac.sqrt() / (1.0 - ac).sqrt();
-    Ok(r * r)
+    Ok(DdpmSchedule::snr_of(ac))
 }
 
 /// train_util.get_huber_threshold_if_needed: the per-sample Huber threshold, or None for l1/l2.

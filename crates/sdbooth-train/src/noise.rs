@@ -8,6 +8,7 @@
 //! noise, so the work is done on host vectors and returned as tensors.
 
 use candle_core::{Device, Tensor};
+use sdbooth_models::ddpm::DdpmSchedule;
 use rand::Rng;
 use rand_chacha::ChaCha8Rng;
 use rand_distr::{Distribution, StandardNormal};
@@ -172,7 +173,7 @@ pub fn add_noise(
         let ac = *alphas_cumprod
             .get(t as usize)
             .ok_or_else(|| TrainError::Config(format!("timestep {t} out of the schedule's range")))?;
-        let (a, s) = (ac.sqrt(), (1.0 - ac).sqrt());
+        let (a, s) = DdpmSchedule::noising_coefficients(ac);
         let r = i * per_sample..(i + 1) * per_sample;
         out.extend(x0[r.clone()].iter().zip(&noise[r]).map(|(&x, &n)| a * x + s * n));
     }

@@ -6,6 +6,7 @@ use anyhow::{bail, Context};
 use candle_core::DType;
 use sdbooth_checkpoint::{load_model, LoadOptions};
 use sdbooth_data::tokenizer::ClipTokenizer;
+use sdbooth_models::ddpm::DdpmSchedule;
 use sdbooth_models::ParamStore;
 use sdbooth_sample::generate::{write_png, Pipeline, Request};
 use sdbooth_sample::prompts::{read_prompt_file, PromptSpec};
@@ -105,6 +106,7 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
         vae: &vae,
         tokenizer: &tokenizer,
         v_prediction: model.v_parameterization,
+        schedule: &DdpmSchedule::sd(),
         clip_skip: args.clip_skip,
         max_token_length: args.max_token_length.filter(|&n| n != 75),
         dtype: None,

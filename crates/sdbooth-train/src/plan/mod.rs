@@ -245,11 +245,7 @@ impl TrainPlan {
 
     /// The DDPM schedule the model was trained with, as these flags adjust it.
     pub fn noise_schedule(&self) -> DdpmSchedule {
-        if self.zero_terminal_snr {
-            DdpmSchedule::sd().with_zero_terminal_snr()
-        } else {
-            DdpmSchedule::sd()
-        }
+        DdpmSchedule::for_training(self.zero_terminal_snr)
     }
 
     /// `--output_dir`, required to train.

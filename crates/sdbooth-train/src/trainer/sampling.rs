@@ -165,6 +165,7 @@ impl Monitor {
             vae,
             tokenizer: &t.model.tokenizer,
             v_prediction: t.model.v_parameterization,
+            schedule: &t.schedule,
             clip_skip: t.plan.text.clip_skip,
             max_token_length: t.plan.text.max_token_length,
             dtype: t.plan.precision.compute_dtype,
