@@ -178,8 +178,7 @@ impl ClipTextModel {
     pub fn forward_flops(&self, tokens: usize) -> f64 {
         let t = tokens as f64;
         let (d, ff) = (self.cfg.hidden_size, self.cfg.intermediate_size);
-        let per_layer =
-            self.self_attention().flops(t, t) + linear_flops(ff, d, t) + linear_flops(d, ff, t);
+        let per_layer = self.self_attention().flops(t, t) + linear_flops(ff, d, t) + linear_flops(d, ff, t);
         per_layer * self.cfg.num_hidden_layers as f64
     }
 
@@ -241,8 +240,11 @@ impl ClipTextModel {
         let ids = self.check_ids(ids)?;
         let n_layers = self.layers_used(clip_skip)?;
         let run = ClipRun::new(self, ids, n_layers);
-        let tape_opts =
-            TapeOptions { checkpointing: opts.checkpointing, compute_dtype: opts.compute_dtype, param_grads: true };
+        let tape_opts = TapeOptions {
+            checkpointing: opts.checkpointing,
+            compute_dtype: opts.compute_dtype,
+            param_grads: true,
+        };
         Ok(ClipTape { tape: Tape::forward(run, params, Vec::new(), tape_opts)? })
     }
 }
@@ -300,8 +302,8 @@ impl Blocks for ClipRun<'_> {
         }
     }
 
-    /// The embedding tables' gradients are written directly (see `TextEmbeddings::grads`); the
-    /// lookup is recomputed never, as it has no graph to keep.
+    /// The embedding tables' gradients are written directly (see `TextEmbeddings::grads`), so
+    /// the lookup runs without a graph.
     fn has_direct_grads(&self, i: usize) -> bool {
         i == 0
     }

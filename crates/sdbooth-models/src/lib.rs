@@ -16,8 +16,8 @@ pub use clip::{ClipTape, ClipTextModel, ClipTrainOptions};
 pub use config::{builtin, BuiltinModel, ModelConfig, Prediction};
 pub use layers::ParamShapes;
 pub use params::ParamStore;
-pub use tape::GradHook;
 pub use sd::{random_model, StableDiffusion};
+pub use tape::GradHook;
 pub use unet::{TrainOptions, UNet, UNetGrads, UNetTape};
 pub use vae::{LatentDist, Vae};
 

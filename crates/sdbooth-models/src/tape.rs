@@ -42,7 +42,12 @@ pub(crate) trait Blocks {
     fn has_direct_grads(&self, _i: usize) -> bool {
         false
     }
-    fn direct_grads(&self, _w: &Weights, _i: usize, _g: &Tensor) -> Result<Vec<(String, Tensor)>, ModelError> {
+    fn direct_grads(
+        &self,
+        _w: &Weights,
+        _i: usize,
+        _g: &Tensor,
+    ) -> Result<Vec<(String, Tensor)>, ModelError> {
         Err(ModelError::BadInput(format!("{} has no directly differentiated block", Self::NAME)))
     }
 }
@@ -152,7 +157,11 @@ impl<'a, B: Blocks> Tape<'a, B> {
 
     /// Backward from dLoss/d output. Parameter gradients go to `hook`, block by block. Returns
     /// the gradients of the input slots that asked for one.
-    pub fn backward(mut self, grad_output: &Tensor, hook: &mut GradHook) -> Result<Vec<Option<Tensor>>, ModelError> {
+    pub fn backward(
+        mut self,
+        grad_output: &Tensor,
+        hook: &mut GradHook,
+    ) -> Result<Vec<Option<Tensor>>, ModelError> {
         if grad_output.dims() != self.output.dims() {
             return Err(ModelError::BadInput(format!(
                 "{} output gradient has shape {:?}, output {:?}",
@@ -173,7 +182,11 @@ impl<'a, B: Blocks> Tape<'a, B> {
                 continue;
             }
             let Some(g) = grads[slot].take() else {
-                return Err(ModelError::BadInput(format!("{} block {} got no gradient", B::NAME, blocks.block_name(i))));
+                return Err(ModelError::BadInput(format!(
+                    "{} block {} got no gradient",
+                    B::NAME,
+                    blocks.block_name(i)
+                )));
             };
             if blocks.has_direct_grads(i) {
                 if self.opts.param_grads {
@@ -191,7 +204,8 @@ impl<'a, B: Blocks> Tape<'a, B> {
                 if !self.needs_grad[s] {
                     continue;
                 }
-                let input = self.slots[s].as_ref().ok_or_else(|| ModelError::BadInput(format!("slot {s}")))?;
+                let input =
+                    self.slots[s].as_ref().ok_or_else(|| ModelError::BadInput(format!("slot {s}")))?;
                 // An input that did not influence the output (cannot happen in these networks,
                 // but candle leaves it out) contributes nothing.
                 if let Some(gi) = store.get(input) {

@@ -49,13 +49,20 @@ fn downscale_factor(cfg: &VaeConfig) -> usize {
 #[derive(Clone, Debug, PartialEq)]
 enum Step {
     /// A stride-1 `k x k` convolution (padding `k / 2`).
-    Conv { cin: usize, cout: usize, k: usize },
+    Conv {
+        cin: usize,
+        cout: usize,
+        k: usize,
+    },
     Resnet(Resnet),
     Attention(ImageSelfAttention),
     Down(Downsample),
     Up(Upsample),
     /// `conv_norm_out` + SiLU.
-    NormSilu { channels: usize, groups: usize },
+    NormSilu {
+        channels: usize,
+        groups: usize,
+    },
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -105,7 +112,8 @@ fn build_chains(cfg: &VaeConfig) -> (Vec<Stage>, Vec<Stage>) {
     let latent = cfg.latent_channels;
     let groups = cfg.norm_num_groups;
     let stage = |prefix: String, step: Step| Stage { prefix, step };
-    let resnet = |p: String, cin, cout| stage(p, Step::Resnet(Resnet { cin, cout, temb: None, groups, eps: EPS }));
+    let resnet =
+        |p: String, cin, cout| stage(p, Step::Resnet(Resnet { cin, cout, temb: None, groups, eps: EPS }));
     let mid = |chain: &mut Vec<Stage>, p: &str| {
         chain.push(resnet(join(p, "resnets.0"), last, last));
         let attn = ImageSelfAttention { channels: last, groups, eps: EPS };
@@ -113,11 +121,16 @@ fn build_chains(cfg: &VaeConfig) -> (Vec<Stage>, Vec<Stage>) {
         chain.push(resnet(join(p, "resnets.1"), last, last));
     };
 
-    let mut enc = vec![stage("encoder.conv_in".into(), Step::Conv { cin: cfg.in_channels, cout: first, k: 3 })];
+    let mut enc =
+        vec![stage("encoder.conv_in".into(), Step::Conv { cin: cfg.in_channels, cout: first, k: 3 })];
     let mut cin = first;
     for (i, &cout) in boc.iter().enumerate() {
         for j in 0..cfg.layers_per_block {
-            enc.push(resnet(format!("encoder.down_blocks.{i}.resnets.{j}"), if j == 0 { cin } else { cout }, cout));
+            enc.push(resnet(
+                format!("encoder.down_blocks.{i}.resnets.{j}"),
+                if j == 0 { cin } else { cout },
+                cout,
+            ));
         }
         if i + 1 < boc.len() {
             let d = Downsample { channels: cout, padding: DownsamplePadding::RightBottom };
@@ -138,7 +151,11 @@ fn build_chains(cfg: &VaeConfig) -> (Vec<Stage>, Vec<Stage>) {
     let mut cin = last;
     for (i, &cout) in boc.iter().rev().enumerate() {
         for j in 0..cfg.layers_per_block + 1 {
-            dec.push(resnet(format!("decoder.up_blocks.{i}.resnets.{j}"), if j == 0 { cin } else { cout }, cout));
+            dec.push(resnet(
+                format!("decoder.up_blocks.{i}.resnets.{j}"),
+                if j == 0 { cin } else { cout },
+                cout,
+            ));
         }
         if i + 1 < boc.len() {
             let u = Upsample { channels: cout };

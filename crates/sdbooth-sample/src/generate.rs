@@ -136,8 +136,8 @@ impl Pipeline<'_> {
         let factor = 1 << (self.config.vae.block_out_channels.len() - 1);
         let prediction =
             if self.v_prediction { PredictionType::VPrediction } else { PredictionType::Epsilon };
-        let mut sampler =
-            sampler_for_schedule(&req.sampler, req.steps, prediction, self.schedule).map_err(GenerateError::Invalid)?;
+        let mut sampler = sampler_for_schedule(&req.sampler, req.steps, prediction, self.schedule)
+            .map_err(GenerateError::Invalid)?;
         let cond = self.encode(&req.prompt)?;
         let uncond = self.encode(&req.negative_prompt)?;
         // Equal lengths for the guided batch (long prompts: pad the shorter with its last state).

@@ -7,8 +7,8 @@
 //! are constants built on the host.
 
 use candle_core::{DType, Tensor};
-use serde::{Deserialize, Serialize};
 use sdbooth_models::ddpm::DdpmSchedule;
+use serde::{Deserialize, Serialize};
 
 use crate::error::{Result, TrainError};
 

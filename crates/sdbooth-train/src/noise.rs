@@ -8,10 +8,10 @@
 //! noise, so the work is done on host vectors and returned as tensors.
 
 use candle_core::{Device, Tensor};
-use sdbooth_models::ddpm::DdpmSchedule;
 use rand::Rng;
 use rand_chacha::ChaCha8Rng;
 use rand_distr::{Distribution, StandardNormal};
+use sdbooth_models::ddpm::DdpmSchedule;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Result, TrainError};

@@ -132,8 +132,10 @@ mod tests {
     /// The gradient of the sized upsample sums each output pixel's gradient into its source.
     #[test]
     fn sized_upsample_gradient_sums_into_sources() {
-        let x = Var::from_tensor(&Tensor::arange(0f32, 6.0, &Device::Cpu).unwrap().reshape((1, 1, 2, 3)).unwrap())
-            .unwrap();
+        let x = Var::from_tensor(
+            &Tensor::arange(0f32, 6.0, &Device::Cpu).unwrap().reshape((1, 1, 2, 3)).unwrap(),
+        )
+        .unwrap();
         let y = upsample_nearest(x.as_tensor(), Some((3, 5))).unwrap();
         assert_eq!(y.dims(), &[1, 1, 3, 5]);
         let g = Tensor::arange(1f32, 16.0, &Device::Cpu).unwrap().reshape((1, 1, 3, 5)).unwrap();

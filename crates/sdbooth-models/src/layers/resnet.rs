@@ -42,7 +42,13 @@ impl Resnet {
     }
 
     /// `x` `[B, cin, h, w]`, `emb` `[B, temb]` (U-Net) → `[B, cout, h, w]`.
-    pub fn forward(&self, w: &Weights, p: &str, x: &Tensor, emb: Option<&Tensor>) -> Result<Tensor, ModelError> {
+    pub fn forward(
+        &self,
+        w: &Weights,
+        p: &str,
+        x: &Tensor,
+        emb: Option<&Tensor>,
+    ) -> Result<Tensor, ModelError> {
         let (g, eps) = (self.groups, self.eps);
         let (n1w, n1b) = w.wb(&join(p, "norm1"))?;
         let (c1w, c1b) = w.wb(&join(p, "conv1"))?;

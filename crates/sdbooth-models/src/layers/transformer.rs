@@ -30,7 +30,14 @@ pub(crate) struct Transformer2D {
 impl Transformer2D {
     fn self_attention(&self) -> Attention {
         let c = self.channels;
-        Attention { dim: c, kv_dim: c, heads: self.heads, qkv_bias: false, causal: false, names: DIFFUSERS_NAMES }
+        Attention {
+            dim: c,
+            kv_dim: c,
+            heads: self.heads,
+            qkv_bias: false,
+            causal: false,
+            names: DIFFUSERS_NAMES,
+        }
     }
 
     fn cross_attention(&self) -> Attention {
@@ -111,7 +118,8 @@ impl Transformer2D {
     /// Forward FLOPs at `pixels` pixels with `ctx_tokens` text tokens.
     pub fn flops(&self, pixels: f64, ctx_tokens: f64) -> f64 {
         let c = self.channels;
-        let proj = if self.linear_projection { linear_flops(c, c, pixels) } else { conv_flops(c, c, 1, pixels) };
+        let proj =
+            if self.linear_projection { linear_flops(c, c, pixels) } else { conv_flops(c, c, 1, pixels) };
         2.0 * proj
             + self.self_attention().flops(pixels, pixels)
             + self.cross_attention().flops(pixels, ctx_tokens)

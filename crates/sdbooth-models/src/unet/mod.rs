@@ -42,14 +42,25 @@ pub(crate) const FIRST_NODE_SLOT: usize = 3;
 #[derive(Clone, Debug, PartialEq)]
 pub(crate) enum NodeKind {
     TimeEmbed(TimestepEmbedding),
-    ConvIn { cin: usize, cout: usize },
+    ConvIn {
+        cin: usize,
+        cout: usize,
+    },
     /// With `skip` the input is `cat([h, skip], channels)` (up path).
-    Resnet { layer: Resnet, skip: bool },
+    Resnet {
+        layer: Resnet,
+        skip: bool,
+    },
     Transformer(Transformer2D),
     Downsample(Downsample),
     Upsample(Upsample),
     /// conv_norm_out + SiLU + conv_out.
-    Out { cin: usize, cout: usize, groups: usize, eps: f64 },
+    Out {
+        cin: usize,
+        cout: usize,
+        groups: usize,
+        eps: f64,
+    },
 }
 
 #[derive(Clone, Debug)]
@@ -87,7 +98,9 @@ impl NodeKind {
     fn flops(&self, pixels: f64, ctx: f64) -> f64 {
         match self {
             NodeKind::TimeEmbed(layer) => layer.flops(),
-            NodeKind::ConvIn { cin, cout } | NodeKind::Out { cin, cout, .. } => conv_flops(*cout, *cin, 3, pixels),
+            NodeKind::ConvIn { cin, cout } | NodeKind::Out { cin, cout, .. } => {
+                conv_flops(*cout, *cin, 3, pixels)
+            }
             NodeKind::Resnet { layer, .. } => layer.flops(pixels),
             NodeKind::Transformer(layer) => layer.flops(pixels, ctx),
             NodeKind::Downsample(layer) => layer.flops(pixels),
@@ -279,7 +292,13 @@ impl UNet {
         self.run_all(&w, latents, timesteps, encoder_hidden_states)
     }
 
-    fn run_all(&self, w: &Weights, latents: &Tensor, timesteps: &Tensor, ctx: &Tensor) -> Result<Tensor, ModelError> {
+    fn run_all(
+        &self,
+        w: &Weights,
+        latents: &Tensor,
+        timesteps: &Tensor,
+        ctx: &Tensor,
+    ) -> Result<Tensor, ModelError> {
         let run = self.prepare(latents)?;
         let mut slots: Vec<Option<Tensor>> = vec![None; FIRST_NODE_SLOT + self.nodes.len()];
         slots[SLOT_LATENTS] = Some(latents.clone());
