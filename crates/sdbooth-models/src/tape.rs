@@ -130,7 +130,7 @@ impl<'a, B: Blocks> Tape<'a, B> {
         let w = Weights { params, track, dtype: opts.compute_dtype };
         let untracked = Weights { track: false, ..w };
         let mut output = None;
-        for i in 0..n_blocks {
+        for (i, graph) in graphs.iter_mut().enumerate() {
             let inputs = gather(&slots, blocks.block_inputs(i))?;
             let inputs: Vec<Tensor> =
                 if opts.checkpointing { inputs.iter().map(|t| t.detach()).collect() } else { inputs };
@@ -143,7 +143,7 @@ impl<'a, B: Blocks> Tape<'a, B> {
                 slots[slot] = Some(leaf(&out, needs_grad[slot])?);
             }
             if !opts.checkpointing && !direct && needs_grad[slot] {
-                graphs[i] = Some(out);
+                *graph = Some(out);
             }
         }
         let output = output.ok_or_else(|| ModelError::BadInput(format!("{} has no blocks", B::NAME)))?;
