@@ -180,7 +180,7 @@ impl TrainPlan {
     /// cannot run.
     pub fn resolve(args: &TrainArgs) -> Result<Self> {
         check_combinations(args)?;
-        let device = crate::device::resolve_device()?;
+        let device = crate::device::resolve_device(args.run.device)?;
         let seed = args.training.seed.unwrap_or(42);
         let mut config = OptimizerConfig::from_args(optimizer_kind(args)?, &args.optimizer.optimizer_args)?;
         config.rounding_seed = seed;
