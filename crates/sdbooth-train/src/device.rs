@@ -122,7 +122,11 @@ pub fn resolve_device(choice: DeviceChoice) -> Result<Device> {
 fn cpu(fallback_note: Option<String>) -> SelectedDevice {
     let threads = rayon::current_num_threads();
     let cuda = if built_with_cuda() { "" } else { ", built without CUDA" };
-    SelectedDevice { device: Device::Cpu, description: format!("CPU ({threads} threads{cuda})"), fallback_note }
+    SelectedDevice {
+        device: Device::Cpu,
+        description: format!("CPU ({threads} threads{cuda})"),
+        fallback_note,
+    }
 }
 
 /// Without CUDA in the build, no GPU can be probed.

@@ -57,7 +57,9 @@ fn with_kebab_aliases(cmd: clap::Command) -> clap::Command {
 /// `--device` of the commands without train's logging (generate, selftest): resolves it and
 /// prints the choice, and why `auto` fell back to the CPU, on stderr. (train and bench resolve
 /// it in their plan and log it.)
-pub(crate) fn select_device(choice: sdbooth_train::device::DeviceChoice) -> anyhow::Result<candle_core::Device> {
+pub(crate) fn select_device(
+    choice: sdbooth_train::device::DeviceChoice,
+) -> anyhow::Result<candle_core::Device> {
     let selected = sdbooth_train::device::select(choice)?;
     if let Some(note) = &selected.fallback_note {
         eprintln!("note: {note}");
