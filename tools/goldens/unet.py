@@ -13,7 +13,8 @@ estimates ||ours - torch|| (Johnson-Lindenstrauss) and the norm-relative error c
 without megabytes of fixtures.
 
 Run: tools/.venv/bin/python tools/goldens/unet.py
-Writes crates/sdbooth-models/tests/fixtures/unet_tiny_sd{1,2}.safetensors and .json (names/shapes).
+Writes crates/sdbooth-models/tests/fixtures/unet_tiny_sd{1,2}.safetensors and .json (names/shapes),
+and unet_tiny_sd1_65x64.* (a latent size that is not a multiple of 8).
 """
 import json
 import pathlib
@@ -113,13 +114,13 @@ def build(cfg, seed):
     return model
 
 
-def write(name, cfg, tokens=77, batch=2, hw=16):
+def write(name, cfg, tokens=77, batch=2, h=16, w=16):
     model = build(cfg, SEED)
     gen = torch.Generator().manual_seed(42)
-    latents = torch.randn(batch, 4, hw, hw, generator=gen)
+    latents = torch.randn(batch, 4, h, w, generator=gen)
     timesteps = torch.tensor([999.0, 37.0][:batch])
     ctx = torch.randn(batch, tokens, cfg["cross_attention_dim"], generator=gen)
-    g = torch.randn(batch, 4, hw, hw, generator=gen)
+    g = torch.randn(batch, 4, h, w, generator=gen)
     latents.requires_grad_(True)
     ctx.requires_grad_(True)
     out = model(latents, timesteps, encoder_hidden_states=ctx).sample
@@ -155,3 +156,6 @@ if __name__ == "__main__":
     torch.set_num_threads(1)
     write("tiny_sd1", TINY_SD1)
     write("tiny_sd2", TINY_SD2)
+    # A latent size that is not a multiple of 2^3 (three upsamplers): diffusers forwards each skip
+    # connection's size to the upsampler (520x512 px images in SD terms).
+    write("tiny_sd1_65x64", TINY_SD1, batch=1, h=65, w=64)

@@ -4,12 +4,11 @@
 
 use std::collections::{BTreeMap, HashMap};
 
-use sdbooth_models::ModelConfig;
+use sdbooth_models::{clip, unet, vae, ModelConfig};
 
 use crate::keymap_clip::{clip_v2_hf_to_sd, CLIP_V1_PREFIX, CLIP_V2_PREFIX};
 use crate::keymap_unet::{unet_hf_to_sd, unet_sd_shape, UNET_PREFIX};
 use crate::keymap_vae::{vae_hf_to_sd, vae_sd_shape, VAE_PREFIX};
-use crate::shapes::{clip_shapes, unet_shapes, vae_shapes};
 
 /// The three trained/loaded parts of an SD model.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -56,8 +55,8 @@ pub struct KeyMap {
 impl KeyMap {
     pub fn new(cfg: &ModelConfig) -> Self {
         let mut entries = Vec::new();
-        for (hf, shape) in unet_shapes(&cfg.unet) {
-            // unet_hf_to_sd covers every name unet_shapes makes; a None would be a bug in this crate.
+        for (hf, shape) in unet::param_shapes(&cfg.unet) {
+            // unet_hf_to_sd covers every name of the U-Net's parameter list; a None would be a bug in this crate.
             let sd = unet_hf_to_sd(&hf, &cfg.unet).unwrap_or_else(|| format!("?{hf}"));
             let sd_shape = unet_sd_shape(&hf, &shape, cfg.v2);
             entries.push(MapEntry {
@@ -69,7 +68,7 @@ impl KeyMap {
                 qkv: None,
             });
         }
-        for (hf, shape) in clip_shapes(&cfg.text) {
+        for (hf, shape) in clip::param_shapes(&cfg.text) {
             let (sd, sd_shape, qkv) = if cfg.v2 {
                 match clip_v2_hf_to_sd(&hf) {
                     Some(t) => {
@@ -86,7 +85,7 @@ impl KeyMap {
             };
             entries.push(MapEntry { part: Part::TextEncoder, hf, hf_shape: shape, sd, sd_shape, qkv });
         }
-        for (hf, shape) in vae_shapes(&cfg.vae) {
+        for (hf, shape) in vae::param_shapes(&cfg.vae) {
             let sd = vae_hf_to_sd(&hf, &cfg.vae).unwrap_or_else(|| format!("?{hf}"));
             let sd_shape = vae_sd_shape(&hf, &shape);
             entries.push(MapEntry {

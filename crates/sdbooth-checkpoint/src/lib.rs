@@ -25,7 +25,6 @@ pub mod model;
 pub mod pickle;
 pub mod safetensors_io;
 pub mod save;
-pub mod shapes;
 pub mod single_file;
 pub mod tensor_file;
 pub mod time;

@@ -292,7 +292,7 @@ fn empty_dataset_detail(datasets: &[Dataset], config_file: Option<PathBuf>, note
 /// which cannot be reproduced; we then use --seed, or 0.)
 /// Returns (train, held out).
 fn train_split<T>(mut items: Vec<T>, split: f64, seed: u64) -> (Vec<T>, Vec<T>) {
-    crate::pyrandom::PyRandom::new(seed).shuffle(&mut items);
+    crate::rng::Streams::new(seed).validation_split().shuffle(&mut items);
     let keep = ((items.len() as f64) * (1.0 - split)).ceil() as usize;
     let held_out = items.split_off(keep.min(items.len()));
     (items, held_out)

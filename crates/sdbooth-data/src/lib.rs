@@ -11,6 +11,7 @@ pub mod options;
 mod pyrandom;
 pub mod report;
 mod resize;
+pub mod rng;
 pub mod sampler;
 mod scan;
 pub mod tokenizer;
@@ -26,6 +27,7 @@ pub use error::{BadFile, BadFiles, DataError};
 pub use load::{load_batch, load_sample, Batch, Sample, SampleContext};
 pub use options::DatasetOptions;
 pub use report::{DryRunReport, ImageReport};
+pub use rng::Streams;
 pub use sampler::{step_plan, BatchRef, Sampler, SamplerState, StepPlan};
 pub use scan::IMAGE_EXTENSIONS;
 

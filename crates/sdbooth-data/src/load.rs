@@ -17,7 +17,8 @@ use crate::config::SubsetSpec;
 use crate::dataset::{DatasetGroup, ImageEntry};
 use crate::error::{DataError, Result};
 use crate::resize::resize;
-use crate::sampler::{stream, BatchRef, STREAM_SAMPLE};
+use crate::rng::Streams;
+use crate::sampler::BatchRef;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SampleContext {
@@ -245,7 +246,7 @@ pub fn load_sample(
         .get(entry.subset)
         .map(|s| &s.spec)
         .ok_or_else(|| DataError::Sampler("no subset".into()))?;
-    let mut rng = stream(ctx.seed, STREAM_SAMPLE, ctx.epoch, slot);
+    let mut rng = Streams::new(ctx.seed).sample(ctx.epoch, slot);
     let flipped = ss.flip_aug && rng.gen::<f64>() < 0.5;
     let mut img = decode(entry)?;
     let original = img.dimensions();

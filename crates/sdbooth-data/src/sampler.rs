@@ -1,14 +1,13 @@
 //! Epoch order and step counting. kohya shuffles each bucket per epoch with Python's `random`
 //! seeded by seed + epoch, cuts batches, and the DataLoader shuffles the batches of all
-//! datasets. We do the same with ChaCha streams named by (seed, purpose, epoch), so any epoch's
-//! order can be rebuilt from the seed alone and resume only needs (epoch, batch index).
+//! datasets. We do the same with the keyed streams of `rng` (bucket shuffle, batch order), so any
+//! epoch's order can be rebuilt from the seed alone and resume only needs (epoch, batch index).
 
 use rand::seq::SliceRandom;
-use rand::SeedableRng;
-use rand_chacha::ChaCha20Rng;
 use serde::{Deserialize, Serialize};
 
 use crate::dataset::DatasetGroup;
+use crate::rng::Streams;
 
 /// One batch: images of one bucket of one dataset.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -19,26 +18,13 @@ pub struct BatchRef {
     pub images: Vec<usize>,
 }
 
-/// A named, seeded random stream. Distinct purposes never share numbers.
-pub fn stream(seed: u64, purpose: u64, a: u64, b: u64) -> ChaCha20Rng {
-    let mut key = [0u8; 32];
-    key[..8].copy_from_slice(&seed.to_le_bytes());
-    key[8..16].copy_from_slice(&purpose.to_le_bytes());
-    key[16..24].copy_from_slice(&a.to_le_bytes());
-    key[24..].copy_from_slice(&b.to_le_bytes());
-    ChaCha20Rng::from_seed(key)
-}
-
-pub(crate) const STREAM_BUCKET_SHUFFLE: u64 = 1;
-pub(crate) const STREAM_BATCH_ORDER: u64 = 2;
-pub(crate) const STREAM_SAMPLE: u64 = 3;
-
 impl DatasetGroup {
     /// The batches of `epoch` (1-based, as kohya's) in training order.
     pub fn epoch_batches(&self, seed: u64, epoch: u64) -> Vec<BatchRef> {
+        let streams = Streams::new(seed);
         let mut out = Vec::new();
         for (di, ds) in self.datasets.iter().enumerate() {
-            let mut rng = stream(seed, STREAM_BUCKET_SHUFFLE, epoch, di as u64);
+            let mut rng = streams.bucket_shuffle(epoch, di);
             let bs = ds.spec.batch_size.max(1);
             for (bi, b) in ds.buckets.iter().enumerate() {
                 let mut items = b.items.clone();
@@ -48,7 +34,7 @@ impl DatasetGroup {
                 }
             }
         }
-        let mut rng = stream(seed, STREAM_BATCH_ORDER, epoch, 0);
+        let mut rng = streams.batch_order(epoch);
         out.shuffle(&mut rng);
         out
     }
@@ -64,11 +50,26 @@ pub struct SamplerState {
     pub next_batch: usize,
 }
 
-/// Iterates batches epoch after epoch.
-#[derive(Debug, Clone)]
+/// Iterates batches epoch after epoch. Saved (with the training state) as its [`SamplerState`];
+/// a sampler read back rebuilds its epoch's order from the seed when it is next asked for a batch.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(from = "SamplerState", into = "SamplerState")]
 pub struct Sampler {
     state: SamplerState,
-    current: Vec<BatchRef>,
+    /// The batches of `state.epoch`, built on first use.
+    current: Option<Vec<BatchRef>>,
+}
+
+impl From<SamplerState> for Sampler {
+    fn from(state: SamplerState) -> Self {
+        Sampler { state: SamplerState { epoch: state.epoch.max(1), ..state }, current: None }
+    }
+}
+
+impl From<Sampler> for SamplerState {
+    fn from(sampler: Sampler) -> Self {
+        sampler.state
+    }
 }
 
 impl Sampler {
@@ -77,8 +78,9 @@ impl Sampler {
     }
 
     pub fn resume(group: &DatasetGroup, state: SamplerState) -> Self {
-        let current = group.epoch_batches(state.seed, state.epoch.max(1));
-        Self { state: SamplerState { epoch: state.epoch.max(1), ..state }, current }
+        let mut sampler = Sampler::from(state);
+        sampler.current = Some(group.epoch_batches(state.seed, sampler.state.epoch));
+        sampler
     }
 
     pub fn state(&self) -> SamplerState {
@@ -87,18 +89,20 @@ impl Sampler {
 
     /// The next batch with its (epoch, index in epoch). Moves to the next epoch after the last.
     pub fn next_batch(&mut self, group: &DatasetGroup) -> Option<(u64, usize, BatchRef)> {
-        if self.state.next_batch >= self.current.len() {
-            if self.current.is_empty() {
+        let state = &mut self.state;
+        let current = self.current.get_or_insert_with(|| group.epoch_batches(state.seed, state.epoch));
+        if state.next_batch >= current.len() {
+            if current.is_empty() {
                 return None;
             }
-            self.state.epoch += 1;
-            self.state.next_batch = 0;
-            self.current = group.epoch_batches(self.state.seed, self.state.epoch);
+            state.epoch += 1;
+            state.next_batch = 0;
+            *current = group.epoch_batches(state.seed, state.epoch);
         }
-        let i = self.state.next_batch;
-        let b = self.current.get(i)?.clone();
-        self.state.next_batch += 1;
-        Some((self.state.epoch, i, b))
+        let i = state.next_batch;
+        let b = current.get(i)?.clone();
+        state.next_batch += 1;
+        Some((state.epoch, i, b))
     }
 }
 
@@ -144,16 +148,5 @@ mod tests {
         assert_eq!((p.updates_per_epoch, p.max_train_steps, p.num_epochs), (4, 100, 25));
         let p = step_plan(10, 3, 1600, Some(5), 1);
         assert_eq!((p.max_train_steps, p.num_epochs), (20, 5));
-    }
-
-    #[test]
-    fn streams_differ_by_every_field() {
-        use rand::RngCore;
-        let a = stream(1, 2, 3, 4).next_u64();
-        assert_ne!(a, stream(0, 2, 3, 4).next_u64());
-        assert_ne!(a, stream(1, 0, 3, 4).next_u64());
-        assert_ne!(a, stream(1, 2, 0, 4).next_u64());
-        assert_ne!(a, stream(1, 2, 3, 0).next_u64());
-        assert_eq!(a, stream(1, 2, 3, 4).next_u64());
     }
 }

@@ -12,55 +12,36 @@
 //!   upstream gradient (dLoss/d output, e.g. the U-Net's context gradient) comes in as a tensor,
 //!   and each block's finished parameter gradients go to a hook as soon as they are known.
 
-use candle_core::{DType, Tensor, Var};
+use candle_core::{DType, Tensor};
 use sdbooth_ops as ops;
 
 use crate::config::{Activation, ClipConfig};
+use crate::layers::attention::{Attention, CLIP_NAMES};
+use crate::layers::embeddings::TextEmbeddings;
+use crate::layers::{join, linear_flops, push_linear, push_norm, ParamShapes};
 use crate::params::Weights;
+use crate::tape::{Blocks, Tape, TapeOptions};
 use crate::{ModelError, ParamStore};
+
+pub use crate::tape::GradHook;
 
 /// CLIP's context length: every window of token ids is this long.
 pub const MODEL_MAX_LENGTH: usize = 77;
 /// Tokens per window between BOS and EOS.
 pub const WINDOW_TOKENS: usize = MODEL_MAX_LENGTH - 2;
 
-const TOKEN_EMBEDDING: &str = "text_model.embeddings.token_embedding.weight";
-const POSITION_EMBEDDING: &str = "text_model.embeddings.position_embedding.weight";
 const FINAL_LN: &str = "text_model.final_layer_norm";
-
-/// Receives one block's finished parameter gradients: `(diffusers name, gradient)`, detached, in
-/// the parameter's dtype. Same signature as the U-Net's hook, so one closure serves both.
-pub type GradHook<'a> = dyn FnMut(&[(String, Tensor)]) -> candle_core::Result<()> + 'a;
 
 fn layer_prefix(i: usize) -> String {
     format!("text_model.encoder.layers.{i}")
 }
 
 /// Parameter names and shapes of the text encoder, in diffusers/transformers naming.
-/// (`text_model.embeddings.position_ids`, a buffer some checkpoints carry, is not a parameter.)
-pub fn param_shapes(cfg: &ClipConfig) -> Vec<(String, Vec<usize>)> {
-    let (d, ff) = (cfg.hidden_size, cfg.intermediate_size);
-    let mut out = vec![
-        (TOKEN_EMBEDDING.to_string(), vec![cfg.vocab_size, d]),
-        (POSITION_EMBEDDING.to_string(), vec![cfg.max_position_embeddings, d]),
-    ];
-    for i in 0..cfg.num_hidden_layers {
-        let p = layer_prefix(i);
-        for proj in ["q_proj", "k_proj", "v_proj", "out_proj"] {
-            out.push((format!("{p}.self_attn.{proj}.weight"), vec![d, d]));
-            out.push((format!("{p}.self_attn.{proj}.bias"), vec![d]));
-        }
-        for ln in ["layer_norm1", "layer_norm2"] {
-            out.push((format!("{p}.{ln}.weight"), vec![d]));
-            out.push((format!("{p}.{ln}.bias"), vec![d]));
-        }
-        out.push((format!("{p}.mlp.fc1.weight"), vec![ff, d]));
-        out.push((format!("{p}.mlp.fc1.bias"), vec![ff]));
-        out.push((format!("{p}.mlp.fc2.weight"), vec![d, ff]));
-        out.push((format!("{p}.mlp.fc2.bias"), vec![d]));
-    }
-    out.push((format!("{FINAL_LN}.weight"), vec![d]));
-    out.push((format!("{FINAL_LN}.bias"), vec![d]));
+pub fn param_shapes(cfg: &ClipConfig) -> ParamShapes {
+    let model = ClipTextModel::new(cfg);
+    let mut out = model.embeddings().params();
+    out.extend(model.layer_params.iter().flatten().cloned());
+    out.extend(model.head_params.iter().cloned());
     out
 }
 
@@ -77,6 +58,9 @@ struct Ids {
 #[derive(Clone, Debug)]
 pub struct ClipTextModel {
     cfg: ClipConfig,
+    /// Parameters of each encoder layer, in the order the training hook receives them.
+    layer_params: Vec<ParamShapes>,
+    head_params: ParamShapes,
 }
 
 /// Options of the training path.
@@ -91,7 +75,10 @@ pub struct ClipTrainOptions {
 
 impl ClipTextModel {
     pub fn new(cfg: &ClipConfig) -> Self {
-        ClipTextModel { cfg: cfg.clone() }
+        let mut model = ClipTextModel { cfg: cfg.clone(), layer_params: Vec::new(), head_params: Vec::new() };
+        model.layer_params = (0..cfg.num_hidden_layers).map(|i| model.encoder_layer_params(i)).collect();
+        push_norm(&mut model.head_params, FINAL_LN, cfg.hidden_size);
+        model
     }
 
     pub fn config(&self) -> &ClipConfig {
@@ -141,13 +128,28 @@ impl ClipTextModel {
         }
     }
 
-    /// Token + position embeddings of ids `[N, T]` → `[N, T, hidden]`.
-    fn embeddings(&self, w: &Weights, ids: &Tensor) -> Result<Tensor, ModelError> {
-        let t = ids.dim(1)?;
-        let tok = ops::embedding(ids, &w.get(TOKEN_EMBEDDING)?)?;
-        // position_ids are 0..T: a narrow of the table is the same lookup, cheaper.
-        let pos = w.get(POSITION_EMBEDDING)?.narrow(0, 0, t)?;
-        Ok(tok.broadcast_add(&pos)?)
+    fn embeddings(&self) -> TextEmbeddings {
+        let c = &self.cfg;
+        TextEmbeddings { vocab: c.vocab_size, max_positions: c.max_position_embeddings, dim: c.hidden_size }
+    }
+
+    /// transformers' CLIPAttention: biased projections, causal (token i sees tokens <= i, the
+    /// `causal_attention_mask`).
+    fn self_attention(&self) -> Attention {
+        let d = self.cfg.hidden_size;
+        let heads = self.cfg.num_attention_heads;
+        Attention { dim: d, kv_dim: d, heads, qkv_bias: true, causal: true, names: CLIP_NAMES }
+    }
+
+    fn encoder_layer_params(&self, i: usize) -> ParamShapes {
+        let p = layer_prefix(i);
+        let (d, ff) = (self.cfg.hidden_size, self.cfg.intermediate_size);
+        let mut v = self.self_attention().params(&join(&p, "self_attn"));
+        push_norm(&mut v, &join(&p, "layer_norm1"), d);
+        push_norm(&mut v, &join(&p, "layer_norm2"), d);
+        push_linear(&mut v, &join(&p, "mlp.fc1"), ff, d, true);
+        push_linear(&mut v, &join(&p, "mlp.fc2"), d, ff, true);
+        v
     }
 
     /// One pre-norm encoder layer: x + attn(ln1(x)), then + mlp(ln2(x)). `x` is `[N, T, D]`.
@@ -155,33 +157,29 @@ impl ClipTextModel {
         let p = layer_prefix(i);
         let eps = self.cfg.layer_norm_eps;
         let x = w.cast(x)?;
-        let (n, t, d) = x.dims3()?;
-        let heads = self.cfg.num_attention_heads;
-        let hd = d / heads;
-
-        let (g, b) = w.wb(&format!("{p}.layer_norm1"))?;
+        let (g, b) = w.wb(&join(&p, "layer_norm1"))?;
         let h = ops::layer_norm(&x, &g, &b, eps)?;
-        let split = |name: &str| -> Result<Tensor, ModelError> {
-            let (wt, bias) = w.wb(&format!("{p}.self_attn.{name}"))?;
-            let y = ops::linear(&h, &wt, Some(&bias))?;
-            Ok(y.reshape((n, t, heads, hd))?.transpose(1, 2)?.contiguous()?)
-        };
-        let (q, k, v) = (split("q_proj")?, split("k_proj")?, split("v_proj")?);
-        // Causal: token i sees tokens <= i (transformers' causal_attention_mask).
-        let a = ops::attention(&q, &k, &v, true)?.transpose(1, 2)?.reshape((n, t, d))?;
-        let (wt, bias) = w.wb(&format!("{p}.self_attn.out_proj"))?;
-        let x = (x + ops::linear(&a, &wt, Some(&bias))?)?;
+        let x = (x + self.self_attention().forward(w, &join(&p, "self_attn"), &h, &h)?)?;
 
-        let (g, b) = w.wb(&format!("{p}.layer_norm2"))?;
+        let (g, b) = w.wb(&join(&p, "layer_norm2"))?;
         let h = ops::layer_norm(&x, &g, &b, eps)?;
-        let (wt, bias) = w.wb(&format!("{p}.mlp.fc1"))?;
+        let (wt, bias) = w.wb(&join(&p, "mlp.fc1"))?;
         let h = ops::linear(&h, &wt, Some(&bias))?;
         let h = match self.cfg.hidden_act {
             Activation::QuickGelu => ops::quick_gelu(&h)?,
             Activation::Gelu => ops::gelu_erf(&h)?,
         };
-        let (wt, bias) = w.wb(&format!("{p}.mlp.fc2"))?;
+        let (wt, bias) = w.wb(&join(&p, "mlp.fc2"))?;
         Ok((x + ops::linear(&h, &wt, Some(&bias))?)?)
+    }
+
+    /// Forward FLOPs for one sequence of `tokens` through every layer (projections, attention
+    /// products, MLP; the embedding lookups and norms are not counted).
+    pub fn forward_flops(&self, tokens: usize) -> f64 {
+        let t = tokens as f64;
+        let (d, ff) = (self.cfg.hidden_size, self.cfg.intermediate_size);
+        let per_layer = self.self_attention().flops(t, t) + linear_flops(ff, d, t) + linear_flops(d, ff, t);
+        per_layer * self.cfg.num_hidden_layers as f64
     }
 
     /// Final layer norm (kohya applies it after clip_skip too), then kohya's window join.
@@ -197,7 +195,7 @@ impl ClipTextModel {
     fn run(&self, w: &Weights, ids: &Tensor, clip_skip: Option<usize>) -> Result<Tensor, ModelError> {
         let ids = self.check_ids(ids)?;
         let n_layers = self.layers_used(clip_skip)?;
-        let mut x = self.embeddings(w, &ids.flat)?;
+        let mut x = self.embeddings().forward(w, &ids.flat)?;
         for i in 0..n_layers {
             x = self.layer(w, i, &x)?;
         }
@@ -241,25 +239,77 @@ impl ClipTextModel {
     ) -> Result<ClipTape<'a>, ModelError> {
         let ids = self.check_ids(ids)?;
         let n_layers = self.layers_used(clip_skip)?;
-        let track = !opts.checkpointing;
-        let w = Weights { params, track, dtype: opts.compute_dtype };
-        // The embeddings are recomputed in backward either way: a lookup costs nothing.
-        let mut x = self.embeddings(&Weights { track: false, ..w }, &ids.flat)?;
-        let mut inputs = Vec::with_capacity(n_layers + 1);
-        let mut graphs = Vec::with_capacity(n_layers);
-        for i in 0..n_layers {
-            let leaf = Var::from_tensor(&x.detach())?.as_tensor().clone();
-            let out = self.layer(&w, i, &leaf)?;
-            x = out.detach();
-            inputs.push(leaf);
-            if track {
-                graphs.push(out);
-            }
+        let run = ClipRun::new(self, ids, n_layers);
+        let tape_opts = TapeOptions {
+            checkpointing: opts.checkpointing,
+            compute_dtype: opts.compute_dtype,
+            param_grads: true,
+        };
+        Ok(ClipTape { tape: Tape::forward(run, params, Vec::new(), tape_opts)? })
+    }
+}
+
+/// The text encoder on one batch of ids, as the tape runs it: block 0 the embeddings, blocks
+/// 1..=L the encoder layers used, block L+1 the final layer norm and window join. Block `i`
+/// writes slot `i` and reads slot `i - 1`.
+struct ClipRun<'a> {
+    model: &'a ClipTextModel,
+    ids: Ids,
+    n_layers: usize,
+    inputs: Vec<Vec<usize>>,
+}
+
+impl<'a> ClipRun<'a> {
+    fn new(model: &'a ClipTextModel, ids: Ids, n_layers: usize) -> Self {
+        let inputs = (0..n_layers + 2).map(|i| if i == 0 { Vec::new() } else { vec![i - 1] }).collect();
+        ClipRun { model, ids, n_layers, inputs }
+    }
+}
+
+impl Blocks for ClipRun<'_> {
+    const NAME: &'static str = "text encoder";
+
+    fn num_blocks(&self) -> usize {
+        self.n_layers + 2
+    }
+
+    fn block_inputs(&self, i: usize) -> &[usize] {
+        &self.inputs[i]
+    }
+
+    fn block_params(&self, i: usize) -> &[(String, Vec<usize>)] {
+        match i {
+            // The embeddings' gradients come from `direct_grads`, not from this list.
+            0 => &[],
+            i if i <= self.n_layers => &self.model.layer_params[i - 1],
+            _ => &self.model.head_params,
         }
-        let leaf = Var::from_tensor(&x)?.as_tensor().clone();
-        let output = self.head(&Weights { track: false, ..w }, &leaf, &ids)?;
-        inputs.push(leaf);
-        Ok(ClipTape { model: self, params, opts, ids, inputs, graphs, output })
+    }
+
+    fn block_name(&self, i: usize) -> String {
+        match i {
+            0 => "embeddings".into(),
+            i if i <= self.n_layers => layer_prefix(i - 1),
+            _ => FINAL_LN.into(),
+        }
+    }
+
+    fn run_block(&self, w: &Weights, i: usize, inputs: &[Tensor]) -> Result<Tensor, ModelError> {
+        match i {
+            0 => self.model.embeddings().forward(w, &self.ids.flat),
+            i if i <= self.n_layers => self.model.layer(w, i - 1, &inputs[0]),
+            _ => self.model.head(w, &inputs[0], &self.ids),
+        }
+    }
+
+    /// The embedding tables' gradients are written directly (see `TextEmbeddings::grads`), so
+    /// the lookup runs without a graph.
+    fn has_direct_grads(&self, i: usize) -> bool {
+        i == 0
+    }
+
+    fn direct_grads(&self, w: &Weights, _i: usize, g: &Tensor) -> Result<Vec<(String, Tensor)>, ModelError> {
+        self.model.embeddings().grads(w, &self.ids.flat, g)
     }
 }
 
@@ -320,129 +370,20 @@ pub fn apply_token_weights(hidden: &Tensor, weights: &Tensor) -> Result<Tensor, 
 
 /// The state a training forward leaves for its backward.
 pub struct ClipTape<'a> {
-    model: &'a ClipTextModel,
-    params: &'a ParamStore,
-    opts: ClipTrainOptions,
-    ids: Ids,
-    /// Input leaf of each layer, then of the head.
-    inputs: Vec<Tensor>,
-    /// Without checkpointing: each layer's output, still attached to its graph.
-    graphs: Vec<Tensor>,
-    output: Tensor,
+    tape: Tape<'a, ClipRun<'a>>,
 }
 
 impl ClipTape<'_> {
     /// The encoder output (detached), in the compute dtype.
     pub fn output(&self) -> &Tensor {
-        &self.output
+        self.tape.output()
     }
 
     /// Backward from `grad_output` = dLoss/d output. Each block's parameter gradients go to
     /// `hook` as soon as they are final, in reverse order: final layer norm, layer L-1, ..., 0,
     /// embeddings. Layers beyond `clip_skip` get no call (their gradient is zero).
-    pub fn backward(mut self, grad_output: &Tensor, hook: &mut GradHook) -> Result<(), ModelError> {
-        if grad_output.dims() != self.output.dims() {
-            return Err(ModelError::BadInput(format!(
-                "text encoder output gradient has shape {:?}, output {:?}",
-                grad_output.dims(),
-                self.output.dims()
-            )));
-        }
-        let model = self.model;
-        let w = Weights { params: self.params, track: true, dtype: self.opts.compute_dtype };
-
-        let head_in = self.inputs.pop().ok_or_else(|| ModelError::BadInput("empty tape".into()))?;
-        let out = model.head(&w, &head_in, &self.ids)?;
-        let mut g = self.step(&out, grad_output, Some(&head_in), &[FINAL_LN], hook)?;
-
-        while let Some(input) = self.inputs.pop() {
-            let i = self.inputs.len();
-            let out = match self.graphs.pop() {
-                Some(out) => out,
-                None => model.layer(&w, i, &input)?,
-            };
-            let prefix = layer_prefix(i);
-            let groups: Vec<String> = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"]
-                .iter()
-                .chain(&["self_attn.out_proj", "layer_norm1", "layer_norm2", "mlp.fc1", "mlp.fc2"])
-                .map(|s| format!("{prefix}.{s}"))
-                .collect();
-            let groups: Vec<&str> = groups.iter().map(String::as_str).collect();
-            g = self.step(&out, &g, Some(&input), &groups, hook)?;
-        }
-
-        let grads = embedding_grads(self.params, &self.ids.flat, &g)?;
-        hook(&grads)?;
+    pub fn backward(self, grad_output: &Tensor, hook: &mut GradHook) -> Result<(), ModelError> {
+        self.tape.backward(grad_output, hook)?;
         Ok(())
     }
-
-    /// Backward through one block: returns the gradient of its input leaf and gives the
-    /// gradients of the `weight`/`bias` pairs under `groups` to the hook.
-    fn step(
-        &self,
-        out: &Tensor,
-        g: &Tensor,
-        input: Option<&Tensor>,
-        groups: &[&str],
-        hook: &mut GradHook,
-    ) -> Result<Tensor, ModelError> {
-        let store = seeded_backward(out, g)?;
-        let names: Vec<String> =
-            groups.iter().flat_map(|p| [format!("{p}.weight"), format!("{p}.bias")]).collect();
-        let grads = collect(self.params, &store, names.iter().map(String::as_str))?;
-        let gin = match input.and_then(|x| store.get(x)) {
-            Some(gi) => gi.detach(),
-            None => return Err(ModelError::BadInput("text encoder block input got no gradient".into())),
-        };
-        drop(store);
-        hook(&grads)?;
-        Ok(gin)
-    }
-}
-
-/// Gradients of the token and position tables from dLoss/d embeddings `g` `[N, T, D]`, written
-/// directly rather than through autograd: candle's `index_select` backward builds the dense
-/// vocab x D table gradient (152 MB for CLIP-L) several times over (zeros, index_add, and the
-/// leaf's zero accumulator plus a sum); here it is one zeroed table and one `index_add`.
-/// The gradients come back in each table's dtype.
-fn embedding_grads(
-    params: &ParamStore,
-    ids: &Tensor,
-    g: &Tensor,
-) -> Result<Vec<(String, Tensor)>, ModelError> {
-    let (n, t, d) = g.dims3()?;
-    let tok = params.get(TOKEN_EMBEDDING)?;
-    let pos = params.get(POSITION_EMBEDDING)?;
-    let g_tok = g.to_dtype(tok.dtype())?.reshape((n * t, d))?;
-    let tok_grad = tok.zeros_like()?.index_add(&ids.flatten_all()?, &g_tok, 0)?;
-    // Every sample uses positions 0..T; rows T.. of the table get nothing.
-    let pos_grad = g.to_dtype(pos.dtype())?.sum(0)?.pad_with_zeros(0, 0, pos.dim(0)? - t)?;
-    Ok(vec![
-        (TOKEN_EMBEDDING.to_string(), tok_grad.detach()),
-        (POSITION_EMBEDDING.to_string(), pos_grad.detach()),
-    ])
-}
-
-/// `backward()` seeds with ones, so the upstream gradient enters as `(out * g).sum_all()`.
-fn seeded_backward(out: &Tensor, g: &Tensor) -> Result<candle_core::backprop::GradStore, ModelError> {
-    let g = if g.dtype() == out.dtype() { g.detach() } else { g.to_dtype(out.dtype())?.detach() };
-    Ok((out * g)?.sum_all()?.backward()?)
-}
-
-fn collect<'n>(
-    params: &ParamStore,
-    store: &candle_core::backprop::GradStore,
-    names: impl Iterator<Item = &'n str>,
-) -> Result<Vec<(String, Tensor)>, ModelError> {
-    names
-        .map(|name| {
-            let p = params.get(name)?;
-            // A parameter that did not influence the output (cannot happen here) gets zeros.
-            let g = match store.get(p) {
-                Some(g) => g.detach(),
-                None => p.zeros_like()?,
-            };
-            Ok((name.to_string(), g))
-        })
-        .collect()
 }

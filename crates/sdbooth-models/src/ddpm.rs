@@ -1,9 +1,13 @@
-//! The DDPM training noise schedule of Stable Diffusion (diffusers' DDPMScheduler as kohya
-//! builds it: `scaled_linear`, β 0.00085–0.012, 1000 steps), forward noising, v-target, SNR, and
-//! the zero-terminal-SNR rescale (`--zero_terminal_snr`).
+//! The noise schedule of Stable Diffusion, the one place ᾱ_t is computed: diffusers'
+//! DDPMScheduler as kohya builds it (`scaled_linear`, β 0.00085–0.012, 1000 steps), forward
+//! noising, v-target, SNR (min-SNR weighting, debiased estimation), and the zero-terminal-SNR
+//! rescale (`--zero_terminal_snr`). The trainer and every inference sampler take their ᾱ from
+//! here, so samples drawn during training see the schedule the trainer trains with.
 //!
 //! Values are computed as PyTorch computes them (f32 linspace by fused multiply-add, f32 square,
-//! cumulative product accumulated in f64), so they match diffusers' tensors bit for bit.
+//! cumulative product accumulated in f64), so they match diffusers' tensors bit for bit. diffusers'
+//! inference schedulers (DDIM, Euler, DPM-Solver, ...) build the same f32 tensor the same way, so
+//! one rounding serves both sides.
 
 use candle_core::Tensor;
 
@@ -68,6 +72,29 @@ impl DdpmSchedule {
         DdpmSchedule { betas, alphas_cumprod }
     }
 
+    /// The schedule the trainer uses: SD's, rescaled to zero terminal SNR when asked.
+    pub fn for_training(zero_terminal_snr: bool) -> Self {
+        let sd = Self::sd();
+        if zero_terminal_snr {
+            sd.with_zero_terminal_snr()
+        } else {
+            sd
+        }
+    }
+
+    /// ᾱ as the inference samplers use it: diffusers' schedulers built with
+    /// `rescale_betas_zero_snr` replace a terminal ᾱ of 0 by 2⁻²⁴ ("close to 0 without being 0,
+    /// so the first sigma is not infinite"); otherwise the training values unchanged.
+    pub fn alphas_cumprod_for_sampling(&self) -> Vec<f32> {
+        let mut ac = self.alphas_cumprod.clone();
+        if let Some(last) = ac.last_mut() {
+            if *last == 0.0 {
+                *last = 2f32.powi(-24);
+            }
+        }
+        ac
+    }
+
     pub fn num_train_timesteps(&self) -> usize {
         self.betas.len()
     }
@@ -99,6 +126,11 @@ impl DdpmSchedule {
         })
     }
 
+    /// ᾱ_t.
+    pub fn alpha_bar(&self, t: usize) -> Result<f32, ModelError> {
+        self.at(t)
+    }
+
     /// √ᾱ_t.
     pub fn sqrt_alpha_prod(&self, t: usize) -> Result<f32, ModelError> {
         Ok(self.at(t)?.sqrt())
@@ -109,10 +141,21 @@ impl DdpmSchedule {
         Ok((1.0 - self.at(t)?).sqrt())
     }
 
-    /// Signal-to-noise ratio ᾱ_t / (1 − ᾱ_t) (min-SNR weighting, debiased estimation).
+    /// Signal-to-noise ratio at timestep `t` (see [`snr_of`](Self::snr_of)).
     pub fn snr(&self, t: usize) -> Result<f32, ModelError> {
-        let a = self.at(t)?;
-        Ok(a / (1.0 - a))
+        Ok(Self::snr_of(self.at(t)?))
+    }
+
+    /// SNR = (√ᾱ / √(1 − ᾱ))² in f32, rounded as kohya's `prepare_scheduler_for_custom_training`
+    /// computes it (min-SNR weighting, debiased estimation, v-pred-like loss scaling).
+    pub fn snr_of(alpha_bar: f32) -> f32 {
+        let r = alpha_bar.sqrt() / (1.0 - alpha_bar).sqrt();
+        r * r
+    }
+
+    /// The forward-noising coefficients (√ᾱ, √(1 − ᾱ)): x_t = √ᾱ x_0 + √(1 − ᾱ) ε.
+    pub fn noising_coefficients(alpha_bar: f32) -> (f32, f32) {
+        (alpha_bar.sqrt(), (1.0 - alpha_bar).sqrt())
     }
 
     /// Per-sample coefficients `[B, 1, 1, ...]` broadcastable against `like`.
@@ -134,15 +177,15 @@ impl DdpmSchedule {
 
     /// x_t = √ᾱ_t x_0 + √(1 − ᾱ_t) ε, per sample.
     pub fn add_noise(&self, x0: &Tensor, noise: &Tensor, timesteps: &[usize]) -> Result<Tensor, ModelError> {
-        let sa = self.coeffs(x0, timesteps, |a| a.sqrt())?;
-        let so = self.coeffs(x0, timesteps, |a| (1.0 - a).sqrt())?;
+        let sa = self.coeffs(x0, timesteps, |a| Self::noising_coefficients(a).0)?;
+        let so = self.coeffs(x0, timesteps, |a| Self::noising_coefficients(a).1)?;
         Ok((x0.broadcast_mul(&sa)? + noise.broadcast_mul(&so)?)?)
     }
 
     /// v-prediction target v = √ᾱ_t ε − √(1 − ᾱ_t) x_0 (diffusers' `get_velocity`).
     pub fn velocity(&self, x0: &Tensor, noise: &Tensor, timesteps: &[usize]) -> Result<Tensor, ModelError> {
-        let sa = self.coeffs(x0, timesteps, |a| a.sqrt())?;
-        let so = self.coeffs(x0, timesteps, |a| (1.0 - a).sqrt())?;
+        let sa = self.coeffs(x0, timesteps, |a| Self::noising_coefficients(a).0)?;
+        let so = self.coeffs(x0, timesteps, |a| Self::noising_coefficients(a).1)?;
         Ok((noise.broadcast_mul(&sa)? - x0.broadcast_mul(&so)?)?)
     }
 }

@@ -5,15 +5,19 @@ pub mod clip;
 pub mod config;
 pub mod ddpm;
 pub mod init;
+mod layers;
 pub mod params;
 pub mod sd;
+mod tape;
 pub mod unet;
 pub mod vae;
 
 pub use clip::{ClipTape, ClipTextModel, ClipTrainOptions};
 pub use config::{builtin, BuiltinModel, ModelConfig, Prediction};
+pub use layers::ParamShapes;
 pub use params::ParamStore;
 pub use sd::{random_model, StableDiffusion};
+pub use tape::GradHook;
 pub use unet::{TrainOptions, UNet, UNetGrads, UNetTape};
 pub use vae::{LatentDist, Vae};
 

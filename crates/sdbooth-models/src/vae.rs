@@ -12,6 +12,10 @@ use candle_core::{DType, Tensor};
 use sdbooth_ops as ops;
 
 use crate::config::VaeConfig;
+use crate::layers::attention::ImageSelfAttention;
+use crate::layers::resample::{Downsample, DownsamplePadding, Upsample};
+use crate::layers::resnet::Resnet;
+use crate::layers::{join, push_conv, push_norm, ParamShapes};
 use crate::params::Weights;
 use crate::{ModelError, ParamStore};
 
@@ -19,77 +23,149 @@ use crate::{ModelError, ParamStore};
 const EPS: f64 = 1e-6;
 
 /// Parameter names and shapes of the whole VAE (encoder, quant_conv, post_quant_conv, decoder).
-pub fn param_shapes(cfg: &VaeConfig) -> Vec<(String, Vec<usize>)> {
-    let mut s = Shapes(Vec::new());
+pub fn param_shapes(cfg: &VaeConfig) -> ParamShapes {
+    Vae::new(cfg).param_shapes()
+}
+
+/// Refuses an image size the VAE cannot encode or decode to: width and height must be positive
+/// multiples of its downscale factor (8 for SD). Any such size works end to end (the U-Net takes
+/// every latent size). Callers say where the size came from (prompt line, flag, TOML key).
+pub fn check_image_size(cfg: &VaeConfig, width: usize, height: usize) -> Result<(), ModelError> {
+    let factor = downscale_factor(cfg);
+    if width == 0 || height == 0 || !width.is_multiple_of(factor) || !height.is_multiple_of(factor) {
+        return Err(ModelError::BadInput(format!(
+            "image size {width}x{height} must be a positive multiple of {factor} (the VAE works on \
+             {factor}x{factor} pixel blocks)"
+        )));
+    }
+    Ok(())
+}
+
+fn downscale_factor(cfg: &VaeConfig) -> usize {
+    1 << (cfg.block_out_channels.len() - 1)
+}
+
+/// One step of the encoder or decoder chain.
+#[derive(Clone, Debug, PartialEq)]
+enum Step {
+    /// A stride-1 `k x k` convolution (padding `k / 2`).
+    Conv {
+        cin: usize,
+        cout: usize,
+        k: usize,
+    },
+    Resnet(Resnet),
+    Attention(ImageSelfAttention),
+    Down(Downsample),
+    Up(Upsample),
+    /// `conv_norm_out` + SiLU.
+    NormSilu {
+        channels: usize,
+        groups: usize,
+    },
+}
+
+#[derive(Clone, Debug, PartialEq)]
+struct Stage {
+    prefix: String,
+    step: Step,
+}
+
+impl Stage {
+    fn params(&self) -> ParamShapes {
+        let p = self.prefix.as_str();
+        let mut v = Vec::new();
+        match &self.step {
+            Step::Conv { cin, cout, k } => push_conv(&mut v, p, *cout, *cin, *k),
+            Step::Resnet(layer) => return layer.params(p),
+            Step::Attention(layer) => return layer.params(p),
+            Step::Down(layer) => return layer.params(p),
+            Step::Up(layer) => return layer.params(p),
+            Step::NormSilu { channels, .. } => push_norm(&mut v, p, *channels),
+        }
+        v
+    }
+
+    fn forward(&self, w: &Weights, x: &Tensor) -> Result<Tensor, ModelError> {
+        let p = self.prefix.as_str();
+        match &self.step {
+            Step::Conv { k, .. } => {
+                let (wt, b) = w.wb(p)?;
+                Ok(ops::conv2d(x, &wt, Some(&b), 1, k / 2)?)
+            }
+            Step::Resnet(layer) => layer.forward(w, p, x, None),
+            Step::Attention(layer) => layer.forward(w, p, x),
+            Step::Down(layer) => layer.forward(w, p, x),
+            Step::Up(layer) => layer.forward(w, p, x, None),
+            Step::NormSilu { groups, .. } => {
+                let (g, b) = w.wb(p)?;
+                Ok(ops::group_norm_silu(x, *groups, &g, &b, EPS)?)
+            }
+        }
+    }
+}
+
+/// diffusers' `Encoder` + `quant_conv` and `post_quant_conv` + `Decoder`, as chains of stages.
+fn build_chains(cfg: &VaeConfig) -> (Vec<Stage>, Vec<Stage>) {
     let boc = &cfg.block_out_channels;
     let (first, last) = (boc[0], boc[boc.len() - 1]);
     let latent = cfg.latent_channels;
+    let groups = cfg.norm_num_groups;
+    let stage = |prefix: String, step: Step| Stage { prefix, step };
+    let resnet =
+        |p: String, cin, cout| stage(p, Step::Resnet(Resnet { cin, cout, temb: None, groups, eps: EPS }));
+    let mid = |chain: &mut Vec<Stage>, p: &str| {
+        chain.push(resnet(join(p, "resnets.0"), last, last));
+        let attn = ImageSelfAttention { channels: last, groups, eps: EPS };
+        chain.push(stage(join(p, "attentions.0"), Step::Attention(attn)));
+        chain.push(resnet(join(p, "resnets.1"), last, last));
+    };
 
-    s.conv("encoder.conv_in", cfg.in_channels, first, 3);
+    let mut enc =
+        vec![stage("encoder.conv_in".into(), Step::Conv { cin: cfg.in_channels, cout: first, k: 3 })];
     let mut cin = first;
     for (i, &cout) in boc.iter().enumerate() {
         for j in 0..cfg.layers_per_block {
-            s.resnet(&format!("encoder.down_blocks.{i}.resnets.{j}"), if j == 0 { cin } else { cout }, cout);
+            enc.push(resnet(
+                format!("encoder.down_blocks.{i}.resnets.{j}"),
+                if j == 0 { cin } else { cout },
+                cout,
+            ));
         }
         if i + 1 < boc.len() {
-            s.conv(&format!("encoder.down_blocks.{i}.downsamplers.0.conv"), cout, cout, 3);
+            let d = Downsample { channels: cout, padding: DownsamplePadding::RightBottom };
+            enc.push(stage(format!("encoder.down_blocks.{i}.downsamplers.0"), Step::Down(d)));
         }
         cin = cout;
     }
-    s.mid("encoder.mid_block", last);
-    s.norm("encoder.conv_norm_out", last);
-    s.conv("encoder.conv_out", last, 2 * latent, 3);
-    s.conv("quant_conv", 2 * latent, 2 * latent, 1);
+    mid(&mut enc, "encoder.mid_block");
+    enc.push(stage("encoder.conv_norm_out".into(), Step::NormSilu { channels: last, groups }));
+    enc.push(stage("encoder.conv_out".into(), Step::Conv { cin: last, cout: 2 * latent, k: 3 }));
+    enc.push(stage("quant_conv".into(), Step::Conv { cin: 2 * latent, cout: 2 * latent, k: 1 }));
 
-    s.conv("post_quant_conv", latent, latent, 1);
-    s.conv("decoder.conv_in", latent, last, 3);
-    s.mid("decoder.mid_block", last);
+    let mut dec = vec![
+        stage("post_quant_conv".into(), Step::Conv { cin: latent, cout: latent, k: 1 }),
+        stage("decoder.conv_in".into(), Step::Conv { cin: latent, cout: last, k: 3 }),
+    ];
+    mid(&mut dec, "decoder.mid_block");
     let mut cin = last;
     for (i, &cout) in boc.iter().rev().enumerate() {
         for j in 0..cfg.layers_per_block + 1 {
-            s.resnet(&format!("decoder.up_blocks.{i}.resnets.{j}"), if j == 0 { cin } else { cout }, cout);
+            dec.push(resnet(
+                format!("decoder.up_blocks.{i}.resnets.{j}"),
+                if j == 0 { cin } else { cout },
+                cout,
+            ));
         }
         if i + 1 < boc.len() {
-            s.conv(&format!("decoder.up_blocks.{i}.upsamplers.0.conv"), cout, cout, 3);
+            let u = Upsample { channels: cout };
+            dec.push(stage(format!("decoder.up_blocks.{i}.upsamplers.0"), Step::Up(u)));
         }
         cin = cout;
     }
-    s.norm("decoder.conv_norm_out", first);
-    s.conv("decoder.conv_out", first, cfg.out_channels, 3);
-    s.0
-}
-
-struct Shapes(Vec<(String, Vec<usize>)>);
-
-impl Shapes {
-    fn wb(&mut self, p: &str, w: Vec<usize>, b: usize) {
-        self.0.push((format!("{p}.weight"), w));
-        self.0.push((format!("{p}.bias"), vec![b]));
-    }
-    fn conv(&mut self, p: &str, cin: usize, cout: usize, k: usize) {
-        self.wb(p, vec![cout, cin, k, k], cout);
-    }
-    fn norm(&mut self, p: &str, c: usize) {
-        self.wb(p, vec![c], c);
-    }
-    fn resnet(&mut self, p: &str, cin: usize, cout: usize) {
-        self.norm(&format!("{p}.norm1"), cin);
-        self.conv(&format!("{p}.conv1"), cin, cout, 3);
-        self.norm(&format!("{p}.norm2"), cout);
-        self.conv(&format!("{p}.conv2"), cout, cout, 3);
-        if cin != cout {
-            self.conv(&format!("{p}.conv_shortcut"), cin, cout, 1);
-        }
-    }
-    fn mid(&mut self, p: &str, c: usize) {
-        self.resnet(&format!("{p}.resnets.0"), c, c);
-        let a = format!("{p}.attentions.0");
-        self.norm(&format!("{a}.group_norm"), c);
-        for proj in ["to_q", "to_k", "to_v", "to_out.0"] {
-            self.wb(&format!("{a}.{proj}"), vec![c, c], c);
-        }
-        self.resnet(&format!("{p}.resnets.1"), c, c);
-    }
+    dec.push(stage("decoder.conv_norm_out".into(), Step::NormSilu { channels: first, groups }));
+    dec.push(stage("decoder.conv_out".into(), Step::Conv { cin: first, cout: cfg.out_channels, k: 3 }));
+    (enc, dec)
 }
 
 /// The encoder's posterior, a diagonal Gaussian over the (unscaled) latents.
@@ -116,84 +192,27 @@ impl LatentDist {
 #[derive(Clone, Debug)]
 pub struct Vae {
     cfg: VaeConfig,
+    encoder: Vec<Stage>,
+    decoder: Vec<Stage>,
 }
 
 impl Vae {
     pub fn new(cfg: &VaeConfig) -> Self {
-        Vae { cfg: cfg.clone() }
+        let (encoder, decoder) = build_chains(cfg);
+        Vae { cfg: cfg.clone(), encoder, decoder }
     }
 
     pub fn config(&self) -> &VaeConfig {
         &self.cfg
     }
 
-    pub fn param_shapes(&self) -> Vec<(String, Vec<usize>)> {
-        param_shapes(&self.cfg)
+    pub fn param_shapes(&self) -> ParamShapes {
+        self.encoder.iter().chain(&self.decoder).flat_map(Stage::params).collect()
     }
 
     /// Pixel size per latent pixel (8 for SD).
     pub fn downscale_factor(&self) -> usize {
-        1 << (self.cfg.block_out_channels.len() - 1)
-    }
-
-    fn groups(&self) -> usize {
-        self.cfg.norm_num_groups
-    }
-
-    fn conv(
-        &self,
-        w: &Weights,
-        p: &str,
-        x: &Tensor,
-        stride: usize,
-        pad: usize,
-    ) -> Result<Tensor, ModelError> {
-        let (wt, b) = w.wb(p)?;
-        Ok(ops::conv2d(x, &wt, Some(&b), stride, pad)?)
-    }
-
-    fn norm_silu(&self, w: &Weights, p: &str, x: &Tensor) -> Result<Tensor, ModelError> {
-        let (g, b) = w.wb(p)?;
-        Ok(ops::group_norm_silu(x, self.groups(), &g, &b, EPS)?)
-    }
-
-    /// diffusers' ResnetBlock2D without a time embedding (output_scale_factor 1, no dropout).
-    fn resnet(&self, w: &Weights, p: &str, x: &Tensor) -> Result<Tensor, ModelError> {
-        let h = self.norm_silu(w, &format!("{p}.norm1"), x)?;
-        let h = self.conv(w, &format!("{p}.conv1"), &h, 1, 1)?;
-        let h = self.norm_silu(w, &format!("{p}.norm2"), &h)?;
-        let h = self.conv(w, &format!("{p}.conv2"), &h, 1, 1)?;
-        // diffusers' use_in_shortcut: a 1x1 conv where the channel count changes.
-        let skip = if x.dim(1)? != h.dim(1)? {
-            self.conv(w, &format!("{p}.conv_shortcut"), x, 1, 0)?
-        } else {
-            x.clone()
-        };
-        Ok((skip + h)?)
-    }
-
-    /// The mid-block attention: one head over all pixels, group-normed input, residual.
-    fn attention(&self, w: &Weights, p: &str, x: &Tensor) -> Result<Tensor, ModelError> {
-        let (b, c, h, wd) = x.dims4()?;
-        let (g, beta) = w.wb(&format!("{p}.group_norm"))?;
-        let t = ops::group_norm(x, self.groups(), &g, &beta, EPS)?;
-        let t = t.reshape((b, c, h * wd))?.transpose(1, 2)?.contiguous()?;
-        let proj = |name: &str| -> Result<Tensor, ModelError> {
-            let (wt, bias) = w.wb(&format!("{p}.{name}"))?;
-            Ok(ops::linear(&t, &wt, Some(&bias))?.unsqueeze(1)?.contiguous()?)
-        };
-        let (q, k, v) = (proj("to_q")?, proj("to_k")?, proj("to_v")?);
-        let a = ops::attention(&q, &k, &v, false)?.squeeze(1)?;
-        let (wt, bias) = w.wb(&format!("{p}.to_out.0"))?;
-        let o = ops::linear(&a, &wt, Some(&bias))?;
-        let o = o.transpose(1, 2)?.reshape((b, c, h, wd))?;
-        Ok((x + o)?)
-    }
-
-    fn mid(&self, w: &Weights, p: &str, x: &Tensor) -> Result<Tensor, ModelError> {
-        let x = self.resnet(w, &format!("{p}.resnets.0"), x)?;
-        let x = self.attention(w, &format!("{p}.attentions.0"), &x)?;
-        self.resnet(w, &format!("{p}.resnets.1"), &x)
+        downscale_factor(&self.cfg)
     }
 
     fn check(&self, x: &Tensor, channels: usize, multiple: usize, what: &str) -> Result<(), ModelError> {
@@ -209,47 +228,24 @@ impl Vae {
 
     fn run_encoder(&self, w: &Weights, images: &Tensor) -> Result<LatentDist, ModelError> {
         self.check(images, self.cfg.in_channels, self.downscale_factor(), "images")?;
-        let boc = &self.cfg.block_out_channels;
-        let mut x = self.conv(w, "encoder.conv_in", &w.input(images, "encoder.conv_in.weight")?, 1, 1)?;
-        for i in 0..boc.len() {
-            for j in 0..self.cfg.layers_per_block {
-                x = self.resnet(w, &format!("encoder.down_blocks.{i}.resnets.{j}"), &x)?;
-            }
-            if i + 1 < boc.len() {
-                // diffusers' Downsample2D with padding=0: pad right and bottom by one, then a
-                // stride-2 conv, so the kernel windows start at pixel 0 like SD's original code.
-                let padded = x.pad_with_zeros(3, 0, 1)?.pad_with_zeros(2, 0, 1)?;
-                x = self.conv(w, &format!("encoder.down_blocks.{i}.downsamplers.0.conv"), &padded, 2, 0)?;
-            }
+        let mut x = w.input(images, "encoder.conv_in.weight")?;
+        for stage in &self.encoder {
+            x = stage.forward(w, &x)?;
         }
-        let x = self.mid(w, "encoder.mid_block", &x)?;
-        let x = self.norm_silu(w, "encoder.conv_norm_out", &x)?;
-        let x = self.conv(w, "encoder.conv_out", &x, 1, 1)?;
-        let moments = self.conv(w, "quant_conv", &x, 1, 0)?;
         let l = self.cfg.latent_channels;
-        let mean = moments.narrow(1, 0, l)?;
-        let logvar = moments.narrow(1, l, l)?.clamp(-30f64, 20f64)?;
+        let mean = x.narrow(1, 0, l)?;
+        let logvar = x.narrow(1, l, l)?.clamp(-30f64, 20f64)?;
         let std = (&logvar * 0.5)?.exp()?;
         Ok(LatentDist { mean, logvar, std })
     }
 
     fn run_decoder(&self, w: &Weights, latents: &Tensor) -> Result<Tensor, ModelError> {
         self.check(latents, self.cfg.latent_channels, 1, "latents")?;
-        let boc = &self.cfg.block_out_channels;
-        let z = self.conv(w, "post_quant_conv", &w.input(latents, "post_quant_conv.weight")?, 1, 0)?;
-        let x = self.conv(w, "decoder.conv_in", &z, 1, 1)?;
-        let mut x = self.mid(w, "decoder.mid_block", &x)?;
-        for i in 0..boc.len() {
-            for j in 0..self.cfg.layers_per_block + 1 {
-                x = self.resnet(w, &format!("decoder.up_blocks.{i}.resnets.{j}"), &x)?;
-            }
-            if i + 1 < boc.len() {
-                let up = ops::upsample_nearest2x(&x)?;
-                x = self.conv(w, &format!("decoder.up_blocks.{i}.upsamplers.0.conv"), &up, 1, 1)?;
-            }
+        let mut x = w.input(latents, "post_quant_conv.weight")?;
+        for stage in &self.decoder {
+            x = stage.forward(w, &x)?;
         }
-        let x = self.norm_silu(w, "decoder.conv_norm_out", &x)?;
-        self.conv(w, "decoder.conv_out", &x, 1, 1)
+        Ok(x)
     }
 
     /// Posterior of `images` `[B, 3, H, W]` in [-1, 1] (H, W multiples of 8), with detached

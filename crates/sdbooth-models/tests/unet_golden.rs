@@ -174,3 +174,10 @@ fn unet_tiny_sd1_matches_diffusers() {
 fn unet_tiny_sd2_matches_diffusers() {
     check("tiny_sd2", ModelConfig::tiny_sd2());
 }
+
+/// A latent size that is not a multiple of 8 (three upsamplers): each upsampler returns to its
+/// skip connection's size, as diffusers' `upsample_size`; forward and backward.
+#[test]
+fn unet_tiny_sd1_65x64_matches_diffusers() {
+    check("tiny_sd1_65x64", ModelConfig::tiny_sd1());
+}

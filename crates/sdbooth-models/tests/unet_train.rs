@@ -89,8 +89,15 @@ fn rejects_bad_inputs() {
     let unet = UNet::new(&cfg.unet);
     let params = random_params_with(&unet.param_shapes(), 7, InitStyle::Standard, &Device::Cpu).unwrap();
     let (_, t, ctx) = inputs(&cfg, 8);
+    // Latent sizes that are not multiples of 2^(levels - 1) work as in diffusers (issue 11); a
+    // wrong channel count or an empty latent does not.
     let odd = Tensor::zeros((1, 4, 12, 8), DType::F32, &Device::Cpu).unwrap();
-    assert!(matches!(unet.forward_frozen(&params, &odd, &t, &ctx, None), Err(ModelError::BadInput(_))));
+    let out = unet.forward_frozen(&params, &odd, &t, &ctx, None).unwrap();
+    assert_eq!(out.dims(), &[1, 4, 12, 8]);
+    for bad in [(1, 3, 8, 8), (1, 4, 0, 8)] {
+        let bad = Tensor::zeros(bad, DType::F32, &Device::Cpu).unwrap();
+        assert!(matches!(unet.forward_frozen(&params, &bad, &t, &ctx, None), Err(ModelError::BadInput(_))));
+    }
     let (lat, _, _) = inputs(&cfg, 8);
     let tape = unet.forward_train(&params, &lat, &t, &ctx, TrainOptions::default()).unwrap();
     let wrong = Tensor::zeros((1, 4, 4, 4), DType::F32, &Device::Cpu).unwrap();

@@ -41,6 +41,7 @@ mod embed;
 mod linear;
 mod norm;
 pub mod reference;
+pub mod selftest;
 mod softmax;
 
 /// The conv2d kernels on raw f32 slices, for the per-pass benches (not a stable API).

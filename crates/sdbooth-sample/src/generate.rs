@@ -8,10 +8,12 @@ use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use rand_distr::{Distribution, StandardNormal};
 use sdbooth_data::tokenizer::ClipTokenizer;
+use sdbooth_models::ddpm::DdpmSchedule;
+use sdbooth_models::vae::check_image_size;
 use sdbooth_models::{ClipTextModel, ModelConfig, ParamStore, UNet, Vae};
 
 use crate::prompts::PromptSpec;
-use crate::schedulers::{sampler_by_name, PredictionType};
+use crate::schedulers::{sampler_for_schedule, PredictionType};
 
 #[derive(Debug, thiserror::Error)]
 pub enum GenerateError {
@@ -101,6 +103,8 @@ pub struct Pipeline<'a> {
     pub vae: &'a ParamStore,
     pub tokenizer: &'a ClipTokenizer,
     pub v_prediction: bool,
+    /// The noise schedule the samplers step on (the trainer's during training).
+    pub schedule: &'a DdpmSchedule,
     pub clip_skip: Option<usize>,
     pub max_token_length: Option<usize>,
     pub dtype: Option<DType>,
@@ -127,21 +131,13 @@ impl Pipeline<'_> {
 
     /// Generates one image: RGB bytes, `width × height × 3`.
     pub fn generate(&self, req: &Request) -> Result<Vec<u8>> {
-        let factor = 8;
-        if !req.width.is_multiple_of(factor)
-            || !req.height.is_multiple_of(factor)
-            || req.width == 0
-            || req.height == 0
-        {
-            return Err(GenerateError::Invalid(format!(
-                "image size {}x{} must be a positive multiple of 8",
-                req.width, req.height
-            )));
-        }
+        check_image_size(&self.config.vae, req.width, req.height)
+            .map_err(|e| GenerateError::Invalid(e.to_string()))?;
+        let factor = 1 << (self.config.vae.block_out_channels.len() - 1);
         let prediction =
             if self.v_prediction { PredictionType::VPrediction } else { PredictionType::Epsilon };
-        let mut sampler =
-            sampler_by_name(&req.sampler, req.steps, prediction).map_err(GenerateError::Invalid)?;
+        let mut sampler = sampler_for_schedule(&req.sampler, req.steps, prediction, self.schedule)
+            .map_err(GenerateError::Invalid)?;
         let cond = self.encode(&req.prompt)?;
         let uncond = self.encode(&req.negative_prompt)?;
         // Equal lengths for the guided batch (long prompts: pad the shorter with its last state).

@@ -67,6 +67,10 @@ pub struct RunArgs {
     /// kohya's dataset debugging: a dry run with per-image detail.
     #[arg(long)]
     pub debug_dataset: bool,
+    /// Where to compute (sdbooth's own flag): auto (the first GPU when this binary has CUDA and
+    /// one is usable, else the CPU), cpu, cuda or cuda:N.
+    #[arg(long, default_value = "auto", value_name = "DEVICE")]
+    pub device: crate::device::DeviceChoice,
 }
 
 /// Every flag of `sdbooth train`.

@@ -7,17 +7,19 @@
 
 use std::time::Instant;
 
-use candle_core::Tensor;
-use rand::SeedableRng;
-use rand_chacha::ChaCha8Rng;
+use sdbooth_data::Streams;
 use sdbooth_models::config::{ClipConfig, UNetConfig};
 use serde::Serialize;
 
 use crate::error::{Result, TrainError};
 use crate::plan::TrainPlan;
 use crate::trainer::setup;
-use crate::trainer::step::{micro_step, normal_tensor, GradBuffer, StepInputs};
-use crate::trainer::{apply_update, peak_rss_bytes, step_settings};
+use crate::trainer::step::{micro_step, normal_tensor, StepInputs};
+use crate::trainer::{peak_rss_bytes, step_settings};
+use crate::update::{
+    apply_accumulated, grad_multiplier, FusedUpdate, GradAccumulator, GradSink, LearningRates, LossScale,
+    TrainedParams, UpdateOutcome,
+};
 
 #[derive(Debug, Clone, Serialize)]
 pub struct BenchReport {
@@ -75,7 +77,7 @@ pub fn bench(plan: &TrainPlan, steps: usize, warmup: usize) -> Result<BenchRepor
     let mut optimizer = setup::build_optimizer(plan, &model, train_te)?;
     let schedule = plan.noise_schedule();
     let loss = model.loss_args(plan);
-    let mut rng = ChaCha8Rng::seed_from_u64(plan.seed);
+    let mut rng = Streams::new(plan.seed).noise();
     let device = &plan.device;
     // Latents of SD scale: unit-variance samples, as the VAE produces them after scaling.
     let latents = normal_tensor(&mut rng, &[batch, 4, h / 8, w / 8], device)?;
@@ -83,36 +85,38 @@ pub fn bench(plan: &TrainPlan, steps: usize, warmup: usize) -> Result<BenchRepor
     let weights = vec![1.0f32; batch];
     let o = &plan.optimizer;
     let fused = o.fused_backward_pass;
-    let (lr, lr_te) = (o.learning_rate, o.learning_rate_te);
+    // The bench's steps are the run: the schedule spans them, as train's spans --max_train_steps.
+    let lr_schedule = setup::lr_schedule(plan, (warmup + steps) as u64)?;
+    let mut loss_scale = plan.precision.fp16_loss_scale.then(LossScale::default);
     let (mut fwd, mut bwd, mut opt_t, mut total) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     for i in 0..warmup + steps {
         let started = Instant::now();
-        let settings = step_settings(plan, &loss, &schedule, train_te, 1.0);
+        let multiplier = grad_multiplier(loss_scale.as_ref(), 1);
+        let settings = step_settings(plan, &loss, &schedule, train_te, multiplier);
         let inputs =
             StepInputs { latents: latents.clone(), captions: &captions, loss_weights: &weights, masks: None };
-        let mut buffer = GradBuffer::default();
-        let outcome = if fused {
-            let model = &model;
-            let optimizer = &mut optimizer;
-            let max_norm = o.max_grad_norm;
-            let mut sink = |part: &str, name: &str, g: &Tensor| -> Result<()> {
-                let (store, lr) =
-                    if part == "unet" { (&model.unet_params, lr) } else { (&model.text_params, lr_te) };
-                let var = store.var(name)?;
-                let coef =
-                    if max_norm > 0.0 { crate::optim::per_tensor_clip_coef(g, max_norm)? } else { 1.0 };
-                optimizer.step_param_scaled(name, var, g, lr, coef)
-            };
-            micro_step(model, inputs, &settings, &mut rng, &mut sink)?
-        } else {
-            let mut sink = |part: &str, name: &str, g: &Tensor| buffer.add(part, name, g);
-            micro_step(&model, inputs, &settings, &mut rng, &mut sink)?
-        };
+        let lrs = LearningRates::at_step(&optimizer, &lr_schedule, i as u64);
+        let params = TrainedParams { unet: &model.unet_params, text_encoder: &model.text_params };
+        let mut accumulated = GradAccumulator::default();
+        let mut fused_update =
+            FusedUpdate { optimizer: &mut optimizer, params, lrs, max_norm: o.max_grad_norm };
+        let sink: &mut dyn GradSink = if fused { &mut fused_update } else { &mut accumulated };
+        let outcome = micro_step(&model, inputs, &settings, &mut rng, sink)?;
         let before_update = Instant::now();
         if !fused {
-            apply_update(&mut optimizer, &model, &buffer, (lr, lr_te), o.max_grad_norm, None, i as u64)?;
+            let update = apply_accumulated(
+                &mut optimizer,
+                params,
+                &accumulated,
+                lrs,
+                o.max_grad_norm,
+                loss_scale.as_mut(),
+            )?;
+            if let UpdateOutcome::SkippedOverflow { new_scale } = update {
+                tracing::warn!("step {}: fp16 gradients overflowed, loss scale now {new_scale}", i + 1);
+            }
         }
-        drop(buffer);
+        drop(accumulated);
         let update = before_update.elapsed().as_secs_f64();
         let secs = started.elapsed().as_secs_f64();
         tracing::info!(
@@ -161,63 +165,15 @@ pub fn bench(plan: &TrainPlan, steps: usize, warmup: usize) -> Result<BenchRepor
     })
 }
 
-/// Spatial downscale of the feature map a U-Net parameter works on (1 = latent size).
-fn unet_scale(name: &str, blocks: usize) -> usize {
-    let index = |prefix: &str| -> Option<usize> {
-        name.strip_prefix(prefix).and_then(|r| r.split('.').next()).and_then(|i| i.parse().ok())
-    };
-    if let Some(i) = index("down_blocks.") {
-        return if name.contains("downsamplers") { 1 << (i + 1) } else { 1 << i };
-    }
-    if let Some(i) = index("up_blocks.") {
-        let level = blocks - 1 - i;
-        return if name.contains("upsamplers") { 1 << level.saturating_sub(1) } else { 1 << level };
-    }
-    if name.starts_with("mid_block") {
-        return 1 << (blocks - 1);
-    }
-    1
-}
-
-/// Forward FLOPs of the U-Net for one sample at latent size `h × w` with `ctx` text tokens.
+/// Forward FLOPs of the U-Net for one sample at latent size `h × w` with `ctx` text tokens,
+/// counted from the model's own node list.
 pub fn unet_forward_flops(cfg: &UNetConfig, h: usize, w: usize, ctx: usize) -> f64 {
-    let blocks = cfg.block_out_channels.len();
-    let mut flops = 0.0;
-    for (name, shape) in sdbooth_models::unet::param_shapes(cfg) {
-        if !name.ends_with(".weight") {
-            continue;
-        }
-        let s = unet_scale(&name, blocks);
-        let tokens = ((h / s).max(1) * (w / s).max(1)) as f64;
-        let weight: f64 = shape.iter().product::<usize>() as f64;
-        if shape.len() == 4 {
-            flops += 2.0 * weight * tokens;
-        } else if shape.len() == 2 {
-            let t = if name.starts_with("time_embedding") || name.contains("time_emb_proj") {
-                1.0
-            } else if name.contains("attn2.to_k") || name.contains("attn2.to_v") {
-                ctx as f64
-            } else {
-                tokens
-            };
-            flops += 2.0 * weight * t;
-            // Attention products (scores and weighted sum) once per attention, keyed on to_q.
-            if name.ends_with("attn1.to_q.weight") {
-                flops += 4.0 * tokens * tokens * shape[0] as f64;
-            } else if name.ends_with("attn2.to_q.weight") {
-                flops += 4.0 * tokens * ctx as f64 * shape[0] as f64;
-            }
-        }
-    }
-    flops
+    sdbooth_models::UNet::new(cfg).forward_flops(h, w, ctx)
 }
 
 /// Forward FLOPs of the CLIP text encoder for one sequence of `tokens`.
 pub fn clip_forward_flops(cfg: &ClipConfig, tokens: usize) -> f64 {
-    let t = tokens as f64;
-    let d = cfg.hidden_size as f64;
-    let per_layer = 2.0 * t * (4.0 * d * d + 2.0 * d * cfg.intermediate_size as f64) + 4.0 * t * t * d;
-    per_layer * cfg.num_hidden_layers as f64
+    sdbooth_models::ClipTextModel::new(cfg).forward_flops(tokens)
 }
 
 #[cfg(test)]

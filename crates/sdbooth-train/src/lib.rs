@@ -13,5 +13,6 @@ pub mod optim;
 pub mod plan;
 pub mod state;
 pub mod trainer;
+pub mod update;
 
 pub use error::{Result, TrainError};

@@ -7,6 +7,7 @@
 //! are constants built on the host.
 
 use candle_core::{DType, Tensor};
+use sdbooth_models::ddpm::DdpmSchedule;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Result, TrainError};
@@ -19,38 +20,11 @@ pub enum LossType {
     SmoothL1,
 }
 
-impl LossType {
-    pub fn parse(s: &str) -> Result<Self> {
-        Ok(match s {
-            "l2" => Self::L2,
-            "l1" => Self::L1,
-            "huber" => Self::Huber,
-            "smooth_l1" => Self::SmoothL1,
-            _ => {
-                return Err(TrainError::Config(format!(
-                    "unknown --loss_type {s:?} (l1, l2, huber, smooth_l1)"
-                )))
-            }
-        })
-    }
-}
-
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum HuberSchedule {
     Constant,
     Exponential,
     Snr,
-}
-
-impl HuberSchedule {
-    pub fn parse(s: &str) -> Result<Self> {
-        Ok(match s {
-            "constant" => Self::Constant,
-            "exponential" => Self::Exponential,
-            "snr" => Self::Snr,
-            _ => return Err(TrainError::Config(format!("unknown --huber_schedule {s:?}"))),
-        })
-    }
 }
 
 /// kohya's loss flags with its defaults.
@@ -83,13 +57,12 @@ impl Default for LossArgs {
     }
 }
 
-/// SNR(t) = (sqrt(ᾱ)/sqrt(1-ᾱ))² in f32, as kohya's prepare_scheduler_for_custom_training.
+/// SNR(t) of the schedule `alphas_cumprod` (the one formula: `DdpmSchedule::snr_of`).
 pub fn snr(alphas_cumprod: &[f32], t: u64) -> Result<f32> {
     let ac = *alphas_cumprod
         .get(t as usize)
         .ok_or_else(|| TrainError::Config(format!("timestep {t} out of the schedule's range")))?;
-    let r = ac.sqrt() / (1.0 - ac).sqrt();
-    Ok(r * r)
+    Ok(DdpmSchedule::snr_of(ac))
 }
 
 /// train_util.get_huber_threshold_if_needed: the per-sample Huber threshold, or None for l1/l2.

@@ -18,23 +18,6 @@ pub enum StepsOrRatio {
 }
 
 impl StepsOrRatio {
-    pub fn parse(s: &str) -> Result<Self> {
-        let bad = || TrainError::Config(format!("{s:?} is not an int or float"));
-        let s = s.trim();
-        if let Some(p) = s.strip_suffix('%') {
-            return Ok(StepsOrRatio::Ratio(p.parse::<f64>().map_err(|_| bad())? / 100.0));
-        }
-        let f: f64 = s.parse().map_err(|_| bad())?;
-        if f >= 1.0 {
-            // Python's int("10.5") fails; so do we.
-            return s.parse::<u64>().map(StepsOrRatio::Steps).map_err(|_| bad());
-        }
-        if f < 0.0 {
-            return Err(bad());
-        }
-        Ok(StepsOrRatio::Ratio(f))
-    }
-
     pub fn resolve(self, total: u64) -> u64 {
         match self {
             StepsOrRatio::Steps(n) => n,

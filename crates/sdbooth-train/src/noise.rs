@@ -11,6 +11,7 @@ use candle_core::{Device, Tensor};
 use rand::Rng;
 use rand_chacha::ChaCha8Rng;
 use rand_distr::{Distribution, StandardNormal};
+use sdbooth_models::ddpm::DdpmSchedule;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Result, TrainError};
@@ -172,7 +173,7 @@ pub fn add_noise(
         let ac = *alphas_cumprod
             .get(t as usize)
             .ok_or_else(|| TrainError::Config(format!("timestep {t} out of the schedule's range")))?;
-        let (a, s) = (ac.sqrt(), (1.0 - ac).sqrt());
+        let (a, s) = DdpmSchedule::noising_coefficients(ac);
         let r = i * per_sample..(i + 1) * per_sample;
         out.extend(x0[r.clone()].iter().zip(&noise[r]).map(|(&x, &n)| a * x + s * n));
     }

@@ -1,22 +1,25 @@
 //! Training-state folders (`--save_state`, `--resume`) and kohya's file naming and pruning rules.
 //!
-//! A state folder holds `state.json` (step, epoch, RNG streams, data order, scheduler, loss
-//! recorder), `weights.safetensors` (the trained parameters) and `optimizer.safetensors`. It is
+//! A state folder holds `state.json` (the whole [`RunState`]: step, data order, random streams,
+//! loss recorder, loss scale), `weights.safetensors` (the trained parameters) and
+//! `optimizer.safetensors`. It is
 //! written into a temporary sibling folder, every file fsynced, then renamed into place, so a run
 //! killed during a save leaves the previous state loadable; `find_latest_state` ignores the
 //! leftovers.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use candle_core::{Device, Tensor};
 use rand_chacha::rand_core::SeedableRng;
 use rand_chacha::ChaCha8Rng;
+use sdbooth_data::{Sampler, Streams};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Result, TrainError};
 use crate::logs::LossRecorder;
 use crate::optim::Optimizer;
+use crate::update::LossScale;
 
 pub const DEFAULT_EPOCH_NAME: &str = "epoch";
 pub const DEFAULT_STEP_NAME: &str = "at";
@@ -25,7 +28,9 @@ pub const DEFAULT_LAST_OUTPUT_NAME: &str = "last";
 pub const STATE_JSON: &str = "state.json";
 pub const WEIGHTS_FILE: &str = "weights.safetensors";
 pub const OPTIMIZER_FILE: &str = "optimizer.safetensors";
-const FORMAT: &str = "sdbooth-state/1";
+/// The `format` of `state.json`. 2: the whole [`RunState`] (1, before it: named fields of a loose
+/// map).
+const FORMAT: &str = "sdbooth-state/2";
 
 /// `{name}-{epoch:06}` + ext (ext with its dot, e.g. ".safetensors"); name defaults to "epoch".
 pub fn epoch_file_name(output_name: Option<&str>, epoch: u64, ext: &str) -> String {
@@ -113,40 +118,61 @@ impl RngState {
     }
 }
 
-/// Everything but tensors that a resumed run needs.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct TrainingState {
-    pub format: String,
-    /// Optimizer steps done.
-    pub global_step: u64,
-    /// Current epoch (0-based) and the number of batches of it already consumed.
-    pub epoch: u64,
-    pub step_in_epoch: u64,
-    /// Named random streams (data order, augmentation, noise, timesteps, dropout, …).
-    pub rng_streams: BTreeMap<String, RngState>,
-    /// The batch order of the current epoch, as the data crate defines it.
-    pub data_order: serde_json::Value,
-    /// Scheduler settings (the schedule is a pure function of the step).
-    pub scheduler: serde_json::Value,
-    pub loss_recorder: LossRecorder,
-    /// Anything else the loop wants back (flags to check on resume, text encoder frozen, …).
-    pub extra: serde_json::Value,
+/// (De)serializes a ChaCha8 stream as its [`RngState`].
+mod rng_serde {
+    use rand_chacha::ChaCha8Rng;
+    use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+    use super::RngState;
+
+    pub fn serialize<S: Serializer>(rng: &ChaCha8Rng, s: S) -> Result<S::Ok, S::Error> {
+        RngState::capture(rng).serialize(s)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<ChaCha8Rng, D::Error> {
+        RngState::deserialize(d)?.restore().map_err(serde::de::Error::custom)
+    }
 }
 
-impl TrainingState {
-    pub fn new(global_step: u64, epoch: u64) -> Self {
-        TrainingState {
-            format: FORMAT.into(),
-            global_step,
-            epoch,
-            step_in_epoch: 0,
-            rng_streams: BTreeMap::new(),
-            data_order: serde_json::Value::Null,
-            scheduler: serde_json::Value::Null,
+/// Everything but tensors that a run continues from. The trainer keeps its progress in this one
+/// struct and it is saved and loaded whole, so a resumed run cannot miss a field.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RunState {
+    /// Optimizer steps done.
+    pub global_step: u64,
+    /// Where the data order is (epoch, next batch); the order itself is rebuilt from the seed.
+    pub sampler: Sampler,
+    /// Noise and timesteps ([`Streams::noise`]), consumed step by step.
+    #[serde(with = "rng_serde")]
+    pub noise_rng: ChaCha8Rng,
+    /// VAE sampling of latents that are not cached ([`Streams::vae_sampling`]).
+    #[serde(with = "rng_serde")]
+    pub vae_rng: ChaCha8Rng,
+    pub loss_recorder: LossRecorder,
+    /// fp16's dynamic loss scale (`None` without fp16).
+    pub loss_scale: Option<LossScale>,
+}
+
+impl RunState {
+    /// The state of a run that has not started.
+    pub fn start(streams: Streams, sampler: Sampler, loss_scale: Option<LossScale>) -> Self {
+        RunState {
+            global_step: 0,
+            sampler,
+            noise_rng: streams.noise(),
+            vae_rng: streams.vae_sampling(),
             loss_recorder: LossRecorder::default(),
-            extra: serde_json::Value::Null,
+            loss_scale,
         }
     }
+}
+
+/// `state.json`: the run state under its format tag.
+#[derive(Serialize)]
+struct StateJsonRef<'a> {
+    format: &'a str,
+    #[serde(flatten)]
+    run: &'a RunState,
 }
 
 /// Writes a folder atomically: `fill` writes into a temporary sibling folder, whose files are then
@@ -159,12 +185,13 @@ pub fn write_dir_atomic(dir: &Path, fill: impl FnOnce(&Path) -> Result<()>) -> R
 /// Saves a complete training state folder.
 pub fn save_state(
     dir: &Path,
-    state: &TrainingState,
+    state: &RunState,
     optimizer: &Optimizer,
     weights: &HashMap<String, Tensor>,
 ) -> Result<()> {
     write_dir_atomic(dir, |tmp| {
-        let json = serde_json::to_vec_pretty(state).map_err(|e| TrainError::state(tmp, e.to_string()))?;
+        let file = StateJsonRef { format: FORMAT, run: state };
+        let json = serde_json::to_vec_pretty(&file).map_err(|e| TrainError::state(tmp, e.to_string()))?;
         let p = tmp.join(STATE_JSON);
         std::fs::write(&p, json).map_err(|e| TrainError::io(&p, e))?;
         let w = tmp.join(WEIGHTS_FILE);
@@ -178,22 +205,29 @@ pub fn save_state(
 }
 
 /// Reads `state.json` of a state folder.
-pub fn read_state_json(dir: &Path) -> Result<TrainingState> {
+pub fn read_state_json(dir: &Path) -> Result<RunState> {
     let p = dir.join(STATE_JSON);
     let bytes = std::fs::read(&p).map_err(|e| TrainError::io(&p, e))?;
-    let st: TrainingState =
-        serde_json::from_slice(&bytes).map_err(|e| TrainError::state(&p, e.to_string()))?;
-    if st.format != FORMAT {
-        return Err(TrainError::state(&p, format!("unknown format {:?}", st.format)));
+    // The format tag first, so a state of another version is named as such.
+    #[derive(Deserialize)]
+    struct Format {
+        format: String,
     }
-    Ok(st)
+    let format: Format = serde_json::from_slice(&bytes).map_err(|e| TrainError::state(&p, e.to_string()))?;
+    if format.format != FORMAT {
+        return Err(TrainError::state(
+            &p,
+            format!(
+                "format {:?}, this sdbooth reads {FORMAT:?} (a state written by another version)",
+                format.format
+            ),
+        ));
+    }
+    serde_json::from_slice(&bytes).map_err(|e| TrainError::state(&p, e.to_string()))
 }
 
 /// Loads a state folder written by `save_state`; weights land on `device`.
-pub fn load_state(
-    dir: &Path,
-    device: &Device,
-) -> Result<(TrainingState, Optimizer, HashMap<String, Tensor>)> {
+pub fn load_state(dir: &Path, device: &Device) -> Result<(RunState, Optimizer, HashMap<String, Tensor>)> {
     let st = read_state_json(dir)?;
     let w = dir.join(WEIGHTS_FILE);
     let weights = match std::fs::metadata(&w) {

@@ -22,10 +22,10 @@ use sdbooth_models::init::{fnv1a64, mix, random_params_with, InitStyle};
 use sdbooth_models::ModelConfig;
 use sdbooth_train::args::TrainArgs;
 use sdbooth_train::noise::{add_noise, NoisedBatch};
-use sdbooth_train::optim::clip_coef;
 use sdbooth_train::plan::TrainPlan;
 use sdbooth_train::trainer::setup;
-use sdbooth_train::trainer::step::{loss_and_grads, plain_token_ids, GradBuffer, StepInputs, StepSettings};
+use sdbooth_train::trainer::step::{loss_and_grads, plain_token_ids, StepInputs, StepSettings};
+use sdbooth_train::update::{apply_accumulated, GradAccumulator, LearningRates, TrainedParams};
 
 const GOLDEN: u64 = 0x9E37_79B9_7F4A_7C15;
 /// Acceptance bound: mean relative difference per step.
@@ -183,27 +183,14 @@ fn our_curve(g: &Golden, steps: usize) -> Vec<f64> {
         };
         let inputs =
             StepInputs { latents: latents.clone(), captions: &captions, loss_weights: &[1.0], masks: None };
-        let mut buffer = GradBuffer::default();
-        let mut sink = |part: &str, name: &str, g: &Tensor| buffer.add(part, name, g);
-        let out = loss_and_grads(&model, inputs, &noised, &settings, &mut sink).expect("step runs");
+        let mut grads = GradAccumulator::default();
+        let out = loss_and_grads(&model, inputs, &noised, &settings, &mut grads).expect("step runs");
         losses.push(out.loss);
-        // The trainer's non-fused update (trainer::apply_update, fp32): global-norm clip, then
-        // every parameter stepped with its group's scheduled learning rate.
-        let mut keys: Vec<&(String, String)> = buffer.grads.keys().collect();
-        keys.sort();
-        let total: f64 = keys
-            .iter()
-            .map(|k| buffer.grads[*k].sqr().unwrap().sum_all().unwrap().to_dtype(DType::F64).unwrap())
-            .map(|s| s.to_scalar::<f64>().unwrap())
-            .sum();
-        let coef = clip_coef(total.sqrt(), 1.0);
-        for (part, name) in keys {
-            let store = if part == "unet" { &model.unet_params } else { &model.text_params };
-            let gi = opt.group_of(name).expect("parameter in a group");
-            let lr = lr_schedule.lr(opt.groups[gi].lr, i as u64);
-            let grad = &buffer.grads[&(part.clone(), name.clone())];
-            opt.step_param_scaled(name, store.var(name).unwrap(), grad, lr, coef).unwrap();
-        }
+        // The trainer's non-fused update (fp32): global-norm clip, then every parameter stepped
+        // with its group's scheduled learning rate.
+        let lrs = LearningRates::at_step(&opt, &lr_schedule, i as u64);
+        let params = TrainedParams { unet: &model.unet_params, text_encoder: &model.text_params };
+        apply_accumulated(&mut opt, params, &grads, lrs, plan.optimizer.max_grad_norm, None).unwrap();
     }
     losses
 }

@@ -10,12 +10,14 @@ use candle_core::{Device, Tensor, Var};
 use rand::RngCore;
 use rand_chacha::rand_core::SeedableRng;
 use rand_chacha::ChaCha8Rng;
+use sdbooth_data::{Sampler, SamplerState, Streams};
 use sdbooth_train::logs::{
     crc32c, encode_event, masked_crc32c, JsonlWriter, LossRecorder, StepRecord, TensorBoardWriter, TAG_LOSS,
     TAG_LR_UNET,
 };
 use sdbooth_train::optim::{Optimizer, OptimizerConfig, OptimizerKind};
 use sdbooth_train::state::*;
+use sdbooth_train::update::LossScale;
 
 #[test]
 fn crc32c_known_vectors() {
@@ -139,15 +141,20 @@ fn rng_state_roundtrip_continues_the_stream() {
     assert!(RngState { seed: "zz".into(), stream: 0, word_pos: "0".into() }.restore().is_err());
 }
 
-fn small_state(step: u64) -> (TrainingState, Optimizer, HashMap<String, Tensor>) {
+fn small_state(step: u64) -> (RunState, Optimizer, HashMap<String, Tensor>) {
     let w = Var::from_tensor(&Tensor::arange(0f32, 12.0, &Device::Cpu).unwrap()).unwrap();
     let mut opt = Optimizer::new(OptimizerConfig::new(OptimizerKind::AdamW));
     opt.add_group("unet", 1e-3, vec!["w".into()]);
     let g = Tensor::ones(12, candle_core::DType::F32, &Device::Cpu).unwrap();
     opt.step_param("w", &w, &g, 1e-3).unwrap();
-    let mut st = TrainingState::new(step, 1);
-    st.rng_streams.insert("noise".into(), RngState::capture(&ChaCha8Rng::seed_from_u64(step)));
-    st.data_order = serde_json::json!([2, 0, 1]);
+    let sampler = Sampler::from(SamplerState { seed: 7, epoch: 2, next_batch: 3 });
+    let mut st = RunState::start(Streams::new(step), sampler, Some(LossScale::default()));
+    st.global_step = step;
+    // Streams part-way through, as a run leaves them.
+    for _ in 0..step {
+        st.noise_rng.next_u32();
+    }
+    st.vae_rng.next_u64();
     st.loss_recorder.add(0, 0, 0.5);
     (st, opt, HashMap::from([("w".to_string(), w.as_tensor().clone())]))
 }
@@ -165,9 +172,14 @@ fn state_folder_roundtrip_and_latest() {
     std::fs::create_dir_all(out.path().join("m-step00000040-state")).unwrap();
     let latest = find_latest_state(out.path()).unwrap().unwrap();
     assert!(latest.ends_with("m-step00000020-state"), "{latest:?}");
-    let (st, opt, w) = load_state(&latest, &Device::Cpu).unwrap();
-    let (want_st, want_opt, want_w) = small_state(20);
-    assert_eq!(st, want_st);
+    let (mut st, opt, w) = load_state(&latest, &Device::Cpu).unwrap();
+    let (mut want_st, want_opt, want_w) = small_state(20);
+    let json = |s: &RunState| serde_json::to_value(s).unwrap();
+    assert_eq!(json(&st), json(&want_st));
+    // The streams continue where they were saved.
+    assert_eq!(st.noise_rng.next_u64(), want_st.noise_rng.next_u64());
+    assert_eq!(st.vae_rng.next_u64(), want_st.vae_rng.next_u64());
+    assert_eq!(st.sampler.state(), SamplerState { seed: 7, epoch: 2, next_batch: 3 });
     // (last_lr is informational and not saved.)
     let strip =
         |o: &Optimizer| o.states.iter().map(|(k, s)| (k.clone(), s.step, s.bufs.clone())).collect::<Vec<_>>();

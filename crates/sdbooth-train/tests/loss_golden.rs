@@ -4,8 +4,10 @@
 use std::collections::{HashMap, VecDeque};
 
 use candle_core::{DType, Device, Tensor, Var};
-use sdbooth_train::loss::{training_loss, HuberSchedule, LossArgs, LossType};
-use sdbooth_train::noise::{noise_noisy_latents_and_timesteps, Draws, NoiseArgs};
+use sdbooth_train::args::TrainArgs;
+use sdbooth_train::loss::{training_loss, LossArgs};
+use sdbooth_train::noise::{noise_noisy_latents_and_timesteps, Draws};
+use sdbooth_train::plan::TrainPlan;
 
 fn fixture() -> HashMap<String, Tensor> {
     let p = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/loss.safetensors");
@@ -23,50 +25,60 @@ fn rel_err(a: &[f64], b: &[f64]) -> f64 {
     (num / den.max(1e-300)).sqrt()
 }
 
+/// The plan `sdbooth train <flags>` runs with.
+fn plan(flags: &[&str]) -> TrainPlan {
+    TrainPlan::resolve(&TrainArgs::try_parse_from(flags).expect("flags parse")).expect("plan resolves")
+}
+
+/// The loss settings of a fixture case, as the trainer derives them from its flags (and the
+/// model's prediction type), and whether the trainer would pass the batch's masks.
 fn loss_case(name: &str) -> (LossArgs, bool) {
-    let mut a = LossArgs::default();
-    let mut masked = false;
-    match name {
-        "l2" => {}
-        "l2_minsnr" => a.min_snr_gamma = Some(5.0),
-        "l2_minsnr_v" => {
-            a.min_snr_gamma = Some(5.0);
-            a.v_parameterization = true;
-        }
-        "l2_scale_v" => {
-            a.v_parameterization = true;
-            a.scale_v_pred_loss_like_noise_pred = true;
-        }
-        "l2_v_like" => a.v_pred_like_loss = Some(0.2),
-        "l2_debiased" => a.debiased_estimation_loss = true,
-        "l2_debiased_v" => {
-            a.debiased_estimation_loss = true;
-            a.v_parameterization = true;
-        }
-        "l1" => a.loss_type = LossType::L1,
-        "huber_snr" => a.loss_type = LossType::Huber,
-        "huber_exp" => {
-            a.loss_type = LossType::Huber;
-            a.huber_schedule = HuberSchedule::Exponential;
-            a.huber_c = 0.2;
-            a.huber_scale = 1.5;
-        }
-        "smooth_l1_const" => {
-            a.loss_type = LossType::SmoothL1;
-            a.huber_schedule = HuberSchedule::Constant;
-            a.huber_c = 0.3;
-            a.huber_scale = 2.0;
-        }
-        "l2_masked" => masked = true,
-        "all" => {
-            a.loss_type = LossType::Huber;
-            masked = true;
-            a.min_snr_gamma = Some(5.0);
-            a.debiased_estimation_loss = true;
-        }
+    let (flags, v_pred): (&[&str], bool) = match name {
+        "l2" => (&[], false),
+        "l2_minsnr" => (&["--min_snr_gamma", "5"], false),
+        "l2_minsnr_v" => (&["--min_snr_gamma", "5"], true),
+        "l2_scale_v" => (&["--scale_v_pred_loss_like_noise_pred"], true),
+        "l2_v_like" => (&["--v_pred_like_loss", "0.2"], false),
+        "l2_debiased" => (&["--debiased_estimation_loss"], false),
+        "l2_debiased_v" => (&["--debiased_estimation_loss"], true),
+        "l1" => (&["--loss_type", "l1"], false),
+        "huber_snr" => (&["--loss_type", "huber"], false),
+        "huber_exp" => (
+            &[
+                "--loss_type",
+                "huber",
+                "--huber_schedule",
+                "exponential",
+                "--huber_c",
+                "0.2",
+                "--huber_scale",
+                "1.5",
+            ],
+            false,
+        ),
+        "smooth_l1_const" => (
+            &[
+                "--loss_type",
+                "smooth_l1",
+                "--huber_schedule",
+                "constant",
+                "--huber_c",
+                "0.3",
+                "--huber_scale",
+                "2.0",
+            ],
+            false,
+        ),
+        "l2_masked" => (&["--masked_loss"], false),
+        "all" => (
+            &["--loss_type", "huber", "--masked_loss", "--min_snr_gamma", "5", "--debiased_estimation_loss"],
+            false,
+        ),
         _ => panic!("unknown case {name}"),
-    }
-    (a, masked)
+    };
+    let plan = plan(flags);
+    // The plan leaves v_parameterization to the loaded model (`Model::loss_args`).
+    (LossArgs { v_parameterization: v_pred, ..plan.loss }, plan.steps.masked_loss)
 }
 
 #[test]
@@ -121,50 +133,47 @@ fn noise_pipeline_matches_kohya() {
     let fx = fixture();
     let ac: Vec<f32> = fx["alphas_cumprod"].to_vec1().unwrap();
     let latents = &fx["latents"];
-    let cases: [(&str, NoiseArgs); 6] = [
-        ("plain", NoiseArgs::default()),
-        ("offset", NoiseArgs { noise_offset: Some(0.1), ..Default::default() }),
+    // Each case's flags, turned into noise settings as the trainer does.
+    let cases: [(&str, &[&str]); 6] = [
+        ("plain", &[]),
+        ("offset", &["--noise_offset", "0.1"]),
         (
             "offset_random_adaptive",
-            NoiseArgs {
-                noise_offset: Some(0.1),
-                noise_offset_random_strength: true,
-                adaptive_noise_scale: Some(0.05),
-                ..Default::default()
-            },
+            &["--noise_offset", "0.1", "--noise_offset_random_strength", "--adaptive_noise_scale", "0.05"],
         ),
-        (
-            "multires",
-            NoiseArgs {
-                multires_noise_iterations: Some(6),
-                multires_noise_discount: 0.3,
-                ..Default::default()
-            },
-        ),
+        ("multires", &["--multires_noise_iterations", "6", "--multires_noise_discount", "0.3"]),
         (
             "ip_gamma",
-            NoiseArgs {
-                ip_noise_gamma: Some(0.1),
-                ip_noise_gamma_random_strength: true,
-                min_timestep: Some(100),
-                max_timestep: Some(200),
-                ..Default::default()
-            },
+            &[
+                "--ip_noise_gamma",
+                "0.1",
+                "--ip_noise_gamma_random_strength",
+                "--min_timestep",
+                "100",
+                "--max_timestep",
+                "200",
+            ],
         ),
         (
             "everything",
-            NoiseArgs {
-                noise_offset: Some(0.05),
-                multires_noise_iterations: Some(3),
-                multires_noise_discount: 0.4,
-                ip_noise_gamma: Some(0.05),
-                min_timestep: Some(10),
-                max_timestep: Some(900),
-                ..Default::default()
-            },
+            &[
+                "--noise_offset",
+                "0.05",
+                "--multires_noise_iterations",
+                "3",
+                "--multires_noise_discount",
+                "0.4",
+                "--ip_noise_gamma",
+                "0.05",
+                "--min_timestep",
+                "10",
+                "--max_timestep",
+                "900",
+            ],
         ),
     ];
-    for (name, args) in cases {
+    for (name, flags) in cases {
+        let args = plan(flags).noise;
         let k = |s: &str| format!("noise/{name}/{s}");
         let mut rec = Recorded {
             normal: fx[&k("draw_normal")].to_vec1::<f32>().unwrap().into(),
@@ -188,5 +197,5 @@ fn loss_refuses_mismatched_batch() {
     let ac = vec![0.5f32; 1000];
     assert!(training_loss(&p, &p, &[1], &[1.0, 1.0], None, &ac, &LossArgs::default()).is_err());
     assert!(training_loss(&p, &p, &[1, 5000], &[1.0, 1.0], None, &ac, &LossArgs::default()).is_err());
-    assert!(LossType::parse("l3").is_err());
+    assert!(TrainArgs::try_parse_from(["--loss_type", "l3"]).is_err());
 }

@@ -4,7 +4,12 @@
 use std::collections::HashMap;
 
 use candle_core::{DType, Device, Tensor, Var};
+use sdbooth_models::ParamStore;
 use sdbooth_train::optim::{adamw8bit, Optimizer, OptimizerConfig, OptimizerKind};
+use sdbooth_train::update::{
+    apply_accumulated, clip_coef, sum_of_squares, FusedUpdate, GradAccumulator, GradSink, LearningRates,
+    LossScale, Part, TrainedParams, UpdateOutcome,
+};
 
 const STEPS: u64 = 10;
 const PARAMS: [(&str, &[usize]); 3] = [("w2d", &[6, 5]), ("conv", &[4, 3, 3, 3]), ("bias", &[7])];
@@ -257,19 +262,16 @@ fn bf16_weights_use_stochastic_rounding() {
 
 #[test]
 fn grad_clipping_matches_torch_formula() {
+    // torch.nn.utils.clip_grad_norm_: the norm of the per-tensor norms, then
+    // min(1, max_norm / (norm + 1e-6)).
     let g1 = Tensor::new(&[3.0f32, 4.0], &Device::Cpu).unwrap();
     let g2 = Tensor::new(&[12.0f32], &Device::Cpu).unwrap();
-    let norm = sdbooth_train::optim::clip_grad_norm(&[&g1, &g2], 1.0).unwrap();
+    let norm = (sum_of_squares(&g1).unwrap() + sum_of_squares(&g2).unwrap()).sqrt();
     assert!((norm - 13.0).abs() < 1e-9);
-    let c = 1.0f32 / (13.0 + 1e-6);
-    assert_eq!(g1.to_vec1::<f32>().unwrap(), vec![3.0 * c, 4.0 * c]);
-    // Below the limit: untouched.
-    let g3 = Tensor::new(&[0.1f32], &Device::Cpu).unwrap();
-    sdbooth_train::optim::clip_grad_norm(&[&g3], 1.0).unwrap();
-    assert_eq!(g3.to_vec1::<f32>().unwrap(), vec![0.1]);
-    let g4 = Tensor::new(&[12.0f32], &Device::Cpu).unwrap();
-    let coef = sdbooth_train::optim::per_tensor_clip_coef(&g4, 6.0).unwrap();
-    assert!((coef - 6.0 / (12.0 + 1e-6)).abs() < 1e-6);
+    assert_eq!(clip_coef(norm, 1.0), 1.0f32 / (13.0 + 1e-6));
+    // Below the limit, or clipping off (kohya's 0.0): untouched.
+    assert_eq!(clip_coef(0.1, 1.0), 1.0);
+    assert_eq!(clip_coef(13.0, 0.0), 1.0);
 }
 
 #[test]
@@ -289,39 +291,112 @@ fn optimizer_args_parse_like_kohya() {
     assert!(OptimizerKind::parse("DAdaptAdam").is_err());
 }
 
+/// Parameters of the tiny model below: `a` in the U-Net, `b` and the untrained `f` in the text
+/// encoder.
+fn part_stores() -> (ParamStore, ParamStore) {
+    let store = |names: &[(&str, usize)]| {
+        let t = names.iter().map(|(n, len)| (n.to_string(), init(n, &[*len]))).collect();
+        ParamStore::from_tensors(t).unwrap()
+    };
+    (store(&[("a", 5)]), store(&[("b", 3), ("f", 2)]))
+}
+
 #[test]
-fn step_all_clips_globally_and_uses_group_lrs() {
-    // A tiny "model": loss = sum(a*x) + sum(b*y) with gradients x and y.
-    let dev = Device::Cpu;
-    let a = Var::from_tensor(&init("a", &[5])).unwrap();
-    let b = Var::from_tensor(&init("b", &[3])).unwrap();
-    let frozen = Var::from_tensor(&init("f", &[2])).unwrap();
+fn accumulated_update_clips_globally_and_uses_part_lrs() {
+    // A tiny "model": loss = sum(a*x) + sum(b*y) with gradients x and y, over two micro-batches.
+    let (unet, text_encoder) = part_stores();
+    let params = TrainedParams { unet: &unet, text_encoder: &text_encoder };
     let x = grad("a", &[5], 1).affine(100.0, 0.0).unwrap();
     let y = grad("b", &[3], 1).affine(100.0, 0.0).unwrap();
-    let loss = ((a.as_tensor() * &x).unwrap().sum_all().unwrap()
-        + (b.as_tensor() * &y).unwrap().sum_all().unwrap())
-    .unwrap();
-    let grads = loss.backward().unwrap();
-    let params =
-        vec![("a".to_string(), a.clone()), ("b".to_string(), b.clone()), ("f".to_string(), frozen.clone())];
+    let mut grads = GradAccumulator::default();
+    for _ in 0..2 {
+        let loss = ((params.var(Part::Unet, "a").unwrap().as_tensor() * &x).unwrap().sum_all().unwrap()
+            + (params.var(Part::TextEncoder, "b").unwrap().as_tensor() * &y).unwrap().sum_all().unwrap())
+        .unwrap();
+        let g = loss.backward().unwrap();
+        for (part, name) in [(Part::Unet, "a"), (Part::TextEncoder, "b")] {
+            let var = params.var(part, name).unwrap();
+            grads.add(part, name, g.get(var.as_tensor()).unwrap()).unwrap();
+        }
+    }
     let mut opt = Optimizer::new(OptimizerConfig::new(OptimizerKind::SGDNesterov));
-    opt.add_group("unet", 1e-2, vec!["a".into()]);
-    opt.add_group("text_encoder", 5e-3, vec!["b".into(), "f".into()]);
-    let norm = opt.step_all(&params, &grads, &[1e-2, 5e-3], 1.0).unwrap();
-    let want_norm = sdbooth_train::optim::global_grad_norm([&x, &y]).unwrap();
-    assert!((norm - want_norm).abs() < 1e-9 * want_norm);
+    opt.add_group(Part::Unet.group_name(), 1e-2, vec!["a".into()]);
+    opt.add_group(Part::TextEncoder.group_name(), 5e-3, vec!["b".into(), "f".into()]);
+    let lrs = LearningRates { unet: 1e-2, text_encoder: 5e-3 };
+    let outcome = apply_accumulated(&mut opt, params, &grads, lrs, 1.0, None).unwrap();
+    // The norm of the summed gradients 2x and 2y, computed here in f64.
+    let sq =
+        |t: &Tensor| t.to_vec1::<f32>().unwrap().iter().map(|&v| 4.0 * f64::from(v).powi(2)).sum::<f64>();
+    let want_norm = (sq(&x) + sq(&y)).sqrt();
+    let UpdateOutcome::Stepped { grad_norm } = outcome else { panic!("{outcome:?}") };
+    assert!((grad_norm - want_norm).abs() < 1e-6 * want_norm, "{grad_norm} vs {want_norm}");
     // Reference: the same update from the clipped gradients, one parameter at a time.
-    let c = sdbooth_train::optim::clip_coef(want_norm, 1.0);
+    let c = 1.0 / (want_norm + 1e-6);
     let (ra, rb) = (Var::from_tensor(&init("a", &[5])).unwrap(), Var::from_tensor(&init("b", &[3])).unwrap());
     let mut r = Optimizer::new(OptimizerConfig::new(OptimizerKind::SGDNesterov));
-    r.step_param("a", &ra, &x.affine(f64::from(c), 0.0).unwrap(), 1e-2).unwrap();
-    r.step_param("b", &rb, &y.affine(f64::from(c), 0.0).unwrap(), 5e-3).unwrap();
-    for (got, want) in [(&a, &ra), (&b, &rb)] {
-        let e = rel_err(got.as_tensor(), want.as_tensor());
-        assert!(e < 1e-7, "rel err {e:e}");
+    r.step_param("a", &ra, &x.affine(2.0 * c, 0.0).unwrap(), 1e-2).unwrap();
+    r.step_param("b", &rb, &y.affine(2.0 * c, 0.0).unwrap(), 5e-3).unwrap();
+    for (part, name, want) in [(Part::Unet, "a", &ra), (Part::TextEncoder, "b", &rb)] {
+        let e = rel_err(params.var(part, name).unwrap().as_tensor(), want.as_tensor());
+        assert!(e < 1e-6, "{name}: rel err {e:e}");
     }
     // No gradient, no update and no state.
+    let frozen = params.var(Part::TextEncoder, "f").unwrap();
     assert_eq!(frozen.to_vec1::<f32>().unwrap(), init("f", &[2]).to_vec1::<f32>().unwrap());
     assert!(!opt.states.contains_key("f"));
-    let _ = dev;
+}
+
+#[test]
+fn fp16_overflow_skips_the_update_and_halves_the_scale() {
+    let (unet, text_encoder) = part_stores();
+    let params = TrainedParams { unet: &unet, text_encoder: &text_encoder };
+    let before = params.var(Part::Unet, "a").unwrap().to_vec1::<f32>().unwrap();
+    let mut opt = Optimizer::new(OptimizerConfig::new(OptimizerKind::AdamW));
+    opt.add_group(Part::Unet.group_name(), 1e-2, vec!["a".into()]);
+    let lrs = LearningRates { unet: 1e-2, text_encoder: 0.0 };
+    let mut scale = LossScale::default();
+    let start = scale.scale();
+    let mut grads = GradAccumulator::default();
+    let inf = Tensor::new(&[1.0f32, f32::INFINITY, 0.0, 0.0, 0.0], &Device::Cpu).unwrap();
+    grads.add(Part::Unet, "a", &inf).unwrap();
+    let outcome = apply_accumulated(&mut opt, params, &grads, lrs, 1.0, Some(&mut scale)).unwrap();
+    assert_eq!(outcome, UpdateOutcome::SkippedOverflow { new_scale: start / 2.0 });
+    assert_eq!(scale.scale(), start / 2.0);
+    assert_eq!(params.var(Part::Unet, "a").unwrap().to_vec1::<f32>().unwrap(), before);
+    assert!(opt.states.is_empty());
+    // A finite scaled gradient is unscaled before the step: the same weights as unscaled SGD.
+    let mut grads = GradAccumulator::default();
+    let g = grad("a", &[5], 1);
+    grads.add(Part::Unet, "a", &g.affine(scale.scale(), 0.0).unwrap()).unwrap();
+    let outcome = apply_accumulated(&mut opt, params, &grads, lrs, 0.0, Some(&mut scale)).unwrap();
+    let UpdateOutcome::Stepped { grad_norm } = outcome else { panic!("{outcome:?}") };
+    let want_norm = sum_of_squares(&g).unwrap().sqrt();
+    assert!((grad_norm - want_norm).abs() < 1e-6 * want_norm);
+    let reference = Var::from_tensor(&init("a", &[5])).unwrap();
+    let mut r = Optimizer::new(OptimizerConfig::new(OptimizerKind::AdamW));
+    r.step_param("a", &reference, &g, 1e-2).unwrap();
+    let e = rel_err(params.var(Part::Unet, "a").unwrap().as_tensor(), reference.as_tensor());
+    assert!(e < 1e-6, "rel err {e:e}");
+}
+
+#[test]
+fn fused_update_clips_each_tensor_on_its_own() {
+    let (unet, text_encoder) = part_stores();
+    let params = TrainedParams { unet: &unet, text_encoder: &text_encoder };
+    let mut opt = Optimizer::new(OptimizerConfig::new(OptimizerKind::SGDNesterov));
+    opt.add_group(Part::Unet.group_name(), 1e-2, vec!["a".into()]);
+    opt.add_group(Part::TextEncoder.group_name(), 5e-3, vec!["b".into()]);
+    let lrs = LearningRates { unet: 1e-2, text_encoder: 5e-3 };
+    let (x, y) = (grad("a", &[5], 1).affine(100.0, 0.0).unwrap(), grad("b", &[3], 1));
+    let mut fused = FusedUpdate { optimizer: &mut opt, params, lrs, max_norm: 1.0 };
+    fused.add(Part::Unet, "a", &x).unwrap();
+    fused.add(Part::TextEncoder, "b", &y).unwrap();
+    let mut r = Optimizer::new(OptimizerConfig::new(OptimizerKind::SGDNesterov));
+    for (part, name, g, lr) in [(Part::Unet, "a", &x, 1e-2), (Part::TextEncoder, "b", &y, 5e-3)] {
+        let n = g.to_vec1::<f32>().unwrap().iter().map(|&v| f64::from(v).powi(2)).sum::<f64>().sqrt();
+        let reference = Var::from_tensor(&init(name, g.dims())).unwrap();
+        r.step_param(name, &reference, &g.affine((1.0 / (n + 1e-6)).min(1.0), 0.0).unwrap(), lr).unwrap();
+        let e = rel_err(params.var(part, name).unwrap().as_tensor(), reference.as_tensor());
+        assert!(e < 1e-6, "{name}: rel err {e:e}");
+    }
 }

@@ -20,10 +20,13 @@ use sdbooth_models::init::{fnv1a64, mix, random_params_with, InitStyle};
 use sdbooth_models::{ModelConfig, Prediction};
 use sdbooth_train::args::TrainArgs;
 use sdbooth_train::noise::{add_noise, NoisedBatch};
-use sdbooth_train::optim::{clip_coef, Optimizer};
+use sdbooth_train::optim::Optimizer;
 use sdbooth_train::plan::TrainPlan;
 use sdbooth_train::trainer::setup::{self, Model};
-use sdbooth_train::trainer::step::{loss_and_grads, plain_token_ids, GradBuffer, StepInputs, StepSettings};
+use sdbooth_train::trainer::step::{loss_and_grads, plain_token_ids, StepInputs, StepSettings};
+use sdbooth_train::update::{
+    apply_accumulated, GradAccumulator, LearningRates, Part, TrainedParams, UpdateOutcome,
+};
 
 const LOSS_TOL: f64 = 1e-5;
 /// Per-tensor norm-relative bound on gradients (JL estimate, ±35% at K = 16). Measured
@@ -36,6 +39,14 @@ const WEIGHT_TOL: f64 = 1e-5;
 /// Overall bound on the weight updates (w_after - w_before). Their error has a floor from
 /// rounding the weights to f32 (6e-8 of a weight ~1 against updates ~1e-3), so this is looser.
 const UPDATE_TOL: f64 = 1e-4;
+
+/// The part a fixture names by its optimizer group name.
+fn part(group: &str) -> Part {
+    [Part::Unet, Part::TextEncoder]
+        .into_iter()
+        .find(|p| p.group_name() == group)
+        .unwrap_or_else(|| panic!("unknown part {group}"))
+}
 
 fn fixture_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/step_parity")
@@ -65,12 +76,12 @@ impl Fixture {
         self.get(k).to_dtype(DType::F32).unwrap().flatten_all().unwrap().to_vec1().unwrap()
     }
     /// (part, name) of every parameter in the order the fixture lists them.
-    fn params(&self, model: &str) -> Vec<(String, String)> {
+    fn params(&self, model: &str) -> Vec<(Part, String)> {
         self.meta["params"][model]
             .as_array()
             .unwrap()
             .iter()
-            .map(|p| (p[0].as_str().unwrap().to_string(), p[1].as_str().unwrap().to_string()))
+            .map(|p| (part(p[0].as_str().unwrap()), p[1].as_str().unwrap().to_string()))
             .collect()
     }
 }
@@ -127,7 +138,7 @@ fn batch(fx: &Fixture, case: &str) -> Batch {
 }
 
 /// One call of the trainer's `loss_and_grads` with the fixture's noise and timesteps.
-fn step(model: &Model, plan: &TrainPlan, b: &Batch) -> (f64, GradBuffer) {
+fn step(model: &Model, plan: &TrainPlan, b: &Batch) -> (f64, GradAccumulator) {
     let schedule = DdpmSchedule::sd();
     let ac = schedule.alphas_cumprod.clone();
     let x0 = b.latents.flatten_all().unwrap().to_vec1::<f32>().unwrap();
@@ -160,44 +171,19 @@ fn step(model: &Model, plan: &TrainPlan, b: &Batch) -> (f64, GradBuffer) {
         loss_weights: &b.loss_weights,
         masks: None,
     };
-    let mut buffer = GradBuffer::default();
-    let mut sink = |part: &str, name: &str, g: &Tensor| buffer.add(part, name, g);
-    let out = loss_and_grads(model, inputs, &noised, &s, &mut sink).expect("step runs");
-    (out.loss, buffer)
+    let mut grads = GradAccumulator::default();
+    let out = loss_and_grads(model, inputs, &noised, &s, &mut grads).expect("step runs");
+    (out.loss, grads)
 }
 
-/// The trainer's non-fused update (trainer::apply_update without fp16): global norm over every
-/// gradient in a fixed order, clip coefficient, in-place step of each parameter.
-fn update(opt: &mut Optimizer, model: &Model, buffer: &GradBuffer, max_norm: f64) -> f64 {
-    let mut keys: Vec<&(String, String)> = buffer.grads.keys().collect();
-    keys.sort();
-    let mut total = 0f64;
-    for k in &keys {
-        total += buffer.grads[*k]
-            .sqr()
-            .unwrap()
-            .sum_all()
-            .unwrap()
-            .to_dtype(DType::F64)
-            .unwrap()
-            .to_scalar::<f64>()
-            .unwrap();
-    }
-    let coef = clip_coef(total.sqrt(), max_norm);
-    for (part, name) in keys {
-        let store = if part == "unet" { &model.unet_params } else { &model.text_params };
-        let gi = opt.group_of(name).expect("parameter in a group");
-        let lr = opt.groups[gi].lr;
-        opt.step_param_scaled(
-            name,
-            store.var(name).unwrap(),
-            &buffer.grads[&(part.clone(), name.clone())],
-            lr,
-            coef,
-        )
-        .unwrap();
-    }
-    total.sqrt()
+/// The trainer's non-fused update at step `step`: scheduled learning rates, global-norm clip at
+/// `--max_grad_norm`, every parameter stepped.
+fn update(opt: &mut Optimizer, model: &Model, plan: &TrainPlan, grads: &GradAccumulator, step: u64) {
+    let schedule = setup::lr_schedule(plan, plan.steps.max_train_steps).unwrap();
+    let lrs = LearningRates::at_step(opt, &schedule, step);
+    let params = TrainedParams { unet: &model.unet_params, text_encoder: &model.text_params };
+    let outcome = apply_accumulated(opt, params, grads, lrs, plan.optimizer.max_grad_norm, None).unwrap();
+    assert!(matches!(outcome, UpdateOutcome::Stepped { .. }));
 }
 
 fn values(t: &Tensor) -> Vec<f32> {
@@ -245,9 +231,9 @@ impl Report {
 
 fn compare(
     fx: &Fixture,
-    params: &[(String, String)],
+    params: &[(Part, String)],
     prefix: &str,
-    ours: &dyn Fn(&str, &str) -> Vec<f32>,
+    ours: &dyn Fn(Part, &str) -> Vec<f32>,
     zeros: &HashSet<String>,
 ) -> Report {
     let k_proj = fx.meta["k_proj"].as_u64().unwrap() as usize;
@@ -257,7 +243,7 @@ fn compare(
     let mut r = Report::default();
     let mut zero_norms = Vec::new();
     for (i, (part, name)) in params.iter().enumerate() {
-        let v = ours(part, name);
+        let v = ours(*part, name);
         let p = projections(name, &v, k_proj);
         let err = (p
             .iter()
@@ -300,7 +286,7 @@ fn compare(
 /// gives ~1e-17 there and our f32 ~1e-9: rounding noise, so a relative error means nothing; they
 /// are found from the fixture (PyTorch's norm below 1e-9 of the whole gradient's) and checked
 /// in absolute terms instead.
-fn structural_zeros(fx: &Fixture, case: &str, params: &[(String, String)]) -> HashSet<String> {
+fn structural_zeros(fx: &Fixture, case: &str, params: &[(Part, String)]) -> HashSet<String> {
     let norms = fx.f64s(&format!("{case}.grad_norm"));
     let total = norms.iter().map(|n| n * n).sum::<f64>().sqrt();
     params.iter().zip(&norms).filter(|(_, &n)| n <= 1e-9 * total).map(|((_, name), _)| name.clone()).collect()
@@ -309,13 +295,13 @@ fn structural_zeros(fx: &Fixture, case: &str, params: &[(String, String)]) -> Ha
 /// Our gradient of a parameter; a parameter that got none (the last CLIP layer under
 /// clip_skip, as PyTorch's `p.grad is None`) reads as zeros.
 fn grad_of<'a>(
-    buffer: &'a GradBuffer,
-    params: &'a [(String, String)],
-) -> impl Fn(&str, &str) -> Vec<f32> + 'a {
-    move |part: &str, name: &str| match buffer.grads.get(&(part.to_string(), name.to_string())) {
+    grads: &'a GradAccumulator,
+    params: &'a [(Part, String)],
+) -> impl Fn(Part, &str) -> Vec<f32> + 'a {
+    move |part: Part, name: &str| match grads.grads.get(&(part, name.to_string())) {
         Some(g) => values(g),
         None => {
-            assert!(params.iter().any(|(p, n)| p == part && n == name), "{part}/{name} is not a parameter");
+            assert!(params.iter().any(|(p, n)| *p == part && n == name), "{part}/{name} is not a parameter");
             Vec::new()
         }
     }
@@ -376,7 +362,7 @@ fn check_grads(case: &str, extra: &[&str]) {
     let got: Vec<i64> = ids.to_dtype(DType::I64).unwrap().flatten_all().unwrap().to_vec1().unwrap();
     assert_eq!(got, want, "{case}: token ids");
 
-    let (loss, buffer) = step(&model, &plan, &b);
+    let (loss, grads) = step(&model, &plan, &b);
     let want_loss = fx.f64s(&format!("{case}.loss"))[0];
     let loss_rel = (loss - want_loss).abs() / want_loss.abs();
     let params = fx.params(model_name);
@@ -385,16 +371,16 @@ fn check_grads(case: &str, extra: &[&str]) {
     let no_grad: Vec<String> =
         meta["no_grad"].as_array().unwrap().iter().map(|v| v.as_str().unwrap().to_string()).collect();
     for (p, n) in &params {
-        let key = (p.clone(), n.clone());
+        let key = (*p, n.clone());
         if !no_grad.contains(&format!("{p}/{n}")) {
-            assert!(buffer.grads.contains_key(&key), "{case}: no gradient for {p}/{n}");
+            assert!(grads.grads.contains_key(&key), "{case}: no gradient for {p}/{n}");
         }
     }
     let stepped_without_grad = no_grad
         .iter()
         .filter(|k| {
             let (p, n) = k.split_once('/').unwrap();
-            buffer.grads.contains_key(&(p.to_string(), n.to_string()))
+            grads.grads.contains_key(&(part(p), n.to_string()))
         })
         .count();
     if !no_grad.is_empty() {
@@ -404,7 +390,7 @@ fn check_grads(case: &str, extra: &[&str]) {
         );
     }
     let zeros = structural_zeros(fx, case, &params);
-    let r = compare(fx, &params, &format!("{case}.grad"), &grad_of(&buffer, &params), &zeros);
+    let r = compare(fx, &params, &format!("{case}.grad"), &grad_of(&grads, &params), &zeros);
     eprintln!(
         "{case}{extra:?}: loss {loss:.8} vs {want_loss:.8} (rel {loss_rel:.2e}); {} gradients: overall {:.2e}, worst {:.2e} ({}), worst norm diff {:.2e} ({}); {} exactly-zero gradients: ours at most {:.2e} of the total norm ({})",
         r.count,
@@ -452,34 +438,27 @@ fn check_optimizer(case: &str, kind: &str, steps: usize) {
     let plan = TrainPlan::resolve(&train_args(&su.models[model_name], &flags)).expect("flags resolve");
     let model = setup::load(&plan).expect("model loads");
     let mut opt = setup::build_optimizer(&plan, &model, true).unwrap();
-    let before: HashMap<(String, String), Vec<f32>> = model
+    let before: HashMap<(Part, String), Vec<f32>> = model
         .unet_params
         .iter()
-        .map(|(n, v)| (("unet".to_string(), n.clone()), values(v.as_tensor())))
-        .chain(
-            model
-                .text_params
-                .iter()
-                .map(|(n, v)| (("text_encoder".to_string(), n.clone()), values(v.as_tensor()))),
-        )
+        .map(|(n, v)| ((Part::Unet, n.clone()), values(v.as_tensor())))
+        .chain(model.text_params.iter().map(|(n, v)| ((Part::TextEncoder, n.clone()), values(v.as_tensor()))))
         .collect();
     let b = batch(fx, case);
     let tag = format!("{kind}{steps}");
     let want_losses = fx.f64s(&format!("{case}.{tag}.losses"));
     let mut worst_loss = 0f64;
     for (i, want) in want_losses.iter().enumerate().take(steps) {
-        let (loss, buffer) = step(&model, &plan, &b);
-        update(&mut opt, &model, &buffer, 1.0);
+        let (loss, grads) = step(&model, &plan, &b);
+        update(&mut opt, &model, &plan, &grads, i as u64);
         worst_loss = worst_loss.max((loss - want).abs() / want.abs());
         eprintln!("{case} {tag} step {}: loss {loss:.8} vs {want:.8}", i + 1);
     }
     let params = fx.params(model_name);
-    let now = |part: &str, name: &str| {
-        let store = if part == "unet" { &model.unet_params } else { &model.text_params };
-        values(store.get(name).unwrap())
-    };
-    let delta = |part: &str, name: &str| {
-        let b = &before[&(part.to_string(), name.to_string())];
+    let trained = TrainedParams { unet: &model.unet_params, text_encoder: &model.text_params };
+    let now = |part: Part, name: &str| values(trained.var(part, name).unwrap().as_tensor());
+    let delta = |part: Part, name: &str| {
+        let b = &before[&(part, name.to_string())];
         now(part, name).iter().zip(b).map(|(a, b)| a - b).collect::<Vec<f32>>()
     };
     let zeros = structural_zeros(fx, case, &params);
@@ -490,7 +469,7 @@ fn check_optimizer(case: &str, kind: &str, steps: usize) {
     let mut worst_w = (0f64, String::new());
     let mut zero_w = (0f64, String::new());
     for ((p, n), err) in params.iter().zip(&r.errs) {
-        let w2: f64 = now(p, n).iter().map(|&x| f64::from(x).powi(2)).sum();
+        let w2: f64 = now(*p, n).iter().map(|&x| f64::from(x).powi(2)).sum();
         err2 += err * err;
         norm2 += w2;
         let slot = if zeros.contains(n) { &mut zero_w } else { &mut worst_w };

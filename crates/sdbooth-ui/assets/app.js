@@ -395,6 +395,7 @@ function applySnapshot(s) {
   report.classList.toggle('hidden', !s.report);
   if (s.report) report.href = s.report;
   $('#run-log').href = `/runs/${encodeURIComponent(m.id)}/files/train.log`;
+  $('#run-command').textContent = s.command || '(started from the CLI: see its train.log or report.html)';
   renderStats(v, m);
   drawCharts(v);
   renderSamples(s.samples);

@@ -126,22 +126,10 @@ async fn create_run(State(state): State<Arc<AppState>>, Json(req): Json<SetupReq
         )
             .into_response();
     }
-    let meta = RunMeta {
-        id: id.clone(),
-        created: runs::now_secs(),
-        argv: prepared.argv,
-        cwd: prepared.cwd,
-        output_dir: prepared.output_dir,
-        output_name: prepared.output_name,
-        total_steps: check::total_steps(&report),
-        status: Status::Queued,
-        pid: None,
-        exit_code: None,
-        started: None,
-        ended: None,
-        stop_requested: false,
-        resume_from: None,
-    };
+    let mut meta =
+        RunMeta::new(id.clone(), prepared.cwd, prepared.output_dir, prepared.output_name, Status::Queued);
+    meta.argv = prepared.argv;
+    meta.total_steps = check::total_steps(&report);
     if let Err(e) = meta.save(&state.workdir) {
         return error(StatusCode::INTERNAL_SERVER_ERROR, format!("cannot write run.json: {e}"));
     }

@@ -100,7 +100,8 @@ impl Queue {
         if let Some(state) = &meta.resume_from {
             cmd.arg(format!("--resume={state}"));
         }
-        cmd.current_dir(&meta.cwd).stdin(Stdio::null()).stdout(log).stderr(log2);
+        // NO_COLOR: the log is a file, not a terminal.
+        cmd.current_dir(&meta.cwd).env("NO_COLOR", "1").stdin(Stdio::null()).stdout(log).stderr(log2);
         // Its own process group: the UI's Ctrl-C is not the run's.
         #[cfg(unix)]
         cmd.process_group(0);

@@ -3,7 +3,6 @@
 //! form named another output folder, the run's outputs. A folder of the workdir with a `*.jsonl`
 //! training log but no `run.json` is a run started from the CLI, listed too.
 
-use std::io::Write as _;
 use std::path::{Path, PathBuf};
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -60,27 +59,36 @@ pub fn now_secs() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
 }
 
-/// Temp file in the same folder, fsync, rename: a crash never leaves half a file.
-pub fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    let dir = match path.parent() {
-        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
-        _ => PathBuf::from("."),
-    };
-    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-    let tmp = dir.join(format!(".{name}.tmp{}", std::process::id()));
-    let result = (|| {
-        let mut f = std::fs::File::create(&tmp)?;
-        f.write_all(bytes)?;
-        f.sync_all()?;
-        std::fs::rename(&tmp, path)
-    })();
-    if result.is_err() {
-        let _ = std::fs::remove_file(&tmp);
-    }
-    result
-}
+/// Temp file, fsync, rename (sdbooth-checkpoint's): a crash never leaves half a file.
+pub use sdbooth_checkpoint::atomic::atomic_write_bytes as write_atomic;
 
 impl RunMeta {
+    /// A run not started yet, created now: no command line, pid or times.
+    pub fn new(
+        id: String,
+        cwd: PathBuf,
+        output_dir: PathBuf,
+        output_name: String,
+        status: Status,
+    ) -> RunMeta {
+        RunMeta {
+            id,
+            created: now_secs(),
+            argv: Vec::new(),
+            cwd,
+            output_dir,
+            output_name,
+            total_steps: None,
+            status,
+            pid: None,
+            exit_code: None,
+            started: None,
+            ended: None,
+            stop_requested: false,
+            resume_from: None,
+        }
+    }
+
     pub fn dir(&self, workdir: &Path) -> PathBuf {
         workdir.join(&self.id)
     }
@@ -106,15 +114,13 @@ impl RunMeta {
 
 /// A run id: UTC time and the output name, e.g. `20261129-153000-toy`, unique in the workdir.
 pub fn new_run_id(workdir: &Path, name: &str) -> String {
-    let secs = now_secs();
-    let (days, rem) = (secs / 86_400, secs % 86_400);
-    let (y, m, d) = civil_from_days(days as i64);
+    let stamp = sdbooth_checkpoint::time::UtcTime::from_unix(now_secs()).compact();
     let clean: String = name
         .chars()
         .map(|c| if c.is_ascii_alphanumeric() || c == '-' || c == '_' { c } else { '_' })
         .take(40)
         .collect();
-    let base = format!("{y:04}{m:02}{d:02}-{:02}{:02}{:02}-{clean}", rem / 3600, rem % 3600 / 60, rem % 60);
+    let base = format!("{}-{}-{clean}", &stamp[..8], &stamp[8..]);
     let mut id = base.clone();
     let mut n = 2;
     while workdir.join(&id).exists() {
@@ -122,19 +128,6 @@ pub fn new_run_id(workdir: &Path, name: &str) -> String {
         n += 1;
     }
     id
-}
-
-/// Days since 1970-01-01 to (year, month, day) (H. Hinnant's algorithm).
-fn civil_from_days(z: i64) -> (i64, u32, u32) {
-    let z = z + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
-    (yoe + era * 400 + i64::from(m <= 2), m, d)
 }
 
 /// Whether process `pid` is alive and is an `sdbooth` (a recycled pid is not our run).
@@ -159,22 +152,9 @@ pub fn load(dir: &Path) -> Option<RunMeta> {
     let output_name = jsonl.file_stem()?.to_string_lossy().into_owned();
     let created = std::fs::metadata(&jsonl).and_then(|m| m.modified()).ok();
     let created = created.and_then(|t| t.duration_since(UNIX_EPOCH).ok()).map_or(0, |d| d.as_secs());
-    Some(RunMeta {
-        id,
-        created,
-        argv: Vec::new(),
-        cwd: dir.to_path_buf(),
-        output_dir: dir.to_path_buf(),
-        output_name,
-        total_steps: None,
-        status: Status::External,
-        pid: None,
-        exit_code: None,
-        started: None,
-        ended: None,
-        stop_requested: false,
-        resume_from: None,
-    })
+    let mut meta = RunMeta::new(id, dir.to_path_buf(), dir.to_path_buf(), output_name, Status::External);
+    meta.created = created;
+    Some(meta)
 }
 
 /// Every run of the workdir, oldest first.
@@ -213,22 +193,7 @@ mod tests {
     use super::*;
 
     fn meta(dir: &Path) -> RunMeta {
-        RunMeta {
-            id: "r".into(),
-            created: 1,
-            argv: vec![],
-            cwd: dir.to_path_buf(),
-            output_dir: dir.join("r"),
-            output_name: "m".into(),
-            total_steps: Some(3),
-            status: Status::Queued,
-            pid: None,
-            exit_code: None,
-            started: None,
-            ended: None,
-            stop_requested: false,
-            resume_from: None,
-        }
+        RunMeta::new("r".into(), dir.to_path_buf(), dir.join("r"), "m".into(), Status::Queued)
     }
 
     #[test]

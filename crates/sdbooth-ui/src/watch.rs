@@ -12,6 +12,7 @@ use axum::response::sse::Event;
 use serde::Serialize;
 use serde_json::Value;
 
+use crate::flags::shell_line;
 use crate::runs::{self, RunMeta};
 use crate::AppState;
 
@@ -29,6 +30,8 @@ pub struct RunFile {
 #[derive(Debug, Clone, Serialize)]
 pub struct Snapshot {
     pub meta: RunMeta,
+    /// The run's command line, `cd DIR && sdbooth train ...` (empty for a run from the CLI).
+    pub command: String,
     pub queue_position: Option<usize>,
     pub from_offset: u64,
     pub next_offset: u64,
@@ -73,7 +76,7 @@ pub fn tail(path: &Path, n: usize) -> Vec<String> {
     if f.seek(SeekFrom::Start(start)).is_err() || f.read_to_end(&mut buf).is_err() {
         return Vec::new();
     }
-    let text = String::from_utf8_lossy(&buf);
+    let text = strip_ansi(&String::from_utf8_lossy(&buf));
     // Progress output rewrites its line with '\r': keep the latest version of each line.
     let lines: Vec<String> = text
         .lines()
@@ -81,6 +84,25 @@ pub fn tail(path: &Path, n: usize) -> Vec<String> {
         .filter(|l| !l.is_empty())
         .collect();
     lines[lines.len().saturating_sub(n)..].to_vec()
+}
+
+/// Drops terminal colour codes (`ESC [ ... letter`), which a log written by a CLI run may hold.
+fn strip_ansi(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut chars = text.chars().peekable();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' && chars.peek() == Some(&'[') {
+            chars.next();
+            for c in chars.by_ref() {
+                if ('@'..='~').contains(&c) {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
 }
 
 fn entries(dir: &Path) -> Vec<(String, std::fs::Metadata)> {
@@ -143,7 +165,16 @@ pub fn snapshot(state: &AppState, meta: RunMeta, offset: u64) -> Snapshot {
     let (checkpoints, states) = outputs(&meta);
     let report = meta.output_dir.join("report.html").is_file().then(|| file_url(&meta, "report.html"));
     let log_tail = tail(&meta.dir(&state.workdir).join(runs::LOG_FILE), 60);
+    let command = if meta.argv.is_empty() {
+        String::new()
+    } else {
+        let mut words = vec!["sdbooth".to_string(), "train".to_string()];
+        words.extend(meta.argv.iter().cloned());
+        words.extend(meta.resume_from.as_ref().map(|s| format!("--resume={s}")));
+        format!("cd {} && {}", shell_line(&[meta.cwd.display().to_string()]), shell_line(&words))
+    };
     Snapshot {
+        command,
         queue_position: state.queue.position(&meta.id),
         samples: samples(&meta),
         meta,
@@ -224,7 +255,7 @@ mod tests {
     fn tail_keeps_the_last_lines() {
         let Ok(dir) = tempfile::tempdir() else { return };
         let p = dir.path().join("log");
-        assert!(std::fs::write(&p, "a\nb\rc\nd\n").is_ok());
-        assert_eq!(tail(&p, 2), vec!["c".to_string(), "d".to_string()]);
+        assert!(std::fs::write(&p, "a\nb\rc\n\u{1b}[32mINFO\u{1b}[0m d\n").is_ok());
+        assert_eq!(tail(&p, 2), vec!["c".to_string(), "INFO d".to_string()]);
     }
 }

@@ -6,9 +6,11 @@ use anyhow::{bail, Context};
 use candle_core::DType;
 use sdbooth_checkpoint::{load_model, LoadOptions};
 use sdbooth_data::tokenizer::ClipTokenizer;
+use sdbooth_models::ddpm::DdpmSchedule;
 use sdbooth_models::ParamStore;
 use sdbooth_sample::generate::{write_png, Pipeline, Request};
 use sdbooth_sample::prompts::{read_prompt_file, PromptSpec};
+use sdbooth_train::device::DeviceChoice;
 
 #[derive(clap::Args)]
 #[command(rename_all = "snake_case")]
@@ -63,6 +65,10 @@ pub struct GenerateArgs {
     /// A separate VAE file.
     #[arg(long, value_name = "FILE")]
     pub vae: Option<PathBuf>,
+    /// Where to compute: auto (the first GPU when this binary has CUDA and one is usable, else
+    /// the CPU), cpu, cuda or cuda:N.
+    #[arg(long, default_value = "auto", value_name = "DEVICE")]
+    pub device: DeviceChoice,
 }
 
 /// Loaded tensors as f32 parameters on `device`.
@@ -107,8 +113,8 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
         vae: args.vae.clone(),
         dtype: None,
     };
+    let device = crate::select_device(args.device)?;
     let model = load_model(&args.ckpt, &opts).with_context(|| format!("loading {}", args.ckpt))?;
-    let device = sdbooth_train::device::resolve_device()?;
     let (unet, te, vae) =
         (store(&model.unet, &device)?, store(&model.text_encoder, &device)?, store(&model.vae, &device)?);
     let tokenizer = if model.config.v2 { ClipTokenizer::sd2()? } else { ClipTokenizer::sd1()? };
@@ -119,6 +125,7 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
         vae: &vae,
         tokenizer: &tokenizer,
         v_prediction: model.v_parameterization,
+        schedule: &DdpmSchedule::sd(),
         clip_skip: args.clip_skip,
         max_token_length: args.max_token_length.filter(|&n| n != 75),
         dtype: None,

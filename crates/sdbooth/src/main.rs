@@ -5,6 +5,7 @@ mod convert_cmd;
 mod generate_cmd;
 mod inspect_cmd;
 mod logging;
+mod selftest_cmd;
 mod train_cmd;
 
 use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
@@ -36,6 +37,8 @@ enum Command {
     Bench(Box<bench_cmd::BenchArgs>),
     /// A local web UI: set up, check, run and watch training runs (each one a `train` child).
     Ui(Box<sdbooth_ui::UiArgs>),
+    /// Check the ops on a device: forward and gradients against the CPU, with bounds.
+    Selftest(Box<selftest_cmd::SelftestArgs>),
 }
 
 /// kohya's flags are snake_case; also accept the kebab-case spelling (`--learning-rate`) as a
@@ -66,6 +69,20 @@ fn with_negative_numbers(cmd: clap::Command) -> clap::Command {
     names.iter().fold(cmd, |cmd, name| cmd.mut_subcommand(name, |sub| sub.mut_args(numbers)))
 }
 
+/// `--device` of the commands without train's logging (generate, selftest): resolves it and
+/// prints the choice, and why `auto` fell back to the CPU, on stderr. (train and bench resolve
+/// it in their plan and log it.)
+pub(crate) fn select_device(
+    choice: sdbooth_train::device::DeviceChoice,
+) -> anyhow::Result<candle_core::Device> {
+    let selected = sdbooth_train::device::select(choice)?;
+    if let Some(note) = &selected.fallback_note {
+        eprintln!("note: {note}");
+    }
+    eprintln!("device: {}", selected.description);
+    Ok(selected.device)
+}
+
 fn main() -> std::process::ExitCode {
     let matches = with_negative_numbers(with_kebab_aliases(Cli::command())).get_matches();
     let cli = match Cli::from_arg_matches(&matches) {
@@ -75,7 +92,10 @@ fn main() -> std::process::ExitCode {
     // Training-sized buffers: keep large blocks in the heap instead of fresh mmaps per step
     // (see sdbooth_ops::alloc). The ops would apply it on first use; doing it here makes it
     // visible. SDBOOTH_NO_MALLOC_TUNING=1 leaves malloc alone.
-    if matches!(cli.command, Command::Train(_) | Command::Bench(_) | Command::Generate(_)) {
+    if matches!(
+        cli.command,
+        Command::Train(_) | Command::Bench(_) | Command::Generate(_) | Command::Selftest(_)
+    ) {
         sdbooth_ops::tune_allocator();
     }
     let result = match cli.command {
@@ -90,6 +110,7 @@ fn main() -> std::process::ExitCode {
         Command::Ui(args) => std::env::current_exe()
             .map_err(|e| anyhow::anyhow!("cannot find this program's own path to run training: {e}"))
             .and_then(|exe| sdbooth_ui::run(*args, exe)),
+        Command::Selftest(args) => selftest_cmd::run(*args),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

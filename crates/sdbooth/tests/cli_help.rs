@@ -26,6 +26,7 @@ fn help_lists_every_kohya_flag_and_ours() {
         "--validation_seed",
         "--fused_backward_pass",
         "--full_bf16",
+        "--device",
     ];
     let missing: Vec<&str> = flags
         .iter()

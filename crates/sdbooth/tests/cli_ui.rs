@@ -318,10 +318,8 @@ fn start_watch_stop_queue_resume_and_list_runs() {
     let a = ui.post("/api/runs", &toy_setup(100_000, json!({"output_name": "long"})));
     assert_eq!(a.status, 201, "{}", a.body);
     let a = a.json()["id"].as_str().unwrap().to_string();
-    let b = ui.post("/api/runs", &toy_setup(5, json!({"output_name": "next"}))).json()["id"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let b = ui.post("/api/runs", &toy_setup(5, json!({"output_name": "next", "validation_split": "0.4"})));
+    let b = b.json()["id"].as_str().unwrap().to_string();
     let d = ui.wait_run(&a, 180, "3 logged steps", |d| d["steps"].as_array().is_some_and(|s| s.len() >= 3));
     assert_eq!(d["meta"]["status"], "running");
     assert_eq!(d["meta"]["total_steps"], 100_000);
@@ -359,6 +357,9 @@ fn start_watch_stop_queue_resume_and_list_runs() {
     assert!(d["log_tail"].to_string().contains("interrupted after step"), "{}", d["log_tail"]);
     let stopped_at = d["steps"].as_array().unwrap().len();
     let bd = ui.wait_run(&b, 180, "the queued run finishes", |d| d["meta"]["status"] == "finished");
+    // Validation loss (at the start and the end), from the run's validation log.
+    let validation = bd["validation"].as_array().unwrap();
+    assert!(!validation.is_empty() && validation.iter().all(|v| v["loss"].is_number()), "{validation:?}");
     let model = bd["checkpoints"]
         .as_array()
         .unwrap()
@@ -377,6 +378,8 @@ fn start_watch_stop_queue_resume_and_list_runs() {
         d["steps"].as_array().is_some_and(|s| s.len() >= stopped_at + 2)
     });
     assert!(d["log_tail"].to_string().contains("resumed from"), "{}", d["log_tail"]);
+    let command = d["command"].as_str().unwrap();
+    assert!(command.contains("sdbooth train ") && command.contains("--resume="), "{command}");
     ui.post(&format!("/api/runs/{a}/stop"), &json!({}));
     ui.wait_run(&a, 120, "stopped again", |d| d["meta"]["status"] == "stopped");
 

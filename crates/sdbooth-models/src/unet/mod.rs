@@ -1,20 +1,33 @@
 //! UNet2DConditionModel (Stable Diffusion 1.x and 2.x) with diffusers' parameter names.
 //!
 //! The network is held as a flat list of *nodes* in topological order (time embedding, conv_in,
-//! every ResNet block, every Transformer2D block, down/upsamplers, the output head). Each node
-//! reads numbered *slots* and writes exactly one new slot, so skip connections, the timestep
-//! embedding and the text embeddings are plain slots read by many nodes. The same list drives the
-//! plain forward (`UNet::forward`), the parameter list (`param_shapes`) and the hand-chained
-//! training backward (`train.rs`), so the three can never disagree about names or structure.
+//! every ResNet block, every Transformer2D block, down/upsamplers, the output head), each a layer
+//! of `crate::layers` under a parameter prefix. Each node reads numbered *slots* and writes
+//! exactly one new slot, so skip connections, the timestep embedding and the text embeddings are
+//! plain slots read by many nodes. The same list drives the plain forward (`UNet::forward`), the
+//! parameter list (`param_shapes`), the FLOP count (`forward_flops`) and the training tape
+//! (`train.rs`), so they can never disagree about names or structure.
+//!
+//! Any latent size works, as in diffusers: each downsampler gives `ceil(h / 2)`, and each
+//! upsampler returns to the size of the skip connection it is concatenated with (diffusers'
+//! `upsample_size`, forwarded when the size is not a multiple of 2^(number of upsamplers)).
 
-mod blocks;
 mod train;
 
 use candle_core::{DType, Tensor};
+use sdbooth_ops as ops;
 
-pub use train::{GradHook, TrainOptions, UNetGrads, UNetTape};
+pub use crate::tape::GradHook;
+pub use train::{TrainOptions, UNetGrads, UNetTape};
 
 use crate::config::{BlockKind, UNetConfig};
+use crate::layers::embeddings::TimestepEmbedding;
+use crate::layers::resample::{Downsample, DownsamplePadding, Upsample};
+use crate::layers::resnet::Resnet;
+use crate::layers::transformer::Transformer2D;
+use crate::layers::{conv_flops, push_conv, push_norm, ParamShapes};
+use crate::params::Weights;
+use crate::tape::{gather, Blocks};
 use crate::{ModelError, ParamStore};
 
 /// Slot of the noisy latents `[B, in_channels, h, w]`.
@@ -28,28 +41,26 @@ pub(crate) const FIRST_NODE_SLOT: usize = 3;
 
 #[derive(Clone, Debug, PartialEq)]
 pub(crate) enum NodeKind {
-    /// `time_proj` (sinusoids, no parameters) + `time_embedding.linear_1/2`.
-    TimeEmbed,
-    ConvIn,
-    /// ResnetBlock2D; with `skip` the input is `cat([h, skip], channels)` (up path).
-    Resnet {
+    TimeEmbed(TimestepEmbedding),
+    ConvIn {
         cin: usize,
         cout: usize,
+    },
+    /// With `skip` the input is `cat([h, skip], channels)` (up path).
+    Resnet {
+        layer: Resnet,
         skip: bool,
     },
-    /// Transformer2DModel with one BasicTransformerBlock.
-    Transformer {
-        channels: usize,
-        heads: usize,
-    },
-    Downsample {
-        channels: usize,
-    },
-    Upsample {
-        channels: usize,
-    },
+    Transformer(Transformer2D),
+    Downsample(Downsample),
+    Upsample(Upsample),
     /// conv_norm_out + SiLU + conv_out.
-    Out,
+    Out {
+        cin: usize,
+        cout: usize,
+        groups: usize,
+        eps: f64,
+    },
 }
 
 #[derive(Clone, Debug)]
@@ -60,7 +71,42 @@ pub(crate) struct Node {
     /// Slots read, in the order the node's compute expects them.
     pub inputs: Vec<usize>,
     /// Names and shapes of the parameters this node (and only this node) uses.
-    pub params: Vec<(String, Vec<usize>)>,
+    pub params: ParamShapes,
+    /// Resolution level of the node's output: the latent size halved `level` times (rounded up).
+    pub level: usize,
+}
+
+impl NodeKind {
+    fn params(&self, p: &str) -> ParamShapes {
+        let mut v = Vec::new();
+        match self {
+            NodeKind::TimeEmbed(layer) => return layer.params(p),
+            NodeKind::ConvIn { cin, cout } => push_conv(&mut v, "conv_in", *cout, *cin, 3),
+            NodeKind::Resnet { layer, .. } => return layer.params(p),
+            NodeKind::Transformer(layer) => return layer.params(p),
+            NodeKind::Downsample(layer) => return layer.params(p),
+            NodeKind::Upsample(layer) => return layer.params(p),
+            NodeKind::Out { cin, cout, .. } => {
+                push_norm(&mut v, "conv_norm_out", *cin);
+                push_conv(&mut v, "conv_out", *cout, *cin, 3);
+            }
+        }
+        v
+    }
+
+    /// Forward FLOPs per sample at `pixels` output pixels with `ctx` text tokens.
+    fn flops(&self, pixels: f64, ctx: f64) -> f64 {
+        match self {
+            NodeKind::TimeEmbed(layer) => layer.flops(),
+            NodeKind::ConvIn { cin, cout } | NodeKind::Out { cin, cout, .. } => {
+                conv_flops(*cout, *cin, 3, pixels)
+            }
+            NodeKind::Resnet { layer, .. } => layer.flops(pixels),
+            NodeKind::Transformer(layer) => layer.flops(pixels, ctx),
+            NodeKind::Downsample(layer) => layer.flops(pixels),
+            NodeKind::Upsample(layer) => layer.flops(pixels),
+        }
+    }
 }
 
 /// The U-Net of one configuration. Holds no weights: they live in a `ParamStore` so the same
@@ -72,167 +118,97 @@ pub struct UNet {
 }
 
 /// Every parameter of the U-Net under diffusers' names, with its shape, in forward order.
-pub fn param_shapes(cfg: &UNetConfig) -> Vec<(String, Vec<usize>)> {
+pub fn param_shapes(cfg: &UNetConfig) -> ParamShapes {
     build_nodes(cfg).into_iter().flat_map(|n| n.params).collect()
-}
-
-fn norm(p: &str, name: &str, c: usize, out: &mut Vec<(String, Vec<usize>)>) {
-    out.push((format!("{p}{name}.weight"), vec![c]));
-    out.push((format!("{p}{name}.bias"), vec![c]));
-}
-
-fn conv(p: &str, name: &str, cout: usize, cin: usize, k: usize, out: &mut Vec<(String, Vec<usize>)>) {
-    out.push((format!("{p}{name}.weight"), vec![cout, cin, k, k]));
-    out.push((format!("{p}{name}.bias"), vec![cout]));
-}
-
-fn linear(p: &str, name: &str, cout: usize, cin: usize, bias: bool, out: &mut Vec<(String, Vec<usize>)>) {
-    out.push((format!("{p}{name}.weight"), vec![cout, cin]));
-    if bias {
-        out.push((format!("{p}{name}.bias"), vec![cout]));
-    }
-}
-
-/// `prefix.` or the empty string, so parameter names join without a leading dot.
-fn dotted(prefix: &str) -> String {
-    if prefix.is_empty() {
-        String::new()
-    } else {
-        format!("{prefix}.")
-    }
-}
-
-fn node_params(cfg: &UNetConfig, kind: &NodeKind, prefix: &str) -> Vec<(String, Vec<usize>)> {
-    let p = dotted(prefix);
-    let c0 = cfg.block_out_channels[0];
-    let temb = c0 * 4;
-    let mut v = Vec::new();
-    match *kind {
-        NodeKind::TimeEmbed => {
-            linear(&p, "time_embedding.linear_1", temb, c0, true, &mut v);
-            linear(&p, "time_embedding.linear_2", temb, temb, true, &mut v);
-        }
-        NodeKind::ConvIn => conv(&p, "conv_in", c0, cfg.in_channels, 3, &mut v),
-        NodeKind::Resnet { cin, cout, .. } => {
-            norm(&p, "norm1", cin, &mut v);
-            conv(&p, "conv1", cout, cin, 3, &mut v);
-            linear(&p, "time_emb_proj", cout, temb, true, &mut v);
-            norm(&p, "norm2", cout, &mut v);
-            conv(&p, "conv2", cout, cout, 3, &mut v);
-            if cin != cout {
-                conv(&p, "conv_shortcut", cout, cin, 1, &mut v);
-            }
-        }
-        NodeKind::Transformer { channels: c, .. } => {
-            let ctx = cfg.cross_attention_dim;
-            norm(&p, "norm", c, &mut v);
-            if cfg.use_linear_projection {
-                linear(&p, "proj_in", c, c, true, &mut v);
-            } else {
-                conv(&p, "proj_in", c, c, 1, &mut v);
-            }
-            let b = format!("{p}transformer_blocks.0.");
-            norm(&b, "norm1", c, &mut v);
-            for (attn, kv_dim) in [("attn1", c), ("attn2", ctx)] {
-                linear(&b, &format!("{attn}.to_q"), c, c, false, &mut v);
-                linear(&b, &format!("{attn}.to_k"), c, kv_dim, false, &mut v);
-                linear(&b, &format!("{attn}.to_v"), c, kv_dim, false, &mut v);
-                linear(&b, &format!("{attn}.to_out.0"), c, c, true, &mut v);
-                if attn == "attn1" {
-                    norm(&b, "norm2", c, &mut v);
-                }
-            }
-            norm(&b, "norm3", c, &mut v);
-            // GEGLU: one projection to [value, gate], inner width 4c.
-            linear(&b, "ff.net.0.proj", 8 * c, c, true, &mut v);
-            linear(&b, "ff.net.2", c, 4 * c, true, &mut v);
-            if cfg.use_linear_projection {
-                linear(&p, "proj_out", c, c, true, &mut v);
-            } else {
-                conv(&p, "proj_out", c, c, 1, &mut v);
-            }
-        }
-        NodeKind::Downsample { channels } | NodeKind::Upsample { channels } => {
-            conv(&p, "conv", channels, channels, 3, &mut v)
-        }
-        NodeKind::Out => {
-            norm(&p, "conv_norm_out", c0, &mut v);
-            conv(&p, "conv_out", cfg.out_channels, c0, 3, &mut v);
-        }
-    }
-    v
 }
 
 /// Lays the network out as diffusers' UNet2DConditionModel.__init__ does.
 fn build_nodes(cfg: &UNetConfig) -> Vec<Node> {
+    let (groups, eps) = (cfg.norm_num_groups, cfg.norm_eps);
+    let c0 = cfg.block_out_channels[0];
+    let temb = 4 * c0;
+    let resnet = |cin, cout| Resnet { cin, cout, temb: Some(temb), groups, eps };
+    let transformer = |channels, heads| {
+        NodeKind::Transformer(Transformer2D {
+            channels,
+            heads,
+            ctx_dim: cfg.cross_attention_dim,
+            linear_projection: cfg.use_linear_projection,
+            groups,
+        })
+    };
     let mut nodes: Vec<Node> = Vec::new();
-    let mut push = |kind: NodeKind, prefix: String, inputs: Vec<usize>| -> usize {
-        let params = node_params(cfg, &kind, &prefix);
-        nodes.push(Node { kind, prefix, inputs, params });
+    let mut push = |kind: NodeKind, prefix: String, inputs: Vec<usize>, level: usize| -> usize {
+        let params = kind.params(&prefix);
+        nodes.push(Node { kind, prefix, inputs, params, level });
         FIRST_NODE_SLOT + nodes.len() - 1
     };
-    let emb = push(NodeKind::TimeEmbed, String::new(), vec![SLOT_TIMESTEPS]);
-    let mut h = push(NodeKind::ConvIn, String::new(), vec![SLOT_LATENTS]);
+    let time = TimestepEmbedding {
+        channels: c0,
+        dim: temb,
+        flip_sin_to_cos: cfg.flip_sin_to_cos,
+        freq_shift: cfg.freq_shift,
+    };
+    let emb = push(NodeKind::TimeEmbed(time), String::new(), vec![SLOT_TIMESTEPS], 0);
+    let conv_in = NodeKind::ConvIn { cin: cfg.in_channels, cout: c0 };
+    let mut h = push(conv_in, String::new(), vec![SLOT_LATENTS], 0);
     // Outputs the up path concatenates back, in push order (diffusers' down_block_res_samples).
-    let mut skips = vec![(h, cfg.block_out_channels[0])];
+    let mut skips = vec![(h, c0)];
     let n_blocks = cfg.block_out_channels.len();
-    let mut cout = cfg.block_out_channels[0];
+    let mut cout = c0;
     for (i, kind) in cfg.down_blocks.iter().enumerate() {
         let cin_block = cout;
         cout = cfg.block_out_channels[i];
         for j in 0..cfg.layers_per_block {
             let cin = if j == 0 { cin_block } else { cout };
             let p = format!("down_blocks.{i}");
-            h = push(NodeKind::Resnet { cin, cout, skip: false }, format!("{p}.resnets.{j}"), vec![h, emb]);
+            let r = NodeKind::Resnet { layer: resnet(cin, cout), skip: false };
+            h = push(r, format!("{p}.resnets.{j}"), vec![h, emb], i);
             if *kind == BlockKind::CrossAttn {
-                let heads = cfg.num_heads[i];
-                h = push(
-                    NodeKind::Transformer { channels: cout, heads },
-                    format!("{p}.attentions.{j}"),
-                    vec![h, SLOT_CTX],
-                );
+                let t = transformer(cout, cfg.num_heads[i]);
+                h = push(t, format!("{p}.attentions.{j}"), vec![h, SLOT_CTX], i);
             }
             skips.push((h, cout));
         }
         if i + 1 < n_blocks {
             let p = format!("down_blocks.{i}.downsamplers.0");
-            h = push(NodeKind::Downsample { channels: cout }, p, vec![h]);
+            let d = Downsample { channels: cout, padding: DownsamplePadding::Symmetric };
+            h = push(NodeKind::Downsample(d), p, vec![h], i + 1);
             skips.push((h, cout));
         }
     }
     let c_mid = cfg.block_out_channels[n_blocks - 1];
-    let mid = NodeKind::Resnet { cin: c_mid, cout: c_mid, skip: false };
-    h = push(mid.clone(), "mid_block.resnets.0".into(), vec![h, emb]);
-    let heads = cfg.num_heads[n_blocks - 1];
-    h = push(
-        NodeKind::Transformer { channels: c_mid, heads },
-        "mid_block.attentions.0".into(),
-        vec![h, SLOT_CTX],
-    );
-    h = push(mid, "mid_block.resnets.1".into(), vec![h, emb]);
+    let deepest = n_blocks - 1;
+    let mid = || NodeKind::Resnet { layer: resnet(c_mid, c_mid), skip: false };
+    h = push(mid(), "mid_block.resnets.0".into(), vec![h, emb], deepest);
+    let t = transformer(c_mid, cfg.num_heads[n_blocks - 1]);
+    h = push(t, "mid_block.attentions.0".into(), vec![h, SLOT_CTX], deepest);
+    h = push(mid(), "mid_block.resnets.1".into(), vec![h, emb], deepest);
 
     let rev_ch: Vec<usize> = cfg.block_out_channels.iter().rev().copied().collect();
     let mut out_ch = rev_ch[0];
     for (i, kind) in cfg.down_blocks.iter().rev().enumerate() {
         let prev_out = out_ch;
         out_ch = rev_ch[i];
+        let level = deepest - i;
         let p = format!("up_blocks.{i}");
         for j in 0..=cfg.layers_per_block {
             let (skip, skip_ch) = skips.pop().expect("down path pushes layers_per_block + 1 per level");
             let cin = if j == 0 { prev_out } else { out_ch };
-            let kind_r = NodeKind::Resnet { cin: cin + skip_ch, cout: out_ch, skip: true };
-            h = push(kind_r, format!("{p}.resnets.{j}"), vec![h, skip, emb]);
+            let r = NodeKind::Resnet { layer: resnet(cin + skip_ch, out_ch), skip: true };
+            h = push(r, format!("{p}.resnets.{j}"), vec![h, skip, emb], level);
             if *kind == BlockKind::CrossAttn {
-                let heads = cfg.num_heads[n_blocks - 1 - i];
-                let kind_t = NodeKind::Transformer { channels: out_ch, heads };
-                h = push(kind_t, format!("{p}.attentions.{j}"), vec![h, SLOT_CTX]);
+                let t = transformer(out_ch, cfg.num_heads[n_blocks - 1 - i]);
+                h = push(t, format!("{p}.attentions.{j}"), vec![h, SLOT_CTX], level);
             }
         }
         if i + 1 < n_blocks {
-            h = push(NodeKind::Upsample { channels: out_ch }, format!("{p}.upsamplers.0"), vec![h]);
+            let u = NodeKind::Upsample(Upsample { channels: out_ch });
+            h = push(u, format!("{p}.upsamplers.0"), vec![h], level - 1);
         }
     }
-    push(NodeKind::Out, String::new(), vec![h]);
+    let out = NodeKind::Out { cin: c0, cout: cfg.out_channels, groups, eps };
+    push(out, String::new(), vec![h], 0);
     nodes
 }
 
@@ -245,30 +221,47 @@ impl UNet {
         &self.cfg
     }
 
-    pub fn param_shapes(&self) -> Vec<(String, Vec<usize>)> {
+    pub fn param_shapes(&self) -> ParamShapes {
         self.nodes.iter().flat_map(|n| n.params.iter().cloned()).collect()
     }
 
-    pub(crate) fn nodes(&self) -> &[Node] {
-        &self.nodes
+    /// Forward FLOPs for one sample at latent size `h x w` with `ctx` text tokens: every
+    /// convolution and linear layer at the resolution its node runs at, plus the attention
+    /// products (multiply-adds x 2; norms and activations are not counted).
+    pub fn forward_flops(&self, h: usize, w: usize, ctx: usize) -> f64 {
+        let sizes = self.level_sizes(h, w);
+        self.nodes
+            .iter()
+            .map(|n| {
+                let (lh, lw) = sizes[n.level];
+                n.kind.flops((lh * lw) as f64, ctx as f64)
+            })
+            .sum()
     }
 
-    pub(crate) fn num_slots(&self) -> usize {
-        FIRST_NODE_SLOT + self.nodes.len()
+    /// Feature-map size at each resolution level for latents of `h x w` (each downsampler
+    /// halves, rounding up).
+    fn level_sizes(&self, h: usize, w: usize) -> Vec<(usize, usize)> {
+        let mut sizes = vec![(h, w)];
+        for _ in 1..self.cfg.block_out_channels.len() {
+            let (lh, lw) = sizes[sizes.len() - 1];
+            sizes.push(Downsample::output_size(lh, lw));
+        }
+        sizes
     }
 
-    /// Checks the latent size: three 2x downsamples need h and w divisible by 2^(levels-1).
-    fn check_input(&self, latents: &Tensor) -> Result<(), ModelError> {
+    /// Checks the latents and prepares a run at their size. Every positive size works (see the
+    /// module docs); images are refused earlier by [`crate::vae::check_image_size`].
+    fn prepare(&self, latents: &Tensor) -> Result<UNetRun<'_>, ModelError> {
         let (_, c, h, w) = latents.dims4()?;
-        let factor = 1usize << (self.cfg.block_out_channels.len() - 1);
-        if c != self.cfg.in_channels || h % factor != 0 || w % factor != 0 {
+        if c != self.cfg.in_channels || h == 0 || w == 0 {
             return Err(ModelError::BadInput(format!(
-                "U-Net latents must be [B, {}, h, w] with h and w multiples of {factor}, got {:?}",
+                "U-Net latents must be [B, {}, h, w] with h, w >= 1, got {:?}",
                 self.cfg.in_channels,
                 latents.dims()
             )));
         }
-        Ok(())
+        Ok(UNetRun { unet: self, sizes: self.level_sizes(h, w) })
     }
 
     /// Plain forward as one autograd graph: ops on tracked parameters (and on tracked inputs)
@@ -281,7 +274,7 @@ impl UNet {
         timesteps: &Tensor,
         encoder_hidden_states: &Tensor,
     ) -> Result<Tensor, ModelError> {
-        let w = blocks::Weights { params, track: true, dtype: None };
+        let w = Weights { params, track: true, dtype: None };
         self.run_all(&w, latents, timesteps, encoder_hidden_states)
     }
 
@@ -295,27 +288,24 @@ impl UNet {
         encoder_hidden_states: &Tensor,
         dtype: Option<DType>,
     ) -> Result<Tensor, ModelError> {
-        let w = blocks::Weights { params, track: false, dtype };
+        let w = Weights { params, track: false, dtype };
         self.run_all(&w, latents, timesteps, encoder_hidden_states)
     }
 
     fn run_all(
         &self,
-        w: &blocks::Weights,
+        w: &Weights,
         latents: &Tensor,
         timesteps: &Tensor,
         ctx: &Tensor,
     ) -> Result<Tensor, ModelError> {
-        self.check_input(latents)?;
-        let mut slots: Vec<Option<Tensor>> = vec![None; self.num_slots()];
+        let run = self.prepare(latents)?;
+        let mut slots: Vec<Option<Tensor>> = vec![None; FIRST_NODE_SLOT + self.nodes.len()];
         slots[SLOT_LATENTS] = Some(latents.clone());
         slots[SLOT_TIMESTEPS] = Some(timesteps.clone());
         slots[SLOT_CTX] = Some(ctx.clone());
         for (i, node) in self.nodes.iter().enumerate() {
-            let out = {
-                let inputs = gather(&slots, &node.inputs)?;
-                blocks::run_node(&self.cfg, node, w, &inputs)?
-            };
+            let out = run.run_block(w, i, &gather(&slots, &node.inputs)?)?;
             slots[FIRST_NODE_SLOT + i] = Some(out);
             // Drop slots no later node reads, so the plain forward does not hold every activation
             // beyond what the graph itself keeps.
@@ -329,13 +319,61 @@ impl UNet {
     }
 
     /// Index of the last node that reads `slot`.
-    pub(crate) fn last_reader(&self, slot: usize) -> usize {
+    fn last_reader(&self, slot: usize) -> usize {
         self.nodes.iter().rposition(|n| n.inputs.contains(&slot)).unwrap_or(0)
     }
 }
 
-pub(crate) fn gather(slots: &[Option<Tensor>], idx: &[usize]) -> Result<Vec<Tensor>, ModelError> {
-    idx.iter()
-        .map(|&s| slots[s].clone().ok_or_else(|| ModelError::BadInput(format!("U-Net slot {s} is empty"))))
-        .collect()
+/// The U-Net at one latent size: what the tape and the plain forward run.
+pub(crate) struct UNetRun<'a> {
+    unet: &'a UNet,
+    /// Feature-map size per resolution level.
+    sizes: Vec<(usize, usize)>,
+}
+
+impl Blocks for UNetRun<'_> {
+    const NAME: &'static str = "U-Net";
+
+    fn num_blocks(&self) -> usize {
+        self.unet.nodes.len()
+    }
+
+    fn block_inputs(&self, i: usize) -> &[usize] {
+        &self.unet.nodes[i].inputs
+    }
+
+    fn block_params(&self, i: usize) -> &[(String, Vec<usize>)] {
+        &self.unet.nodes[i].params
+    }
+
+    fn block_name(&self, i: usize) -> String {
+        self.unet.nodes[i].prefix.clone()
+    }
+
+    /// Runs one node on its input slot values.
+    fn run_block(&self, w: &Weights, i: usize, inputs: &[Tensor]) -> Result<Tensor, ModelError> {
+        let node = &self.unet.nodes[i];
+        let p = node.prefix.as_str();
+        match &node.kind {
+            NodeKind::TimeEmbed(layer) => layer.forward(w, p, &inputs[0]),
+            NodeKind::ConvIn { .. } => {
+                let (wt, b) = w.wb("conv_in")?;
+                Ok(ops::conv2d(&w.cast(&inputs[0])?, &wt, Some(&b), 1, 1)?)
+            }
+            NodeKind::Resnet { layer, skip } => {
+                let x = if *skip { Tensor::cat(&[&inputs[0], &inputs[1]], 1)? } else { inputs[0].clone() };
+                layer.forward(w, p, &x, Some(&inputs[inputs.len() - 1]))
+            }
+            NodeKind::Transformer(layer) => layer.forward(w, p, &inputs[0], &w.cast(&inputs[1])?),
+            NodeKind::Downsample(layer) => layer.forward(w, p, &inputs[0]),
+            NodeKind::Upsample(layer) => layer.forward(w, p, &inputs[0], Some(self.sizes[node.level])),
+            NodeKind::Out { groups, eps, .. } => {
+                let (g, b) = w.wb("conv_norm_out")?;
+                let h = ops::group_norm_silu(&inputs[0], *groups, &g, &b, *eps)?;
+                let (wt, b) = w.wb("conv_out")?;
+                // The loss is taken in f32 whatever the compute dtype (kohya: `noise_pred.float()`).
+                Ok(ops::conv2d(&h, &wt, Some(&b), 1, 1)?.to_dtype(DType::F32)?)
+            }
+        }
+    }
 }

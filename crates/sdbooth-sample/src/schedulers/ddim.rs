@@ -3,7 +3,7 @@
 
 use candle_core::{Result, Tensor};
 
-use super::{alphas_cumprod, lin2, NoiseSource, PredictionType, Sampler};
+use super::{lin2, NoiseSource, PredictionType, Sampler};
 
 pub struct Ddim {
     timesteps: Vec<f64>,
@@ -13,10 +13,10 @@ pub struct Ddim {
 }
 
 impl Ddim {
-    pub fn new(steps: usize, prediction: PredictionType) -> Self {
+    pub fn new(steps: usize, prediction: PredictionType, ac: &[f32]) -> Self {
         let step_ratio = 1000 / steps;
         let timesteps = (0..steps).rev().map(|i| (i * step_ratio) as f64).collect();
-        Ddim { timesteps, alphas_cumprod: alphas_cumprod(), step_ratio, prediction }
+        Ddim { timesteps, alphas_cumprod: ac.to_vec(), step_ratio, prediction }
     }
 }
 

@@ -9,7 +9,7 @@
 use candle_core::{Result, Tensor};
 
 use super::sigmas::interp;
-use super::{alphas_cumprod, lin2, NoiseSource, PredictionType, Sampler};
+use super::{lin2, NoiseSource, PredictionType, Sampler};
 
 #[derive(Clone, Copy, PartialEq, Eq)]
 pub enum DpmAlgorithm {
@@ -37,16 +37,15 @@ fn vp(sigma: f64) -> (f64, f64, f64) {
 }
 
 impl DpmSolverMultistep {
-    pub fn new(steps: usize, algorithm: DpmAlgorithm, prediction: PredictionType) -> Self {
+    pub fn new(steps: usize, algorithm: DpmAlgorithm, prediction: PredictionType, ac: &[f32]) -> Self {
         let zero_final_sigma = algorithm == DpmAlgorithm::Data;
-        let (timesteps, sigmas) = schedule(steps, zero_final_sigma);
+        let (timesteps, sigmas) = schedule(steps, zero_final_sigma, ac);
         DpmSolverMultistep { timesteps, sigmas, algorithm, prediction, history: Vec::new(), zero_final_sigma }
     }
 }
 
 /// Integer timesteps and their sigmas, ending at 0 or at the smallest training sigma.
-fn schedule(steps: usize, zero_final_sigma: bool) -> (Vec<f64>, Vec<f64>) {
-    let ac = alphas_cumprod();
+fn schedule(steps: usize, zero_final_sigma: bool, ac: &[f32]) -> (Vec<f64>, Vec<f64>) {
     let table: Vec<f64> = ac.iter().map(|&a| ((1.0 - a) / a).sqrt() as f64).collect();
     // np.linspace(0, 999, steps + 1).round() (ties to even), reversed, without the 0.
     let timesteps: Vec<f64> =
@@ -131,8 +130,8 @@ pub struct DpmSolverSinglestep {
 }
 
 impl DpmSolverSinglestep {
-    pub fn new(steps: usize, prediction: PredictionType) -> Self {
-        let (timesteps, sigmas) = schedule(steps, true);
+    pub fn new(steps: usize, prediction: PredictionType, ac: &[f32]) -> Self {
+        let (timesteps, sigmas) = schedule(steps, true, ac);
         // [1, 2] pairs, and the final step first order (diffusers' lower_order_final).
         let mut orders: Vec<usize> = (0..steps).map(|i| if i % 2 == 0 { 1 } else { 2 }).collect();
         if let Some(last) = orders.last_mut() {

@@ -15,12 +15,13 @@ pub struct Euler {
 }
 
 impl Euler {
-    pub fn new(steps: usize, prediction: PredictionType) -> Self {
-        Euler { ladder: SigmaLadder::linspace(steps), prediction, ancestral: false }
+    /// `ac`: the schedule's ᾱ as samplers use it (`DdpmSchedule::alphas_cumprod_for_sampling`).
+    pub fn new(steps: usize, prediction: PredictionType, ac: &[f32]) -> Self {
+        Euler { ladder: SigmaLadder::linspace(steps, ac), prediction, ancestral: false }
     }
 
-    pub fn ancestral(steps: usize, prediction: PredictionType) -> Self {
-        Euler { ladder: SigmaLadder::linspace(steps), prediction, ancestral: true }
+    pub fn ancestral(steps: usize, prediction: PredictionType, ac: &[f32]) -> Self {
+        Euler { ladder: SigmaLadder::linspace(steps, ac), prediction, ancestral: true }
     }
 }
 

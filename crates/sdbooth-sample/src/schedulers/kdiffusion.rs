@@ -30,8 +30,8 @@ pub struct Heun {
 }
 
 impl Heun {
-    pub fn new(steps: usize, prediction: PredictionType) -> Self {
-        let ladder = SigmaLadder::linspace(steps);
+    pub fn new(steps: usize, prediction: PredictionType, ac: &[f32]) -> Self {
+        let ladder = SigmaLadder::linspace(steps, ac);
         let mut timesteps = vec![ladder.timesteps[0]];
         for t in &ladder.timesteps[1..] {
             timesteps.extend([*t, *t]);
@@ -86,8 +86,8 @@ struct Dpm2Ladder {
 }
 
 impl Dpm2Ladder {
-    fn new(steps: usize, ancestral: bool) -> Self {
-        let ladder = SigmaLadder::linspace(steps);
+    fn new(steps: usize, ancestral: bool, ac: &[f32]) -> Self {
+        let ladder = SigmaLadder::linspace(steps, ac);
         let s: Vec<f32> = ladder.sigmas.iter().map(|&v| v as f32).collect();
         let n = s.len();
         let next = |i: usize| if i + 1 < n { s[i + 1] } else { 0.0 };
@@ -113,7 +113,7 @@ impl Dpm2Ladder {
             interpol[n - 2] = 0.0;
             interpol[n - 1] = 0.0;
         }
-        let log_sigmas = log_sigma_table();
+        let log_sigmas = log_sigma_table(ac);
         let t_interpol: Vec<f64> = interpol.iter().map(|&v| sigma_to_t(v, &log_sigmas) as f64).collect();
         let mut timesteps = vec![ladder.timesteps[0]];
         let partners = if ancestral { &t_interpol[..n - 2] } else { &t_interpol[1..n - 1] };
@@ -143,8 +143,8 @@ pub struct KDpm2 {
 }
 
 impl KDpm2 {
-    pub fn new(steps: usize, prediction: PredictionType) -> Self {
-        KDpm2 { ladder: Dpm2Ladder::new(steps, false), prediction, first_x: None }
+    pub fn new(steps: usize, prediction: PredictionType, ac: &[f32]) -> Self {
+        KDpm2 { ladder: Dpm2Ladder::new(steps, false, ac), prediction, first_x: None }
     }
 }
 
@@ -190,8 +190,8 @@ pub struct KDpm2Ancestral {
 }
 
 impl KDpm2Ancestral {
-    pub fn new(steps: usize, prediction: PredictionType) -> Self {
-        KDpm2Ancestral { ladder: Dpm2Ladder::new(steps, true), prediction, first_x: None }
+    pub fn new(steps: usize, prediction: PredictionType, ac: &[f32]) -> Self {
+        KDpm2Ancestral { ladder: Dpm2Ladder::new(steps, true, ac), prediction, first_x: None }
     }
 }
 
@@ -243,8 +243,8 @@ pub struct Lms {
 const LMS_ORDER: usize = 4;
 
 impl Lms {
-    pub fn new(steps: usize, prediction: PredictionType) -> Self {
-        Lms { ladder: SigmaLadder::linspace(steps), prediction, derivatives: Vec::new() }
+    pub fn new(steps: usize, prediction: PredictionType, ac: &[f32]) -> Self {
+        Lms { ladder: SigmaLadder::linspace(steps, ac), prediction, derivatives: Vec::new() }
     }
 
     /// ∫ over [σ_i, σ_{i+1}] of the Lagrange basis polynomial for derivative `current` (0 = newest).

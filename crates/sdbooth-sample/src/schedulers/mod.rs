@@ -15,6 +15,7 @@ mod pndm;
 mod sigmas;
 
 use candle_core::{Result, Tensor};
+use sdbooth_models::ddpm::DdpmSchedule;
 
 pub use ddim::Ddim;
 pub use dpm_solver::{DpmAlgorithm, DpmSolverMultistep, DpmSolverSinglestep};
@@ -72,27 +73,39 @@ pub const SAMPLER_NAMES: &[&str] = &[
     "dpmsolver++",
 ];
 
-/// Builds the sampler kohya uses for `name` with `steps` inference steps.
+/// Builds the sampler kohya uses for `name` with `steps` inference steps on SD's schedule.
 pub fn sampler_by_name(
     name: &str,
     steps: usize,
     prediction: PredictionType,
 ) -> std::result::Result<Box<dyn Sampler>, String> {
+    sampler_for_schedule(name, steps, prediction, &DdpmSchedule::sd())
+}
+
+/// Builds the sampler kohya uses for `name` on `schedule` (the trainer's, zero-terminal-SNR
+/// included, for samples drawn during training).
+pub fn sampler_for_schedule(
+    name: &str,
+    steps: usize,
+    prediction: PredictionType,
+    schedule: &DdpmSchedule,
+) -> std::result::Result<Box<dyn Sampler>, String> {
     if steps == 0 {
         return Err("the number of sampling steps must be at least 1".into());
     }
+    let ac = &schedule.alphas_cumprod_for_sampling();
     Ok(match name {
-        "ddim" => Box::new(Ddim::new(steps, prediction)),
-        "euler" | "k_euler" => Box::new(Euler::new(steps, prediction)),
-        "euler_a" | "k_euler_a" => Box::new(Euler::ancestral(steps, prediction)),
-        "lms" | "k_lms" => Box::new(Lms::new(steps, prediction)),
-        "heun" => Box::new(Heun::new(steps, prediction)),
-        "dpm_2" | "k_dpm_2" => Box::new(KDpm2::new(steps, prediction)),
-        "dpm_2_a" | "k_dpm_2_a" => Box::new(KDpm2Ancestral::new(steps, prediction)),
-        "dpmsolver" => Box::new(DpmSolverMultistep::new(steps, DpmAlgorithm::Noise, prediction)),
-        "dpmsolver++" => Box::new(DpmSolverMultistep::new(steps, DpmAlgorithm::Data, prediction)),
-        "pndm" => Box::new(Pndm::new(steps, prediction)),
-        "dpmsingle" => Box::new(DpmSolverSinglestep::new(steps, prediction)),
+        "ddim" => Box::new(Ddim::new(steps, prediction, ac)),
+        "euler" | "k_euler" => Box::new(Euler::new(steps, prediction, ac)),
+        "euler_a" | "k_euler_a" => Box::new(Euler::ancestral(steps, prediction, ac)),
+        "lms" | "k_lms" => Box::new(Lms::new(steps, prediction, ac)),
+        "heun" => Box::new(Heun::new(steps, prediction, ac)),
+        "dpm_2" | "k_dpm_2" => Box::new(KDpm2::new(steps, prediction, ac)),
+        "dpm_2_a" | "k_dpm_2_a" => Box::new(KDpm2Ancestral::new(steps, prediction, ac)),
+        "dpmsolver" => Box::new(DpmSolverMultistep::new(steps, DpmAlgorithm::Noise, prediction, ac)),
+        "dpmsolver++" => Box::new(DpmSolverMultistep::new(steps, DpmAlgorithm::Data, prediction, ac)),
+        "pndm" => Box::new(Pndm::new(steps, prediction, ac)),
+        "dpmsingle" => Box::new(DpmSolverSinglestep::new(steps, prediction, ac)),
         other => {
             return Err(format!(
                 "unknown sampler {other:?}; kohya's names are ddim, pndm, lms, euler, euler_a, heun, dpm_2, \
@@ -100,23 +113,6 @@ pub fn sampler_by_name(
             ))
         }
     })
-}
-
-/// SD's training schedule as diffusers builds it for inference: `scaled_linear` betas from
-/// 0.00085 to 0.012 over 1000 steps, in f32 as torch computes them.
-pub(crate) fn alphas_cumprod() -> Vec<f32> {
-    const N: usize = 1000;
-    let (start, end) = (0.00085f32.sqrt(), 0.012f32.sqrt());
-    let step = (end - start) / (N as f32 - 1.0);
-    let mut acc = 1.0f32;
-    (0..N)
-        .map(|i| {
-            // torch.linspace fills the second half from the end, which keeps the last value exact.
-            let v = if i < N / 2 { start + step * i as f32 } else { end - step * (N - 1 - i) as f32 };
-            acc *= 1.0 - v * v;
-            acc
-        })
-        .collect()
 }
 
 /// `a*x + b*y` with scalar coefficients.

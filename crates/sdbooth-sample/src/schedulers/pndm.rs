@@ -3,7 +3,7 @@
 
 use candle_core::{Result, Tensor};
 
-use super::{alphas_cumprod, lin2, NoiseSource, PredictionType, Sampler};
+use super::{lin2, NoiseSource, PredictionType, Sampler};
 
 pub struct Pndm {
     timesteps: Vec<f64>,
@@ -20,7 +20,7 @@ pub struct Pndm {
 }
 
 impl Pndm {
-    pub fn new(steps: usize, prediction: PredictionType) -> Self {
+    pub fn new(steps: usize, prediction: PredictionType, ac: &[f32]) -> Self {
         let ratio = 1000 / steps;
         let base: Vec<i64> = (0..steps).map(|i| (i * ratio) as i64).collect();
         // Each of the last four timesteps twice, offset by half a step, then every value
@@ -39,7 +39,7 @@ impl Pndm {
             timesteps,
             prk_calls,
             step_ratio: ratio,
-            alphas_cumprod: alphas_cumprod(),
+            alphas_cumprod: ac.to_vec(),
             prediction,
             ets: Vec::new(),
             rk_sum: None,

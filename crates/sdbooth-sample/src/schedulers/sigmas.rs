@@ -3,7 +3,7 @@
 
 use candle_core::{Result, Tensor};
 
-use super::{alphas_cumprod, lin2, PredictionType};
+use super::{lin2, PredictionType};
 
 /// The k-diffusion sigma ladder: `steps` timesteps evenly spaced over [999, 0], sigmas
 /// interpolated from the training schedule, then a final 0.
@@ -13,8 +13,8 @@ pub(crate) struct SigmaLadder {
 }
 
 impl SigmaLadder {
-    pub fn linspace(steps: usize) -> Self {
-        let table: Vec<f64> = alphas_cumprod().iter().map(|&a| ((1.0 - a) / a).sqrt() as f64).collect();
+    pub fn linspace(steps: usize, ac: &[f32]) -> Self {
+        let table: Vec<f64> = ac.iter().map(|&a| ((1.0 - a) / a).sqrt() as f64).collect();
         // np.linspace(0, 999, steps, dtype=float32), reversed.
         let timesteps: Vec<f64> = (0..steps)
             .rev()
@@ -66,6 +66,6 @@ pub(crate) fn sigma_to_t(sigma: f32, log_sigmas: &[f32]) -> f32 {
 }
 
 /// Natural log of each training-schedule sigma, in f32 as numpy computes it.
-pub(crate) fn log_sigma_table() -> Vec<f32> {
-    alphas_cumprod().iter().map(|&a| ((1.0 - a) / a).sqrt().ln()).collect()
+pub(crate) fn log_sigma_table(ac: &[f32]) -> Vec<f32> {
+    ac.iter().map(|&a| ((1.0 - a) / a).sqrt().ln()).collect()
 }

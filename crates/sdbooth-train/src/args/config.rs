@@ -28,8 +28,9 @@ pub enum ConfigOutcome {
 }
 
 /// Keys kohya leaves out of a written config: the config options themselves and the WandB key
-/// (a secret). Ours add the dry-run switches, which describe one invocation, not a training setup.
-const NOT_WRITTEN: &[&str] = &["config_file", "output_config", "wandb_api_key", "dry_run", "json"];
+/// (a secret). Ours add the dry-run switches and `--device`, which describe one invocation on one
+/// machine, not a training setup.
+const NOT_WRITTEN: &[&str] = &["config_file", "output_config", "wandb_api_key", "dry_run", "json", "device"];
 
 /// kohya's rule for the file name.
 pub fn config_path(name: &str) -> PathBuf {

@@ -35,6 +35,7 @@ pub const FLAG_SUPPORT: &[(&str, Support)] = &[
     ("dry_run", Implemented),
     ("json", Implemented),
     ("debug_dataset", Implemented),
+    ("device", Implemented),
     // Model: the dry run needs only the model's name.
     ("pretrained_model_name_or_path", Implemented),
     ("v2", Implemented),

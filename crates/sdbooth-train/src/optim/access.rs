@@ -84,31 +84,3 @@ pub fn with_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Result<R> {
     let v = t.to_device(&Device::Cpu)?.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
     Ok(f(&v))
 }
-
-/// Multiplies an f32 CPU tensor by `s` in place (gradient clipping); other tensors are rejected.
-pub fn scale_in_place(t: &Tensor, s: f32) -> Result<()> {
-    struct Scale(f32);
-    impl InplaceOp1 for Scale {
-        fn name(&self) -> &'static str {
-            "sdbooth-scale"
-        }
-        fn cpu_fwd(&self, storage: &mut CpuStorage, layout: &Layout) -> candle_core::Result<()> {
-            let (s, e) = layout
-                .contiguous_offsets()
-                .ok_or_else(|| candle_core::Error::Msg("scale: tensor is not contiguous".into()))?;
-            match storage {
-                CpuStorage::F32(v) => v[s..e].iter_mut().for_each(|x| *x *= self.0),
-                CpuStorage::BF16(v) => {
-                    v[s..e].iter_mut().for_each(|x| *x = bf16::from_f32(x.to_f32() * self.0))
-                }
-                _ => candle_core::bail!("scale: f32 or bf16 tensors only"),
-            }
-            Ok(())
-        }
-    }
-    if !t.device().is_cpu() {
-        return Err(TrainError::Config("in-place gradient scaling runs on CPU tensors only".into()));
-    }
-    t.inplace_op1(&Scale(s))?;
-    Ok(())
-}

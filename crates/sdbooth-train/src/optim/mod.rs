@@ -1,7 +1,8 @@
 //! Optimizers with in-place, per-parameter updates.
 //!
-//! `Optimizer::step_param` updates one parameter as soon as its gradient is final (the fused
-//! backward calls it block by block; the plain loop calls it for every parameter after backward).
+//! `Optimizer::step_param_scaled` updates one parameter as soon as its gradient is final (the
+//! fused backward calls it block by block; the plain loop calls it for every parameter after
+//! backward); `crate::update` decides when and with which clipping factor.
 //! Weights are changed where they live (see `access`), state buffers are plain host vectors keyed
 //! by parameter name, so the state of a text encoder that stops training can be freed by group.
 //! Weights stored as bf16 (`--full_bf16`) are updated in f32 and rounded back stochastically from
@@ -22,9 +23,9 @@ use std::collections::BTreeMap;
 use candle_core::{Tensor, Var};
 use half::bf16;
 use rand::RngCore;
-use rand_chacha::rand_core::SeedableRng;
+use sdbooth_data::Streams;
 
-pub use access::{scale_in_place, with_f32, with_weights_mut, WeightsMut};
+pub use access::{with_f32, with_weights_mut, WeightsMut};
 pub use config::{OptimizerConfig, OptimizerKind, PyLiteral};
 
 use crate::error::{Result, TrainError};
@@ -158,39 +159,11 @@ impl Optimizer {
                 WeightsMut::BF16(wb) => {
                     let mut w32: Vec<f32> = wb.iter().map(|x| x.to_f32()).collect();
                     update(config, st, &mut w32, g, grad_scale, &shape, lr)?;
-                    stochastic_round(&w32, wb, rounding_stream(config.rounding_seed, name, step));
+                    stochastic_round(&w32, wb, Streams::new(config.rounding_seed).rounding(name, step));
                     Ok(())
                 }
             })
         })?
-    }
-
-    /// The plain (non-fused) step: clips all gradients to a global norm of `max_grad_norm`
-    /// (0 disables; torch's clip_grad_norm_ over every parameter with a gradient, as accelerate
-    /// does), then updates every parameter that has a gradient with its group's learning rate,
-    /// `group_lrs[i]` for `self.groups[i]`. Parameters with no gradient are skipped (as torch
-    /// skips `p.grad is None`); a parameter in no group is an error. Returns the gradient norm
-    /// before clipping. Gradients are only read.
-    pub fn step_all(
-        &mut self,
-        params: &[(String, Var)],
-        grads: &candle_core::backprop::GradStore,
-        group_lrs: &[f64],
-        max_grad_norm: f64,
-    ) -> Result<f64> {
-        let with_grad: Vec<(&String, &Var, &Tensor)> =
-            params.iter().filter_map(|(n, v)| grads.get(v.as_tensor()).map(|g| (n, v, g))).collect();
-        let norm = global_grad_norm(with_grad.iter().map(|x| x.2))?;
-        let coef = clip_coef(norm, max_grad_norm);
-        for (name, var, grad) in with_grad {
-            let gi =
-                self.group_of(name).ok_or_else(|| TrainError::param(name, "is in no parameter group"))?;
-            let lr = *group_lrs
-                .get(gi)
-                .ok_or_else(|| TrainError::param(name, format!("no learning rate for group {gi}")))?;
-            self.step_param_scaled(name, var, &grad.detach(), lr, coef)?;
-        }
-        Ok(norm)
     }
 
     /// The step size used at the last update of `param` (Adafactor computes its own).
@@ -226,21 +199,6 @@ fn update(
     }
 }
 
-/// The stochastic-rounding stream of one parameter at one step.
-pub fn rounding_stream(seed: u64, name: &str, step: u64) -> rand_chacha::ChaCha8Rng {
-    // FNV-1a of the name, mixed with seed and step by splitmix64 finalisers.
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for b in name.bytes() {
-        h = (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3);
-    }
-    let mix = |mut z: u64| {
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    };
-    rand_chacha::ChaCha8Rng::seed_from_u64(mix(mix(seed ^ h) ^ step))
-}
-
 /// Rounds f32 values to bf16 stochastically: the chance of rounding up is the distance to the
 /// lower neighbour, so the expected stored value equals the f32 value and updates far below
 /// bf16's resolution still move the weights on average.
@@ -257,42 +215,4 @@ pub fn stochastic_round(src: &[f32], dst: &mut [bf16], mut rng: impl RngCore) {
             r >>= 16;
         }
     }
-}
-
-/// The global L2 norm of a set of gradients (torch's `clip_grad_norm_`: norm of the per-tensor
-/// norms), accumulated in f64.
-pub fn global_grad_norm<'a>(grads: impl IntoIterator<Item = &'a Tensor>) -> Result<f64> {
-    let mut ss = 0f64;
-    for g in grads {
-        ss += with_f32(g, |v| v.iter().map(|&x| f64::from(x) * f64::from(x)).sum::<f64>())?;
-    }
-    Ok(ss.sqrt())
-}
-
-/// The factor torch's `clip_grad_norm_(max_norm)` multiplies the gradients by:
-/// min(1, max_norm / (total_norm + 1e-6)). `max_norm <= 0` disables clipping (kohya's 0.0).
-pub fn clip_coef(total_norm: f64, max_norm: f64) -> f32 {
-    if max_norm <= 0.0 {
-        return 1.0;
-    }
-    let c = (max_norm as f32) / (total_norm as f32 + 1e-6);
-    c.min(1.0)
-}
-
-/// Clips a set of gradients in place to a global norm of `max_norm` (the plain loop); returns the
-/// norm before clipping.
-pub fn clip_grad_norm(grads: &[&Tensor], max_norm: f64) -> Result<f64> {
-    let norm = global_grad_norm(grads.iter().copied())?;
-    let c = clip_coef(norm, max_norm);
-    if c < 1.0 {
-        for g in grads {
-            scale_in_place(g, c)?;
-        }
-    }
-    Ok(norm)
-}
-
-/// The per-tensor variant for the fused backward: the factor to pass to `step_param_scaled`.
-pub fn per_tensor_clip_coef(grad: &Tensor, max_norm: f64) -> Result<f32> {
-    Ok(clip_coef(global_grad_norm([grad])?, max_norm))
 }

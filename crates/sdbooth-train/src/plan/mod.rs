@@ -180,7 +180,7 @@ impl TrainPlan {
     /// cannot run.
     pub fn resolve(args: &TrainArgs) -> Result<Self> {
         check_combinations(args)?;
-        let device = crate::device::resolve_device()?;
+        let device = crate::device::resolve_device(args.run.device)?;
         let seed = args.training.seed.unwrap_or(42);
         let mut config = OptimizerConfig::from_args(optimizer_kind(args)?, &args.optimizer.optimizer_args)?;
         config.rounding_seed = seed;
@@ -245,11 +245,7 @@ impl TrainPlan {
 
     /// The DDPM schedule the model was trained with, as these flags adjust it.
     pub fn noise_schedule(&self) -> DdpmSchedule {
-        if self.zero_terminal_snr {
-            DdpmSchedule::sd().with_zero_terminal_snr()
-        } else {
-            DdpmSchedule::sd()
-        }
+        DdpmSchedule::for_training(self.zero_terminal_snr)
     }
 
     /// `--output_dir`, required to train.

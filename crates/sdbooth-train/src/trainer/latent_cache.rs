@@ -13,9 +13,7 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use candle_core::{Device, Tensor};
-use rand::SeedableRng;
-use rand_chacha::ChaCha8Rng;
-use sdbooth_data::{DatasetGroup, SampleContext};
+use sdbooth_data::{DatasetGroup, SampleContext, Streams};
 use sdbooth_models::{ParamStore, Vae};
 
 use super::step::normal_tensor;
@@ -156,8 +154,7 @@ pub fn build(
                     let sample = sdbooth_data::load_sample(group, di, ii, 0, ctx)?;
                     let (h, w) = (sample.height as usize, sample.width as usize);
                     images.push(Tensor::from_vec(sample.pixels, (1, 3, h, w), device)?);
-                    let path_hash = fnv(ds.images[ii].path.to_string_lossy().as_bytes(), settings.seed);
-                    let mut rng = ChaCha8Rng::seed_from_u64(path_hash);
+                    let mut rng = Streams::new(settings.seed).cached_latent(&ds.images[ii].path);
                     noises.push(normal_tensor(&mut rng, &[1, 4, h / f, w / f], device)?);
                 }
                 let latents = vae.encode_to_latents(

@@ -18,25 +18,27 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
-use candle_core::{DType, Tensor};
+use candle_core::Tensor;
 use indicatif::{ProgressBar, ProgressStyle};
-use rand::SeedableRng;
-use rand_chacha::ChaCha8Rng;
-use sdbooth_data::{load_batch, BatchRef, DatasetGroup, SampleContext, Sampler};
+use sdbooth_data::{load_batch, BatchRef, DatasetGroup, SampleContext, Sampler, Streams};
 use sdbooth_models::ddpm::DdpmSchedule;
 
 use crate::args::types::MixedPrecision;
 use crate::args::TrainArgs;
 use crate::error::{Result, TrainError};
-use crate::logs::{LossRecorder, StepRecord};
+use crate::logs::StepRecord;
 use crate::loss::LossArgs;
-use crate::optim::{clip_coef, per_tensor_clip_coef, Optimizer};
+use crate::optim::Optimizer;
 use crate::plan::{Resume, TrainPlan};
+use crate::state::RunState;
+use crate::update::{
+    apply_accumulated, grad_multiplier, FusedUpdate, GradAccumulator, GradSink, LearningRates, LossScale,
+    Part, TrainedParams, UpdateOutcome,
+};
 
 use parts::{Board, RunPart, StepLog};
-pub use saving::SavedState;
-use setup::{Model, Output, TEXT_ENCODER_GROUP, UNET_GROUP};
-use step::{micro_step, normal_tensor, GradBuffer, StepInputs, StepSettings};
+use setup::{Model, Output};
+use step::{micro_step, normal_tensor, StepInputs, StepSettings};
 
 /// What a finished run reports.
 #[derive(Debug, Clone)]
@@ -46,34 +48,6 @@ pub struct TrainSummary {
     pub final_model: PathBuf,
     pub final_loss: f64,
     pub mean_step_seconds: f64,
-}
-
-/// fp16's dynamic loss scale (torch.cuda.amp.GradScaler's defaults).
-#[derive(Debug, Clone, Copy, serde::Serialize, serde::Deserialize)]
-pub(crate) struct LossScale {
-    scale: f64,
-    good_steps: u64,
-}
-
-impl LossScale {
-    const GROWTH_INTERVAL: u64 = 2000;
-
-    fn new() -> Self {
-        LossScale { scale: 65536.0, good_steps: 0 }
-    }
-
-    fn update(&mut self, finite: bool) {
-        if finite {
-            self.good_steps += 1;
-            if self.good_steps == Self::GROWTH_INTERVAL {
-                self.scale *= 2.0;
-                self.good_steps = 0;
-            }
-        } else {
-            self.scale *= 0.5;
-            self.good_steps = 0;
-        }
-    }
 }
 
 /// Set by Ctrl-C: the loop finishes the step in flight, saves a state and stops.
@@ -121,21 +95,17 @@ struct Trainer<'a> {
     group: DatasetGroup,
     output: Output,
     optimizer: Optimizer,
-    sampler: Sampler,
-    noise_rng: ChaCha8Rng,
-    vae_rng: ChaCha8Rng,
+    /// Progress: step, data order, random streams, loss recorder, loss scale (saved whole).
+    state: RunState,
     schedule: DdpmSchedule,
     /// The plan's loss settings completed by the model (v-prediction).
     loss: LossArgs,
     latent_cache: Option<HashMap<(usize, usize), Tensor>>,
-    global_step: u64,
     max_train_steps: u64,
     num_epochs: u64,
     train_text_encoder: bool,
     /// kohya's `--stop_text_encoder_training` as a step (beyond the run when unset).
     stop_text_encoder_at: i64,
-    loss_scale: Option<LossScale>,
-    recorder: LossRecorder,
     lr_schedule: crate::lr::LrSchedule,
     /// Threads that decode and augment images (`--max_data_loader_n_workers`).
     loader_pool: rayon::ThreadPool,
@@ -233,23 +203,22 @@ impl<'a> Trainer<'a> {
             .map_err(|e| TrainError::Internal(format!("image loader threads: {e}")))?;
         Ok(Trainer {
             plan,
-            sampler: Sampler::new(&group, seed),
+            state: RunState::start(
+                Streams::new(seed),
+                Sampler::new(&group, seed),
+                plan.precision.fp16_loss_scale.then(LossScale::default),
+            ),
             group,
             loss: model.loss_args(plan),
             model,
             output,
             optimizer,
-            noise_rng: ChaCha8Rng::seed_from_u64(seed),
-            vae_rng: ChaCha8Rng::seed_from_u64(seed ^ 0x5641_4500),
             schedule: plan.noise_schedule(),
             latent_cache: None,
-            global_step: 0,
             max_train_steps: steps.max_train_steps,
             num_epochs: steps.num_epochs,
             train_text_encoder,
             stop_text_encoder_at,
-            loss_scale: plan.precision.fp16_loss_scale.then(LossScale::new),
-            recorder: LossRecorder::default(),
             lr_schedule: setup::lr_schedule(plan, steps.max_train_steps)?,
             loader_pool,
         })
@@ -270,7 +239,7 @@ impl<'a> Trainer<'a> {
         SampleContext {
             seed: self.plan.seed,
             epoch,
-            step: self.global_step,
+            step: self.state.global_step,
             max_train_steps: self.max_train_steps,
         }
     }
@@ -325,7 +294,7 @@ impl<'a> Trainer<'a> {
                 let vae_params = self.model.vae_params.as_ref().ok_or_else(vae_freed)?;
                 let images = Tensor::from_vec(loaded.pixels, (b, 3, h, w), device)?;
                 let f = self.model.vae.downscale_factor();
-                let noise = normal_tensor(&mut self.vae_rng, &[b, 4, h / f, w / f], device)?;
+                let noise = normal_tensor(&mut self.state.vae_rng, &[b, 4, h / f, w / f], device)?;
                 self.model.vae.encode_to_latents(vae_params, &images, &noise, None)?
             }
         };
@@ -350,7 +319,7 @@ impl<'a> Trainer<'a> {
             },
             Resume::From(dir) => dir.clone(),
         };
-        let saved = saving::load_state(&dir, &mut self.model, &self.plan.device)?;
+        let (saved, optimizer) = saving::load_state(&dir, &mut self.model, &self.plan.device)?;
         if saved.global_step >= self.max_train_steps {
             return Err(TrainError::Config(format!(
                 "the state in {} is at step {}, and this run ends at step {}: nothing left to train (raise \
@@ -360,27 +329,23 @@ impl<'a> Trainer<'a> {
                 self.max_train_steps
             )));
         }
-        resume_policy::check_optimizer(&dir, &saved.optimizer.config, self.plan)?;
+        resume_policy::check_optimizer(&dir, &optimizer.config, self.plan)?;
         resume_policy::check_weight_dtype(&dir, &self.model, self.plan)?;
-        self.optimizer = saved.optimizer;
+        self.optimizer = optimizer;
         resume_policy::apply_learning_rates(&mut self.optimizer, self.plan, saved.global_step);
-        self.global_step = saved.global_step;
-        self.noise_rng = saved.noise_rng;
-        self.vae_rng = saved.vae_rng;
-        self.sampler = Sampler::resume(&self.group, saved.sampler);
-        self.recorder = saved.recorder;
-        if let Some(ls) = saved.loss_scale {
-            self.loss_scale = Some(ls);
-        }
-        tracing::info!("resumed from {} at step {}", dir.display(), self.global_step);
+        let fp16 = self.state.loss_scale.is_some();
+        self.state = saved;
+        // The flags decide whether there is a loss scale; a saved one continues.
+        self.state.loss_scale = if fp16 { Some(self.state.loss_scale.unwrap_or_default()) } else { None };
+        tracing::info!("resumed from {} at step {}", dir.display(), self.state.global_step);
         Ok(())
     }
 
     /// The run: training steps until the last, each followed by the parts.
     fn run(mut self, parts: &mut [Box<dyn RunPart>]) -> Result<TrainSummary> {
         let bar = progress_bar(self.max_train_steps, "steps");
-        bar.set_position(self.global_step);
-        let start = self.global_step;
+        bar.set_position(self.state.global_step);
+        let start = self.state.global_step;
         let result = self.run_steps(parts, &bar);
         bar.finish_and_clear();
         match result {
@@ -388,7 +353,7 @@ impl<'a> Trainer<'a> {
             // final save): their state is saved first. Ctrl-C has saved already; a NaN loss keeps
             // the last good files as they are.
             Err(e)
-                if self.global_step > start
+                if self.state.global_step > start
                     && !matches!(e, TrainError::Interrupted { .. } | TrainError::NonFiniteLoss { .. }) =>
             {
                 Err(self.save_after_error(e))
@@ -398,9 +363,9 @@ impl<'a> Trainer<'a> {
     }
 
     fn save_after_error(&self, error: TrainError) -> TrainError {
-        match saving::save_interrupted(self, self.sampler.state().epoch) {
+        match saving::save_interrupted(self) {
             Ok(state) => {
-                TrainError::SavedAfterError { step: self.global_step, state, source: Box::new(error) }
+                TrainError::SavedAfterError { step: self.state.global_step, state, source: Box::new(error) }
             }
             Err(save) => {
                 tracing::error!("saving a state after the error below failed too: {save}");
@@ -421,26 +386,26 @@ impl<'a> Trainer<'a> {
         };
         let mut step_times = Vec::new();
         let mut last_loss = f64::NAN;
-        let mut epoch = self.sampler.state().epoch;
+        let mut epoch = self.state.sampler.state().epoch;
         for p in parts.iter_mut() {
             p.at_start(self, &mut board)?;
         }
-        while self.global_step < self.max_train_steps {
+        while self.state.global_step < self.max_train_steps {
             let started = Instant::now();
             let (loss, (lr_unet, lr_te)) = self.train_step(&mut epoch, parts, &mut board)?;
-            self.global_step += 1;
+            self.state.global_step += 1;
             last_loss = loss;
             // kohya's recorder takes the 0-based epoch and the index of the batch just consumed; a
             // 1-based position would count a phantom zero loss at the start of every epoch.
-            let batch_index = self.sampler.state().next_batch.saturating_sub(1);
-            self.recorder.add(epoch.saturating_sub(1), batch_index, loss);
+            let batch_index = self.state.sampler.state().next_batch.saturating_sub(1);
+            self.state.loss_recorder.add(epoch.saturating_sub(1), batch_index, loss);
             let secs = started.elapsed().as_secs_f64();
             step_times.push(secs);
-            let avr = self.recorder.moving_average();
+            let avr = self.state.loss_recorder.moving_average();
             bar.set_message(format!("loss {loss:.4} avr {avr:.4} lr {lr_unet:.2e} {secs:.2}s/step"));
-            bar.set_position(self.global_step);
+            bar.set_position(self.state.global_step);
             let record = StepRecord {
-                step: self.global_step,
+                step: self.state.global_step,
                 epoch,
                 loss: loss as f32,
                 avr_loss: avr as f32,
@@ -463,7 +428,7 @@ impl<'a> Trainer<'a> {
             step_times.iter().sum::<f64>() / step_times.len() as f64
         };
         Ok(TrainSummary {
-            global_step: self.global_step,
+            global_step: self.state.global_step,
             epochs: epoch,
             final_model: self.output.final_model_path(),
             final_loss: last_loss,
@@ -479,18 +444,18 @@ impl<'a> Trainer<'a> {
         parts: &mut [Box<dyn RunPart>],
         board: &mut Board,
     ) -> Result<(f64, (f64, f64))> {
-        if self.train_text_encoder && self.global_step as i64 >= self.stop_text_encoder_at {
-            tracing::info!("stop text encoder training at step {}", self.global_step);
+        if self.train_text_encoder && self.state.global_step as i64 >= self.stop_text_encoder_at {
+            tracing::info!("stop text encoder training at step {}", self.state.global_step);
             self.train_text_encoder = false;
-            self.optimizer.free_group(TEXT_ENCODER_GROUP);
+            self.optimizer.free_group(Part::TextEncoder.group_name());
         }
         let ga = self.plan.steps.gradient_accumulation_steps;
-        let multiplier = self.loss_scale.map_or(1.0, |s| s.scale) / ga as f64;
-        let lrs = (self.lr_of(UNET_GROUP), self.lr_of(TEXT_ENCODER_GROUP));
-        let mut buffer = GradBuffer::default();
+        let multiplier = grad_multiplier(self.state.loss_scale.as_ref(), ga);
+        let lrs = LearningRates::at_step(&self.optimizer, &self.lr_schedule, self.state.global_step);
+        let mut accumulated = GradAccumulator::default();
         let mut loss_sum = 0.0;
         for _ in 0..ga {
-            let Some((e, index, batch)) = self.sampler.next_batch(&self.group) else {
+            let Some((e, index, batch)) = self.state.sampler.next_batch(&self.group) else {
                 return Err(TrainError::Internal("the dataset ran out of batches".into()));
             };
             if e != *epoch {
@@ -498,37 +463,40 @@ impl<'a> Trainer<'a> {
                 *epoch = e;
             }
             let b = self.batch_inputs(*epoch, index, &batch)?;
-            let loss = self.micro_step(b, &mut buffer, lrs, multiplier)?;
+            let loss = self.micro_step(b, &mut accumulated, lrs, multiplier)?;
             if !loss.is_finite() {
                 return Err(TrainError::NonFiniteLoss {
                     loss,
-                    step: self.global_step + 1,
+                    step: self.state.global_step + 1,
                     output_dir: self.output.dir.clone(),
                 });
             }
             loss_sum += loss / ga as f64;
         }
         if !self.plan.optimizer.fused_backward_pass {
-            apply_update(
-                &mut self.optimizer,
-                &self.model,
-                &buffer,
-                lrs,
-                self.plan.optimizer.max_grad_norm,
-                self.loss_scale.as_mut(),
-                self.global_step,
-            )?;
+            let params =
+                TrainedParams { unet: &self.model.unet_params, text_encoder: &self.model.text_params };
+            let max_norm = self.plan.optimizer.max_grad_norm;
+            let loss_scale = self.state.loss_scale.as_mut();
+            let outcome =
+                apply_accumulated(&mut self.optimizer, params, &accumulated, lrs, max_norm, loss_scale)?;
+            if let UpdateOutcome::SkippedOverflow { new_scale } = outcome {
+                tracing::warn!(
+                    "fp16 gradients overflowed at step {}: step skipped, loss scale now {new_scale}",
+                    self.state.global_step + 1
+                );
+            }
         }
-        Ok((loss_sum, lrs))
+        Ok((loss_sum, (lrs.unet, lrs.text_encoder)))
     }
 
-    /// Forward and backward of one micro-batch; its gradients go to `buffer`, or, with
+    /// Forward and backward of one micro-batch; its gradients go to `accumulated`, or, with
     /// `--fused_backward_pass`, straight into the optimizer. Returns the loss.
     fn micro_step(
         &mut self,
         b: BatchInputs,
-        buffer: &mut GradBuffer,
-        (lr_unet, lr_te): (f64, f64),
+        accumulated: &mut GradAccumulator,
+        lrs: LearningRates,
         multiplier: f64,
     ) -> Result<f64> {
         let inputs = StepInputs {
@@ -539,30 +507,13 @@ impl<'a> Trainer<'a> {
         };
         let settings =
             step_settings(self.plan, &self.loss, &self.schedule, self.train_text_encoder, multiplier);
-        let outcome = if self.plan.optimizer.fused_backward_pass {
-            let max_norm = self.plan.optimizer.max_grad_norm;
-            let optimizer = &mut self.optimizer;
-            let model = &self.model;
-            let mut sink = |part: &str, name: &str, g: &Tensor| -> Result<()> {
-                let (store, lr) =
-                    if part == "unet" { (&model.unet_params, lr_unet) } else { (&model.text_params, lr_te) };
-                let var = store.var(name)?;
-                // kohya's fused path clips each tensor on its own.
-                let coef = if max_norm > 0.0 { per_tensor_clip_coef(g, max_norm)? } else { 1.0 };
-                optimizer.step_param_scaled(name, var, g, lr, coef)
-            };
-            micro_step(&self.model, inputs, &settings, &mut self.noise_rng, &mut sink)?
-        } else {
-            let mut sink = |part: &str, name: &str, g: &Tensor| buffer.add(part, name, g);
-            micro_step(&self.model, inputs, &settings, &mut self.noise_rng, &mut sink)?
-        };
+        let params = TrainedParams { unet: &self.model.unet_params, text_encoder: &self.model.text_params };
+        let max_norm = self.plan.optimizer.max_grad_norm;
+        let mut fused = FusedUpdate { optimizer: &mut self.optimizer, params, lrs, max_norm };
+        let sink: &mut dyn GradSink =
+            if self.plan.optimizer.fused_backward_pass { &mut fused } else { accumulated };
+        let outcome = micro_step(&self.model, inputs, &settings, &mut self.state.noise_rng, sink)?;
         Ok(outcome.loss)
-    }
-
-    /// The learning rate of a parameter group at this step (0 for a group that is gone).
-    pub(super) fn lr_of(&self, group: &str) -> f64 {
-        let Some(g) = self.optimizer.groups.iter().find(|g| g.name == group) else { return 0.0 };
-        self.lr_schedule.lr(g.lr, self.global_step)
     }
 
     fn end_epoch(&self, epoch: u64, parts: &mut [Box<dyn RunPart>], board: &mut Board) -> Result<()> {
@@ -575,52 +526,6 @@ impl<'a> Trainer<'a> {
 
 fn vae_freed() -> TrainError {
     TrainError::Internal("the VAE was freed but is still needed".into())
-}
-
-/// The non-fused update: unscale (fp16; an overflow skips the step), clip the global gradient
-/// norm over everything trained (as accelerate's clip_grad_norm_), step every parameter.
-pub(crate) fn apply_update(
-    optimizer: &mut Optimizer,
-    model: &Model,
-    buffer: &GradBuffer,
-    (lr_unet, lr_te): (f64, f64),
-    max_norm: f64,
-    loss_scale: Option<&mut LossScale>,
-    global_step: u64,
-) -> Result<()> {
-    let mut unscale = 1.0f64;
-    if let Some(ls) = loss_scale {
-        let finite = buffer.all_finite()?;
-        ls.update(finite);
-        if !finite {
-            tracing::warn!(
-                "fp16 gradients overflowed at step {}: step skipped, loss scale now {}",
-                global_step + 1,
-                ls.scale
-            );
-            return Ok(());
-        }
-        unscale = 1.0 / ls.scale;
-    }
-    // A fixed order keeps the norm's summation, and so the run, deterministic.
-    let mut keys: Vec<&(String, String)> = buffer.grads.keys().collect();
-    keys.sort();
-    let mut coef = unscale as f32;
-    if max_norm > 0.0 {
-        let mut total = 0.0f64;
-        for k in &keys {
-            total += buffer.grads[*k].sqr()?.sum_all()?.to_dtype(DType::F64)?.to_scalar::<f64>()?;
-        }
-        coef *= clip_coef(total.sqrt() * unscale, max_norm);
-    }
-    for k in keys {
-        let (part, name) = k;
-        let (store, lr) =
-            if part == "unet" { (&model.unet_params, lr_unet) } else { (&model.text_params, lr_te) };
-        let var = store.var(name)?;
-        optimizer.step_param_scaled(name, var, &buffer.grads[k], lr, coef)?;
-    }
-    Ok(())
 }
 
 fn progress_bar(len: u64, what: &str) -> ProgressBar {

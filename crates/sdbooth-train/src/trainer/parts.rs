@@ -10,8 +10,8 @@ use crate::error::Result;
 use crate::logs::{
     JsonlWriter, StepRecord, TensorBoardWriter, TAG_LOSS, TAG_LOSS_EPOCH, TAG_LR_TEXT_ENCODER, TAG_LR_UNET,
 };
+use crate::update::LearningRates;
 
-use super::setup::{TEXT_ENCODER_GROUP, UNET_GROUP};
 use super::Trainer;
 
 /// The TensorBoard writer of the run (`--logging_dir`), shared by the parts that log scalars.
@@ -56,10 +56,10 @@ impl RunPart for StepLog {
         if let Some(tb) = board {
             // kohya logs after its scheduler step: `lr/*` at step N is the rate of step N + 1 (the
             // JSONL record keeps the rate step N used).
-            let next_lr = |group| t.lr_of(group) as f32;
-            let mut scalars = vec![(TAG_LOSS, r.loss), (TAG_LR_UNET, next_lr(UNET_GROUP))];
+            let next = LearningRates::at_step(&t.optimizer, &t.lr_schedule, t.state.global_step);
+            let mut scalars = vec![(TAG_LOSS, r.loss), (TAG_LR_UNET, next.unet as f32)];
             if r.lr_text_encoder.is_some() {
-                scalars.push((TAG_LR_TEXT_ENCODER, next_lr(TEXT_ENCODER_GROUP)));
+                scalars.push((TAG_LR_TEXT_ENCODER, next.text_encoder as f32));
             }
             scalars.push(("sdbooth/step_seconds", r.step_seconds as f32));
             if let Some(rss) = r.peak_rss_bytes {
@@ -72,7 +72,7 @@ impl RunPart for StepLog {
 
     fn at_epoch_end(&mut self, t: &Trainer<'_>, epoch: u64, board: &mut Board) -> Result<()> {
         if let Some(tb) = board {
-            tb.add_scalar(TAG_LOSS_EPOCH, t.recorder.moving_average() as f32, epoch as i64)?;
+            tb.add_scalar(TAG_LOSS_EPOCH, t.state.loss_recorder.moving_average() as f32, epoch as i64)?;
         }
         Ok(())
     }

@@ -13,10 +13,11 @@ use std::path::Path;
 
 use candle_core::DType;
 
-use super::setup::{Model, TEXT_ENCODER_GROUP, UNET_GROUP};
+use super::setup::Model;
 use crate::error::{Result, TrainError};
 use crate::optim::{Optimizer, OptimizerConfig};
 use crate::plan::TrainPlan;
+use crate::update::Part;
 
 fn refuse(dir: &Path, message: String) -> TrainError {
     TrainError::state(dir, format!("--resume: {message}"))
@@ -73,10 +74,12 @@ pub(super) fn check_weight_dtype(dir: &Path, model: &Model, plan: &TrainPlan) ->
 /// the step and comes from the flags too); a change is said.
 pub(super) fn apply_learning_rates(optimizer: &mut Optimizer, plan: &TrainPlan, step: u64) {
     for g in &mut optimizer.groups {
-        let (flag, lr) = match g.name.as_str() {
-            UNET_GROUP => ("--learning_rate", plan.optimizer.learning_rate),
-            TEXT_ENCODER_GROUP => ("--learning_rate_te", plan.optimizer.learning_rate_te),
-            _ => continue,
+        let (flag, lr) = if g.name == Part::Unet.group_name() {
+            ("--learning_rate", plan.optimizer.learning_rate)
+        } else if g.name == Part::TextEncoder.group_name() {
+            ("--learning_rate_te", plan.optimizer.learning_rate_te)
+        } else {
+            continue;
         };
         if g.lr != lr {
             tracing::info!("--resume: {flag} {lr} applies from step {step} (the saved run used {})", g.lr);

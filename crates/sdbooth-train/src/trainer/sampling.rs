@@ -58,7 +58,7 @@ impl RunPart for Monitor {
     /// Before the first step: `--sample_at_first` samples (kohya's `e000000` names) and the first
     /// validation. A resumed run skips both (the interrupted run made them).
     fn at_start(&mut self, t: &Trainer<'_>, board: &mut Board) -> Result<()> {
-        if t.global_step != 0 {
+        if t.state.global_step != 0 {
             return Ok(());
         }
         if t.plan.sampling.at_first {
@@ -72,14 +72,14 @@ impl RunPart for Monitor {
     fn after_step(&mut self, t: &Trainer<'_>, r: &StepRecord, board: &mut Board) -> Result<()> {
         let s = &t.plan.sampling;
         if let (Some(n), None) = (s.every_n_steps, s.every_n_epochs) {
-            if t.global_step.is_multiple_of(n) {
+            if t.state.global_step.is_multiple_of(n) {
                 self.sample_images(t, None)?;
                 self.validate(t, r.epoch, board)?;
             }
         }
         // A report at each --save_every_n_steps too, so an interrupted run has one.
-        if t.plan.saving.every_n_steps.is_some_and(|n| t.global_step.is_multiple_of(n))
-            && t.global_step < t.max_train_steps
+        if t.plan.saving.every_n_steps.is_some_and(|n| t.state.global_step.is_multiple_of(n))
+            && t.state.global_step < t.max_train_steps
         {
             self.write_report(t, r.epoch, None, &read_validation(&validation_log(t)))?;
         }
@@ -137,17 +137,17 @@ impl Monitor {
 
     fn validate(&mut self, t: &Trainer<'_>, epoch: u64, board: &mut Board) -> Result<()> {
         let Some(v) = &self.validation else { return Ok(()) };
-        if self.last_validation_step == Some(t.global_step) {
+        if self.last_validation_step == Some(t.state.global_step) {
             return Ok(());
         }
         let per_image = v.evaluate(t)?;
-        let record = v.record(t.global_step, epoch, per_image);
-        tracing::info!("validation loss at step {}: {:.5}", t.global_step, record.loss);
+        let record = v.record(t.state.global_step, epoch, per_image);
+        tracing::info!("validation loss at step {}: {:.5}", t.state.global_step, record.loss);
         if let Some(tb) = board {
-            tb.add_scalar(TAG_LOSS_VALIDATION, record.loss as f32, t.global_step as i64)?;
+            tb.add_scalar(TAG_LOSS_VALIDATION, record.loss as f32, t.state.global_step as i64)?;
         }
         JsonlWriter::append(&validation_log(t))?.write(&record)?;
-        self.last_validation_step = Some(t.global_step);
+        self.last_validation_step = Some(t.state.global_step);
         Ok(())
     }
 
@@ -157,7 +157,7 @@ impl Monitor {
         let Some(vae) = self.vae.as_ref() else { return Ok(()) };
         let dir = t.output.dir.join("sample");
         std::fs::create_dir_all(&dir).map_err(|e| TrainError::io(&dir, e))?;
-        tracing::info!("generating sample images at step {}", t.global_step);
+        tracing::info!("generating sample images at step {}", t.state.global_step);
         let pipe = Pipeline {
             config: &t.model.config,
             unet: &t.model.unet_params,
@@ -165,6 +165,7 @@ impl Monitor {
             vae,
             tokenizer: &t.model.tokenizer,
             v_prediction: t.model.v_parameterization,
+            schedule: &t.schedule,
             clip_skip: t.plan.text.clip_skip,
             max_token_length: t.plan.text.max_token_length,
             dtype: t.plan.precision.compute_dtype,
@@ -184,7 +185,7 @@ impl Monitor {
         let ts = sdbooth_checkpoint::time::UtcTime::now().compact();
         let num_suffix = match epoch {
             Some(e) => format!("e{e:06}"),
-            None => format!("{:06}", t.global_step),
+            None => format!("{:06}", t.state.global_step),
         };
         let prefix = t.output.name.as_ref().map(|n| format!("{n}_")).unwrap_or_default();
         let model_name = t.output.name.clone().unwrap_or_else(|| t.model.loaded.source.spec.clone());
@@ -192,7 +193,7 @@ impl Monitor {
             let mut req = Request::from_spec(spec, &defaults);
             req.width = (req.width - req.width % 8).max(64);
             req.height = (req.height - req.height % 8).max(64);
-            req.seed = spec.seed.unwrap_or_else(|| prompt_seed(t.plan.seed, i));
+            req.seed = spec.seed.unwrap_or_else(|| sdbooth_data::Streams::new(t.plan.seed).prompt_seed(i));
             let rgb =
                 pipe.generate(&req).map_err(|e| TrainError::Sample { index: i, source: Box::new(e) })?;
             let seed_suffix = spec.seed.map(|s| format!("_{s}")).unwrap_or_default();
@@ -206,14 +207,6 @@ impl Monitor {
 
 fn validation_log(t: &Trainer<'_>) -> PathBuf {
     t.output.dir.join(format!("{}.validation.jsonl", t.output.log_stem()))
-}
-
-/// A prompt without `--d`: a seed fixed by the run's seed and the prompt's index (splitmix64).
-fn prompt_seed(seed: u64, index: usize) -> u64 {
-    let mut z = seed.wrapping_add((index as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15));
-    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    (z ^ (z >> 31)) & 0xFFFF_FFFF
 }
 
 /// Records of a JSONL log; a resumed run appends, so the last record of a step wins.
@@ -249,7 +242,7 @@ fn build_report(
         steps.iter().map(|s| s.step_seconds).sum::<f64>() / steps.len() as f64
     };
     r.summary = vec![
-        ("steps".into(), format!("{} / {}", t.global_step, t.max_train_steps)),
+        ("steps".into(), format!("{} / {}", t.state.global_step, t.max_train_steps)),
         ("epochs".into(), format!("{epoch} / {}", t.num_epochs)),
         (
             "final model".into(),

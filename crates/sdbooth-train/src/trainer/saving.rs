@@ -5,31 +5,18 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use candle_core::{Device, Tensor};
-use rand_chacha::ChaCha8Rng;
 use sdbooth_checkpoint::{modelspec_metadata, save_model, ModelParts, SaveOptions};
-use sdbooth_data::SamplerState;
 
 use super::parts::{Board, RunPart};
 use super::setup::Model;
-use super::{LossScale, Trainer};
+use super::Trainer;
 use crate::error::{Result, TrainError};
-use crate::logs::{LossRecorder, StepRecord};
+use crate::logs::StepRecord;
 use crate::optim::Optimizer;
-use crate::state::{self, RngState, TrainingState};
+use crate::state::{self, RunState};
 
 const UNET_PREFIX: &str = "unet.";
 const TEXT_PREFIX: &str = "text_encoder.";
-
-/// What `--resume` restores.
-pub struct SavedState {
-    pub optimizer: Optimizer,
-    pub global_step: u64,
-    pub noise_rng: ChaCha8Rng,
-    pub vae_rng: ChaCha8Rng,
-    pub sampler: SamplerState,
-    pub recorder: LossRecorder,
-    pub(super) loss_scale: Option<LossScale>,
-}
 
 fn save_model_file(t: &Trainer<'_>, path: &Path, epoch: u64) -> Result<()> {
     let unet = t.model.unet_params.to_tensors();
@@ -63,28 +50,21 @@ fn save_model_file(t: &Trainer<'_>, path: &Path, epoch: u64) -> Result<()> {
         &t.plan.saving.metadata,
         std::time::SystemTime::now(),
     );
-    metadata.insert("sdbooth.global_step".into(), t.global_step.to_string());
+    metadata.insert("sdbooth.global_step".into(), t.state.global_step.to_string());
     metadata.insert("sdbooth.epoch".into(), epoch.to_string());
     let mut opts = SaveOptions::new(t.output.format);
     opts.precision = t.plan.saving.precision;
     opts.source = Some(&t.model.loaded.source);
     opts.metadata = metadata;
     opts.epoch = epoch as i64;
-    opts.global_step = t.global_step as i64;
+    opts.global_step = t.state.global_step as i64;
     opts.v_parameterization = t.model.v_parameterization;
     save_model(path, &parts, &t.model.config, &opts)?;
     tracing::info!("saved {}", path.display());
     Ok(())
 }
 
-pub(super) fn save_state_dir(t: &Trainer<'_>, dir: &Path, epoch: u64) -> Result<()> {
-    let mut st = TrainingState::new(t.global_step, epoch);
-    st.rng_streams.insert("noise".into(), RngState::capture(&t.noise_rng));
-    st.rng_streams.insert("vae".into(), RngState::capture(&t.vae_rng));
-    st.data_order =
-        serde_json::to_value(t.sampler.state()).map_err(|e| TrainError::state(dir, e.to_string()))?;
-    st.loss_recorder = t.recorder.clone();
-    st.extra = serde_json::json!({ "loss_scale": t.loss_scale });
+pub(super) fn save_state_dir(t: &Trainer<'_>, dir: &Path) -> Result<()> {
     let mut weights = HashMap::new();
     for (k, v) in t.model.unet_params.iter() {
         weights.insert(format!("{UNET_PREFIX}{k}"), v.as_tensor().detach());
@@ -92,13 +72,13 @@ pub(super) fn save_state_dir(t: &Trainer<'_>, dir: &Path, epoch: u64) -> Result<
     for (k, v) in t.model.text_params.iter() {
         weights.insert(format!("{TEXT_PREFIX}{k}"), v.as_tensor().detach());
     }
-    state::save_state(dir, &st, &t.optimizer, &weights)?;
+    state::save_state(dir, &t.state, &t.optimizer, &weights)?;
     tracing::info!("saved state {}", dir.display());
     Ok(())
 }
 
 /// Reads a state folder and writes its weights, on `device`, into the model.
-pub fn load_state(dir: &Path, model: &mut Model, device: &Device) -> Result<SavedState> {
+pub fn load_state(dir: &Path, model: &mut Model, device: &Device) -> Result<(RunState, Optimizer)> {
     let (st, optimizer, weights) = state::load_state(dir, device)?;
     let mut unet = std::collections::BTreeMap::new();
     let mut text = std::collections::BTreeMap::new();
@@ -138,24 +118,7 @@ pub fn load_state(dir: &Path, model: &mut Model, device: &Device) -> Result<Save
     check(&model.text_params, &text, "text encoder")?;
     model.unet_params = sdbooth_models::ParamStore::from_tensors(unet)?;
     model.text_params = sdbooth_models::ParamStore::from_tensors(text)?;
-    let rng = |name: &str| -> Result<ChaCha8Rng> {
-        st.rng_streams
-            .get(name)
-            .ok_or_else(|| TrainError::state(dir, format!("no {name} RNG stream")))?
-            .restore()
-    };
-    let sampler: SamplerState =
-        serde_json::from_value(st.data_order.clone()).map_err(|e| TrainError::state(dir, e.to_string()))?;
-    let loss_scale = st.extra.get("loss_scale").cloned().and_then(|v| serde_json::from_value(v).ok());
-    Ok(SavedState {
-        optimizer,
-        global_step: st.global_step,
-        noise_rng: rng("noise")?,
-        vae_rng: rng("vae")?,
-        sampler,
-        recorder: st.loss_recorder.clone(),
-        loss_scale,
-    })
+    Ok((st, optimizer))
 }
 
 /// The saving part of a run: models and states at kohya's moments, pruned as kohya prunes them;
@@ -178,8 +141,8 @@ impl RunPart for Saver {
     fn after_step(&mut self, t: &Trainer<'_>, r: &StepRecord, _board: &mut Board) -> Result<()> {
         save_on_step(t, r.epoch)?;
         if super::interrupt_requested() {
-            let state = save_interrupted(t, r.epoch)?;
-            return Err(TrainError::Interrupted { step: t.global_step, state });
+            let state = save_interrupted(t)?;
+            return Err(TrainError::Interrupted { step: t.state.global_step, state });
         }
         Ok(())
     }
@@ -200,7 +163,7 @@ impl RunPart for Saver {
 fn save_on_step(t: &Trainer<'_>, epoch: u64) -> Result<()> {
     let s = &t.plan.saving;
     let Some(n) = s.every_n_steps else { return Ok(()) };
-    let step = t.global_step;
+    let step = t.state.global_step;
     if !step.is_multiple_of(n) {
         return Ok(());
     }
@@ -211,7 +174,7 @@ fn save_on_step(t: &Trainer<'_>, epoch: u64) -> Result<()> {
         state::remove_if_exists(&t.output.path(&state::step_file_name(name, old, ext)))?;
     }
     if s.save_state {
-        save_state_dir(t, &t.output.path(&state::step_state_name(name, step)), epoch)?;
+        save_state_dir(t, &t.output.path(&state::step_state_name(name, step)))?;
         let last_n = s.last_n_steps_state.or(s.last_n_steps);
         if let Some(old) = state::remove_state_step_no(step, n, last_n) {
             state::remove_if_exists(&t.output.path(&state::step_state_name(name, old)))?;
@@ -233,7 +196,7 @@ fn save_on_epoch_end(t: &Trainer<'_>, epoch: u64, n: u64) -> Result<()> {
         state::remove_if_exists(&t.output.path(&state::epoch_file_name(name, old, ext)))?;
     }
     if s.save_state {
-        save_state_dir(t, &t.output.path(&state::epoch_state_name(name, epoch)), epoch)?;
+        save_state_dir(t, &t.output.path(&state::epoch_state_name(name, epoch)))?;
         let last_n = s.last_n_epochs_state.or(s.last_n_epochs);
         if let Some(old) = state::remove_epoch_no(epoch, n, last_n) {
             state::remove_if_exists(&t.output.path(&state::epoch_state_name(name, old)))?;
@@ -248,16 +211,16 @@ fn save_final(t: &Trainer<'_>, epoch: u64) -> Result<()> {
     save_model_file(t, &t.output.final_model_path(), epoch)?;
     if t.plan.saving.save_state_on_train_end {
         let name = t.output.name.as_deref();
-        save_state_dir(t, &t.output.path(&state::last_state_name(name)), epoch)?;
+        save_state_dir(t, &t.output.path(&state::last_state_name(name)))?;
     }
     Ok(())
 }
 
 /// Ctrl-C: the state of the step just finished, under kohya's step-state name.
-pub(super) fn save_interrupted(t: &Trainer<'_>, epoch: u64) -> Result<PathBuf> {
-    let dir = t.output.path(&state::step_state_name(t.output.name.as_deref(), t.global_step));
+pub(super) fn save_interrupted(t: &Trainer<'_>) -> Result<PathBuf> {
+    let dir = t.output.path(&state::step_state_name(t.output.name.as_deref(), t.state.global_step));
     if !dir.is_dir() {
-        save_state_dir(t, &dir, epoch)?;
+        save_state_dir(t, &dir)?;
     }
     Ok(dir)
 }

@@ -14,9 +14,7 @@ use crate::loss::LossArgs;
 use crate::lr::LrSchedule;
 use crate::optim::Optimizer;
 use crate::plan::TrainPlan;
-
-pub const UNET_GROUP: &str = "unet";
-pub const TEXT_ENCODER_GROUP: &str = "text_encoder";
+use crate::update::Part;
 
 /// The trainable model: fp32 master weights of U-Net and text encoder, the frozen VAE.
 pub struct Model {
@@ -101,9 +99,13 @@ impl Model {
 pub fn build_optimizer(plan: &TrainPlan, model: &Model, train_text_encoder: bool) -> Result<Optimizer> {
     let o = &plan.optimizer;
     let mut opt = Optimizer::new(o.config.clone());
-    opt.add_group(UNET_GROUP, o.learning_rate, model.unet_params.names().cloned().collect());
+    opt.add_group(Part::Unet.group_name(), o.learning_rate, model.unet_params.names().cloned().collect());
     if train_text_encoder {
-        opt.add_group(TEXT_ENCODER_GROUP, o.learning_rate_te, model.text_params.names().cloned().collect());
+        opt.add_group(
+            Part::TextEncoder.group_name(),
+            o.learning_rate_te,
+            model.text_params.names().cloned().collect(),
+        );
     }
     Ok(opt)
 }

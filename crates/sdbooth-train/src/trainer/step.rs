@@ -2,7 +2,6 @@
 //! parameter gradients go to a sink (accumulation buffer, or the fused optimizer update).
 
 use std::cell::Cell;
-use std::collections::HashMap;
 
 use candle_core::{DType, Device, Tensor, Var};
 use rand_chacha::ChaCha8Rng;
@@ -15,6 +14,7 @@ use super::setup::Model;
 use crate::error::{Result, TrainError};
 use crate::loss::{training_loss, LossArgs};
 use crate::noise::{noise_noisy_latents_and_timesteps, Draws, NoiseArgs, NoisedBatch};
+use crate::update::{GradSink, Part};
 
 /// What a micro-step needs besides the model.
 pub struct StepInputs<'a> {
@@ -124,15 +124,15 @@ pub struct StepOutcome {
     pub backward_seconds: f64,
 }
 
-/// Runs one micro-batch and hands every parameter gradient (`"unet"`/`"text_encoder"`, name,
-/// gradient) to `sink`: draws noise and timesteps from `noise_rng` (kohya's order), then
+/// Runs one micro-batch and hands every parameter gradient (part, name, gradient) to `sink`:
+/// draws noise and timesteps from `noise_rng` (kohya's order), then
 /// [`loss_and_grads`].
 pub fn micro_step(
     model: &Model,
     inputs: StepInputs<'_>,
     s: &StepSettings<'_>,
     noise_rng: &mut ChaCha8Rng,
-    sink: &mut dyn FnMut(&str, &str, &Tensor) -> Result<()>,
+    sink: &mut dyn GradSink,
 ) -> Result<StepOutcome> {
     let noised = noise_noisy_latents_and_timesteps(s.noise, &inputs.latents, s.alphas_cumprod, noise_rng)?;
     loss_and_grads(model, inputs, &noised, s, sink)
@@ -145,7 +145,7 @@ pub fn loss_and_grads(
     inputs: StepInputs<'_>,
     noised: &NoisedBatch,
     s: &StepSettings<'_>,
-    sink: &mut dyn FnMut(&str, &str, &Tensor) -> Result<()>,
+    sink: &mut dyn GradSink,
 ) -> Result<StepOutcome> {
     let started = std::time::Instant::now();
     let device = inputs.latents.device().clone();
@@ -199,7 +199,7 @@ pub fn loss_and_grads(
     let mut sink_error = None;
     let mut unet_hook = |grads: &[(String, Tensor)]| -> candle_core::Result<()> {
         for (name, g) in grads {
-            if let Err(e) = sink("unet", name, g) {
+            if let Err(e) = sink.add(Part::Unet, name, g) {
                 sink_error.get_or_insert(e);
             }
         }
@@ -227,7 +227,7 @@ pub fn loss_and_grads(
         };
         let mut te_hook = |grads: &[(String, Tensor)]| -> candle_core::Result<()> {
             for (name, g) in grads {
-                if let Err(e) = sink("text_encoder", name, g) {
+                if let Err(e) = sink.add(Part::TextEncoder, name, g) {
                     sink_error.get_or_insert(e);
                 }
             }
@@ -243,36 +243,6 @@ pub fn loss_and_grads(
         forward_seconds,
         backward_seconds: started.elapsed().as_secs_f64() - forward_seconds,
     })
-}
-
-/// Sums gradients over micro-batches, keyed by (part, name).
-#[derive(Default)]
-pub struct GradBuffer {
-    pub grads: HashMap<(String, String), Tensor>,
-}
-
-impl GradBuffer {
-    pub fn add(&mut self, part: &str, name: &str, g: &Tensor) -> Result<()> {
-        let g = g.to_dtype(DType::F32)?;
-        let key = (part.to_string(), name.to_string());
-        let sum = match self.grads.remove(&key) {
-            Some(prev) => (prev + g)?,
-            None => g,
-        };
-        self.grads.insert(key, sum);
-        Ok(())
-    }
-
-    /// Whether every gradient is finite (fp16 overflow check).
-    pub fn all_finite(&self) -> Result<bool> {
-        for g in self.grads.values() {
-            let s = g.sqr()?.sum_all()?.to_scalar::<f32>()?;
-            if !s.is_finite() {
-                return Ok(false);
-            }
-        }
-        Ok(true)
-    }
 }
 
 /// Draws `n` standard-normal values as a tensor of `shape`.

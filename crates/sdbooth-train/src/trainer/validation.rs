@@ -6,8 +6,7 @@
 //! and no draw from any training stream, so training is bit-identical with validation on or off.
 
 use candle_core::{DType, Tensor};
-use rand::{Rng, SeedableRng};
-use rand_chacha::ChaCha8Rng;
+use rand::Rng;
 use sdbooth_data::{DatasetGroup, SampleContext};
 
 use super::setup::Model;
@@ -68,7 +67,7 @@ impl Validation {
             }
         }
         let val_seed = plan.data.options.validation_seed.unwrap_or(plan.seed);
-        let mut rng = ChaCha8Rng::seed_from_u64(val_seed ^ 0x5641_4c49_4441_5445);
+        let mut rng = sdbooth_data::Streams::new(val_seed).validation();
         let ctx = SampleContext { seed: val_seed, epoch: 1, step: 0, max_train_steps: 1 };
         let t_min = plan.noise.min_timestep.unwrap_or(0);
         let t_max = plan.noise.max_timestep.unwrap_or(1000).max(t_min + 1);
