@@ -34,6 +34,10 @@ pub enum TrainError {
     /// A model file or folder that cannot be read or written (the message names it).
     #[error(transparent)]
     Checkpoint(Box<sdbooth_checkpoint::CheckpointError>),
+    #[error("loading the model {spec}: {source}")]
+    LoadModel { spec: String, source: Box<sdbooth_checkpoint::CheckpointError> },
+    #[error("saving {path}: {source}")]
+    SaveModel { path: PathBuf, source: Box<sdbooth_checkpoint::CheckpointError> },
     #[error("caption {caption:?}: {source}")]
     Caption { caption: String, source: Box<sdbooth_data::tokenizer::TokenizerError> },
     #[error("sample image {index}: {source}")]

@@ -38,7 +38,11 @@ fn save_model_file(t: &Trainer<'_>, path: &Path, epoch: u64) -> Result<()> {
                     vae: t.plan.model.vae.clone(),
                     dtype: None,
                 },
-            )?;
+            )
+            .map_err(|e| TrainError::LoadModel {
+                spec: t.model.loaded.source.spec.clone(),
+                source: Box::new(e),
+            })?;
             vae_map = reloaded.vae;
             Some(&vae_map)
         }
@@ -59,7 +63,8 @@ fn save_model_file(t: &Trainer<'_>, path: &Path, epoch: u64) -> Result<()> {
     opts.epoch = epoch as i64;
     opts.global_step = t.state.global_step as i64;
     opts.v_parameterization = t.model.v_parameterization;
-    save_model(path, &parts, &t.model.config, &opts)?;
+    save_model(path, &parts, &t.model.config, &opts)
+        .map_err(|e| TrainError::SaveModel { path: path.to_path_buf(), source: Box::new(e) })?;
     tracing::info!("saved {}", path.display());
     Ok(())
 }

@@ -56,7 +56,8 @@ pub fn load(plan: &TrainPlan) -> Result<Model> {
         vae: plan.model.vae.clone(),
         dtype: None,
     };
-    let mut loaded = load_model(spec, &opts)?;
+    let mut loaded = load_model(spec, &opts)
+        .map_err(|e| TrainError::LoadModel { spec: spec.to_string(), source: Box::new(e) })?;
     if loaded.config.v2 && !plan.model.v2 {
         tracing::warn!("{spec} is an SD 2.x model; kohya needs --v2 for it, sdbooth detected it");
     }
