@@ -10,7 +10,8 @@ use sdbooth_ops as ops;
 use std::collections::HashMap;
 
 fn fixtures() -> HashMap<String, Tensor> {
-    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/ops.safetensors");
+    // Through the crates folder: sdbooth-train's generic_path test compiles this file in too.
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../sdbooth-ops/tests/fixtures/ops.safetensors");
     candle_core::safetensors::load(path, &Device::Cpu).expect("fixture file (run tools/goldens/ops.py)")
 }
 
