@@ -199,21 +199,12 @@ fn lr_scheduler_adafactor_and_unbuilt_schedulers() {
     assert!(err.contains("--lr_scheduler reduce_lr_on_plateau is not supported yet"), "{err}");
     let err = refused(dir.path(), &["train", "--lr_scheduler", "adafactor", "--train_data_dir", "x"]);
     assert!(err.contains("needs --optimizer_type AdaFactor"), "{err}");
-    let toy = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/toy");
     let out = dir.path().join("out");
-    let out_s = out.display().to_string();
-    let o = sdbooth(
-        &toy,
+    let o = toy_train(
+        &out,
         &[
-            "train",
             "--pretrained_model_name_or_path",
             "builtin:tiny-sd1",
-            "--dataset_config",
-            "dataset.toml",
-            "--output_dir",
-            &out_s,
-            "--output_name",
-            "m",
             "--max_train_steps",
             "2",
             "--optimizer_type",
@@ -226,8 +217,6 @@ fn lr_scheduler_adafactor_and_unbuilt_schedulers() {
             "adafactor",
             "--learning_rate",
             "0",
-            "--save_model_as",
-            "safetensors",
             "--max_data_loader_n_workers",
             "100000",
         ],
@@ -407,22 +396,14 @@ fn scalars(events: &[u8], tag: &str) -> Vec<f32> {
 #[test]
 fn average_loss_and_logged_rates_match_kohya() {
     let dir = tempdir();
-    let toy = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/toy");
     let out = dir.path().join("out");
     let logs = dir.path().join("logs");
-    let (out_s, logs_s) = (out.display().to_string(), logs.display().to_string());
-    let o = sdbooth(
-        &toy,
+    let logs_s = logs.display().to_string();
+    let o = toy_train(
+        &out,
         &[
-            "train",
             "--pretrained_model_name_or_path",
             "builtin:tiny-sd1",
-            "--dataset_config",
-            "dataset.toml",
-            "--output_dir",
-            &out_s,
-            "--output_name",
-            "m",
             "--max_train_steps",
             "4",
             "--learning_rate",
@@ -431,8 +412,6 @@ fn average_loss_and_logged_rates_match_kohya() {
             "linear",
             "--logging_dir",
             &logs_s,
-            "--save_model_as",
-            "safetensors",
         ],
     );
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
