@@ -1,14 +1,13 @@
 //! Shared plumbing for the CPU kernels: reading candle storage as f32, writing results back in
 //! the caller's dtype, and the single GEMM entry point every kernel goes through.
 //!
-//! All kernels compute in f32. bf16/f16 operands are widened on entry and the result is rounded
-//! once on exit, so accumulation is always f32.
+//! Kernels compute in f32: f16 operands are widened on entry and the result is rounded once on
+//! exit, so accumulation is always f32. The GEMMs of conv2d and linear take bf16 operands as they
+//! are ([`GemmElem`], [`crate::bf16_gemm`]: bf16 products, f32 sums), as PyTorch's autocast does.
 //!
-//! **AMX plug-in point.** Every matrix product of the conv2d and attention kernels calls
-//! [`sgemm`]. A bf16 AMX kernel (Sapphire Rapids `tdpbf16ps`) would replace that function for
-//! large enough shapes: pack the f32 operands to bf16 tiles (or take bf16 storage directly when
-//! the caller's dtype is bf16) and accumulate in f32 tiles, keeping the strided-matrix contract
-//! below unchanged so no kernel has to know.
+//! **AMX plug-in point.** A bf16 AMX kernel (Sapphire Rapids `tdpbf16ps`) is one more
+//! [`crate::bf16_gemm::Bf16Kernel`]: same packing idea (bf16 pairs along k), f32 tiles, chosen at
+//! run time; no op has to know.
 
 use candle_core::backend::BackendStorage;
 use candle_core::op::BackpropOp;
@@ -75,6 +74,21 @@ pub(crate) fn cpu_tensor(v: Vec<f32>, shape: impl Into<Shape>, dtype: DType) -> 
     Ok(Tensor::from_storage(storage, shape, BackpropOp::none(), false))
 }
 
+/// The name of the f32 GEMM kernel the `gemm` crate picks on this CPU (it dispatches at run
+/// time; the workspace enables its AVX-512 kernels), for `sdbooth bench`'s report.
+pub fn f32_gemm_kernel() -> &'static str {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::arch::is_x86_feature_detected!("avx512f") {
+            return "f32_avx512";
+        }
+        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+            return "f32_avx2";
+        }
+    }
+    "f32_generic"
+}
+
 /// Parallelism for GEMMs issued from the calling thread (not from inside a rayon job).
 pub(crate) fn par_threads() -> gemm::Parallelism {
     let n = rayon::current_num_threads();
@@ -85,29 +99,89 @@ pub(crate) fn par_threads() -> gemm::Parallelism {
     }
 }
 
-/// A strided row-major view of an f32 matrix: element (i, j) is at `ptr[i * rs + j * cs]`.
+/// A strided row-major view of a matrix (f32 unless said): element (i, j) is at
+/// `data[i * rs + j * cs]`.
 #[derive(Clone, Copy)]
-pub(crate) struct Mat<'a> {
-    pub data: &'a [f32],
+pub struct Mat<'a, T = f32> {
+    pub data: &'a [T],
     pub rs: usize,
     pub cs: usize,
 }
 
-impl<'a> Mat<'a> {
-    pub fn rows(data: &'a [f32], row_stride: usize) -> Self {
+impl<'a, T> Mat<'a, T> {
+    pub fn rows(data: &'a [T], row_stride: usize) -> Self {
         Mat { data, rs: row_stride, cs: 1 }
     }
     /// The transpose of a row-major matrix with row stride `row_stride`.
-    pub fn transposed(data: &'a [f32], row_stride: usize) -> Self {
+    pub fn transposed(data: &'a [T], row_stride: usize) -> Self {
         Mat { data, rs: 1, cs: row_stride }
     }
-    fn max_index(&self, rows: usize, cols: usize) -> usize {
+    pub(crate) fn max_index(&self, rows: usize, cols: usize) -> usize {
         if rows == 0 || cols == 0 {
             0
         } else {
             (rows - 1) * self.rs + (cols - 1) * self.cs
         }
     }
+}
+
+/// An element type the GEMM-based kernels (conv2d, linear) compute with: f32 runs the f32 GEMM,
+/// bf16 the bf16 GEMM with f32 sums ([`crate::bf16_gemm`]). Results are f32 either way.
+pub trait GemmElem: Copy + Default + Send + Sync {
+    /// `dst[m×n] (row stride dst_rs) = (accumulate ? dst : 0) + a[m×k] · b[k×n]`, multi-threaded.
+    #[allow(clippy::too_many_arguments)]
+    fn gemm(
+        m: usize,
+        n: usize,
+        k: usize,
+        dst: &mut [f32],
+        dst_rs: usize,
+        accumulate: bool,
+        a: Mat<'_, Self>,
+        b: Mat<'_, Self>,
+    );
+}
+
+impl GemmElem for f32 {
+    fn gemm(
+        m: usize,
+        n: usize,
+        k: usize,
+        dst: &mut [f32],
+        dst_rs: usize,
+        accumulate: bool,
+        a: Mat<'_>,
+        b: Mat<'_>,
+    ) {
+        sgemm(m, n, k, dst, dst_rs, accumulate, a, b, par_threads())
+    }
+}
+
+impl GemmElem for bf16 {
+    fn gemm(
+        m: usize,
+        n: usize,
+        k: usize,
+        dst: &mut [f32],
+        dst_rs: usize,
+        accumulate: bool,
+        a: Mat<'_, bf16>,
+        b: Mat<'_, bf16>,
+    ) {
+        crate::bf16_gemm::gemm(m, n, k, dst, dst_rs, accumulate, a, b)
+    }
+}
+
+/// A CPU storage's data as a bf16 slice when it is bf16 storage (the GEMM kernels then compute in
+/// bf16 with f32 sums), `None` for other dtypes (they are widened to f32 by [`storage_f32`]).
+pub(crate) fn storage_bf16<'a>(s: &'a CpuStorage, l: &Layout) -> Result<Option<&'a [bf16]>> {
+    let Some((start, end)) = l.contiguous_offsets() else {
+        bail!("sdbooth-ops: kernel operand is not contiguous (shape {:?})", l.shape())
+    };
+    Ok(match s {
+        CpuStorage::BF16(v) => Some(&v[start..end]),
+        _ => None,
+    })
 }
 
 /// `dst[m×n] (row stride dst_rs) = (accumulate ? dst : 0) + a[m×k] · b[k×n]`.

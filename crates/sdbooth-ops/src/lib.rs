@@ -35,6 +35,7 @@ mod activation;
 mod alloc;
 mod attention;
 mod backend;
+mod bf16_gemm;
 mod conv;
 mod cpu;
 mod embed;
@@ -49,13 +50,33 @@ mod softmax;
 pub mod kernels {
     pub use crate::conv::cpu::{forward as conv2d_forward, grad_input as conv2d_grad_input};
     pub use crate::conv::{cpu::grad_weight as conv2d_grad_weight, Geom as Conv2dGeom};
+    pub use crate::cpu::{GemmElem, Mat};
+
+    /// The f32 GEMM the CPU kernels use (the `gemm` crate), multi-threaded: `dst[m×n] (row
+    /// stride dst_rs) = (accumulate ? dst : 0) + a · b`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn f32_gemm(
+        m: usize,
+        n: usize,
+        k: usize,
+        dst: &mut [f32],
+        dst_rs: usize,
+        accumulate: bool,
+        a: Mat<'_>,
+        b: Mat<'_>,
+    ) {
+        crate::cpu::sgemm(m, n, k, dst, dst_rs, accumulate, a, b, crate::cpu::par_threads())
+    }
+    pub use crate::bf16_gemm::gemm_with as bf16_gemm;
 }
 
 pub use activation::{geglu, gelu_erf, quick_gelu, silu};
 pub use alloc::tune_allocator;
 pub use attention::{attention, attention_flops};
 pub use backend::{reference_ops_forced, REFERENCE_OPS_ENV};
+pub use bf16_gemm::{active_kernel as bf16_kernel, Bf16Kernel, BF16_KERNEL_ENV};
 pub use conv::{conv2d, conv2d_flops};
+pub use cpu::f32_gemm_kernel;
 pub use embed::{embedding, timestep_embedding, upsample_nearest2x};
 pub use linear::linear;
 pub use norm::{group_norm, group_norm_silu, layer_norm};

@@ -1,4 +1,5 @@
-//! conv2d's CPU kernels on f32 slices (im2col + GEMM).
+//! conv2d's CPU kernels (im2col + GEMM) on f32 or bf16 slices ([`GemmElem`]: bf16 operands run
+//! the bf16 GEMM with f32 sums, im2col copies bf16); results are f32.
 //!
 //! candle's CPU conv2d backward goes through `conv_transpose2d`, a dot-product loop, and its CPU
 //! conv2d refuses bf16. Here all three products are GEMMs on the `gemm` crate (AVX-512 with the
@@ -14,7 +15,7 @@
 //! over the batch in batch order; gemm never splits the k-sum across threads.
 
 use super::Geom;
-use crate::cpu::{self, Mat};
+use crate::cpu::{GemmElem, Mat};
 use rayon::prelude::*;
 
 /// Rows per rayon task so each task moves at least ~32K floats (small planes at 8×8 would
@@ -24,7 +25,7 @@ fn min_rows(row_len: usize) -> usize {
 }
 
 /// Fills `col[K, P]` from one image `x[Cin, H, W]`. One task per (channel, ki, kj) row.
-fn im2col(g: &Geom, x: &[f32], col: &mut [f32]) {
+fn im2col<T: Copy + Default + Send + Sync>(g: &Geom, x: &[T], col: &mut [T]) {
     let p = g.p();
     col.par_chunks_mut(p).with_min_len(min_rows(p)).enumerate().for_each(|(row, out)| {
         let c = row / (g.kh * g.kw);
@@ -35,7 +36,7 @@ fn im2col(g: &Geom, x: &[f32], col: &mut [f32]) {
             let dst = &mut out[oh * g.wo..(oh + 1) * g.wo];
             let ih = (oh * g.stride + ki) as isize - g.pad as isize;
             if ih < 0 || ih >= g.h as isize {
-                dst.fill(0.0);
+                dst.fill(T::default());
                 continue;
             }
             let src = &plane[ih as usize * g.w..(ih as usize + 1) * g.w];
@@ -44,14 +45,14 @@ fn im2col(g: &Geom, x: &[f32], col: &mut [f32]) {
                 let shift = kj as isize - g.pad as isize;
                 let lo = (-shift).clamp(0, g.wo as isize) as usize;
                 let hi = (g.w as isize - shift).clamp(lo as isize, g.wo as isize) as usize;
-                dst[..lo].fill(0.0);
-                dst[hi..].fill(0.0);
+                dst[..lo].fill(T::default());
+                dst[hi..].fill(T::default());
                 let s0 = (lo as isize + shift) as usize;
                 dst[lo..hi].copy_from_slice(&src[s0..s0 + (hi - lo)]);
             } else {
                 for (ow, d) in dst.iter_mut().enumerate() {
                     let iw = (ow * g.stride + kj) as isize - g.pad as isize;
-                    *d = if iw >= 0 && iw < g.w as isize { src[iw as usize] } else { 0.0 };
+                    *d = if iw >= 0 && iw < g.w as isize { src[iw as usize] } else { T::default() };
                 }
             }
         }
@@ -100,7 +101,12 @@ fn col2im(g: &Geom, dcol: &[f32], dx: &mut [f32]) {
 
 /// The column matrix `col[K, P]` of image `bi` of `x`: the image itself for a pointwise
 /// convolution, else filled into `col` by im2col.
-fn columns<'a>(g: &Geom, x: &'a [f32], bi: usize, col: &'a mut [f32]) -> &'a [f32] {
+fn columns<'a, T: Copy + Default + Send + Sync>(
+    g: &Geom,
+    x: &'a [T],
+    bi: usize,
+    col: &'a mut [T],
+) -> &'a [T] {
     let xb = &x[bi * g.cin * g.h * g.w..(bi + 1) * g.cin * g.h * g.w];
     if g.is_pointwise() {
         xb
@@ -111,12 +117,12 @@ fn columns<'a>(g: &Geom, x: &'a [f32], bi: usize, col: &'a mut [f32]) -> &'a [f3
 }
 
 /// Forward: `y[B, Cout, Ho, Wo]`.
-pub fn forward(g: &Geom, x: &[f32], w: &[f32]) -> Vec<f32> {
+pub fn forward<T: GemmElem>(g: &Geom, x: &[T], w: &[T]) -> Vec<f32> {
     forward_bias(g, x, w, None)
 }
 
 /// Forward with an optional per-channel bias, added by starting the GEMM from the bias planes.
-pub fn forward_bias(g: &Geom, x: &[f32], w: &[f32], bias: Option<&[f32]>) -> Vec<f32> {
+pub fn forward_bias<T: GemmElem>(g: &Geom, x: &[T], w: &[T], bias: Option<&[f32]>) -> Vec<f32> {
     let (k, p) = (g.k(), g.p());
     let mut y = vec![0f32; g.b * g.cout * p];
     if let Some(bias) = bias {
@@ -124,21 +130,11 @@ pub fn forward_bias(g: &Geom, x: &[f32], w: &[f32], bias: Option<&[f32]>) -> Vec
             plane.fill(bias[i % g.cout]);
         });
     }
-    let mut col = if g.is_pointwise() { Vec::new() } else { vec![0f32; k * p] };
+    let mut col = if g.is_pointwise() { Vec::new() } else { vec![T::default(); k * p] };
     for bi in 0..g.b {
         let colv = columns(g, x, bi, &mut col);
         let yb = &mut y[bi * g.cout * p..(bi + 1) * g.cout * p];
-        cpu::sgemm(
-            g.cout,
-            p,
-            k,
-            yb,
-            p,
-            bias.is_some(),
-            Mat::rows(w, k),
-            Mat::rows(colv, p),
-            cpu::par_threads(),
-        );
+        T::gemm(g.cout, p, k, yb, p, bias.is_some(), Mat::rows(w, k), Mat::rows(colv, p));
     }
     y
 }
@@ -171,7 +167,7 @@ pub fn grad_bias(g: &Geom, dy: &[f32]) -> Vec<f32> {
 }
 
 /// Gradient with respect to the input.
-pub fn grad_input(g: &Geom, w: &[f32], dy: &[f32]) -> Vec<f32> {
+pub fn grad_input<T: GemmElem>(g: &Geom, w: &[T], dy: &[T]) -> Vec<f32> {
     let (k, p) = (g.k(), g.p());
     let chw = g.cin * g.h * g.w;
     let mut dx = vec![0f32; g.b * chw];
@@ -181,9 +177,9 @@ pub fn grad_input(g: &Geom, w: &[f32], dy: &[f32]) -> Vec<f32> {
         let dxb = &mut dx[bi * chw..(bi + 1) * chw];
         let wt = Mat::transposed(w, k);
         if g.is_pointwise() {
-            cpu::sgemm(k, p, g.cout, dxb, p, false, wt, Mat::rows(dyb, p), cpu::par_threads());
+            T::gemm(k, p, g.cout, dxb, p, false, wt, Mat::rows(dyb, p));
         } else {
-            cpu::sgemm(k, p, g.cout, &mut dcol, p, false, wt, Mat::rows(dyb, p), cpu::par_threads());
+            T::gemm(k, p, g.cout, &mut dcol, p, false, wt, Mat::rows(dyb, p));
             col2im(g, &dcol, dxb);
         }
     }
@@ -191,24 +187,14 @@ pub fn grad_input(g: &Geom, w: &[f32], dy: &[f32]) -> Vec<f32> {
 }
 
 /// Gradient with respect to the weight, summed over the batch in batch order.
-pub fn grad_weight(g: &Geom, x: &[f32], dy: &[f32]) -> Vec<f32> {
+pub fn grad_weight<T: GemmElem>(g: &Geom, x: &[T], dy: &[T]) -> Vec<f32> {
     let (k, p) = (g.k(), g.p());
     let mut dw = vec![0f32; g.cout * k];
-    let mut col = if g.is_pointwise() { Vec::new() } else { vec![0f32; k * p] };
+    let mut col = if g.is_pointwise() { Vec::new() } else { vec![T::default(); k * p] };
     for bi in 0..g.b {
         let colv = columns(g, x, bi, &mut col);
         let dyb = &dy[bi * g.cout * p..(bi + 1) * g.cout * p];
-        cpu::sgemm(
-            g.cout,
-            k,
-            p,
-            &mut dw,
-            k,
-            bi > 0,
-            Mat::rows(dyb, p),
-            Mat::transposed(colv, p),
-            cpu::par_threads(),
-        );
+        T::gemm(g.cout, k, p, &mut dw, k, bi > 0, Mat::rows(dyb, p), Mat::transposed(colv, p));
     }
     dw
 }

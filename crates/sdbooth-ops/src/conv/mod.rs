@@ -8,14 +8,15 @@
 pub(crate) mod cpu;
 
 use crate::backend::{self, expect_dims, WeightGradOps};
-use crate::cpu::{same_dtype, storage_f32, storage_from_f32};
+use crate::cpu::{same_dtype, storage_bf16, storage_f32, storage_from_f32};
 use crate::reference;
 use candle_core::backend::BackendStorage;
 use candle_core::{bail, CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor};
 
 /// 2-D convolution, PyTorch semantics (dilation 1, one group). `x` is `[B, Cin, H, W]`, `w` is
 /// `[Cout, Cin, kh, kw]`, `b` is `[Cout]`. Any kernel size, stride and padding is accepted; the
-/// CPU kernel is tuned for SD's 3x3 (stride 1 and 2, padding 1) and 1x1.
+/// CPU kernel is tuned for SD's 3x3 (stride 1 and 2, padding 1) and 1x1. bf16 operands compute in
+/// bf16 with f32 sums (PyTorch autocast's conv2d).
 pub fn conv2d(x: &Tensor, w: &Tensor, b: Option<&Tensor>, stride: usize, padding: usize) -> Result<Tensor> {
     if !backend::has_kernels(x.device()) {
         return reference::conv2d(x, w, b, stride, padding);
@@ -112,7 +113,10 @@ impl CustomOp2 for Conv2dOp {
     ) -> Result<(CpuStorage, Shape)> {
         let g = Geom::new(l1.dims(), l2.dims(), self.stride, self.pad)?;
         same_dtype("conv2d", s1, s2)?;
-        let y = cpu::forward(&g, &storage_f32(s1, l1)?, &storage_f32(s2, l2)?);
+        let y = match (storage_bf16(s1, l1)?, storage_bf16(s2, l2)?) {
+            (Some(x), Some(w)) => cpu::forward(&g, x, w),
+            _ => cpu::forward(&g, &storage_f32(s1, l1)?, &storage_f32(s2, l2)?),
+        };
         Ok((storage_from_f32(y, s1.dtype())?, Shape::from(&g.y_dims())))
     }
 
@@ -151,9 +155,11 @@ impl CustomOp3 for Conv2dBiasOp {
         let g = Geom::new(l1.dims(), l2.dims(), self.stride, self.pad)?;
         same_dtype("conv2d", s1, s2)?;
         expect_dims("conv2d", "bias", l3.dims(), &[g.cout])?;
-        let (x, w) = (storage_f32(s1, l1)?, storage_f32(s2, l2)?);
         let b = storage_f32(s3, l3)?;
-        let y = cpu::forward_bias(&g, &x, &w, Some(&b));
+        let y = match (storage_bf16(s1, l1)?, storage_bf16(s2, l2)?) {
+            (Some(x), Some(w)) => cpu::forward_bias(&g, x, w, Some(&b)),
+            _ => cpu::forward_bias(&g, &storage_f32(s1, l1)?, &storage_f32(s2, l2)?, Some(&b)),
+        };
         Ok((storage_from_f32(y, s1.dtype())?, Shape::from(&g.y_dims())))
     }
 
@@ -210,7 +216,10 @@ impl CustomOp2 for Conv2dGradInput {
         let g = &self.geom;
         expect_dims(self.name(), "weight", l1.dims(), &g.w_dims())?;
         expect_dims(self.name(), "output gradient", l2.dims(), &g.y_dims())?;
-        let dx = cpu::grad_input(g, &storage_f32(s1, l1)?, &storage_f32(s2, l2)?);
+        let dx = match (storage_bf16(s1, l1)?, storage_bf16(s2, l2)?) {
+            (Some(w), Some(dy)) => cpu::grad_input(g, w, dy),
+            _ => cpu::grad_input(g, &storage_f32(s1, l1)?, &storage_f32(s2, l2)?),
+        };
         Ok((storage_from_f32(dx, s1.dtype())?, Shape::from(&g.x_dims())))
     }
 }
@@ -235,7 +244,10 @@ impl CustomOp2 for Conv2dGradWeight {
         let g = &self.geom;
         expect_dims(self.name(), "input", l1.dims(), &g.x_dims())?;
         expect_dims(self.name(), "output gradient", l2.dims(), &g.y_dims())?;
-        let dw = cpu::grad_weight(g, &storage_f32(s1, l1)?, &storage_f32(s2, l2)?);
+        let dw = match (storage_bf16(s1, l1)?, storage_bf16(s2, l2)?) {
+            (Some(x), Some(dy)) => cpu::grad_weight(g, x, dy),
+            _ => cpu::grad_weight(g, &storage_f32(s1, l1)?, &storage_f32(s2, l2)?),
+        };
         Ok((storage_from_f32(dw, s1.dtype())?, Shape::from(&g.w_dims())))
     }
 }

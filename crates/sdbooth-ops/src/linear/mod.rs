@@ -7,7 +7,7 @@
 pub(crate) mod cpu;
 
 use crate::backend::{self, expect_dims, WeightGradOps};
-use crate::cpu::{same_dtype, storage_f32, storage_from_f32};
+use crate::cpu::{same_dtype, storage_bf16, storage_f32, storage_from_f32};
 use crate::reference;
 use candle_core::backend::BackendStorage;
 use candle_core::{bail, CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor};
@@ -15,7 +15,8 @@ use candle_core::{bail, CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layo
 /// `x @ w^T + b` over the last dimension of `x`.
 ///
 /// On CPU one GEMM per product (forward, grad-input, grad-weight written in `[out, in]`), the
-/// bias gradient a chunked row sum; untracked operands get no gradient and cost nothing.
+/// bias gradient a chunked row sum; untracked operands get no gradient and cost nothing. When both
+/// operands of a product are bf16 it runs in bf16 with f32 sums (PyTorch autocast's linear).
 pub fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
     if !backend::has_kernels(x.device()) {
         return reference::linear(x, w, b);
@@ -56,8 +57,6 @@ fn forward(
 ) -> Result<(CpuStorage, Shape)> {
     let (m, k, n) = dims(xl.dims(), wl.dims())?;
     same_dtype("linear", xs, ws)?;
-    let x = storage_f32(xs, xl)?;
-    let w = storage_f32(ws, wl)?;
     let bias = match b {
         Some((bs, bl)) => {
             if bl.dims() != [n] {
@@ -67,7 +66,10 @@ fn forward(
         }
         None => None,
     };
-    let y = cpu::forward(m, k, n, &x, &w, bias.as_deref());
+    let y = match (storage_bf16(xs, xl)?, storage_bf16(ws, wl)?) {
+        (Some(x), Some(w)) => cpu::forward(m, k, n, x, w, bias.as_deref()),
+        _ => cpu::forward(m, k, n, &storage_f32(xs, xl)?, &storage_f32(ws, wl)?, bias.as_deref()),
+    };
     Ok((storage_from_f32(y, xs.dtype())?, out_shape(xl.dims(), n)))
 }
 
@@ -187,7 +189,10 @@ impl CustomOp2 for LinearGradInput {
         let Geom { rows, inp, out } = self.geom;
         expect_dims(self.name(), "output gradient", &flat_dims(l1.dims(), out), &self.geom.dy_dims())?;
         expect_dims(self.name(), "weight", l2.dims(), &[out, inp])?;
-        let dx = cpu::grad_input(rows, inp, out, &storage_f32(s2, l2)?, &storage_f32(s1, l1)?);
+        let dx = match (storage_bf16(s2, l2)?, storage_bf16(s1, l1)?) {
+            (Some(w), Some(dy)) => cpu::grad_input(rows, inp, out, w, dy),
+            _ => cpu::grad_input(rows, inp, out, &storage_f32(s2, l2)?, &storage_f32(s1, l1)?),
+        };
         Ok((storage_from_f32(dx, s2.dtype())?, self.x_shape.clone()))
     }
 }
@@ -212,7 +217,10 @@ impl CustomOp2 for LinearGradWeight {
         let Geom { rows, inp, out } = self.geom;
         expect_dims(self.name(), "input", &flat_dims(l1.dims(), inp), &[rows, inp])?;
         expect_dims(self.name(), "output gradient", &flat_dims(l2.dims(), out), &self.geom.dy_dims())?;
-        let dw = cpu::grad_weight(rows, inp, out, &storage_f32(s1, l1)?, &storage_f32(s2, l2)?);
+        let dw = match (storage_bf16(s1, l1)?, storage_bf16(s2, l2)?) {
+            (Some(x), Some(dy)) => cpu::grad_weight(rows, inp, out, x, dy),
+            _ => cpu::grad_weight(rows, inp, out, &storage_f32(s1, l1)?, &storage_f32(s2, l2)?),
+        };
         Ok((storage_from_f32(dw, s1.dtype())?, Shape::from((out, inp))))
     }
 }

@@ -1,0 +1,263 @@
+//! bf16 GEMM on the CPU: bf16 operands, f32 accumulation, for `--mixed_precision bf16`.
+//!
+//! `dst[m×n] (row stride dst_rs) = (accumulate ? dst : 0) + a[m×k] · b[k×n]`, with `a` and `b`
+//! strided bf16 matrices ([`Mat`]) and `dst` in f32. Two kernels, picked once per process:
+//!
+//! * [`Bf16Kernel::Avx512Bf16`]: `vdpbf16ps` (AVX512_BF16: Zen 4, Sapphire Rapids and later),
+//!   which multiplies pairs of bf16 values and adds both products to an f32 lane. Both operands
+//!   are packed first (pairs of consecutive k values interleaved, see [`pack`]), then the output
+//!   is cut into fixed tiles of [`TILE_M`]×[`TILE_N`] that rayon computes in parallel. Each output
+//!   element is summed by one task in a fixed k order, so results do not depend on the thread
+//!   count.
+//! * [`Bf16Kernel::F32Fallback`]: widens the operands to f32 (exact) and runs the f32 GEMM: the
+//!   same math (bf16 inputs, f32 sums), for CPUs without bf16 dot products. It also runs when
+//!   `SDBOOTH_BF16_KERNEL=f32_fallback` is set, so CI on any CPU tests both paths.
+//!
+//! The two kernels round differently (the hardware adds two products per step and flushes
+//! subnormals), so they agree within f32 rounding of the sums, not bit for bit.
+
+#[cfg(target_arch = "x86_64")]
+mod avx512;
+mod pack;
+
+use crate::cpu::{self, Mat};
+use half::bf16;
+use rayon::prelude::*;
+use std::sync::OnceLock;
+
+/// The environment variable that forces a bf16 kernel (`f32_fallback`, or `avx512_bf16` where the
+/// CPU has it); read once per process.
+pub const BF16_KERNEL_ENV: &str = "SDBOOTH_BF16_KERNEL";
+
+/// Rows of the microkernel (one broadcast pair per row per step).
+pub(crate) const MR: usize = 12;
+/// Columns of the microkernel: two 16-lane f32 registers.
+pub(crate) const NR: usize = 32;
+/// Output rows per parallel task (a multiple of [`MR`]).
+const TILE_M: usize = 8 * MR;
+/// Output columns per parallel task (a multiple of [`NR`]).
+const TILE_N: usize = 4 * NR;
+/// k pairs per block: a block of one packed column panel (`KC·NR·4` bytes = 16 KiB) stays in L1
+/// while every row panel of the tile streams past it.
+const KC: usize = 128;
+
+/// Which bf16 GEMM kernel runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Bf16Kernel {
+    /// AVX512_BF16 `vdpbf16ps` microkernel.
+    Avx512Bf16,
+    /// Widen to f32 and run the f32 GEMM.
+    F32Fallback,
+}
+
+impl Bf16Kernel {
+    /// The name `sdbooth bench` reports (`"avx512_bf16"`, `"f32_fallback"`).
+    pub fn name(self) -> &'static str {
+        match self {
+            Bf16Kernel::Avx512Bf16 => "avx512_bf16",
+            Bf16Kernel::F32Fallback => "f32_fallback",
+        }
+    }
+
+    /// Whether this machine can run the kernel.
+    pub fn available(self) -> bool {
+        match self {
+            Bf16Kernel::Avx512Bf16 => avx512_bf16_detected(),
+            Bf16Kernel::F32Fallback => true,
+        }
+    }
+}
+
+fn avx512_bf16_detected() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::arch::is_x86_feature_detected!("avx512f") && std::arch::is_x86_feature_detected!("avx512bf16")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// The kernel bf16 GEMMs use in this process: the fastest the CPU has, unless
+/// `SDBOOTH_BF16_KERNEL` names another (an unknown or unavailable name falls back to f32 with a
+/// warning on stderr, since this runs deep inside an op where no error can be returned).
+pub fn active_kernel() -> Bf16Kernel {
+    static KERNEL: OnceLock<Bf16Kernel> = OnceLock::new();
+    *KERNEL.get_or_init(|| {
+        let best = if avx512_bf16_detected() { Bf16Kernel::Avx512Bf16 } else { Bf16Kernel::F32Fallback };
+        match std::env::var(BF16_KERNEL_ENV).as_deref() {
+            Err(_) | Ok("") => best,
+            Ok("f32_fallback") => Bf16Kernel::F32Fallback,
+            Ok("avx512_bf16") if best == Bf16Kernel::Avx512Bf16 => best,
+            Ok(other) => {
+                eprintln!(
+                    "warning: {BF16_KERNEL_ENV}={other} is not a bf16 kernel this CPU has \
+                     (avx512_bf16 available: {}); using f32_fallback",
+                    best == Bf16Kernel::Avx512Bf16
+                );
+                Bf16Kernel::F32Fallback
+            }
+        }
+    })
+}
+
+/// `dst = (accumulate ? dst : 0) + a · b` with the [`active_kernel`].
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn gemm(
+    m: usize,
+    n: usize,
+    k: usize,
+    dst: &mut [f32],
+    dst_rs: usize,
+    accumulate: bool,
+    a: Mat<'_, bf16>,
+    b: Mat<'_, bf16>,
+) {
+    gemm_with(active_kernel(), m, n, k, dst, dst_rs, accumulate, a, b)
+}
+
+/// [`gemm`] with a chosen kernel (tests run both). Panics if `kernel` is not
+/// [`available`](Bf16Kernel::available) or a matrix does not fit its slice (a crate bug: the
+/// ops validate shapes first).
+#[allow(clippy::too_many_arguments)]
+pub fn gemm_with(
+    kernel: Bf16Kernel,
+    m: usize,
+    n: usize,
+    k: usize,
+    dst: &mut [f32],
+    dst_rs: usize,
+    accumulate: bool,
+    a: Mat<'_, bf16>,
+    b: Mat<'_, bf16>,
+) {
+    assert!(kernel.available(), "bf16 gemm: kernel {} is not available on this CPU", kernel.name());
+    if m == 0 || n == 0 {
+        return;
+    }
+    assert!(dst_rs >= n && (m - 1) * dst_rs + n <= dst.len(), "bf16 gemm: dst too small");
+    assert!(k == 0 || a.max_index(m, k) < a.data.len(), "bf16 gemm: lhs too small");
+    assert!(k == 0 || b.max_index(k, n) < b.data.len(), "bf16 gemm: rhs too small");
+    if k == 0 {
+        if !accumulate {
+            dst.chunks_mut(dst_rs).take(m).for_each(|row| row[..n].fill(0.0));
+        }
+        return;
+    }
+    match kernel {
+        Bf16Kernel::F32Fallback => fallback(m, n, k, dst, dst_rs, accumulate, a, b),
+        Bf16Kernel::Avx512Bf16 => tiled(m, n, k, dst, dst_rs, accumulate, a, b),
+    }
+}
+
+/// The f32 path: bf16 → f32 is exact, so this is the same product with f32 sums.
+#[allow(clippy::too_many_arguments)]
+fn fallback(
+    m: usize,
+    n: usize,
+    k: usize,
+    dst: &mut [f32],
+    dst_rs: usize,
+    accumulate: bool,
+    a: Mat<'_, bf16>,
+    b: Mat<'_, bf16>,
+) {
+    let (a32, b32) = (widen(a.data), widen(b.data));
+    let a = Mat { data: &a32, rs: a.rs, cs: a.cs };
+    let b = Mat { data: &b32, rs: b.rs, cs: b.cs };
+    cpu::sgemm(m, n, k, dst, dst_rs, accumulate, a, b, cpu::par_threads());
+}
+
+/// bf16 → f32, in parallel chunks.
+pub(crate) fn widen(v: &[bf16]) -> Vec<f32> {
+    let mut out = vec![0f32; v.len()];
+    out.par_chunks_mut(1 << 14).zip(v.par_chunks(1 << 14)).for_each(|(o, i)| {
+        for (o, i) in o.iter_mut().zip(i) {
+            *o = i.to_f32();
+        }
+    });
+    out
+}
+
+/// A destination pointer shared by the tile tasks; each task writes only its own rectangle.
+#[derive(Clone, Copy)]
+struct DstPtr(*mut f32);
+// SAFETY: tasks write disjoint tiles of one live `&mut [f32]` (see `tiled`).
+unsafe impl Send for DstPtr {}
+unsafe impl Sync for DstPtr {}
+
+impl DstPtr {
+    /// `len` values from `offset`.
+    ///
+    /// # Safety
+    /// The range must lie inside the destination slice and no other task may touch it.
+    #[allow(clippy::mut_from_ref)]
+    unsafe fn slice(&self, offset: usize, len: usize) -> &mut [f32] {
+        std::slice::from_raw_parts_mut(self.0.add(offset), len)
+    }
+}
+
+/// The packed, tiled bf16 product (AVX512_BF16).
+#[allow(clippy::too_many_arguments)]
+fn tiled(
+    m: usize,
+    n: usize,
+    k: usize,
+    dst: &mut [f32],
+    dst_rs: usize,
+    accumulate: bool,
+    a: Mat<'_, bf16>,
+    b: Mat<'_, bf16>,
+) {
+    let kp = k.div_ceil(2);
+    let pa = pack::lhs(m, k, a);
+    let pb = pack::rhs(k, n, b);
+    let (tiles_m, tiles_n) = (m.div_ceil(TILE_M), n.div_ceil(TILE_N));
+    let out = DstPtr(dst.as_mut_ptr());
+    (0..tiles_m * tiles_n).into_par_iter().for_each(|t| {
+        let (r0, c0) = ((t / tiles_n) * TILE_M, (t % tiles_n) * TILE_N);
+        let (r1, c1) = ((r0 + TILE_M).min(m), (c0 + TILE_N).min(n));
+        let mut acc = [0f32; MR * NR];
+        for q0 in (0..kp).step_by(KC) {
+            let kc = KC.min(kp - q0);
+            for c in (c0..c1).step_by(NR) {
+                let bpanel = &pb[(c / NR) * kp * NR + q0 * NR..][..kc * NR];
+                for r in (r0..r1).step_by(MR) {
+                    let apanel = &pa[(r / MR) * kp * MR + q0 * MR..][..kc * MR];
+                    microkernel(kc, apanel, bpanel, &mut acc);
+                    let (rows, cols) = ((r1 - r).min(MR), (c1 - c).min(NR));
+                    let set = q0 == 0 && !accumulate;
+                    for (i, arow) in acc.chunks_exact(NR).take(rows).enumerate() {
+                        // SAFETY: row r+i < m and columns c..c+cols ≤ n lie inside `dst` (asserted
+                        // in `gemm_with`); tiles are disjoint, so no other task writes here.
+                        let drow = unsafe { out.slice((r + i) * dst_rs + c, cols) };
+                        if set {
+                            drow.copy_from_slice(&arow[..cols]);
+                        } else {
+                            for (d, v) in drow.iter_mut().zip(arow) {
+                                *d += *v;
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    });
+}
+
+/// `acc[MR×NR] = Σ_q a[q] ⊗ b[q]` over `kc` packed pairs.
+fn microkernel(kc: usize, a: &[u32], b: &[u32], acc: &mut [f32; MR * NR]) {
+    assert!(a.len() >= kc * MR && b.len() >= kc * NR);
+    #[cfg(target_arch = "x86_64")]
+    {
+        // SAFETY: this path runs only when `gemm_with` saw the kernel available (features
+        // detected), and the slices hold kc pairs of both panels (asserted above).
+        unsafe { avx512::kernel(kc, a.as_ptr(), b.as_ptr(), acc) }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        let _ = (kc, a, b, acc);
+        unreachable!("the AVX512_BF16 kernel is never available off x86_64")
+    }
+}

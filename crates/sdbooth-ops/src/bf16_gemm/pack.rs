@@ -1,0 +1,102 @@
+//! Packing for the `vdpbf16ps` microkernel.
+//!
+//! The instruction multiplies, in each 32-bit lane, two bf16 pairs and adds both products to an
+//! f32 lane. So both operands are stored as pairs of consecutive k values in one `u32` (low half
+//! the even k, high half the odd k; an odd k is padded with a zero):
+//!
+//! * lhs: panels of [`MR`] rows, `[panel][k pair][row]`; a row pair is broadcast to all lanes.
+//! * rhs: panels of [`NR`] columns, `[panel][k pair][column]`; 16 columns fill one register.
+//!
+//! Rows and columns past the matrix are zero, so the microkernel never checks edges. Packing
+//! reads at memory speed for the layouts the ops use: when k has stride 1 a pair is one `u32`
+//! load; when the other index has stride 1 two k rows are interleaved.
+
+use super::{MR, NR};
+use crate::cpu::Mat;
+use half::bf16;
+use rayon::prelude::*;
+
+/// Two bf16 values as the `u32` lane `vdpbf16ps` reads (`lo` in the low half).
+#[inline(always)]
+fn pair(lo: bf16, hi: bf16) -> u32 {
+    u32::from(lo.to_bits()) | (u32::from(hi.to_bits()) << 16)
+}
+
+/// A matrix seen as `outer × k`: element `(o, q)` at `data[o·so + q·sk]`.
+#[derive(Clone, Copy)]
+struct ByOuter<'a> {
+    data: &'a [bf16],
+    so: usize,
+    sk: usize,
+}
+
+/// `a[m×k]` as row panels of [`MR`]: `[m/MR][k/2][MR]`.
+pub(super) fn lhs(m: usize, k: usize, a: Mat<'_, bf16>) -> Vec<u32> {
+    panels::<MR>(m, k, ByOuter { data: a.data, so: a.rs, sk: a.cs })
+}
+
+/// `b[k×n]` as column panels of [`NR`]: `[n/NR][k/2][NR]`.
+pub(super) fn rhs(k: usize, n: usize, b: Mat<'_, bf16>) -> Vec<u32> {
+    panels::<NR>(n, k, ByOuter { data: b.data, so: b.cs, sk: b.rs })
+}
+
+/// Panels of `W` outer indices: `[outer/W][k/2][W]`, zero-padded.
+fn panels<const W: usize>(outer: usize, k: usize, src: ByOuter<'_>) -> Vec<u32> {
+    let kp = k.div_ceil(2);
+    let mut out = vec![0u32; outer.div_ceil(W) * kp * W];
+    out.par_chunks_mut(kp * W).enumerate().for_each(|(p, panel)| {
+        let o0 = p * W;
+        let valid = W.min(outer - o0);
+        if src.sk == 1 {
+            pairs_contiguous::<W>(panel, o0, valid, k, src);
+        } else if src.so == 1 {
+            interleave_rows::<W>(panel, o0, valid, k, src);
+        } else {
+            for (q, lanes) in panel.chunks_exact_mut(W).enumerate() {
+                for (w, lane) in lanes.iter_mut().take(valid).enumerate() {
+                    let at = |kk: usize| {
+                        if kk < k {
+                            src.data[(o0 + w) * src.so + kk * src.sk]
+                        } else {
+                            bf16::ZERO
+                        }
+                    };
+                    *lane = pair(at(2 * q), at(2 * q + 1));
+                }
+            }
+        }
+    });
+    out
+}
+
+/// k has stride 1: each outer index's k values are a contiguous run, read two at a time.
+fn pairs_contiguous<const W: usize>(panel: &mut [u32], o0: usize, valid: usize, k: usize, src: ByOuter<'_>) {
+    for w in 0..valid {
+        let run = &src.data[(o0 + w) * src.so..][..k];
+        let mut pairs = run.chunks_exact(2);
+        for (q, two) in (&mut pairs).enumerate() {
+            panel[q * W + w] = pair(two[0], two[1]);
+        }
+        if let [last] = pairs.remainder() {
+            panel[(k / 2) * W + w] = pair(*last, bf16::ZERO);
+        }
+    }
+}
+
+/// The outer index has stride 1: k rows are contiguous runs of outer values; two consecutive
+/// rows are interleaved into one row of pairs.
+fn interleave_rows<const W: usize>(panel: &mut [u32], o0: usize, valid: usize, k: usize, src: ByOuter<'_>) {
+    for (q, lanes) in panel.chunks_exact_mut(W).enumerate() {
+        let even = &src.data[2 * q * src.sk + o0..][..valid];
+        if 2 * q + 1 < k {
+            let odd = &src.data[(2 * q + 1) * src.sk + o0..][..valid];
+            for ((lane, &lo), &hi) in lanes.iter_mut().zip(even).zip(odd) {
+                *lane = pair(lo, hi);
+            }
+        } else {
+            for (lane, &lo) in lanes.iter_mut().zip(even) {
+                *lane = pair(lo, bf16::ZERO);
+            }
+        }
+    }
+}
