@@ -98,9 +98,26 @@ pub trait GradSink {
 }
 
 /// The squared L2 norm of one gradient, reduced where the tensor lives (f32) and returned as f64
-/// for accumulation. Every norm and overflow check of the update goes through here.
+/// for accumulation. Every norm and overflow check of the update goes through here or through
+/// [`sums_of_squares`].
 pub fn sum_of_squares(grad: &Tensor) -> Result<f64> {
-    Ok(grad.sqr()?.sum_all()?.to_dtype(DType::F64)?.to_scalar::<f64>()?)
+    Ok(grad_square_sum(grad)?.to_dtype(DType::F64)?.to_scalar::<f64>()?)
+}
+
+/// The squared L2 norm of one gradient as a scalar tensor on its device, in f32 (the sum is taken
+/// in the gradient's dtype).
+fn grad_square_sum(grad: &Tensor) -> Result<Tensor> {
+    Ok(grad.sqr()?.sum_all()?.to_dtype(DType::F32)?)
+}
+
+/// [`sum_of_squares`] of every gradient (all on one device), with one transfer of the scalars to
+/// the host instead of one per gradient.
+pub fn sums_of_squares<'a>(grads: impl IntoIterator<Item = &'a Tensor>) -> Result<Vec<f64>> {
+    let sums = grads.into_iter().map(grad_square_sum).collect::<Result<Vec<Tensor>>>()?;
+    if sums.is_empty() {
+        return Ok(Vec::new());
+    }
+    Ok(Tensor::stack(&sums, 0)?.to_dtype(DType::F64)?.to_vec1::<f64>()?)
 }
 
 /// The factor torch's `clip_grad_norm_(max_norm)` multiplies the gradients by:
@@ -211,7 +228,7 @@ pub fn apply_accumulated(
     loss_scale: Option<&mut LossScale>,
 ) -> Result<UpdateOutcome> {
     // The map's fixed order keeps the norm's summation, and so the run, deterministic.
-    let squares = grads.grads.values().map(sum_of_squares).collect::<Result<Vec<f64>>>()?;
+    let squares = sums_of_squares(grads.grads.values())?;
     let mut unscale = 1.0f64;
     if let Some(ls) = loss_scale {
         let finite = squares.iter().all(|s| s.is_finite());

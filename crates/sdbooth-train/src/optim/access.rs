@@ -1,15 +1,15 @@
-//! In-place access to the f32/bf16 storage of candle tensors.
+//! In-place access to the f32/bf16 storage of CPU tensors, for the host kernels.
 //!
 //! candle keeps a tensor's storage behind a lock and gives write access only through its
 //! `InplaceOp*` traits, so the optimizer wraps its update closure in an `InplaceOp1`: the weights
 //! are updated where they live, with no model-size temporaries. Gradients are read through the
-//! public `storage_and_layout` read guard. Tensors on a GPU take a per-tensor round trip through
-//! host memory for now (correct, not fast).
+//! public `storage_and_layout` read guard. Tensors on other devices never come here: the
+//! tensor-operation optimizers (`optim/device/`) update them on their device.
 
 use std::cell::RefCell;
 
 use candle_core::backend::BackendStorage;
-use candle_core::{CpuStorage, DType, Device, InplaceOp1, Layout, Storage, Tensor, Var};
+use candle_core::{CpuStorage, DType, InplaceOp1, Layout, Storage, Tensor, Var};
 use half::bf16;
 
 use crate::error::{Result, TrainError};
@@ -52,35 +52,34 @@ impl<F: FnOnce(WeightsMut<'_>) -> Result<()>> InplaceOp1 for ApplyMut<F> {
     }
 }
 
-/// Runs `f` on the contents of `var`, in place.
-pub fn with_weights_mut(var: &Var, f: impl FnOnce(WeightsMut<'_>) -> Result<()>) -> Result<()> {
-    let t = var.as_tensor();
-    if t.device().is_cpu() {
-        let op = ApplyMut { f: RefCell::new(Some(f)), result: RefCell::new(None) };
-        t.inplace_op1(&op)?;
-        return op
-            .result
-            .into_inner()
-            .unwrap_or_else(|| Err(TrainError::Config("update did not run".into())));
-    }
-    // Device tensors: update a host copy of this one tensor, then write it back.
-    let host = t.to_device(&Device::Cpu)?.copy()?;
-    let op = ApplyMut { f: RefCell::new(Some(f)), result: RefCell::new(None) };
-    host.inplace_op1(&op)?;
-    op.result.into_inner().unwrap_or_else(|| Err(TrainError::Config("update did not run".into())))?;
-    var.set(&host.to_device(t.device())?)?;
-    Ok(())
+/// The error for a tensor the host kernels were handed although it is not in host memory.
+fn not_on_cpu(t: &Tensor) -> TrainError {
+    TrainError::Internal(format!("host optimizer kernels given a tensor on {:?}", t.device().location()))
 }
 
-/// Runs `f` on the contents of `t` as f32; borrows the storage when it is f32 on the CPU,
+/// Runs `f` on the contents of `var` (a CPU tensor), in place.
+pub fn with_weights_mut(var: &Var, f: impl FnOnce(WeightsMut<'_>) -> Result<()>) -> Result<()> {
+    let t = var.as_tensor();
+    if !t.device().is_cpu() {
+        return Err(not_on_cpu(t));
+    }
+    let op = ApplyMut { f: RefCell::new(Some(f)), result: RefCell::new(None) };
+    t.inplace_op1(&op)?;
+    op.result.into_inner().unwrap_or_else(|| Err(TrainError::Config("update did not run".into())))
+}
+
+/// Runs `f` on the contents of `t` (a CPU tensor) as f32; borrows the storage when it is f32,
 /// converts (one tensor's worth) otherwise.
 pub fn with_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Result<R> {
-    if t.device().is_cpu() && t.dtype() == DType::F32 {
+    if !t.device().is_cpu() {
+        return Err(not_on_cpu(t));
+    }
+    if t.dtype() == DType::F32 {
         let (storage, layout) = t.storage_and_layout();
         if let (Storage::Cpu(CpuStorage::F32(v)), Some((s, e))) = (&*storage, layout.contiguous_offsets()) {
             return Ok(f(&v[s..e]));
         }
     }
-    let v = t.to_device(&Device::Cpu)?.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+    let v = t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
     Ok(f(&v))
 }

@@ -1,10 +1,19 @@
-//! Optimizers with in-place, per-parameter updates.
+//! Optimizers with per-parameter updates.
 //!
 //! `Optimizer::step_param_scaled` updates one parameter as soon as its gradient is final (the
 //! fused backward calls it block by block; the plain loop calls it for every parameter after
 //! backward); `crate::update` decides when and with which clipping factor.
-//! Weights are changed where they live (see `access`), state buffers are plain host vectors keyed
-//! by parameter name, so the state of a text encoder that stops training can be freed by group.
+//!
+//! Two implementations of every optimizer, chosen per parameter by [`Kernels::for_device`]:
+//! - on the CPU, host kernels (`adamw.rs`, `adamw8bit.rs`, …) change the weights in place (see
+//!   `access`) with state buffers in host vectors;
+//! - on any other device (a GPU), and on the CPU when `SDBOOTH_REFERENCE_OPS=1` asks for the
+//!   generic path, `device/` runs the same algorithms as candle tensor operations on the
+//!   parameter's device, with the state as tensors there: nothing but scalars crosses to the
+//!   host during a step. On the CPU both give the same bits.
+//!
+//! State buffers are keyed by parameter name (so the state of a text encoder that stops training
+//! can be freed by group) and saved in one layout whichever implementation made them (`store.rs`).
 //! Weights stored as bf16 (`--full_bf16`) are updated in f32 and rounded back stochastically from
 //! a counter-based stream (seed, parameter name, step): the result does not depend on the order in
 //! which parameters are updated, and resuming needs only the seed and the step counts.
@@ -14,13 +23,14 @@ mod adafactor;
 mod adamw;
 pub mod adamw8bit;
 mod config;
+pub mod device;
 mod lion;
 mod sgd;
 mod store;
 
 use std::collections::BTreeMap;
 
-use candle_core::{Tensor, Var};
+use candle_core::{DType, Device, Tensor, Var};
 use half::bf16;
 use rand::RngCore;
 use sdbooth_data::Streams;
@@ -35,10 +45,69 @@ use crate::error::{Result, TrainError};
 pub(crate) const PAR_CHUNK: usize = 1 << 14;
 
 /// One state buffer of one parameter.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Clone)]
 pub enum StateBuf {
     F32(Vec<f32>),
     U8(Vec<u8>),
+    /// A 1-D f32 or u8 tensor on the parameter's device (the tensor-operation optimizers' state).
+    Tensor(Tensor),
+}
+
+impl StateBuf {
+    /// The contents in host memory (a device buffer is copied: for saving and comparing).
+    pub fn to_host(&self) -> Result<StateBuf> {
+        Ok(match self {
+            StateBuf::Tensor(t) => match t.dtype() {
+                DType::U8 => StateBuf::U8(t.flatten_all()?.to_vec1()?),
+                DType::F32 => StateBuf::F32(t.flatten_all()?.to_vec1()?),
+                d => return Err(TrainError::Internal(format!("optimizer state tensor of dtype {d:?}"))),
+            },
+            host => host.clone(),
+        })
+    }
+
+    /// The number of values.
+    pub fn len(&self) -> usize {
+        match self {
+            StateBuf::F32(v) => v.len(),
+            StateBuf::U8(v) => v.len(),
+            StateBuf::Tensor(t) => t.elem_count(),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Bytes held.
+    pub fn nbytes(&self) -> usize {
+        match self {
+            StateBuf::F32(v) => v.len() * 4,
+            StateBuf::U8(v) => v.len(),
+            StateBuf::Tensor(t) => t.elem_count() * t.dtype().size_in_bytes(),
+        }
+    }
+}
+
+/// Equal contents, wherever they are held (a buffer that cannot be read compares unequal).
+impl PartialEq for StateBuf {
+    fn eq(&self, other: &Self) -> bool {
+        match (self.to_host(), other.to_host()) {
+            (Ok(StateBuf::F32(a)), Ok(StateBuf::F32(b))) => a == b,
+            (Ok(StateBuf::U8(a)), Ok(StateBuf::U8(b))) => a == b,
+            _ => false,
+        }
+    }
+}
+
+impl std::fmt::Debug for StateBuf {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            StateBuf::F32(v) => write!(f, "F32({} values)", v.len()),
+            StateBuf::U8(v) => write!(f, "U8({} values)", v.len()),
+            StateBuf::Tensor(t) => write!(f, "Tensor({:?} × {} on {:?})", t.dtype(), t.elem_count(), t.device()),
+        }
+    }
 }
 
 /// The optimizer state of one parameter: its step count and named buffers (`exp_avg`, …).
@@ -53,18 +122,22 @@ pub struct ParamState {
 impl ParamState {
     /// Takes an f32 buffer out (zeros of length `n` when absent) so several can be borrowed mutably.
     pub(crate) fn take_f32(&mut self, key: &str, n: usize) -> Result<Vec<f32>> {
-        match self.bufs.remove(key) {
+        match self.take_host(key)? {
             None => Ok(vec![0.0; n]),
             Some(StateBuf::F32(v)) if v.len() == n => Ok(v),
             Some(_) => Err(TrainError::Config(format!("optimizer state {key}: wrong size or type"))),
         }
     }
     pub(crate) fn take_u8(&mut self, key: &str, n: usize) -> Result<Vec<u8>> {
-        match self.bufs.remove(key) {
+        match self.take_host(key)? {
             None => Ok(vec![0; n]),
             Some(StateBuf::U8(v)) if v.len() == n => Ok(v),
             Some(_) => Err(TrainError::Config(format!("optimizer state {key}: wrong size or type"))),
         }
+    }
+    /// Takes a buffer out for the host kernels (a CPU tensor left by the tensor path is read).
+    fn take_host(&mut self, key: &str) -> Result<Option<StateBuf>> {
+        self.bufs.remove(key).map(|b| b.to_host()).transpose()
     }
     pub(crate) fn put_f32(&mut self, key: &str, v: Vec<f32>) {
         self.bufs.insert(key.to_string(), StateBuf::F32(v));
@@ -74,13 +147,7 @@ impl ParamState {
     }
     /// Bytes held by the state buffers.
     pub fn nbytes(&self) -> usize {
-        self.bufs
-            .values()
-            .map(|b| match b {
-                StateBuf::F32(v) => v.len() * 4,
-                StateBuf::U8(v) => v.len(),
-            })
-            .sum()
+        self.bufs.values().map(StateBuf::nbytes).sum()
     }
 }
 
@@ -92,15 +159,41 @@ pub struct ParamGroup {
     pub params: Vec<String>,
 }
 
+/// Which implementation updates a parameter.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Kernels {
+    /// Chosen by the parameter's device ([`Kernels::for_device`]).
+    #[default]
+    ByDevice,
+    /// The host kernels, in place (CPU tensors only).
+    Host,
+    /// Candle tensor operations on the parameter's device (`device/`).
+    Tensor,
+}
+
+impl Kernels {
+    /// The host kernels for CPU tensors, unless `SDBOOTH_REFERENCE_OPS=1` asks for the generic
+    /// path; tensor operations on every other device.
+    pub fn for_device(device: &Device) -> Kernels {
+        if device.is_cpu() && !sdbooth_ops::reference_ops_forced() {
+            Kernels::Host
+        } else {
+            Kernels::Tensor
+        }
+    }
+}
+
 pub struct Optimizer {
     pub config: OptimizerConfig,
     pub groups: Vec<ParamGroup>,
     pub states: BTreeMap<String, ParamState>,
+    /// The implementation used; `ByDevice` except in tests that compare the two.
+    pub kernels: Kernels,
 }
 
 impl Optimizer {
     pub fn new(config: OptimizerConfig) -> Self {
-        Optimizer { config, groups: Vec::new(), states: BTreeMap::new() }
+        Optimizer { config, groups: Vec::new(), states: BTreeMap::new(), kernels: Kernels::ByDevice }
     }
 
     /// Registers a parameter group; `lr` is its base learning rate (the scheduler's multiplier
@@ -148,10 +241,17 @@ impl Optimizer {
         if grad.dims() != shape.as_slice() {
             return Err(TrainError::param(name, format!("gradient shape {:?} != {:?}", grad.dims(), shape)));
         }
+        let kernels = match self.kernels {
+            Kernels::ByDevice => Kernels::for_device(param.device()),
+            k => k,
+        };
         let config = &self.config;
         let st = self.states.entry(name.to_string()).or_default();
         st.step += 1;
         let step = st.step;
+        if kernels == Kernels::Tensor {
+            return device::step(config, st, name, param, grad, lr, grad_scale);
+        }
         // The scale is applied inside the update loops: no scaled copy of the gradient.
         with_f32(grad, |g| -> Result<()> {
             with_weights_mut(param, |w| match w {

@@ -1,8 +1,11 @@
 //! Saving and loading optimizer state as one safetensors file: every buffer as a tensor named
 //! `{param}::{buffer}`, the config, groups and per-parameter step counts as JSON in the metadata.
-//! Buffers are streamed to the file one at a time (no copy of the whole state in memory).
+//! Buffers are streamed to the file one at a time (no copy of the whole state in memory); a
+//! buffer held on a device is copied to the host as its turn comes, so the file is the same
+//! whichever implementation (host kernels or tensor operations) made the state.
 
 use std::borrow::Cow;
+use std::cell::RefCell;
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 
@@ -17,6 +20,8 @@ const FORMAT: &str = "sdbooth-optimizer/1";
 struct BufView<'a> {
     buf: &'a StateBuf,
     shape: Vec<usize>,
+    /// The first device buffer that could not be read (`View::data` cannot fail; `save` checks).
+    error: &'a RefCell<Option<TrainError>>,
 }
 
 impl View for BufView<'_> {
@@ -24,21 +29,33 @@ impl View for BufView<'_> {
         match self.buf {
             StateBuf::F32(_) => Dtype::F32,
             StateBuf::U8(_) => Dtype::U8,
+            StateBuf::Tensor(t) if t.dtype() == candle_core::DType::U8 => Dtype::U8,
+            StateBuf::Tensor(_) => Dtype::F32,
         }
     }
     fn shape(&self) -> &[usize] {
         &self.shape
     }
     fn data(&self) -> Cow<'_, [u8]> {
+        let f32_bytes = |v: &[f32]| v.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>();
         match self.buf {
-            StateBuf::F32(v) => Cow::Owned(v.iter().flat_map(|x| x.to_le_bytes()).collect()),
+            StateBuf::F32(v) => Cow::Owned(f32_bytes(v)),
             StateBuf::U8(v) => Cow::Borrowed(v),
+            StateBuf::Tensor(_) => match self.buf.to_host() {
+                Ok(StateBuf::F32(v)) => Cow::Owned(f32_bytes(&v)),
+                Ok(StateBuf::U8(v)) => Cow::Owned(v),
+                other => {
+                    let e = other.err().unwrap_or_else(|| TrainError::Internal("device buffer not copied".into()));
+                    self.error.borrow_mut().get_or_insert(e);
+                    Cow::Owned(vec![0; self.data_len()])
+                }
+            },
         }
     }
     fn data_len(&self) -> usize {
-        match self.buf {
-            StateBuf::F32(v) => v.len() * 4,
-            StateBuf::U8(v) => v.len(),
+        match self.dtype() {
+            Dtype::U8 => self.buf.len(),
+            _ => self.buf.len() * 4,
         }
     }
 }
@@ -62,18 +79,17 @@ impl Optimizer {
         };
         let json = serde_json::to_string(&meta).map_err(|e| TrainError::state(path, e.to_string()))?;
         let info = Some(HashMap::from([("sdbooth_optimizer".to_string(), json)]));
+        let error = RefCell::new(None);
         let views = self.states.iter().flat_map(|(p, s)| {
-            s.bufs.iter().filter(|(_, b)| !matches!(b, StateBuf::F32(v) if v.is_empty())).map(
-                move |(k, b)| {
-                    let len = match b {
-                        StateBuf::F32(v) => v.len(),
-                        StateBuf::U8(v) => v.len(),
-                    };
-                    (format!("{p}::{k}"), BufView { buf: b, shape: vec![len] })
-                },
-            )
+            let error = &error;
+            s.bufs.iter().map(move |(k, b)| (format!("{p}::{k}"), BufView { buf: b, shape: vec![b.len()], error }))
+                .filter(|(_, v)| !(v.dtype() == Dtype::F32 && v.buf.is_empty()))
         });
-        safetensors::serialize_to_file(views, &info, path).map_err(|e| TrainError::state(path, e.to_string()))
+        safetensors::serialize_to_file(views, &info, path).map_err(|e| TrainError::state(path, e.to_string()))?;
+        match error.into_inner() {
+            Some(e) => Err(TrainError::state(path, format!("reading the optimizer state from the device: {e}"))),
+            None => Ok(()),
+        }
     }
 
     /// Reads a state written by `save`. The optimizer kind must match; hyper-parameters are taken
@@ -125,6 +141,7 @@ impl Optimizer {
                 .map(|(name, lr, params)| ParamGroup { name, lr, params })
                 .collect(),
             states,
+            kernels: super::Kernels::ByDevice,
         })
     }
 }

@@ -1,0 +1,123 @@
+//! The optimizers as compositions of candle tensor operations: the update of a parameter whose
+//! weights live on a device without this crate's host kernels (a GPU), and of every parameter
+//! when `SDBOOTH_REFERENCE_OPS=1` sends the CPU down that path so it is tested here.
+//!
+//! State buffers are tensors on the parameter's device ([`StateBuf::Tensor`]), with the names,
+//! lengths and dtypes of the host kernels' buffers, so a saved state has one layout whichever path
+//! wrote it, and a state saved on one path resumes on the other (a host buffer read from a file is
+//! moved to the device at its parameter's first step). Nothing comes back to the host during a
+//! step except, for Adafactor, the scalar RMS of the weights (its step size is logged).
+//!
+//! Each update repeats its host kernel's f32 arithmetic operation by operation (same operands,
+//! same order; a product by a scalar is `affine(s, -0.0)`, which keeps the sign of a zero as a
+//! plain product does), so on the CPU the two paths give the same bits (the tests check it).
+//! On a GPU, results can differ from the host kernels by the rounding of fused multiply-adds
+//! inside candle's kernels: a few units in the last place per step.
+//!
+//! bf16 weights (`--full_bf16`) are updated in f32 and rounded back stochastically with a
+//! counter-based stream computed on the device (`rounding.rs`).
+
+mod adafactor;
+mod adamw8bit;
+mod elementwise;
+mod rounding;
+
+use candle_core::{DType, Device, Tensor, Var};
+
+use super::{OptimizerConfig, OptimizerKind, ParamState, StateBuf};
+use crate::error::{Result, TrainError};
+
+pub use rounding::stochastic_round_bf16;
+
+/// Updates `param` from `grad` (multiplied by `grad_scale`) with learning rate `lr`, on the
+/// parameter's device. `st.step` is already the number of this update.
+pub(super) fn step(
+    config: &OptimizerConfig,
+    st: &mut ParamState,
+    name: &str,
+    param: &Var,
+    grad: &Tensor,
+    lr: f64,
+    grad_scale: f32,
+) -> Result<()> {
+    let weights = param.as_tensor().detach();
+    let dtype = weights.dtype();
+    if !matches!(dtype, DType::F32 | DType::BF16) {
+        return Err(TrainError::param(name, format!("weights of dtype {dtype:?} cannot be trained (f32 or bf16 only)")));
+    }
+    let shape = weights.dims().to_vec();
+    let w = weights.to_dtype(DType::F32)?.flatten_all()?;
+    let mut g = grad.detach().to_dtype(DType::F32)?.flatten_all()?;
+    if g.device().location() != w.device().location() {
+        return Err(TrainError::param(name, "gradient and weights are on different devices"));
+    }
+    // The host kernels multiply every gradient value by the scale, 1.0 included: x * 1.0 is x.
+    if grad_scale != 1.0 {
+        g = mul(&g, grad_scale)?;
+    }
+    st.last_lr = lr;
+    let new_w = match config.kind {
+        OptimizerKind::AdamW => elementwise::adamw(config, st, &w, &g, lr)?,
+        OptimizerKind::AdamW8bit => adamw8bit::step(config, st, &w, &g, lr)?,
+        OptimizerKind::Lion => elementwise::lion(config, st, &w, &g, lr)?,
+        OptimizerKind::SGDNesterov => elementwise::sgd_nesterov(config, st, &w, &g, lr)?,
+        OptimizerKind::Adafactor => adafactor::step(config, st, &w, &g, &shape, lr)?,
+    };
+    let new_w = match dtype {
+        DType::BF16 => stochastic_round_bf16(&new_w, rounding::key(config.rounding_seed, name, st.step))?,
+        _ => new_w,
+    };
+    param.set(&new_w.reshape(shape)?)?;
+    Ok(())
+}
+
+/// `x * s` in f32 for every value of `x`, with the sign of a zero product kept (x * s + (-0.0)).
+pub(super) fn mul(x: &Tensor, s: f32) -> Result<Tensor> {
+    Ok(x.affine(f64::from(s), -0.0)?)
+}
+
+/// `x + s` in f32 for every value of `x` (x * 1 + s: the product is exact).
+pub(super) fn add(x: &Tensor, s: f32) -> Result<Tensor> {
+    Ok(x.affine(1.0, f64::from(s))?)
+}
+
+/// A scalar of `dtype` made on `device` (no host-to-device copy).
+pub(super) fn scalar(v: f64, dtype: DType, device: &Device) -> Result<Tensor> {
+    Ok(Tensor::zeros((), dtype, device)?.affine(0.0, v)?)
+}
+
+/// `x / s` with a true division (candle's `x / f64` multiplies by the reciprocal).
+pub(super) fn div(x: &Tensor, s: f32) -> Result<Tensor> {
+    Ok(x.broadcast_div(&scalar(f64::from(s), x.dtype(), x.device())?)?)
+}
+
+/// The state buffer `key` of `n` values of `dtype` on `device`: zeros when absent, moved to the
+/// device when it was read from a file (or kept by the host kernels).
+pub(super) fn take(st: &mut ParamState, key: &str, dtype: DType, n: usize, device: &Device) -> Result<Tensor> {
+    let wrong = |what: String| TrainError::Config(format!("optimizer state {key}: {what}"));
+    let t = match st.bufs.remove(key) {
+        None => return Ok(Tensor::zeros(n, dtype, device)?),
+        Some(StateBuf::Tensor(t)) => t.to_device(device)?,
+        Some(StateBuf::F32(v)) => {
+            let len = v.len();
+            Tensor::from_vec(v, len, device)?
+        }
+        Some(StateBuf::U8(v)) => {
+            let len = v.len();
+            Tensor::from_vec(v, len, device)?
+        }
+    };
+    if t.dtype() != dtype || t.elem_count() != n {
+        return Err(wrong(format!(
+            "{:?} × {} where {dtype:?} × {n} is expected (a state of another optimizer or model?)",
+            t.dtype(),
+            t.elem_count()
+        )));
+    }
+    Ok(t.flatten_all()?)
+}
+
+/// Stores a state buffer.
+pub(super) fn put(st: &mut ParamState, key: &str, t: Tensor) {
+    st.bufs.insert(key.to_string(), StateBuf::Tensor(t));
+}
