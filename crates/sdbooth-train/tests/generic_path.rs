@@ -98,7 +98,8 @@ fn train(model: &str, dir: &Path, steps: u64, flags: &[&str]) -> sdbooth_train::
         v.push("--v_parameterization".into());
     }
     v.extend(flags.iter().map(|s| s.to_string()));
-    train_checked(&TrainArgs::try_parse_from(v).unwrap()).unwrap_or_else(|e| panic!("{model} {}: {e}", dir.display()))
+    train_checked(&TrainArgs::try_parse_from(v).unwrap())
+        .unwrap_or_else(|e| panic!("{model} {}: {e}", dir.display()))
 }
 
 /// Starts this test binary running `args`, with the reference path forced or not, and `envs`.
@@ -175,8 +176,10 @@ fn compare_paths(model: &str) {
         let (lg, lf) = (losses(&generic.join(mode)), losses(&fast.join(mode)));
         assert_eq!((lg.len(), lf.len()), (STEPS as usize, STEPS as usize), "{model} {mode}: steps logged");
         let loss_rel = lg.iter().zip(&lf).map(|(g, f)| (g - f).abs() / f.abs()).fold(0.0, f64::max);
-        let (weight_rel, max_abs) =
-            weight_difference(&generic.join(mode).join("last.safetensors"), &fast.join(mode).join("last.safetensors"));
+        let (weight_rel, max_abs) = weight_difference(
+            &generic.join(mode).join("last.safetensors"),
+            &fast.join(mode).join("last.safetensors"),
+        );
         println!(
             "{model} {mode}: loss max rel {loss_rel:.3e}, weights norm-rel {weight_rel:.3e}, max abs {max_abs:.3e} \
              (fast losses {:.4}..{:.4})",
@@ -262,7 +265,8 @@ fn child_resume() {
     };
     match std::env::var_os(RESUME_FROM_ENV) {
         None => {
-            let flags: Vec<&str> = RESUME_FLAGS.iter().copied().chain(["--save_every_n_steps", "3"]).collect();
+            let flags: Vec<&str> =
+                RESUME_FLAGS.iter().copied().chain(["--save_every_n_steps", "3"]).collect();
             assert_eq!(train("tiny-sd1", &out.join("full"), 6, &flags).global_step, 6);
             resume(&out.join("full").join("m-step00000003-state"), "resumed");
         }
@@ -305,7 +309,11 @@ fn generic_path_resumes_exactly_and_across_paths() {
     resume_children(&generic, &fast, [&[], &[]]);
     for dir in [&generic, &fast] {
         let (full, resumed) = (dir.join("full/m.safetensors"), dir.join("resumed/m.safetensors"));
-        assert!(common::tensors(&full) == common::tensors(&resumed), "{}: resumed run differs", dir.display());
+        assert!(
+            common::tensors(&full) == common::tensors(&resumed),
+            "{}: resumed run differs",
+            dir.display()
+        );
         let start = common::tensors(&dir.join("full/m-step00000003.safetensors"));
         let changed = common::tensors(&full).iter().zip(&start).filter(|(a, b)| a.1 != b.1).count();
         assert!(changed > 10, "{}: steps 4-6 changed only {changed} tensors", dir.display());
@@ -320,8 +328,16 @@ fn generic_path_resumes_exactly_and_across_paths() {
     // norm-rel 2.8e-3, max abs 8.4e-2 (on a weight below 1 in magnitude).
     let (_, weight_tol, _) = bounds("full_bf16");
     for dir in [&generic, &fast] {
-        let (rel, max_abs) = weight_difference(&dir.join("crossed/m.safetensors"), &dir.join("full/m.safetensors"));
-        println!("{}: resumed from the other path's state: weights norm-rel {rel:.3e}, max abs {max_abs:.3e}", dir.display());
-        assert!(rel <= weight_tol && max_abs <= 0.5, "{}: crossed resume too far: {rel:.3e}, {max_abs:.3e}", dir.display());
+        let (rel, max_abs) =
+            weight_difference(&dir.join("crossed/m.safetensors"), &dir.join("full/m.safetensors"));
+        println!(
+            "{}: resumed from the other path's state: weights norm-rel {rel:.3e}, max abs {max_abs:.3e}",
+            dir.display()
+        );
+        assert!(
+            rel <= weight_tol && max_abs <= 0.5,
+            "{}: crossed resume too far: {rel:.3e}, {max_abs:.3e}",
+            dir.display()
+        );
     }
 }

@@ -49,7 +49,10 @@ fn cfg(kind: OptimizerKind, args: &[&str]) -> OptimizerConfig {
 fn configs() -> Vec<(&'static str, OptimizerConfig)> {
     vec![
         ("AdamW", cfg(OptimizerKind::AdamW, &[])),
-        ("AdamW betas 0.3 (lerp from the end)", cfg(OptimizerKind::AdamW, &["betas=0.3,0.99", "weight_decay=0.1"])),
+        (
+            "AdamW betas 0.3 (lerp from the end)",
+            cfg(OptimizerKind::AdamW, &["betas=0.3,0.99", "weight_decay=0.1"]),
+        ),
         ("AdamW8bit", cfg(OptimizerKind::AdamW8bit, &[])),
         ("AdamW8bit no decay", cfg(OptimizerKind::AdamW8bit, &["weight_decay=0", "betas=0.8,0.95"])),
         ("Lion", cfg(OptimizerKind::Lion, &["weight_decay=0.1"])),
@@ -82,7 +85,13 @@ fn assert_same_state(what: &str, host: &Optimizer, tensor: &Optimizer) {
 
 /// Steps both paths `steps` times from the same weights with the same gradients (scaled by
 /// `scales` in turn); asserts equal weights after every step and equal state at the end.
-fn compare(what: &str, config: &OptimizerConfig, steps: u64, scales: &[f32], seed: u64) -> (Optimizer, Optimizer) {
+fn compare(
+    what: &str,
+    config: &OptimizerConfig,
+    steps: u64,
+    scales: &[f32],
+    seed: u64,
+) -> (Optimizer, Optimizer) {
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
     let init: Vec<Tensor> = PARAMS.iter().map(|(_, s)| random(s, 0.5, &mut rng)).collect();
     let host_vars: Vec<Var> = init.iter().map(|t| Var::from_tensor(t).unwrap()).collect();
@@ -203,13 +212,14 @@ fn accumulated_and_fused_updates_equal_the_host_kernels() {
             let lrs = LearningRates { unet: 1e-3, text_encoder: 5e-4 };
             let mut scale = Some(LossScale::default());
             for _ in 0..4 {
-                let grads: Vec<(Part, &str, Tensor)> = [(Part::Unet, "a"), (Part::Unet, "b"), (Part::TextEncoder, "c")]
-                    .into_iter()
-                    .map(|(p, n)| {
-                        let shape = params.var(p, n).unwrap().dims().to_vec();
-                        (p, n, random(&shape, 3.0 * 65536.0, &mut rng))
-                    })
-                    .collect();
+                let grads: Vec<(Part, &str, Tensor)> =
+                    [(Part::Unet, "a"), (Part::Unet, "b"), (Part::TextEncoder, "c")]
+                        .into_iter()
+                        .map(|(p, n)| {
+                            let shape = params.var(p, n).unwrap().dims().to_vec();
+                            (p, n, random(&shape, 3.0 * 65536.0, &mut rng))
+                        })
+                        .collect();
                 if fused {
                     let mut sink = FusedUpdate { optimizer: &mut opt, params, lrs, max_norm: 1.0 };
                     for (p, n, g) in &grads {
@@ -223,10 +233,11 @@ fn accumulated_and_fused_updates_equal_the_host_kernels() {
                     apply_accumulated(&mut opt, params, &acc, lrs, 1.0, scale.as_mut()).unwrap();
                 }
             }
-            ["a", "b"].iter().map(|n| values(unet.var(n).unwrap().as_tensor())).chain([values(
-                text_encoder.var("c").unwrap().as_tensor(),
-            )])
-            .collect()
+            ["a", "b"]
+                .iter()
+                .map(|n| values(unet.var(n).unwrap().as_tensor()))
+                .chain([values(text_encoder.var("c").unwrap().as_tensor())])
+                .collect()
         };
         for fused in [false, true] {
             assert!(run(Kernels::Host, fused) == run(Kernels::Tensor, fused), "{kind:?} fused={fused}");
@@ -297,7 +308,8 @@ fn stochastic_round_bf16_picks_a_neighbour_with_the_right_frequency() {
             assert!((ups - f64::from(frac)).abs() < 0.01, "x {x}: rounded away {ups}, expected {frac}");
         }
     }
-    let specials = Tensor::new(&[0.0f32, -0.0, f32::INFINITY, f32::NEG_INFINITY, 1e-30, -3.5], &Device::Cpu).unwrap();
+    let specials =
+        Tensor::new(&[0.0f32, -0.0, f32::INFINITY, f32::NEG_INFINITY, 1e-30, -3.5], &Device::Cpu).unwrap();
     let r = values(&stochastic_round_bf16(&specials, 1).unwrap());
     assert_eq!(&r[..4], &[0.0, 0.0, f32::INFINITY, f32::NEG_INFINITY]);
     assert!(r[1].is_sign_negative(), "-0 keeps its sign");

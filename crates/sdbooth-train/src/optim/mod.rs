@@ -105,7 +105,9 @@ impl std::fmt::Debug for StateBuf {
         match self {
             StateBuf::F32(v) => write!(f, "F32({} values)", v.len()),
             StateBuf::U8(v) => write!(f, "U8({} values)", v.len()),
-            StateBuf::Tensor(t) => write!(f, "Tensor({:?} × {} on {:?})", t.dtype(), t.elem_count(), t.device()),
+            StateBuf::Tensor(t) => {
+                write!(f, "Tensor({:?} × {} on {:?})", t.dtype(), t.elem_count(), t.device())
+            }
         }
     }
 }

@@ -45,7 +45,9 @@ impl View for BufView<'_> {
                 Ok(StateBuf::F32(v)) => Cow::Owned(f32_bytes(&v)),
                 Ok(StateBuf::U8(v)) => Cow::Owned(v),
                 other => {
-                    let e = other.err().unwrap_or_else(|| TrainError::Internal("device buffer not copied".into()));
+                    let e = other
+                        .err()
+                        .unwrap_or_else(|| TrainError::Internal("device buffer not copied".into()));
                     self.error.borrow_mut().get_or_insert(e);
                     Cow::Owned(vec![0; self.data_len()])
                 }
@@ -82,12 +84,17 @@ impl Optimizer {
         let error = RefCell::new(None);
         let views = self.states.iter().flat_map(|(p, s)| {
             let error = &error;
-            s.bufs.iter().map(move |(k, b)| (format!("{p}::{k}"), BufView { buf: b, shape: vec![b.len()], error }))
+            s.bufs
+                .iter()
+                .map(move |(k, b)| (format!("{p}::{k}"), BufView { buf: b, shape: vec![b.len()], error }))
                 .filter(|(_, v)| !(v.dtype() == Dtype::F32 && v.buf.is_empty()))
         });
-        safetensors::serialize_to_file(views, &info, path).map_err(|e| TrainError::state(path, e.to_string()))?;
+        safetensors::serialize_to_file(views, &info, path)
+            .map_err(|e| TrainError::state(path, e.to_string()))?;
         match error.into_inner() {
-            Some(e) => Err(TrainError::state(path, format!("reading the optimizer state from the device: {e}"))),
+            Some(e) => {
+                Err(TrainError::state(path, format!("reading the optimizer state from the device: {e}")))
+            }
             None => Ok(()),
         }
     }

@@ -107,7 +107,13 @@ fn adam_update(
     Ok((finite.where_cond(&wn, w)?, finite.where_cond(&s1n, &zeros)?, finite.where_cond(&s2n, &zeros)?))
 }
 
-pub(super) fn step(c: &OptimizerConfig, st: &mut ParamState, w: &Tensor, g: &Tensor, lr: f64) -> Result<Tensor> {
+pub(super) fn step(
+    c: &OptimizerConfig,
+    st: &mut ParamState,
+    w: &Tensor,
+    g: &Tensor,
+    lr: f64,
+) -> Result<Tensor> {
     let (n, dev) = (w.elem_count(), w.device());
     if n < c.min_8bit_size {
         let s1 = take(st, "state1", DType::F32, n, dev)?;

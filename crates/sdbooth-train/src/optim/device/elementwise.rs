@@ -10,7 +10,13 @@ use crate::error::Result;
 use crate::optim::{OptimizerConfig, ParamState};
 
 /// torch.optim.AdamW (single-tensor path), as `optim/adamw.rs`.
-pub(super) fn adamw(c: &OptimizerConfig, st: &mut ParamState, w: &Tensor, g: &Tensor, lr: f64) -> Result<Tensor> {
+pub(super) fn adamw(
+    c: &OptimizerConfig,
+    st: &mut ParamState,
+    w: &Tensor,
+    g: &Tensor,
+    lr: f64,
+) -> Result<Tensor> {
     let (n, dev) = (w.elem_count(), w.device());
     let m = take(st, "exp_avg", DType::F32, n, dev)?;
     let v = take(st, "exp_avg_sq", DType::F32, n, dev)?;
@@ -33,7 +39,13 @@ pub(super) fn adamw(c: &OptimizerConfig, st: &mut ParamState, w: &Tensor, g: &Te
 }
 
 /// lion-pytorch's update_fn, as `optim/lion.rs` (torch.sgn: 0 stays 0, as candle's `sign`).
-pub(super) fn lion(c: &OptimizerConfig, st: &mut ParamState, w: &Tensor, g: &Tensor, lr: f64) -> Result<Tensor> {
+pub(super) fn lion(
+    c: &OptimizerConfig,
+    st: &mut ParamState,
+    w: &Tensor,
+    g: &Tensor,
+    lr: f64,
+) -> Result<Tensor> {
     let m = take(st, "exp_avg", DType::F32, w.elem_count(), w.device())?;
     let decay = (1.0 - lr * c.weight_decay) as f32;
     let (b1, b2) = (c.betas.0 as f32, c.betas.1 as f32);

@@ -43,7 +43,10 @@ pub(super) fn step(
     let weights = param.as_tensor().detach();
     let dtype = weights.dtype();
     if !matches!(dtype, DType::F32 | DType::BF16) {
-        return Err(TrainError::param(name, format!("weights of dtype {dtype:?} cannot be trained (f32 or bf16 only)")));
+        return Err(TrainError::param(
+            name,
+            format!("weights of dtype {dtype:?} cannot be trained (f32 or bf16 only)"),
+        ));
     }
     let shape = weights.dims().to_vec();
     let w = weights.to_dtype(DType::F32)?.flatten_all()?;
@@ -93,7 +96,13 @@ pub(super) fn div(x: &Tensor, s: f32) -> Result<Tensor> {
 
 /// The state buffer `key` of `n` values of `dtype` on `device`: zeros when absent, moved to the
 /// device when it was read from a file (or kept by the host kernels).
-pub(super) fn take(st: &mut ParamState, key: &str, dtype: DType, n: usize, device: &Device) -> Result<Tensor> {
+pub(super) fn take(
+    st: &mut ParamState,
+    key: &str,
+    dtype: DType,
+    n: usize,
+    device: &Device,
+) -> Result<Tensor> {
     let wrong = |what: String| TrainError::Config(format!("optimizer state {key}: {what}"));
     let t = match st.bufs.remove(key) {
         None => return Ok(Tensor::zeros(n, dtype, device)?),

@@ -70,7 +70,9 @@ fn uniform16(n: usize, key: u64, dev: &Device) -> Result<Tensor> {
     let word = scalar(WORD, DType::I64, dev)?;
     let (k0, k1) = (key & 0xFFFF_FFFF, key >> 32);
     let mut h = wrap(&element_index(n, dev)?.affine(1.0, k0 as f64)?, &word)?;
-    for (mult, add) in [(0x2c1b_3c6d_u32, k1), (0x297a_2d39, k0 ^ 0x9e37_79b9), (0x6b43_a9b5, k1 ^ 0x7f4a_7c15)] {
+    for (mult, add) in
+        [(0x2c1b_3c6d_u32, k1), (0x297a_2d39, k0 ^ 0x9e37_79b9), (0x6b43_a9b5, k1 ^ 0x7f4a_7c15)]
+    {
         h = mix_shift(&h, 16, &word)?;
         h = wrap(&h.affine(f64::from(mult), add as f64)?, &word)?;
         h = mix_shift(&h, 15, &word)?;
