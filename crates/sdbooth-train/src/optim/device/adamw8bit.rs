@@ -95,8 +95,8 @@ fn adam_update(
     let lr32 = lr as f32;
     let step_size = -lr32 * correction2 / correction1;
     let eps = c.eps as f32;
-    // g - g is 0 exactly for a finite value, NaN otherwise.
-    let finite = (g - g)?.broadcast_eq(&scalar(0.0, DType::F32, g.device())?)?;
+    // g · 0 is 0 for a finite value, NaN otherwise.
+    let finite = g.affine(0.0, 0.0)?.broadcast_eq(&scalar(0.0, DType::F32, g.device())?)?;
     let s2n = (mul(s2, b2)? + mul(g, 1.0 - b2)?.mul(g)?)?;
     let s1n = (mul(s1, b1)? + mul(g, 1.0 - b1)?)?;
     let mut wn = (w + mul(&(&s1n / add(&s2n.sqrt()?, correction2 * eps)?)?, step_size)?)?;
