@@ -41,6 +41,14 @@ pub fn check_image_size(cfg: &VaeConfig, width: usize, height: usize) -> Result<
     Ok(())
 }
 
+/// [`check_image_size`] for a size read before the model is loaded (a prompt file, `--W`/`--H`,
+/// a dataset's `resolution`), so a run that could never produce it is refused before it starts.
+/// Every Stable Diffusion 1.x/2.x VAE has SD's downscale factor (8); a model with another VAE is
+/// checked against its own when the size is used.
+pub fn check_image_size_before_loading(width: usize, height: usize) -> Result<(), ModelError> {
+    check_image_size(&crate::config::ModelConfig::sd1().vae, width, height)
+}
+
 fn downscale_factor(cfg: &VaeConfig) -> usize {
     1 << (cfg.block_out_channels.len() - 1)
 }

@@ -2,6 +2,9 @@
 //! `--d` (seed), `--l` (CFG scale), `--s` (steps) options, as train_util.line_to_prompt_dict
 //! reads them; plus the `.toml`/`.json` forms (`prompt`, `negative_prompt`, `width`, ...).
 
+use std::path::Path;
+
+use sdbooth_models::vae::check_image_size_before_loading;
 use serde::Deserialize;
 
 /// One image request. `None` fields take the caller's defaults.
@@ -20,6 +23,67 @@ pub struct PromptSpec {
     pub scale: Option<f64>,
     #[serde(default, alias = "sample_steps")]
     pub steps: Option<usize>,
+    /// The 1-based line of a text prompt file (TOML/JSON prompts are named by their number).
+    #[serde(skip)]
+    pub line: Option<usize>,
+}
+
+impl PromptSpec {
+    /// Where this prompt is, for messages: `file:line` (text files) or `file: prompt N`.
+    pub fn location(&self, file: &Path, index: usize) -> String {
+        match self.line {
+            Some(line) => format!("{}:{line}", file.display()),
+            None => format!("{}: prompt {}", file.display(), index + 1),
+        }
+    }
+
+    /// The size this prompt asks for: its own `--w`/`--h`, else `default`.
+    pub fn size_or(&self, default: (usize, usize)) -> (usize, usize) {
+        (self.width.unwrap_or(default.0), self.height.unwrap_or(default.1))
+    }
+}
+
+/// kohya's size of a training sample whose prompt has no `--w`/`--h`.
+pub const KOHYA_SAMPLE_SIZE: (usize, usize) = (512, 512);
+
+/// kohya's size of a training sample (train_util.sample_image_inference): each side rounded
+/// down to a multiple of 8, and at least 64. Training samples take any size this way; `generate`
+/// refuses sizes the VAE cannot make instead, as diffusers' pipeline does.
+pub fn kohya_sample_size((width, height): (usize, usize)) -> (usize, usize) {
+    ((width - width % 8).max(64), (height - height % 8).max(64))
+}
+
+/// Refuses the first prompt whose size (its own, else `default`) the VAE cannot make, naming its
+/// file and line, before any model is loaded.
+pub fn check_prompt_sizes(file: &Path, specs: &[PromptSpec], default: (usize, usize)) -> Result<(), String> {
+    for (i, spec) in specs.iter().enumerate() {
+        let (w, h) = spec.size_or(default);
+        if let Err(e) = check_image_size_before_loading(w, h) {
+            return Err(format!("{} (--w {w} --h {h}): {e}", spec.location(file, i)));
+        }
+    }
+    Ok(())
+}
+
+/// A note for each training sample whose size kohya's rounding changes, naming its line.
+pub fn rounding_notes(file: &Path, specs: &[PromptSpec], default: (usize, usize)) -> Vec<String> {
+    let mut notes = Vec::new();
+    for (i, spec) in specs.iter().enumerate() {
+        let asked = spec.size_or(default);
+        let made = kohya_sample_size(asked);
+        if made != asked {
+            notes.push(format!(
+                "{}: the sample is made at {}x{}, not {}x{} (rounded down to a multiple of 8, at \
+                 least 64, as kohya does)",
+                spec.location(file, i),
+                made.0,
+                made.1,
+                asked.0,
+                asked.1
+            ));
+        }
+    }
+    notes
 }
 
 /// Parses one line of kohya's prompt-file format. Empty lines and `#` comments give `None`.
@@ -50,7 +114,7 @@ pub fn parse_prompt_line(line: &str) -> Option<PromptSpec> {
 }
 
 /// Reads a prompt file: `.toml` (`[[prompt]]` tables), `.json` (a list of objects) or text.
-pub fn read_prompt_file(path: &std::path::Path) -> Result<Vec<PromptSpec>, String> {
+pub fn read_prompt_file(path: &Path) -> Result<Vec<PromptSpec>, String> {
     let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
     let ext = path.extension().and_then(|e| e.to_str()).unwrap_or("").to_ascii_lowercase();
     match ext.as_str() {
@@ -62,7 +126,13 @@ pub fn read_prompt_file(path: &std::path::Path) -> Result<Vec<PromptSpec>, Strin
             toml::from_str::<File>(&text).map(|f| f.prompt).map_err(|e| format!("{}: {e}", path.display()))
         }
         "json" => serde_json::from_str(&text).map_err(|e| format!("{}: {e}", path.display())),
-        _ => Ok(text.lines().filter_map(parse_prompt_line).collect()),
+        _ => Ok(text
+            .lines()
+            .enumerate()
+            .filter_map(|(i, line)| {
+                parse_prompt_line(line).map(|spec| PromptSpec { line: Some(i + 1), ..spec })
+            })
+            .collect()),
     }
 }
 
@@ -84,6 +154,28 @@ mod tests {
         );
         assert!(parse_prompt_line("# comment").is_none());
         assert!(parse_prompt_line("   ").is_none());
+    }
+
+    #[test]
+    fn sizes_are_checked_and_rounded_naming_the_line() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("p.txt");
+        assert!(std::fs::write(&file, "# sizes\na --w 72\n\nb --w 70 --h 64\n").is_ok());
+        let specs = read_prompt_file(&file).unwrap_or_default();
+        assert_eq!(specs.iter().map(|s| s.line).collect::<Vec<_>>(), vec![Some(2), Some(4)]);
+        assert_eq!(check_prompt_sizes(&file, &specs[..1], (512, 512)), Ok(()));
+        let err = check_prompt_sizes(&file, &specs, (512, 512)).err().unwrap_or_default();
+        assert!(err.starts_with(&format!("{}:4 (--w 70 --h 64): ", file.display())), "{err}");
+        // The default size is checked too; a prompt without --w/--h takes it.
+        let err = check_prompt_sizes(&file, &specs[..1], (512, 20)).err().unwrap_or_default();
+        assert!(err.contains(":2 (--w 72 --h 20)"), "{err}");
+        assert_eq!(kohya_sample_size((70, 8)), (64, 64));
+        assert_eq!(kohya_sample_size((72, 520)), (72, 520));
+        let notes = rounding_notes(&file, &specs, (512, 512));
+        assert_eq!(notes.len(), 1, "{notes:?}");
+        assert!(notes[0].contains("p.txt:4: the sample is made at 64x64, not 70x64"), "{notes:?}");
+        let json = PromptSpec { prompt: "c".into(), width: Some(9), ..Default::default() };
+        assert!(check_prompt_sizes(&file, &[json], (512, 512)).is_err_and(|e| e.contains(": prompt 1 ")));
     }
 
     #[test]

@@ -35,6 +35,7 @@ pub use optim::{MemoryArgs, OptimizerArgs};
 pub use output::{LoggingArgs, MetadataArgs, SamplingArgs, SavingArgs};
 pub use scope::OutOfScopeArgs;
 pub use support::{support_of, Refusal, RefusalKind, Support, FLAG_SUPPORT};
+pub(crate) use training::DEFAULT_LOADER_WORKERS;
 pub use training::{LossArgs, TrainingArgs};
 
 /// Errors of flag handling beyond clap's own parse errors.

@@ -7,9 +7,10 @@ use candle_core::DType;
 use sdbooth_checkpoint::{load_model, LoadOptions};
 use sdbooth_data::tokenizer::ClipTokenizer;
 use sdbooth_models::ddpm::DdpmSchedule;
+use sdbooth_models::vae::check_image_size_before_loading;
 use sdbooth_models::ParamStore;
 use sdbooth_sample::generate::{write_png, Pipeline, Request};
-use sdbooth_sample::prompts::{read_prompt_file, PromptSpec};
+use sdbooth_sample::prompts::{check_prompt_sizes, read_prompt_file, PromptSpec};
 use sdbooth_train::device::DeviceChoice;
 
 #[derive(clap::Args)]
@@ -106,6 +107,12 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
     }
     if let Some((i, s)) = specs.iter().enumerate().find(|(_, s)| s.scale.is_some_and(|l| !l.is_finite())) {
         bail!("prompt {} ({:?}): the scale (--l) must be a finite number", i + 1, s.prompt);
+    }
+    // Sizes no model could make, refused before the model is loaded.
+    check_image_size_before_loading(args.width, args.height)
+        .map_err(|e| anyhow::anyhow!("--W {} --H {}: {e}", args.width, args.height))?;
+    if let Some(file) = &args.from_file {
+        check_prompt_sizes(file, &specs, (args.width, args.height)).map_err(anyhow::Error::msg)?;
     }
     let opts = LoadOptions {
         v2: args.v2.then_some(true),

@@ -81,6 +81,8 @@ fn join_messages<'a>(msgs: impl Iterator<Item = &'a str>) -> String {
 fn dry_run(args: &TrainArgs) -> anyhow::Result<()> {
     let opts = args.dataset_options();
     opts.validate()?;
+    // The sample prompts too, as training reads them before loading the model.
+    sdbooth_train::plan::SamplePolicy::resolve(&args.sampling)?;
     if args.dataset.dataset_config.is_none() && args.dataset.train_data_dir.is_none() {
         bail!("no dataset: give --dataset_config TOML or --train_data_dir DIR");
     }

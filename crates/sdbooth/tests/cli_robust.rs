@@ -2,52 +2,11 @@
 //! message naming the flag, key, file or folder, before any model is loaded; never a panic, an
 //! abort or an "internal error".
 
+mod common;
+
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
 
-fn sdbooth(dir: &Path, args: &[&str]) -> Output {
-    match Command::new(env!("CARGO_BIN_EXE_sdbooth")).current_dir(dir).args(args).output() {
-        Ok(o) => o,
-        Err(e) => panic!("cannot run sdbooth: {e}"),
-    }
-}
-
-/// Runs a command that must fail cleanly; returns its stderr.
-fn refused(dir: &Path, args: &[&str]) -> String {
-    let out = sdbooth(dir, args);
-    let err = String::from_utf8_lossy(&out.stderr).into_owned();
-    assert_eq!(out.status.code(), Some(1), "{args:?} should fail with exit 1:\n{err}");
-    for bad in ["panicked", "internal error", "RUST_BACKTRACE", "memory allocation"] {
-        assert!(!err.contains(bad), "{args:?}: {bad}:\n{err}");
-    }
-    err
-}
-
-fn png(path: &Path, w: u32, h: u32) {
-    let img = image::RgbImage::from_fn(w, h, |x, y| image::Rgb([(x * 3) as u8, (y * 5) as u8, 128]));
-    if let Err(e) = img.save(path) {
-        panic!("cannot write {}: {e}", path.display());
-    }
-}
-
-fn mkdir(p: &Path) {
-    if let Err(e) = std::fs::create_dir_all(p) {
-        panic!("{}: {e}", p.display());
-    }
-}
-
-fn write(p: &Path, text: &str) {
-    if let Err(e) = std::fs::write(p, text) {
-        panic!("{}: {e}", p.display());
-    }
-}
-
-fn tempdir() -> tempfile::TempDir {
-    match tempfile::tempdir() {
-        Ok(d) => d,
-        Err(e) => panic!("{e}"),
-    }
-}
+use common::{files_under, mkdir, png, png_size, refused, sdbooth, tempdir, toy_train, write};
 
 /// `instance/` with two 64×64 images and `reg/` with one.
 fn small_dataset(root: &Path) {
@@ -364,17 +323,6 @@ fn redirected_logs_have_no_colour_codes() {
     assert!(!err.contains('\u{1b}'), "ANSI escape in a redirected log: {err:?}");
 }
 
-fn files_under(dir: &Path, out: &mut Vec<PathBuf>) {
-    for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
-        let p = e.path();
-        if p.is_dir() {
-            files_under(&p, out);
-        } else {
-            out.push(p);
-        }
-    }
-}
-
 /// The f32 value of every scalar `tag` in a TensorBoard event file, in file order.
 fn scalars(events: &[u8], tag: &str) -> Vec<f32> {
     let mut out = Vec::new();
@@ -430,24 +378,6 @@ fn average_loss_and_logged_rates_match_kohya() {
     for (got, want) in lrs.iter().zip(expected) {
         assert!((got - want).abs() < 1e-9, "{lrs:?}");
     }
-}
-
-fn toy_train(out: &Path, extra: &[&str]) -> Output {
-    let toy = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/toy");
-    let out_s = out.display().to_string();
-    let mut args = vec![
-        "train",
-        "--dataset_config",
-        "dataset.toml",
-        "--output_dir",
-        &out_s,
-        "--output_name",
-        "m",
-        "--save_model_as",
-        "safetensors",
-    ];
-    args.extend(extra);
-    sdbooth(&toy, &args)
 }
 
 /// Item 2: an output that would replace the base model is refused before training, not after.
@@ -541,4 +471,133 @@ fn resume_refuses_or_applies_each_changed_flag() {
         resume(&["--pretrained_model_name_or_path", "builtin:tiny-sd1", "--learning_rate", "5e-5"], "lr");
     assert!(ok, "{err}");
     assert!(err.contains("--learning_rate 0.00005 applies from step 2 (the saved run used 0.0001)"), "{err}");
+}
+
+/// Item 1, `generate`: a size that is not a multiple of 8 (`--W/--H`, or `--w/--h` on a line of
+/// the prompt file) is refused before the model is loaded (the model here does not even exist),
+/// naming the flag or the file and line; a multiple of 8 that is not one of 64 is generated.
+#[test]
+fn generate_refuses_sizes_the_vae_cannot_make_before_loading() {
+    let dir = tempdir();
+    let base = ["generate", "--ckpt", "missing.safetensors", "--outdir", "out"];
+    let mut a = base.to_vec();
+    a.extend(["--prompt", "a dog", "--W", "70", "--H", "64"]);
+    let err = refused(dir.path(), &a);
+    assert!(err.contains("--W 70 --H 64: ") && err.contains("multiple of 8"), "{err}");
+    write(&dir.path().join("p.txt"), "# sizes\na dog --w 72\nb cat --w 72 --h 60\n");
+    let mut a = base.to_vec();
+    a.extend(["--from_file", "p.txt"]);
+    let err = refused(dir.path(), &a);
+    assert!(err.contains("p.txt:3 (--w 72 --h 60): ") && err.contains("multiple of 8"), "{err}");
+    assert!(!err.contains("missing.safetensors"), "the model was read first: {err}");
+    assert!(!dir.path().join("out").exists(), "generate wrote before refusing");
+
+    let o = sdbooth(
+        dir.path(),
+        &["generate", "--ckpt", "builtin:tiny-sd1", "--outdir", "out", "--prompt", "a", "--W", "72"],
+    );
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(png_size(&dir.path().join("out/00000-0.png")), (72, 512));
+}
+
+/// Item 1, dataset: without buckets every image is cropped to `resolution`, so a resolution that
+/// is not a multiple of 8 is refused by its TOML key (or `--resolution`) before the model is
+/// loaded; 72 (not a multiple of 64) trains.
+#[test]
+fn a_dataset_resolution_the_vae_cannot_encode_is_refused_by_key() {
+    let dir = tempdir();
+    mkdir(&dir.path().join("instance"));
+    png(&dir.path().join("instance/a.png"), 72, 72);
+    let toml = |reso: &str| {
+        format!("[[datasets]]\nresolution = {reso}\n[[datasets.subsets]]\nimage_dir = \"instance\"\n")
+    };
+    let train = |extra: &[&str]| {
+        let mut a = vec!["train", "--pretrained_model_name_or_path", "missing.safetensors"];
+        a.extend(["--output_dir", "out", "--max_train_steps", "1"]);
+        a.extend(extra);
+        refused(dir.path(), &a)
+    };
+    write(&dir.path().join("d.toml"), &toml("[72, 70]"));
+    let toml_err = train(&["--dataset_config", "d.toml"]);
+    assert!(toml_err.contains("d.toml:2: key `resolution`"), "{toml_err}");
+    assert!(toml_err.contains("72x70 must be a multiple of 8"), "{toml_err}");
+    mkdir(&dir.path().join("legacy/1_sks"));
+    png(&dir.path().join("legacy/1_sks/a.png"), 80, 80);
+    let flag_err = train(&["--train_data_dir", "legacy", "--resolution", "70"]);
+    assert!(flag_err.contains("--resolution: 70x70 must be a multiple of 8"), "{flag_err}");
+    for err in [toml_err, flag_err] {
+        assert!(!err.contains("missing.safetensors"), "the model was read first: {err}");
+    }
+
+    write(&dir.path().join("d.toml"), &toml("72"));
+    let o = sdbooth(
+        dir.path(),
+        &[
+            "train",
+            "--pretrained_model_name_or_path",
+            "builtin:tiny-sd1",
+            "--dataset_config",
+            "d.toml",
+            "--output_dir",
+            "out",
+            "--output_name",
+            "m",
+            "--save_model_as",
+            "safetensors",
+            "--max_train_steps",
+            "1",
+        ],
+    );
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(dir.path().join("out/m.safetensors").is_file());
+}
+
+/// Item 1, training samples: kohya rounds a sample's size down to a multiple of 8 (at least 64),
+/// so no size in a `--sample_prompts` file is lost; each rounded one is named by its line before
+/// the model is loaded, and 72x64 (a multiple of 8, not of 64) is sampled at that size. A prompt
+/// file that cannot be read is refused before loading.
+#[test]
+fn sample_prompt_sizes_are_checked_before_loading() {
+    let dir = tempdir();
+    let prompts = dir.path().join("p.txt");
+    write(&prompts, "sks dog --w 72 --h 64 --s 2\n\nsks dog --w 70 --h 30 --s 2\n");
+    let p = prompts.display().to_string();
+    let missing = dir.path().join("none.txt").display().to_string();
+    let out = dir.path().join("out");
+    let o = toy_train(
+        &out,
+        &[
+            "--pretrained_model_name_or_path",
+            "missing.safetensors",
+            "--sample_at_first",
+            "--sample_prompts",
+            &missing,
+        ],
+    );
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success());
+    assert!(err.contains("--sample_prompts: ") && err.contains("none.txt"), "{err}");
+    assert!(!err.contains("missing.safetensors"), "the model was read first: {err}");
+
+    let o = toy_train(
+        &out,
+        &[
+            "--pretrained_model_name_or_path",
+            "builtin:tiny-sd1",
+            "--max_train_steps",
+            "1",
+            "--sample_every_n_steps",
+            "1",
+            "--sample_prompts",
+            &p,
+        ],
+    );
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{err}");
+    assert!(err.contains(&format!("{p}:3: the sample is made at 64x64, not 70x30")), "{err}");
+    let mut samples = Vec::new();
+    files_under(&out.join("sample"), &mut samples);
+    samples.sort();
+    let sizes: Vec<(u32, u32)> = samples.iter().map(|s| png_size(s)).collect();
+    assert_eq!(sizes, vec![(72, 64), (64, 64)], "{samples:?}");
 }

@@ -70,6 +70,10 @@ pub struct SubsetSpec {
     pub custom_attributes: serde_json::Value,
 }
 
+/// The pixel block of Stable Diffusion's VAE (its downscale factor): images it encodes are
+/// multiples of it.
+const VAE_BLOCK: u32 = 8;
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct DatasetSpec {
     /// (width, height)
@@ -93,7 +97,8 @@ pub struct DatasetSpec {
 }
 
 impl DatasetSpec {
-    /// kohya's adjust_min_max_bucket_reso_by_steps and verify_bucket_reso_steps(64). `blame`
+    /// The image sizes the VAE can encode, then kohya's adjust_min_max_bucket_reso_by_steps and
+    /// verify_bucket_reso_steps(64). `blame`
     /// builds the error for a key where its value came from (TOML line or command-line flag).
     pub(crate) fn check_buckets(&mut self, blame: impl Fn(&str, String) -> DataError) -> Result<()> {
         let err = |key: &str, message: String| blame(key, message);
@@ -102,6 +107,20 @@ impl DatasetSpec {
             return Err(err("validation_split", message));
         }
         if !self.enable_bucket {
+            // Every image is cropped to `resolution`, and Stable Diffusion's VAE works on
+            // blocks of VAE_BLOCK pixels (sdbooth_models::vae::check_image_size): refused here,
+            // before the model is loaded, not at the first step. (Buckets are multiples of
+            // bucket_reso_steps, itself a multiple of 64.)
+            let (w, h) = self.resolution;
+            if !w.is_multiple_of(VAE_BLOCK) || !h.is_multiple_of(VAE_BLOCK) {
+                return Err(err(
+                    "resolution",
+                    format!(
+                        "{w}x{h} must be a multiple of {VAE_BLOCK} without buckets (the VAE works \
+                         on {VAE_BLOCK}x{VAE_BLOCK} pixel blocks); round it, or enable_bucket"
+                    ),
+                ));
+            }
             return Ok(());
         }
         let steps = self.bucket_reso_steps;

@@ -6,6 +6,9 @@ use serde::{Deserialize, Serialize};
 
 use super::types::{HuberSchedule, LossType};
 
+/// kohya's default `--max_data_loader_n_workers`.
+pub(crate) const DEFAULT_LOADER_WORKERS: u32 = 8;
+
 #[derive(Debug, Clone, PartialEq, Args, Serialize, Deserialize)]
 #[command(rename_all = "snake_case", next_help_heading = "Training")]
 pub struct TrainingArgs {
@@ -44,7 +47,7 @@ pub struct TrainingArgs {
     #[arg(long, value_name = "N", default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
     pub vae_batch_size: u32,
     /// Threads that load images.
-    #[arg(long, value_name = "N", default_value_t = 8)]
+    #[arg(long, value_name = "N", default_value_t = DEFAULT_LOADER_WORKERS)]
     pub max_data_loader_n_workers: u32,
     /// Keep loader threads between epochs.
     #[arg(long)]

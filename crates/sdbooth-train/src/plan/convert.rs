@@ -122,6 +122,7 @@ impl From<&SamplingArgs> for SamplePolicy {
     fn from(s: &SamplingArgs) -> Self {
         SamplePolicy {
             prompts: s.sample_prompts.as_ref().map(PathBuf::from),
+            prompt_specs: Vec::new(),
             every_n_steps: s.sample_every_n_steps.filter(|&n| n > 0),
             every_n_epochs: s.sample_every_n_epochs.filter(|&n| n > 0).map(u64::from),
             at_first: s.sample_at_first,

@@ -11,9 +11,10 @@ use candle_core::{DType, Device};
 use sdbooth_checkpoint::{ModelSpecArgs, Precision, SaveFormat};
 use sdbooth_data::DatasetOptions;
 use sdbooth_models::ddpm::DdpmSchedule;
+use sdbooth_sample::prompts::{read_prompt_file, rounding_notes, PromptSpec, KOHYA_SAMPLE_SIZE};
 
 use crate::args::types::MixedPrecision;
-use crate::args::TrainArgs;
+use crate::args::{SamplingArgs, TrainArgs, DEFAULT_LOADER_WORKERS};
 use crate::error::{Result, TrainError};
 use crate::loss::LossArgs;
 use crate::lr::LrSchedulerArgs;
@@ -159,12 +160,37 @@ pub struct SavePolicy {
 /// Sample images during training.
 #[derive(Debug, Clone)]
 pub struct SamplePolicy {
+    /// `--sample_prompts`.
     pub prompts: Option<PathBuf>,
+    /// Its prompts, read by [`SamplePolicy::resolve`] (none when no trigger asks for samples).
+    pub prompt_specs: Vec<PromptSpec>,
     pub every_n_steps: Option<u64>,
     pub every_n_epochs: Option<u64>,
     pub at_first: bool,
     /// kohya's sampler name.
     pub sampler: String,
+}
+
+impl SamplePolicy {
+    /// Whether a trigger asks for sample images (kohya reads the prompt file only then).
+    pub fn wants_samples(&self) -> bool {
+        self.every_n_steps.is_some() || self.every_n_epochs.is_some() || self.at_first
+    }
+
+    /// The sampling flags with `--sample_prompts` read before any model is loaded: a file that
+    /// cannot be read is refused, and each size kohya's rounding changes is noted with its line.
+    pub fn resolve(args: &SamplingArgs) -> Result<Self> {
+        let mut policy = SamplePolicy::from(args);
+        if let (Some(file), true) = (&policy.prompts, policy.wants_samples()) {
+            let specs =
+                read_prompt_file(file).map_err(|e| TrainError::Config(format!("--sample_prompts: {e}")))?;
+            for note in rounding_notes(file, &specs, KOHYA_SAMPLE_SIZE) {
+                tracing::warn!("{note}");
+            }
+            policy.prompt_specs = specs;
+        }
+        Ok(policy)
+    }
 }
 
 /// TensorBoard logs (`--logging_dir`, `--log_prefix`, `--log_tracker_name`).
@@ -233,7 +259,7 @@ impl TrainPlan {
                 keep_vae: args.memory.highvram,
             },
             saving: SavePolicy::from(args),
-            sampling: SamplePolicy::from(&args.sampling),
+            sampling: SamplePolicy::resolve(&args.sampling)?,
             logging: LogPolicy {
                 logging_dir: args.logging.logging_dir.as_ref().map(PathBuf::from),
                 log_prefix: args.logging.log_prefix.clone(),
@@ -288,6 +314,12 @@ impl PrecisionPlan {
 /// (`min(n, os.cpu_count())`; 100,000 would start 100,000 threads), and at least one.
 fn loader_threads(requested: u32) -> usize {
     let cpus = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+    // kohya's default (8) capped on a small machine is not news; an explicit larger value is.
+    if requested as usize > cpus && requested > DEFAULT_LOADER_WORKERS {
+        tracing::info!(
+            "--max_data_loader_n_workers {requested} is capped at the CPU count, {cpus} (as kohya does)"
+        );
+    }
     (requested as usize).clamp(1, cpus)
 }
 

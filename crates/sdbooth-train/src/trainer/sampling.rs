@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 
 use sdbooth_models::ParamStore;
 use sdbooth_sample::generate::{write_png, Pipeline, Request};
-use sdbooth_sample::prompts::PromptSpec;
+use sdbooth_sample::prompts::{kohya_sample_size, PromptSpec, KOHYA_SAMPLE_SIZE};
 use sdbooth_sample::report::{BucketRow, ImageLoss, RunReport, SampleGroup, StepPoint};
 
 use super::parts::{Board, RunPart};
@@ -37,13 +37,8 @@ pub(super) struct Monitor {
 impl Monitor {
     /// Reads the prompt file and prepares the held-out images; call while the model has its VAE.
     pub fn new(t: &Trainer<'_>) -> Result<Self> {
-        let s = &t.plan.sampling;
-        let wants_samples = s.every_n_steps.is_some() || s.every_n_epochs.is_some() || s.at_first;
-        let prompts = match (&s.prompts, wants_samples) {
-            (Some(file), true) => sdbooth_sample::prompts::read_prompt_file(file)
-                .map_err(|e| TrainError::Config(format!("--sample_prompts: {e}")))?,
-            _ => Vec::new(),
-        };
+        // Read (and checked) with the plan, before the model was loaded.
+        let prompts = t.plan.sampling.prompt_specs.clone();
         let vae = if prompts.is_empty() { None } else { t.model.vae_params.clone() };
         Ok(Monitor {
             prompts,
@@ -175,8 +170,8 @@ impl Monitor {
         let defaults = Request {
             prompt: String::new(),
             negative_prompt: String::new(),
-            width: 512,
-            height: 512,
+            width: KOHYA_SAMPLE_SIZE.0,
+            height: KOHYA_SAMPLE_SIZE.1,
             steps: 30,
             scale: 7.5,
             seed: 0,
@@ -191,8 +186,7 @@ impl Monitor {
         let model_name = t.output.name.clone().unwrap_or_else(|| t.model.loaded.source.spec.clone());
         for (i, spec) in self.prompts.iter().enumerate() {
             let mut req = Request::from_spec(spec, &defaults);
-            req.width = (req.width - req.width % 8).max(64);
-            req.height = (req.height - req.height % 8).max(64);
+            (req.width, req.height) = kohya_sample_size((req.width, req.height));
             req.seed = spec.seed.unwrap_or_else(|| sdbooth_data::Streams::new(t.plan.seed).prompt_seed(i));
             let rgb =
                 pipe.generate(&req).map_err(|e| TrainError::Sample { index: i, source: Box::new(e) })?;
