@@ -23,6 +23,9 @@ use sdbooth_train::update::{
 /// below AdamW8bit's 4096-value threshold with a partial last block.
 const PARAMS: [(&str, &[usize]); 4] =
     [("conv", &[16, 8, 3, 3]), ("proj", &[40, 130]), ("bias", &[37]), ("norm", &[300])];
+/// One tensor above the tensor path's chunk of 2^20 values: a partial last chunk that ends in a
+/// partial block.
+const BIG: [(&str, &[usize]); 2] = [("big", &[1100, 1000]), ("bias", &[37])];
 
 fn random(shape: &[usize], scale: f32, rng: &mut ChaCha8Rng) -> Tensor {
     let n: usize = shape.iter().product();
@@ -92,14 +95,25 @@ fn compare(
     scales: &[f32],
     seed: u64,
 ) -> (Optimizer, Optimizer) {
+    compare_params(&PARAMS, what, config, steps, scales, seed)
+}
+
+fn compare_params(
+    params: &[(&str, &[usize])],
+    what: &str,
+    config: &OptimizerConfig,
+    steps: u64,
+    scales: &[f32],
+    seed: u64,
+) -> (Optimizer, Optimizer) {
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
-    let init: Vec<Tensor> = PARAMS.iter().map(|(_, s)| random(s, 0.5, &mut rng)).collect();
+    let init: Vec<Tensor> = params.iter().map(|(_, s)| random(s, 0.5, &mut rng)).collect();
     let host_vars: Vec<Var> = init.iter().map(|t| Var::from_tensor(t).unwrap()).collect();
     let tensor_vars: Vec<Var> = init.iter().map(|t| Var::from_tensor(t).unwrap()).collect();
     let (mut host, mut tensor) = (optimizer(config, Kernels::Host), optimizer(config, Kernels::Tensor));
     for step in 1..=steps {
         let gs = scales[(step as usize - 1) % scales.len()];
-        for (((name, shape), hv), tv) in PARAMS.iter().zip(&host_vars).zip(&tensor_vars) {
+        for (((name, shape), hv), tv) in params.iter().zip(&host_vars).zip(&tensor_vars) {
             let g = random(shape, 0.1, &mut rng);
             host.step_param_scaled(name, hv, &g, 1e-3, gs).unwrap();
             tensor.step_param_scaled(name, tv, &g, 1e-3, gs).unwrap();
@@ -117,6 +131,15 @@ fn compare(
 fn tensor_optimizers_equal_the_host_kernels() {
     for (what, config) in configs() {
         compare(what, &config, 6, &[1.0, 0.37, 1.0], 7);
+    }
+}
+
+/// Tensors above one chunk are updated chunk by chunk on the tensor path, with the same result.
+#[test]
+fn chunked_updates_equal_the_host_kernels() {
+    let elementwise = ["AdamW", "AdamW8bit", "Lion", "SGDNesterov"];
+    for (what, config) in configs().into_iter().filter(|(w, _)| elementwise.contains(w)) {
+        compare_params(&BIG, what, &config, 2, &[0.5], 8);
     }
 }
 

@@ -1,6 +1,7 @@
 //! `sdbooth selftest`: every op's forward and backward on the chosen device against the CPU
-//! kernels (on a CPU-only machine: the reference path against the CPU kernels), as a table.
-//! Exits non-zero when a compared tensor exceeds its bound. See sdbooth_ops::selftest.
+//! kernels (on a CPU-only machine: the reference path against the CPU kernels), then every
+//! optimizer's device implementation against its CPU kernel, as a table. Exits non-zero when a
+//! compared tensor exceeds its bound. See sdbooth_ops::selftest and sdbooth_train::optim::selftest.
 
 use anyhow::bail;
 use candle_core::DType;
@@ -33,7 +34,8 @@ pub fn run(args: SelftestArgs) -> anyhow::Result<()> {
     let device = crate::select_device(args.device)?;
     let (tested, baseline) = selftest::paths_for(&device);
     let dtypes = if args.dtypes.is_empty() { selftest::default_dtypes(&device) } else { args.dtypes };
-    let report = selftest::run(&tested, &baseline, &dtypes);
+    let mut report = selftest::run(&tested, &baseline, &dtypes);
+    report.rows.extend(sdbooth_train::optim::selftest::rows(&device));
     print!("{}", report.table());
     if !report.passed() {
         bail!(

@@ -49,6 +49,20 @@ fn selftest_on_the_cpu_compares_every_op_and_passes() {
     }
     // Gradients are compared, not only outputs.
     assert!(out.lines().any(|l| l.starts_with("attention causal") && l.contains(" dk ")), "{out}");
+    // The optimizers' device implementations against their CPU kernels (bf16: stochastic rounding).
+    for (optimizer, dtype) in [
+        ("AdamW", "f32"),
+        ("AdamW8bit", "f32"),
+        ("Lion", "f32"),
+        ("SGDNesterov", "f32"),
+        ("Adafactor", "f32"),
+        ("AdamW8bit", "bf16"),
+    ] {
+        let line = out
+            .lines()
+            .find(|l| l.starts_with(&format!("optimizer {optimizer} ")) && l.contains(&format!(" {dtype} ")));
+        assert!(line.is_some_and(|l| l.ends_with("ok")), "optimizer {optimizer} {dtype}:\n{out}");
+    }
     assert!(out.contains("compared tensors within bounds"), "{out}");
 }
 

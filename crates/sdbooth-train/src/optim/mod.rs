@@ -25,6 +25,7 @@ pub mod adamw8bit;
 mod config;
 pub mod device;
 mod lion;
+pub mod selftest;
 mod sgd;
 mod store;
 

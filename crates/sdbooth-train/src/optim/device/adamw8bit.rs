@@ -107,15 +107,18 @@ fn adam_update(
     Ok((finite.where_cond(&wn, w)?, finite.where_cond(&s1n, &zeros)?, finite.where_cond(&s2n, &zeros)?))
 }
 
+/// One step of the values `w` (a whole tensor, or a chunk of whole blocks of one): with 8-bit
+/// moments when `quantized` (the whole tensor has at least `min_8bit_size` values), else 32-bit.
 pub(super) fn step(
     c: &OptimizerConfig,
     st: &mut ParamState,
     w: &Tensor,
     g: &Tensor,
     lr: f64,
+    quantized: bool,
 ) -> Result<Tensor> {
     let (n, dev) = (w.elem_count(), w.device());
-    if n < c.min_8bit_size {
+    if !quantized {
         let s1 = take(st, "state1", DType::F32, n, dev)?;
         let s2 = take(st, "state2", DType::F32, n, dev)?;
         let (w, s1, s2) = adam_update(c, st.step, lr, w, g, &s1, &s2)?;

@@ -19,6 +19,7 @@
 
 mod adafactor;
 mod adamw8bit;
+mod chunks;
 mod elementwise;
 mod rounding;
 
@@ -60,11 +61,18 @@ pub(super) fn step(
     }
     st.last_lr = lr;
     let new_w = match config.kind {
-        OptimizerKind::AdamW => elementwise::adamw(config, st, &w, &g, lr)?,
-        OptimizerKind::AdamW8bit => adamw8bit::step(config, st, &w, &g, lr)?,
-        OptimizerKind::Lion => elementwise::lion(config, st, &w, &g, lr)?,
-        OptimizerKind::SGDNesterov => elementwise::sgd_nesterov(config, st, &w, &g, lr)?,
         OptimizerKind::Adafactor => adafactor::step(config, st, &w, &g, &shape, lr)?,
+        kind => {
+            // Decided for the whole tensor, not per chunk (bitsandbytes' threshold).
+            let quantized = w.elem_count() >= config.min_8bit_size;
+            chunks::by_chunks(st, &w, &g, |part, w, g| match kind {
+                OptimizerKind::AdamW => elementwise::adamw(config, part, w, g, lr),
+                OptimizerKind::AdamW8bit => adamw8bit::step(config, part, w, g, lr, quantized),
+                OptimizerKind::Lion => elementwise::lion(config, part, w, g, lr),
+                OptimizerKind::SGDNesterov => elementwise::sgd_nesterov(config, part, w, g, lr),
+                OptimizerKind::Adafactor => Err(TrainError::Internal("Adafactor is not elementwise".into())),
+            })?
+        }
     };
     let new_w = match dtype {
         DType::BF16 => stochastic_round_bf16(&new_w, rounding::key(config.rounding_seed, name, st.step))?,
