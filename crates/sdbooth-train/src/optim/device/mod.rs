@@ -11,8 +11,11 @@
 //! Each update repeats its host kernel's f32 arithmetic operation by operation (same operands,
 //! same order; a product by a scalar is `affine(s, -0.0)`, which keeps the sign of a zero as a
 //! plain product does), so on the CPU the two paths give the same bits (the tests check it).
-//! On a GPU, results can differ from the host kernels by the rounding of fused multiply-adds
-//! inside candle's kernels: a few units in the last place per step.
+//! candle's CUDA kernels are built without fast-math and round each of these operations as IEEE
+//! f32 does (`affine` contracts to a fused multiply-add whose addend is ±0, or whose factor is 1:
+//! still one rounding), so the same bits are expected on a GPU, except where a reduction sums in
+//! another order (Adafactor's f64 sums). Not yet measured on a GPU: `sdbooth selftest --device
+//! cuda` compares every optimizer there with its CPU kernel (`optim/selftest.rs`).
 //!
 //! bf16 weights (`--full_bf16`) are updated in f32 and rounded back stochastically with a
 //! counter-based stream computed on the device (`rounding.rs`).
