@@ -13,7 +13,7 @@ use candle_core::{DType, Device, Tensor, Var};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use sdbooth_models::ParamStore;
-use sdbooth_train::optim::device::stochastic_round_bf16;
+use sdbooth_train::optim::device::{rounding_key, stochastic_round_bf16};
 use sdbooth_train::optim::{Kernels, Optimizer, OptimizerConfig, OptimizerKind, StateBuf};
 use sdbooth_train::update::{
     apply_accumulated, FusedUpdate, GradAccumulator, GradSink, LearningRates, LossScale, Part, TrainedParams,
@@ -357,4 +357,26 @@ fn stochastic_round_bf16_picks_a_neighbour_with_the_right_frequency() {
     assert_eq!(r[5], -3.5);
     let nan = values(&stochastic_round_bf16(&Tensor::new(&[f32::NAN], &Device::Cpu).unwrap(), 1).unwrap());
     assert!(nan[0].is_nan());
+}
+
+/// bf16 weights on the tensor path are the f32 update rounded with the stream of (seed, name,
+/// step), also when the tensor is updated and rounded chunk by chunk.
+#[test]
+fn bf16_tensor_path_is_the_f32_update_rounded_also_by_chunks() {
+    for (name, shape) in BIG {
+        let mut rng = ChaCha8Rng::seed_from_u64(30);
+        let w16 = random(shape, 0.5, &mut rng).to_dtype(DType::BF16).unwrap();
+        let g = random(shape, 0.1, &mut rng);
+        let mut config = cfg(OptimizerKind::AdamW8bit, &[]);
+        config.rounding_seed = 77;
+        // The f32 update of the same values, by the host kernels.
+        let f32_var = Var::from_tensor(&w16.to_dtype(DType::F32).unwrap()).unwrap();
+        optimizer(&config, Kernels::Host).step_param(name, &f32_var, &g, 1e-3).unwrap();
+        let expected = stochastic_round_bf16(f32_var.as_tensor(), rounding_key(77, name, 1)).unwrap();
+        let var = Var::from_tensor(&w16).unwrap();
+        optimizer(&config, Kernels::Tensor).step_param(name, &var, &g, 1e-3).unwrap();
+        assert_eq!(var.dtype(), DType::BF16);
+        assert!(values(var.as_tensor()) == values(&expected), "{name}: bf16 weights differ");
+        assert!(values(var.as_tensor()) != values(&w16), "{name}: nothing moved");
+    }
 }

@@ -36,18 +36,18 @@ impl Stride {
     }
 }
 
-/// Runs `update` (weights, gradient → new weights, with the state of those values in its
-/// `ParamState`) over `w` and `g` by chunks of `CHUNK` values, assembling the new weights and
-/// state. A tensor of at most one chunk is updated in one call.
+/// Runs `update` (state of the chunk's values, weights, gradient, offset of the chunk's first
+/// value → new weights) over `w` and `g` by chunks of `CHUNK` values, assembling the new weights
+/// (in the dtype `update` returns) and state. A tensor of at most one chunk is updated in one call.
 pub(super) fn by_chunks(
     st: &mut ParamState,
     w: &Tensor,
     g: &Tensor,
-    mut update: impl FnMut(&mut ParamState, &Tensor, &Tensor) -> Result<Tensor>,
+    mut update: impl FnMut(&mut ParamState, &Tensor, &Tensor, usize) -> Result<Tensor>,
 ) -> Result<Tensor> {
     let (n, dev) = (w.elem_count(), w.device().clone());
     if n <= CHUNK {
-        return update(st, w, g);
+        return update(st, w, g, 0);
     }
     // Every existing buffer as a tensor on the device (a state read from a file is on the host).
     let keys: Vec<String> = st.bufs.keys().cloned().collect();
@@ -65,7 +65,7 @@ pub(super) fn by_chunks(
         }
         old.insert(key.clone(), (take(st, &key, dtype, len, &dev)?, stride));
     }
-    let new_w = Tensor::zeros(n, DType::F32, &dev)?;
+    let mut new_w: Option<Tensor> = None;
     let mut new: BTreeMap<String, (Tensor, Stride)> = BTreeMap::new();
     for offset in (0..n).step_by(CHUNK) {
         let len = CHUNK.min(n - offset);
@@ -74,11 +74,12 @@ pub(super) fn by_chunks(
             let (start, count) = stride.range(offset, len);
             part.bufs.insert(key.clone(), StateBuf::Tensor(t.narrow(0, start, count)?));
         }
-        new_w.slice_set(
-            &update(&mut part, &w.narrow(0, offset, len)?, &g.narrow(0, offset, len)?)?,
-            0,
-            offset,
-        )?;
+        let chunk = update(&mut part, &w.narrow(0, offset, len)?, &g.narrow(0, offset, len)?, offset)?;
+        let full = match &new_w {
+            Some(full) => full,
+            None => new_w.insert(Tensor::zeros(n, chunk.dtype(), &dev)?),
+        };
+        full.slice_set(&chunk, 0, offset)?;
         st.last_lr = part.last_lr;
         for (key, buf) in part.bufs {
             let StateBuf::Tensor(t) = buf else {
@@ -97,5 +98,5 @@ pub(super) fn by_chunks(
     for (key, (t, _)) in new {
         st.bufs.insert(key, StateBuf::Tensor(t));
     }
-    Ok(new_w)
+    new_w.ok_or_else(|| TrainError::Internal("no chunk was updated".into()))
 }

@@ -31,7 +31,8 @@ use candle_core::{DType, Device, Tensor, Var};
 use super::{OptimizerConfig, OptimizerKind, ParamState, StateBuf};
 use crate::error::{Result, TrainError};
 
-pub use rounding::stochastic_round_bf16;
+use rounding::stochastic_round_bf16_at;
+pub use rounding::{key as rounding_key, stochastic_round_bf16};
 
 /// Updates `param` from `grad` (multiplied by `grad_scale`) with learning rate `lr`, on the
 /// parameter's device. `st.step` is already the number of this update.
@@ -53,9 +54,9 @@ pub(super) fn step(
         ));
     }
     let shape = weights.dims().to_vec();
-    let w = weights.to_dtype(DType::F32)?.flatten_all()?;
+    let weights = weights.flatten_all()?;
     let mut g = grad.detach().to_dtype(DType::F32)?.flatten_all()?;
-    if g.device().location() != w.device().location() {
+    if g.device().location() != weights.device().location() {
         return Err(TrainError::param(name, "gradient and weights are on different devices"));
     }
     // The host kernels multiply every gradient value by the scale, 1.0 included: x * 1.0 is x.
@@ -63,23 +64,34 @@ pub(super) fn step(
         g = mul(&g, grad_scale)?;
     }
     st.last_lr = lr;
+    // bf16 weights: updated in f32 and rounded back, chunk by chunk like the update (the stream
+    // is indexed by the value's position in the whole tensor, so the split does not matter).
+    let key = rounding::key(config.rounding_seed, name, st.step);
+    let store = |new_w: Tensor, offset: usize| match dtype {
+        DType::BF16 => stochastic_round_bf16_at(&new_w, key, offset),
+        _ => Ok(new_w),
+    };
     let new_w = match config.kind {
-        OptimizerKind::Adafactor => adafactor::step(config, st, &w, &g, &shape, lr)?,
+        OptimizerKind::Adafactor => {
+            store(adafactor::step(config, st, &weights.to_dtype(DType::F32)?, &g, &shape, lr)?, 0)?
+        }
         kind => {
             // Decided for the whole tensor, not per chunk (bitsandbytes' threshold).
-            let quantized = w.elem_count() >= config.min_8bit_size;
-            chunks::by_chunks(st, &w, &g, |part, w, g| match kind {
-                OptimizerKind::AdamW => elementwise::adamw(config, part, w, g, lr),
-                OptimizerKind::AdamW8bit => adamw8bit::step(config, part, w, g, lr, quantized),
-                OptimizerKind::Lion => elementwise::lion(config, part, w, g, lr),
-                OptimizerKind::SGDNesterov => elementwise::sgd_nesterov(config, part, w, g, lr),
-                OptimizerKind::Adafactor => Err(TrainError::Internal("Adafactor is not elementwise".into())),
+            let quantized = weights.elem_count() >= config.min_8bit_size;
+            chunks::by_chunks(st, &weights, &g, |part, w, g, offset| {
+                let w = w.to_dtype(DType::F32)?;
+                let new_w = match kind {
+                    OptimizerKind::AdamW => elementwise::adamw(config, part, &w, g, lr),
+                    OptimizerKind::AdamW8bit => adamw8bit::step(config, part, &w, g, lr, quantized),
+                    OptimizerKind::Lion => elementwise::lion(config, part, &w, g, lr),
+                    OptimizerKind::SGDNesterov => elementwise::sgd_nesterov(config, part, &w, g, lr),
+                    OptimizerKind::Adafactor => {
+                        Err(TrainError::Internal("Adafactor is not elementwise".into()))
+                    }
+                }?;
+                store(new_w, offset)
             })?
         }
-    };
-    let new_w = match dtype {
-        DType::BF16 => stochastic_round_bf16(&new_w, rounding::key(config.rounding_seed, name, st.step))?,
-        _ => new_w,
     };
     param.set(&new_w.reshape(shape)?)?;
     Ok(())

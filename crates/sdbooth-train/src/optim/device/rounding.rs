@@ -19,12 +19,18 @@ use crate::error::Result;
 
 /// The key of the rounding stream of parameter `name` at its `step`-th update: the first draw of
 /// the host kernels' keyed stream for the same update.
-pub(super) fn key(seed: u64, name: &str, step: u64) -> u64 {
+pub fn key(seed: u64, name: &str, step: u64) -> u64 {
     Streams::new(seed).rounding(name, step).next_u64()
 }
 
 /// Rounds the f32 values of `x` to bf16, stochastically (unbiased), with the stream of `key`.
 pub fn stochastic_round_bf16(x: &Tensor, key: u64) -> Result<Tensor> {
+    stochastic_round_bf16_at(x, key, 0)
+}
+
+/// As [`stochastic_round_bf16`] for values that start at position `offset` of a larger tensor
+/// (a chunk): each value draws the bits of its position in the whole tensor.
+pub(super) fn stochastic_round_bf16_at(x: &Tensor, key: u64, offset: usize) -> Result<Tensor> {
     let dev = x.device();
     let x = x.to_dtype(DType::F32)?;
     let to_bf16 = |t: &Tensor| -> Result<Tensor> { Ok(t.to_dtype(DType::BF16)?.to_dtype(DType::F32)?) };
@@ -42,7 +48,7 @@ pub fn stochastic_round_bf16(x: &Tensor, key: u64) -> Result<Tensor> {
     // |hi| - |lo| is a power of two and |x| - |lo| has at most 16 significant bits: frac is exact.
     // It is NaN where hi == lo (x is 0, infinite, NaN or rounds to 0): those keep lo.
     let frac = (ax - lo.abs()?)?.div(&(hi.abs()? - lo.abs()?)?)?;
-    let u = uniform16(x.elem_count(), key, dev)?.reshape(x.shape())?;
+    let u = uniform16(x.elem_count(), offset, key, dev)?.reshape(x.shape())?;
     let one = scalar(1.0, DType::F32, dev)?;
     let take_hi = (u + frac)?.broadcast_ge(&one)?;
     Ok(take_hi.where_cond(&hi, &lo)?.to_dtype(DType::BF16)?)
@@ -63,13 +69,14 @@ fn mix_shift(x: &Tensor, shift: u32, word: &Tensor) -> Result<Tensor> {
     wrap(&(x + x.broadcast_div(&div)?)?, word)
 }
 
-/// `n` values in {0, 1/2^16, …, 1 - 1/2^16}, a hash of (element index, key): 32-bit words
-/// mixed by multiplications with odd constants below 2^31 and shift-additions, all in i64 with
-/// every intermediate below 2^63.
-fn uniform16(n: usize, key: u64, dev: &Device) -> Result<Tensor> {
+/// `n` values in {0, 1/2^16, …, 1 - 1/2^16}, a hash of (element index, key) for the indices
+/// `offset..offset + n`: 32-bit words mixed by multiplications with odd constants below 2^31 and
+/// shift-additions, all in i64 with every intermediate below 2^63.
+fn uniform16(n: usize, offset: usize, key: u64, dev: &Device) -> Result<Tensor> {
     let word = scalar(WORD, DType::I64, dev)?;
     let (k0, k1) = (key & 0xFFFF_FFFF, key >> 32);
-    let mut h = wrap(&element_index(n, dev)?.affine(1.0, k0 as f64)?, &word)?;
+    let index = element_index(n, dev)?.affine(1.0, offset as f64)?;
+    let mut h = wrap(&index.affine(1.0, k0 as f64)?, &word)?;
     for (mult, add) in
         [(0x2c1b_3c6d_u32, k1), (0x297a_2d39, k0 ^ 0x9e37_79b9), (0x6b43_a9b5, k1 ^ 0x7f4a_7c15)]
     {
