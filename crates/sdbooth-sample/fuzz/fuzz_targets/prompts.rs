@@ -1,12 +1,15 @@
 //! Any bytes as a prompt file (`--sample_prompts`, `generate --from_file`) in each of its three
 //! forms (kohya's text lines with --n/--w/--h/--d/--l/--s, TOML, JSON), read by the parser the
-//! trainer and `generate` use, then merged with defaults into requests as `generate` does:
-//! Ok or Err, never a panic.
+//! trainer and `generate` use, size-checked as `generate` and training do before loading a model,
+//! then merged with defaults into requests: Ok or Err, never a panic.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
 use sdbooth_sample::generate::Request;
-use sdbooth_sample::prompts::{parse_prompt_line, read_prompt_file};
+use sdbooth_sample::prompts::{
+    check_prompt_sizes, kohya_sample_size, parse_prompt_line, read_prompt_file, rounding_notes,
+    KOHYA_SAMPLE_SIZE,
+};
 
 fuzz_target!(|data: &[u8]| {
     let Some((&which, text)) = data.split_first() else { return };
@@ -26,8 +29,12 @@ fuzz_target!(|data: &[u8]| {
         sampler: "ddim".into(),
     };
     if let Ok(specs) = read_prompt_file(&path) {
+        // The upfront size checks of `generate` and of training samples, then the requests.
+        let _ = check_prompt_sizes(&path, &specs, (defaults.width, defaults.height));
+        let _ = rounding_notes(&path, &specs, KOHYA_SAMPLE_SIZE);
         for spec in &specs {
-            let req = Request::from_spec(spec, &defaults);
+            let mut req = Request::from_spec(spec, &defaults);
+            (req.width, req.height) = kohya_sample_size((req.width, req.height));
             let _ = req.a1111_parameters("model");
         }
     }
