@@ -88,16 +88,6 @@ fn assert_same_state(what: &str, host: &Optimizer, tensor: &Optimizer) {
 
 /// Steps both paths `steps` times from the same weights with the same gradients (scaled by
 /// `scales` in turn); asserts equal weights after every step and equal state at the end.
-fn compare(
-    what: &str,
-    config: &OptimizerConfig,
-    steps: u64,
-    scales: &[f32],
-    seed: u64,
-) -> (Optimizer, Optimizer) {
-    compare_params(&PARAMS, what, config, steps, scales, seed)
-}
-
 fn compare_params(
     params: &[(&str, &[usize])],
     what: &str,
@@ -130,7 +120,7 @@ fn compare_params(
 #[test]
 fn tensor_optimizers_equal_the_host_kernels() {
     for (what, config) in configs() {
-        compare(what, &config, 6, &[1.0, 0.37, 1.0], 7);
+        compare_params(&PARAMS, what, &config, 6, &[1.0, 0.37, 1.0], 7);
     }
 }
 
@@ -162,7 +152,7 @@ fn chunked_updates_equal_the_host_kernels() {
 
 #[test]
 fn adamw8bit_state_is_8bit_on_the_tensor_path() {
-    let (_, tensor) = compare("AdamW8bit", &cfg(OptimizerKind::AdamW8bit, &[]), 2, &[1.0], 3);
+    let (_, tensor) = compare_params(&PARAMS, "AdamW8bit", &cfg(OptimizerKind::AdamW8bit, &[]), 2, &[1.0], 3);
     let st = &tensor.states["proj"];
     let n = 40 * 130;
     let dtype = |k: &str| match &st.bufs[k] {
@@ -201,7 +191,7 @@ fn adamw8bit_non_finite_gradients_zero_the_moments_on_both_paths() {
 #[test]
 fn saved_state_is_the_same_file_and_resumes_on_the_other_path() {
     for (what, config) in configs() {
-        let (mut host, mut tensor) = compare(what, &config, 3, &[1.0], 5);
+        let (mut host, mut tensor) = compare_params(&PARAMS, what, &config, 3, &[1.0], 5);
         host.add_group("unet", 1e-3, PARAMS.iter().map(|(n, _)| n.to_string()).collect());
         tensor.add_group("unet", 1e-3, PARAMS.iter().map(|(n, _)| n.to_string()).collect());
         let dir = tempfile::tempdir().unwrap();
