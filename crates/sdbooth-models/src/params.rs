@@ -155,10 +155,11 @@ impl Weights<'_> {
         Ok((self.get(&format!("{prefix}.weight"))?, self.get(&format!("{prefix}.bias"))?))
     }
 
-    /// `x` in the compute dtype.
+    /// `x` in the compute dtype (a multi-threaded cast on the CPU: with bf16 compute every weight
+    /// is cast each time its block runs).
     pub(crate) fn cast(&self, x: &Tensor) -> Result<Tensor, ModelError> {
         match self.dtype {
-            Some(dt) if dt != x.dtype() => Ok(x.to_dtype(dt)?),
+            Some(dt) if dt != x.dtype() => Ok(sdbooth_ops::cast(x, dt)?),
             _ => Ok(x.clone()),
         }
     }

@@ -77,14 +77,22 @@ fn projections(name: &str, g: &Tensor) -> Vec<f64> {
 /// Norm-relative error of our gradient against the fixture's (whole, or estimated from
 /// projections for large tensors).
 fn grad_err(fx: &Fixture, name: &str, ours: &Tensor) -> f64 {
+    let (d, norm) = grad_diff(fx, name, ours);
+    d / norm.max(1e-30)
+}
+
+/// `(‖ours − fixture‖, ‖fixture‖)` for a parameter gradient (the difference estimated from
+/// projections for large tensors).
+fn grad_diff(fx: &Fixture, name: &str, ours: &Tensor) -> (f64, f64) {
     if let Some(want) = fx.t.get(&format!("grad.{name}")) {
-        return rel_err(ours, want);
+        let norm = f64s(want).iter().map(|y| y * y).sum::<f64>().sqrt();
+        return (rel_err(ours, want) * norm.max(1e-30), norm);
     }
     let proj = f64s(&fx.t[&format!("gproj.{name}")]);
     let norm = f64s(&fx.t[&format!("gnorm.{name}")])[0];
     let mine = projections(name, ours);
     let d: f64 = mine.iter().zip(&proj).map(|(a, b)| (a - b).powi(2)).sum::<f64>().sqrt();
-    d / (K_PROJ as f64).sqrt() / norm.max(1e-30)
+    (d / (K_PROJ as f64).sqrt(), norm)
 }
 
 fn setup(cfg: &ModelConfig, fx: &Fixture) -> (UNet, ParamStore) {
@@ -180,4 +188,64 @@ fn unet_tiny_sd2_matches_diffusers() {
 #[test]
 fn unet_tiny_sd1_65x64_matches_diffusers() {
     check("tiny_sd1_65x64", ModelConfig::tiny_sd1());
+}
+
+/// bf16 compute (f32 master weights) against PyTorch's CPU autocast-bf16 on the same model and
+/// inputs (tools/goldens/unet_bf16.py): both measured as distances from the f32 result (the
+/// tiny_sd1 fixture), ours may be at most [`BF16_VS_AUTOCAST`] times autocast's on the output,
+/// the input gradients and the parameter gradients (all together, and the median tensor).
+/// bf16 rounds in different places here and in PyTorch (e.g. we keep norm outputs in bf16,
+/// autocast in f32), so the two are compared by how close each gets, not value by value.
+#[test]
+fn unet_tiny_sd1_bf16_is_as_close_to_f32_as_autocast() {
+    const BF16_VS_AUTOCAST: f64 = 1.5;
+    let fx = fixture("tiny_sd1");
+    let (unet, params) = setup(&ModelConfig::tiny_sd1(), &fx);
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");
+    let meta: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(dir.join("unet_tiny_sd1_autocast_bf16.json"))
+            .expect("fixture (regenerate with tools/goldens/unet_bf16.py)"),
+    )
+    .unwrap();
+    let theirs = |k: &str| meta["autocast_bf16_rel_err_vs_f32"][k].as_f64().unwrap();
+    let (lat, ts, ctx, g) = (&fx.t["latents"], &fx.t["timesteps"], &fx.t["ctx"], &fx.t["g"]);
+    let opts = TrainOptions {
+        checkpointing: true,
+        compute_dtype: Some(DType::BF16),
+        ctx_grad: true,
+        latents_grad: true,
+        ..Default::default()
+    };
+    let mut got = BTreeMap::new();
+    let mut hook = |gs: &[(String, Tensor)]| {
+        for (n, t) in gs {
+            assert_eq!(t.dtype(), DType::F32, "{n}: f32 master weights get f32 gradients");
+            got.insert(n.clone(), t.clone());
+        }
+        Ok(())
+    };
+    let (out, grads) =
+        unet.forward_backward(&params, lat, ts, ctx, opts, |_| Ok(g.clone()), &mut hook).unwrap();
+    let (mut num, mut den, mut per_param) = (0f64, 0f64, Vec::new());
+    for (pname, _) in &fx.params {
+        let (d, n) = grad_diff(&fx, pname, &got[pname]);
+        num += d * d;
+        den += n * n;
+        per_param.push(d / n.max(1e-30));
+    }
+    per_param.sort_by(f64::total_cmp);
+    let ours = [
+        ("out", rel_err(&out, &fx.t["out"])),
+        ("grad_latents", rel_err(grads.latents.as_ref().unwrap(), &fx.t["grad_input.latents"])),
+        ("grad_ctx", rel_err(grads.ctx.as_ref().unwrap(), &fx.t["grad_input.ctx"])),
+        ("grad_params_all", (num / den).sqrt()),
+        ("grad_params_median", per_param[per_param.len() / 2]),
+    ];
+    println!("bf16 kernel {}", sdbooth_ops::bf16_kernel().name());
+    for (k, e) in ours {
+        println!("{k}: ours {e:.3e}, autocast-bf16 {:.3e} (ratio {:.2})", theirs(k), e / theirs(k));
+    }
+    for (k, e) in ours {
+        assert!(e <= BF16_VS_AUTOCAST * theirs(k), "{k}: bf16 rel err {e:.3e} vs autocast {:.3e}", theirs(k));
+    }
 }

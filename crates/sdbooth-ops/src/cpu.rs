@@ -13,6 +13,7 @@ use candle_core::backend::BackendStorage;
 use candle_core::op::BackpropOp;
 use candle_core::{bail, CpuStorage, DType, Layout, Result, Shape, Storage, Tensor};
 use half::{bf16, f16};
+use rayon::prelude::*;
 use std::borrow::Cow;
 
 /// Reads a CPU storage as a contiguous f32 slice, borrowing when it already is one.
@@ -24,7 +25,7 @@ pub(crate) fn storage_f32<'a>(s: &'a CpuStorage, l: &Layout) -> Result<Cow<'a, [
     };
     Ok(match s {
         CpuStorage::F32(v) => Cow::Borrowed(&v[start..end]),
-        CpuStorage::BF16(v) => Cow::Owned(v[start..end].iter().map(|x| x.to_f32()).collect()),
+        CpuStorage::BF16(v) => Cow::Owned(crate::bf16_gemm::widen(&v[start..end])),
         CpuStorage::F16(v) => Cow::Owned(v[start..end].iter().map(|x| x.to_f32()).collect()),
         CpuStorage::F64(v) => Cow::Owned(v[start..end].iter().map(|&x| x as f32).collect()),
         other => bail!("sdbooth-ops: unsupported dtype {:?} for a float kernel", other.dtype()),
@@ -43,12 +44,28 @@ pub(crate) fn same_dtype(op: &str, a: &CpuStorage, b: &CpuStorage) -> Result<()>
 pub(crate) fn storage_from_f32(v: Vec<f32>, dtype: DType) -> Result<CpuStorage> {
     Ok(match dtype {
         DType::F32 => CpuStorage::F32(v),
-        DType::BF16 => CpuStorage::BF16(v.into_iter().map(bf16::from_f32).collect()),
+        DType::BF16 => CpuStorage::BF16(narrow_bf16(&v)),
         DType::F16 => CpuStorage::F16(v.into_iter().map(f16::from_f32).collect()),
         DType::F64 => CpuStorage::F64(v.into_iter().map(f64::from).collect()),
         other => bail!("sdbooth-ops: unsupported output dtype {other:?}"),
     })
 }
+
+/// f32 → bf16 (round to nearest even), in parallel chunks: bf16 results of every kernel pass
+/// here, and a serial pass over each activation would cost a visible share of a bf16 step.
+pub(crate) fn narrow_bf16(v: &[f32]) -> Vec<bf16> {
+    let mut out = vec![bf16::ZERO; v.len()];
+    out.par_chunks_mut(CAST_CHUNK).zip(v.par_chunks(CAST_CHUNK)).for_each(|(o, i)| {
+        for (o, i) in o.iter_mut().zip(i) {
+            *o = bf16::from_f32(*i);
+        }
+    });
+    out
+}
+
+/// Elements per task of the parallel dtype conversions (fixed; conversions are per element, so
+/// the split never changes a result).
+pub(crate) const CAST_CHUNK: usize = 1 << 14;
 
 /// Contiguous f32 copy (or borrow, inside `f`) of a CPU tensor's data.
 pub(crate) fn with_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> Result<R>) -> Result<R> {

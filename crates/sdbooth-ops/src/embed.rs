@@ -11,9 +11,16 @@ pub fn embedding(ids: &Tensor, table: &Tensor) -> Result<Tensor> {
 }
 
 /// Nearest-neighbour 2x upsampling of `[B, C, H, W]`.
+///
+/// candle's backward of this op is a conv2d with a kernel of ones, which candle's CPU backend
+/// cannot run in bf16/f16; other dtypes go through f32 (exact for the copy, and the gradient's
+/// four-term sums are then done in f32).
 pub fn upsample_nearest2x(x: &Tensor) -> Result<Tensor> {
     let (_, _, h, w) = x.dims4()?;
-    x.upsample_nearest2d(h * 2, w * 2)
+    if x.dtype() == DType::F32 {
+        return x.upsample_nearest2d(h * 2, w * 2);
+    }
+    x.to_dtype(DType::F32)?.upsample_nearest2d(h * 2, w * 2)?.to_dtype(x.dtype())
 }
 
 /// Sinusoidal timestep embedding as diffusers' `get_timestep_embedding`.

@@ -66,3 +66,28 @@ fn half_precision_within_stated_bounds() {
         }
     }
 }
+
+/// The parallel f32 ↔ bf16 cast gives candle's `to_dtype` values exactly (round to nearest even),
+/// over more elements than one conversion chunk, and its gradient comes back in the source dtype.
+#[test]
+fn cast_matches_candle_and_casts_the_gradient_back() {
+    let mut r = Rng::new(5);
+    let x = candle_core::Var::from_tensor(&(r.randn(&[3, 70_000]) * 3.0).unwrap()).unwrap();
+    let low = ops::cast(x.as_tensor(), DType::BF16).unwrap();
+    let want = x.as_tensor().to_dtype(DType::BF16).unwrap();
+    assert_eq!(low.dtype(), DType::BF16);
+    let bits = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<half::bf16>().unwrap();
+    assert_eq!(bits(&low), bits(&want));
+    let back = ops::cast(&low, DType::F32).unwrap();
+    assert_eq!(back.to_vec2::<f32>().unwrap(), want.to_dtype(DType::F32).unwrap().to_vec2::<f32>().unwrap());
+    let g = r.randn(&[3, 70_000]).to_dtype(DType::BF16).unwrap();
+    let grads = (low.to_dtype(DType::F32).unwrap() * g.to_dtype(DType::F32).unwrap())
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .backward()
+        .unwrap();
+    let dx = grads.get(x.as_tensor()).unwrap();
+    assert_eq!(dx.dtype(), DType::F32);
+    assert_eq!(dx.to_vec2::<f32>().unwrap(), g.to_dtype(DType::F32).unwrap().to_vec2::<f32>().unwrap());
+}

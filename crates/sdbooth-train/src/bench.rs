@@ -7,6 +7,7 @@
 
 use std::time::Instant;
 
+use candle_core::DType;
 use sdbooth_data::Streams;
 use sdbooth_models::config::{ClipConfig, UNetConfig};
 use serde::Serialize;
@@ -28,6 +29,12 @@ pub struct BenchReport {
     pub batch_size: usize,
     pub optimizer: String,
     pub mixed_precision: String,
+    /// The dtype the GEMMs and convolutions compute in (`"f32"`, `"bf16"`, `"f16"`).
+    pub compute_dtype: String,
+    /// On the CPU, the GEMM kernel those products run on: `"avx512_bf16"` or `"f32_fallback"`
+    /// for bf16, the f32 GEMM's (`"f32_avx512"`, `"f32_avx2"`, `"f32_generic"`) otherwise; `null`
+    /// on a GPU.
+    pub cpu_kernel: Option<String>,
     pub gradient_checkpointing: bool,
     pub fused_backward_pass: bool,
     pub train_text_encoder: bool,
@@ -140,6 +147,7 @@ pub fn bench(plan: &TrainPlan, steps: usize, warmup: usize) -> Result<BenchRepor
         * (unet_forward_flops(&model.config.unet, h / 8, w / 8, 77)
             + clip_forward_flops(&model.config.text, 77));
     let checkpointing = plan.steps.gradient_checkpointing;
+    let compute_dtype = plan.precision.compute_dtype.unwrap_or(plan.precision.weight_dtype);
     let passes = if checkpointing { 4.0 } else { 3.0 };
     let flops_per_step = forward_flops * passes;
     Ok(BenchReport {
@@ -148,6 +156,8 @@ pub fn bench(plan: &TrainPlan, steps: usize, warmup: usize) -> Result<BenchRepor
         batch_size: batch,
         optimizer: format!("{:?}", o.config.kind),
         mixed_precision: format!("{:?}", plan.precision.mixed_precision).to_lowercase(),
+        compute_dtype: compute_dtype.as_str().to_string(),
+        cpu_kernel: plan.device.is_cpu().then(|| cpu_kernel(compute_dtype).to_string()),
         gradient_checkpointing: checkpointing,
         fused_backward_pass: fused,
         train_text_encoder: train_te,
@@ -163,6 +173,14 @@ pub fn bench(plan: &TrainPlan, steps: usize, warmup: usize) -> Result<BenchRepor
         flops_per_step,
         gflops: if s_per_step > 0.0 { flops_per_step / s_per_step / 1e9 } else { 0.0 },
     })
+}
+
+/// The CPU GEMM kernel that products in `dtype` run on.
+fn cpu_kernel(dtype: DType) -> &'static str {
+    match dtype {
+        DType::BF16 => sdbooth_ops::bf16_kernel().name(),
+        _ => sdbooth_ops::f32_gemm_kernel(),
+    }
 }
 
 /// Forward FLOPs of the U-Net for one sample at latent size `h × w` with `ctx` text tokens,

@@ -172,7 +172,7 @@ fn fallback(
 /// bf16 → f32, in parallel chunks.
 pub(crate) fn widen(v: &[bf16]) -> Vec<f32> {
     let mut out = vec![0f32; v.len()];
-    out.par_chunks_mut(1 << 14).zip(v.par_chunks(1 << 14)).for_each(|(o, i)| {
+    out.par_chunks_mut(cpu::CAST_CHUNK).zip(v.par_chunks(cpu::CAST_CHUNK)).for_each(|(o, i)| {
         for (o, i) in o.iter_mut().zip(i) {
             *o = i.to_f32();
         }

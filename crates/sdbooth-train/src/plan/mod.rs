@@ -290,16 +290,20 @@ impl ModelPlan {
 }
 
 impl PrecisionPlan {
-    /// candle's CPU matrix multiply has no bf16 kernel, so on the CPU `bf16` computes in f32
-    /// (more precise, same result as `no`), and `--full_bf16` weights are cast to f32 per block.
+    /// `bf16` computes in bf16 everywhere, like PyTorch's autocast: on the CPU the GEMMs of
+    /// conv2d and linear multiply bf16 with f32 sums (AVX512_BF16 where the CPU has it, else an
+    /// f32 fallback), norms and softmax compute in f32 inside their kernels. `--full_bf16` weights
+    /// without bf16 compute are cast to f32 per block on the CPU. The CPU with
+    /// `SDBOOTH_REFERENCE_OPS` runs candle's own conv2d, which has no CPU bf16 kernel: there bf16
+    /// computes in f32 as before.
     fn resolve(args: &TrainArgs, device: &Device) -> Self {
         let m = &args.memory;
+        let bf16_kernels = !(device.is_cpu() && sdbooth_ops::reference_ops_forced());
         let compute_dtype = match m.mixed_precision {
+            MixedPrecision::Bf16 if bf16_kernels => Some(DType::BF16),
             _ if m.full_bf16 && device.is_cpu() => Some(DType::F32),
-            MixedPrecision::No => None,
+            MixedPrecision::No | MixedPrecision::Bf16 => None,
             MixedPrecision::Fp16 => Some(DType::F16),
-            MixedPrecision::Bf16 if device.is_cpu() => None,
-            MixedPrecision::Bf16 => Some(DType::BF16),
         };
         PrecisionPlan {
             mixed_precision: m.mixed_precision,
@@ -390,11 +394,13 @@ mod tests {
     fn cpu_mixed_precision_resolves_to_what_the_cpu_computes() {
         let p = plan(&["--mixed_precision=bf16"]);
         assert!(p.device.is_cpu());
-        assert_eq!((p.precision.compute_dtype, p.precision.weight_dtype), (None, DType::F32));
+        assert_eq!((p.precision.compute_dtype, p.precision.weight_dtype), (Some(DType::BF16), DType::F32));
         let p = plan(&["--mixed_precision=fp16"]);
         assert_eq!(p.precision.compute_dtype, Some(DType::F16));
         assert!(p.precision.fp16_loss_scale);
         let p = plan(&["--mixed_precision=bf16", "--full_bf16"]);
+        assert_eq!((p.precision.compute_dtype, p.precision.weight_dtype), (Some(DType::BF16), DType::BF16));
+        let p = plan(&["--full_bf16"]);
         assert_eq!((p.precision.compute_dtype, p.precision.weight_dtype), (Some(DType::F32), DType::BF16));
     }
 

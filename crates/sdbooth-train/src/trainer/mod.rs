@@ -183,7 +183,8 @@ impl<'a> Trainer<'a> {
         );
         if plan.precision.mixed_precision == MixedPrecision::Bf16 && plan.device.is_cpu() {
             tracing::info!(
-                "--mixed_precision bf16 computes in f32 on the CPU (candle has no CPU bf16 matmul)"
+                "--mixed_precision bf16 on the CPU: bf16 GEMMs with f32 sums, kernel {}",
+                sdbooth_ops::bf16_kernel().name()
             );
         }
         setup::refuse_replacing_the_source(plan)?;
