@@ -9,6 +9,13 @@
 //!
 //! bitsandbytes' CPU backend differs in two details (weight decay before the step, and a 65536-bin
 //! lookup table instead of exact nearest rounding); the golden test states the resulting bound.
+//!
+//! Speed: the update is one fused pass per block (dequantise → update → absmax → quantise, the
+//! block's f32 moments on the stack), parallel over groups of blocks, with an AVX-512 kernel
+//! (gathers for the table lookups) chosen at run time and a portable one otherwise; both give
+//! results identical to each other and to the earlier scalar implementation (checked bit for bit
+//! when this kernel replaced it). Measured on the shared 2-core Zen 4, one thread, CPU time per
+//! value over 32 M values: 7.2 → 3.9 ns.
 
 use std::sync::OnceLock;
 
@@ -69,41 +76,69 @@ pub fn create_dynamic_map(signed: bool) -> Vec<f32> {
     out
 }
 
+/// One quantisation map with what nearest rounding needs, as lookup tables indexed by the top 16
+/// bits of an f32 (sign, exponent, 7 mantissa bits).
+///
+/// Nearest rounding is monotone, so every float of such a bucket rounds to the entry `lo` of the
+/// bucket's lower end or to the next one. For both 8-bit maps at most one midpoint falls inside a
+/// bucket (checked by a test), so rounding is `lo + (x > up)`, with `up` that midpoint or +∞:
+/// exact (the same results as a binary search over the midpoints), and free of branches, so it
+/// vectorises.
 struct Map {
-    code: Vec<f32>,
-    /// Midpoints between neighbouring entries, in f32 as the kernel computes them.
-    mid: Vec<f32>,
-    /// For each value of the top 16 bits of an f32, the nearest-entry indices at both ends of
-    /// that bucket of floats. Nearest rounding is monotone, so any float in the bucket maps
-    /// between them: usually they agree and no search is needed (exact, unlike a binned table).
-    bucket: Vec<(u8, u8)>,
+    code: [f32; 256],
+    /// Entries below this index are negative (the map is sorted; its one zero is +0).
+    negatives: u8,
+    // Fixed-size tables: indexing with a 16-bit key needs no bounds check, so the loops vectorise.
+    /// Three bytes of padding: the AVX-512 kernel reads each entry as the low byte of a 4-byte
+    /// gather.
+    lo: Box<[u8; (1 << 16) + 3]>,
+    up: Box<[f32; 1 << 16]>,
 }
 
 impl Map {
     fn new(signed: bool) -> Self {
-        let code = create_dynamic_map(signed);
+        let mut code = [0f32; 256];
+        code.copy_from_slice(&create_dynamic_map(signed));
+        // Midpoints between neighbouring entries, in f32 as the kernel computes them; a value
+        // exactly on a midpoint goes to the lower entry.
         let mid: Vec<f32> = code.windows(2).map(|w| (w[0] + w[1]) * 0.5).collect();
-        let search = |x: f32| mid.partition_point(|&m| m < x) as u8;
-        let bucket = (0u32..1 << 16)
-            .map(|k| {
-                let (a, b) = (f32::from_bits(k << 16), f32::from_bits(k << 16 | 0xFFFF));
-                if a.is_nan() || b.is_nan() {
-                    return (0, 0);
-                }
-                let (i, j) = (search(a), search(b));
-                (i.min(j), i.max(j))
-            })
-            .collect();
-        Map { code, mid, bucket }
-    }
-    /// Nearest entry; a value exactly on a midpoint goes to the lower entry.
-    fn quantize(&self, x: f32) -> u8 {
-        let (lo, hi) = self.bucket[(x.to_bits() >> 16) as usize];
-        if lo == hi {
-            return lo;
+        let search = |x: f32| mid.partition_point(|&m| m < x);
+        let mut lo = Box::new([0u8; (1 << 16) + 3]);
+        let mut up = Box::new([f32::INFINITY; 1 << 16]);
+        for k in 0u32..1 << 16 {
+            let (a, b) = (f32::from_bits(k << 16), f32::from_bits(k << 16 | 0xFFFF));
+            if a.is_nan() || b.is_nan() {
+                continue; // NaN quantises to entry 0, as before.
+            }
+            let (i, j) = (search(a), search(b));
+            let (i, j) = (i.min(j), i.max(j));
+            lo[k as usize] = i as u8;
+            if j > i {
+                up[k as usize] = mid[i];
+            }
         }
-        let (lo, hi) = (lo as usize, hi as usize);
-        (lo + self.mid[lo..hi].partition_point(|&m| m < x)) as u8
+        let negatives = code.iter().filter(|c| c.is_sign_negative()).count() as u8;
+        Map { code, negatives, lo, up }
+    }
+
+    /// The widest bucket: how many midpoints fall strictly inside one (must be at most 1).
+    #[cfg(test)]
+    fn max_midpoints_per_bucket(&self) -> usize {
+        let mid: Vec<f32> = self.code.windows(2).map(|w| (w[0] + w[1]) * 0.5).collect();
+        let search = |x: f32| mid.partition_point(|&m| m < x);
+        (0u32..1 << 16)
+            .map(|k| (f32::from_bits(k << 16), f32::from_bits(k << 16 | 0xFFFF)))
+            .filter(|(a, b)| !a.is_nan() && !b.is_nan())
+            .map(|(a, b)| search(a).abs_diff(search(b)))
+            .max()
+            .unwrap_or(0)
+    }
+
+    /// Nearest entry; a value exactly on a midpoint goes to the lower entry; NaN gives entry 0.
+    #[inline(always)]
+    fn quantize(&self, x: f32) -> u8 {
+        let k = (x.to_bits() >> 16) as usize;
+        self.lo[k] + u8::from(self.up[k] < x)
     }
 }
 
@@ -111,6 +146,60 @@ fn maps() -> &'static (Map, Map) {
     static MAPS: OnceLock<(Map, Map)> = OnceLock::new();
     MAPS.get_or_init(|| (Map::new(true), Map::new(false)))
 }
+
+/// The f32 scalars of one step, computed once as the kernel computes them.
+#[derive(Clone, Copy)]
+struct Scalars {
+    b1: f32,
+    b2: f32,
+    one_minus_b1: f32,
+    one_minus_b2: f32,
+    step_size: f32,
+    eps_term: f32,
+    /// The multiplicative weight decay; 1.0 (exact) without decay.
+    decay: f32,
+    grad_scale: f32,
+}
+
+impl Scalars {
+    fn new(c: &OptimizerConfig, step: u64, lr: f64, grad_scale: f32) -> Self {
+        let (b1, b2) = (c.betas.0 as f32, c.betas.1 as f32);
+        let t = step as i32;
+        let correction1 = 1.0 - b1.powi(t);
+        let correction2 = (1.0 - b2.powi(t)).sqrt();
+        let lr32 = lr as f32;
+        Scalars {
+            b1,
+            b2,
+            one_minus_b1: 1.0 - b1,
+            one_minus_b2: 1.0 - b2,
+            step_size: -lr32 * correction2 / correction1,
+            eps_term: correction2 * c.eps as f32,
+            decay: if c.weight_decay > 0.0 { 1.0 - lr32 * c.weight_decay as f32 } else { 1.0 },
+            grad_scale,
+        }
+    }
+
+    /// The update of one value: weight, moments. A non-finite gradient leaves the weight unchanged
+    /// and zeroes both moments. Written without branches (both outcomes computed, one selected)
+    /// so the block loops vectorise; the arithmetic is the kernel's, operation for operation.
+    #[inline(always)]
+    fn update(&self, w: f32, g: f32, s1: f32, s2: f32) -> (f32, f32, f32) {
+        let g = g * self.grad_scale;
+        let n2 = s2 * self.b2 + self.one_minus_b2 * g * g;
+        let n1 = s1 * self.b1 + self.one_minus_b1 * g;
+        let nw = (w + self.step_size * (n1 / (n2.sqrt() + self.eps_term))) * self.decay;
+        if g.is_finite() {
+            (nw, n1, n2)
+        } else {
+            (w, 0.0, 0.0)
+        }
+    }
+}
+
+/// Values per rayon task: 64 blocks (the split does not change any result: blocks are
+/// independent).
+const TASK_BLOCKS: usize = 64;
 
 pub(crate) fn step(
     c: &OptimizerConfig,
@@ -121,34 +210,13 @@ pub(crate) fn step(
     lr: f64,
 ) -> Result<()> {
     let n = w.len();
-    let (b1, b2) = (c.betas.0 as f32, c.betas.1 as f32);
-    let t = st.step as i32;
-    let correction1 = 1.0 - b1.powi(t);
-    let correction2 = (1.0 - b2.powi(t)).sqrt();
-    let lr32 = lr as f32;
-    let step_size = -lr32 * correction2 / correction1;
-    let eps = c.eps as f32;
-    let decay = if c.weight_decay > 0.0 { Some(1.0 - lr32 * c.weight_decay as f32) } else { None };
-    let upd = move |w: &mut f32, g: f32, s1: &mut f32, s2: &mut f32| {
-        let g = g * gs;
-        if !g.is_finite() {
-            *s1 = 0.0;
-            *s2 = 0.0;
-            return;
-        }
-        *s2 = *s2 * b2 + (1.0 - b2) * g * g;
-        *s1 = *s1 * b1 + (1.0 - b1) * g;
-        *w += step_size * (*s1 / (s2.sqrt() + correction2 * eps));
-        if let Some(d) = decay {
-            *w *= d;
-        }
-    };
+    let sc = Scalars::new(c, st.step, lr, gs);
 
     if n < c.min_8bit_size {
         let mut m = st.take_f32("state1", n)?;
         let mut v = st.take_f32("state2", n)?;
         for i in 0..n {
-            upd(&mut w[i], g[i], &mut m[i], &mut v[i]);
+            (w[i], m[i], v[i]) = sc.update(w[i], g[i], m[i], v[i]);
         }
         st.put_f32("state1", m);
         st.put_f32("state2", v);
@@ -160,39 +228,17 @@ pub(crate) fn step(
     let mut q2 = st.take_u8("state2", n)?;
     let mut a1 = st.take_f32("absmax1", blocks)?;
     let mut a2 = st.take_f32("absmax2", blocks)?;
-    let (m1, m2) = maps();
-    w.par_chunks_mut(BLOCK)
-        .zip(g.par_chunks(BLOCK))
-        .zip(q1.par_chunks_mut(BLOCK).zip(q2.par_chunks_mut(BLOCK)))
-        .zip(a1.par_iter_mut().zip(a2.par_iter_mut()))
+    let kernel = block_kernel();
+    const TASK: usize = TASK_BLOCKS * BLOCK;
+    w.par_chunks_mut(TASK)
+        .zip(g.par_chunks(TASK))
+        .zip(q1.par_chunks_mut(TASK).zip(q2.par_chunks_mut(TASK)))
+        .zip(a1.par_chunks_mut(TASK_BLOCKS).zip(a2.par_chunks_mut(TASK_BLOCKS)))
         .for_each(|(((w, g), (q1, q2)), (a1, a2))| {
-            let mut s1 = [0f32; BLOCK];
-            let mut s2 = [0f32; BLOCK];
-            let (mut max1, mut max2) = (0f32, 0f32);
-            for i in 0..w.len() {
-                s1[i] = m1.code[q1[i] as usize] * *a1;
-                s2[i] = m2.code[q2[i] as usize] * *a2;
-                upd(&mut w[i], g[i], &mut s1[i], &mut s2[i]);
-                max1 = max1.max(s1[i].abs());
-                max2 = max2.max(s2[i].abs());
-            }
-            *a1 = max1;
-            *a2 = max2;
-            // The kernel divides with __fdividef, i.e. multiplies by the reciprocal; so do we (and
-            // save two divisions per value). An all-zero block has absmax 0: its values quantise
-            // from 0.0 instead of NaN.
-            let inv1 = if max1 > 0.0 { 1.0 / max1 } else { 0.0 };
-            let inv2 = if max2 > 0.0 { 1.0 / max2 } else { 0.0 };
-            for i in 0..w.len() {
-                let x1 = s1[i] * inv1;
-                let x2 = s2[i] * inv2;
-                let mut c1 = m1.quantize(x1);
-                // Keep m's sign through quantisation (the kernel's rule; v is never negative).
-                if m1.code[c1 as usize].is_sign_negative() != s1[i].is_sign_negative() {
-                    c1 = if s1[i] > 0.0 { c1.saturating_add(1) } else { c1.saturating_sub(1) };
-                }
-                q1[i] = c1;
-                q2[i] = m2.quantize(x2);
+            let blocks = w.chunks_mut(BLOCK).zip(g.chunks(BLOCK)).zip(q1.chunks_mut(BLOCK));
+            for (k, ((w, g), q1)) in blocks.enumerate() {
+                let q2 = &mut q2[k * BLOCK..k * BLOCK + w.len()];
+                kernel(&sc, Block { w, g, q1, q2, a1: &mut a1[k], a2: &mut a2[k] });
             }
         });
     st.put_u8("state1", q1);
@@ -200,4 +246,298 @@ pub(crate) fn step(
     st.put_f32("absmax1", a1);
     st.put_f32("absmax2", a2);
     Ok(())
+}
+
+/// One block of at most `BLOCK` values and its state.
+struct Block<'a> {
+    w: &'a mut [f32],
+    g: &'a [f32],
+    q1: &'a mut [u8],
+    q2: &'a mut [u8],
+    a1: &'a mut f32,
+    a2: &'a mut f32,
+}
+
+type BlockKernel = fn(&Scalars, Block<'_>);
+
+/// The block update for the CPU at hand: AVX-512 when present, the portable one otherwise. They
+/// perform the same IEEE operations in the same order on every value (no fused multiply-adds),
+/// so their results are identical (tested).
+fn block_kernel() -> BlockKernel {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::arch::is_x86_feature_detected!("avx512f") {
+            return avx512::update_block;
+        }
+    }
+    update_block
+}
+
+/// Dequantise a block, update it in f32, take the new absmax, quantise back: one pass over the
+/// weights and gradient, the block's moments in stack arrays in between.
+fn update_block(sc: &Scalars, b: Block<'_>) {
+    let (m1, m2) = maps();
+    let len = b.w.len().min(BLOCK);
+    let (w, g, q1, q2) = (&mut b.w[..len], &b.g[..len], &mut b.q1[..len], &mut b.q2[..len]);
+    let (abs1, abs2) = (*b.a1, *b.a2);
+    let mut s1 = [0f32; BLOCK];
+    let mut s2 = [0f32; BLOCK];
+    for i in 0..len {
+        let (nw, n1, n2) =
+            sc.update(w[i], g[i], m1.code[q1[i] as usize] * abs1, m2.code[q2[i] as usize] * abs2);
+        w[i] = nw;
+        s1[i] = n1;
+        s2[i] = n2;
+    }
+    // f32::max ignores NaN and the values are ≥ 0, so the maximum does not depend on the order:
+    // 16 running maxima vectorise.
+    let mut lanes1 = [0f32; 16];
+    let mut lanes2 = [0f32; 16];
+    for (c1, c2) in s1[..len].chunks(16).zip(s2[..len].chunks(16)) {
+        for j in 0..c1.len() {
+            lanes1[j] = lanes1[j].max(c1[j].abs());
+            lanes2[j] = lanes2[j].max(c2[j].abs());
+        }
+    }
+    let max1 = lanes1.iter().fold(0f32, |a, &b| a.max(b));
+    let max2 = lanes2.iter().fold(0f32, |a, &b| a.max(b));
+    *b.a1 = max1;
+    *b.a2 = max2;
+    // The kernel divides with __fdividef, i.e. multiplies by the reciprocal; so do we. An all-zero
+    // block has absmax 0: its values quantise from 0.0 instead of NaN.
+    let inv1 = if max1 > 0.0 { 1.0 / max1 } else { 0.0 };
+    let inv2 = if max2 > 0.0 { 1.0 / max2 } else { 0.0 };
+    for i in 0..len {
+        q1[i] = quantize_m(m1, s1[i], inv1);
+        q2[i] = m2.quantize(s2[i] * inv2);
+    }
+}
+
+/// Quantises the first moment `s` of a block with reciprocal absmax `inv`, keeping its sign (the
+/// kernel's rule: where the nearest entry has the other sign, take the neighbour towards `s`).
+#[inline(always)]
+fn quantize_m(m1: &Map, s: f32, inv: f32) -> u8 {
+    let c = m1.quantize(s * inv);
+    let code_negative = c < m1.negatives;
+    if code_negative != s.is_sign_negative() {
+        if s > 0.0 {
+            c.saturating_add(1)
+        } else {
+            c.saturating_sub(1)
+        }
+    } else {
+        c
+    }
+}
+
+/// The AVX-512 block update: 16 values per vector, the table lookups as gathers.
+#[cfg(target_arch = "x86_64")]
+mod avx512 {
+    use std::arch::x86_64::*;
+
+    use super::{maps, Block, Map, Scalars, BLOCK};
+
+    pub(super) fn update_block(sc: &Scalars, b: Block<'_>) {
+        // SAFETY: `block_kernel` hands this function out only after detecting AVX-512F.
+        unsafe { update_block_avx512(sc, b) }
+    }
+
+    /// The scalar update of one value, for the tail of a block shorter than a multiple of 16.
+    #[inline(always)]
+    fn dequant_update(sc: &Scalars, b: &mut Block<'_>, s: (&mut [f32], &mut [f32]), i: usize) {
+        let (m1, m2) = maps();
+        let (w, n1, n2) =
+            sc.update(b.w[i], b.g[i], m1.code[b.q1[i] as usize] * *b.a1, m2.code[b.q2[i] as usize] * *b.a2);
+        (b.w[i], s.0[i], s.1[i]) = (w, n1, n2);
+    }
+
+    /// `lo[k] + (up[k] < x)` for the keys `k` = top 16 bits of `x`.
+    #[inline(always)]
+    unsafe fn quantize(m: &Map, x: __m512) -> __m512i {
+        let k = _mm512_srli_epi32::<16>(_mm512_castps_si512(x));
+        // Byte gather: 4 bytes from `lo + k`, keep the low one (the table has 3 bytes of padding).
+        let lo =
+            _mm512_and_si512(_mm512_i32gather_epi32::<1>(k, m.lo.as_ptr().cast()), _mm512_set1_epi32(0xFF));
+        let up = _mm512_i32gather_ps::<4>(k, m.up.as_ptr().cast());
+        let above = _mm512_cmp_ps_mask::<_CMP_LT_OQ>(up, x);
+        _mm512_mask_add_epi32(lo, above, lo, _mm512_set1_epi32(1))
+    }
+
+    #[target_feature(enable = "avx512f")]
+    unsafe fn update_block_avx512(sc: &Scalars, mut b: Block<'_>) {
+        let (m1, m2) = maps();
+        let len = b.w.len().min(BLOCK);
+        let vec_len = len / 16 * 16;
+        let mut s1 = [0f32; BLOCK];
+        let mut s2 = [0f32; BLOCK];
+        let set = _mm512_set1_ps;
+        let (abs1, abs2) = (set(*b.a1), set(*b.a2));
+        let (b1, b2, omb1, omb2) = (set(sc.b1), set(sc.b2), set(sc.one_minus_b1), set(sc.one_minus_b2));
+        let (step, eps_term, decay, gs) =
+            (set(sc.step_size), set(sc.eps_term), set(sc.decay), set(sc.grad_scale));
+        let inf = set(f32::INFINITY);
+        let mut lanes1 = _mm512_setzero_ps();
+        let mut lanes2 = _mm512_setzero_ps();
+        for i in (0..vec_len).step_by(16) {
+            // SAFETY (all loads and stores here): i + 16 <= len, and every slice has len values.
+            let q1 = _mm512_cvtepu8_epi32(_mm_loadu_si128(b.q1.as_ptr().add(i).cast()));
+            let q2 = _mm512_cvtepu8_epi32(_mm_loadu_si128(b.q2.as_ptr().add(i).cast()));
+            let d1 = _mm512_mul_ps(_mm512_i32gather_ps::<4>(q1, m1.code.as_ptr().cast()), abs1);
+            let d2 = _mm512_mul_ps(_mm512_i32gather_ps::<4>(q2, m2.code.as_ptr().cast()), abs2);
+            let w = _mm512_loadu_ps(b.w.as_ptr().add(i));
+            let g = _mm512_mul_ps(_mm512_loadu_ps(b.g.as_ptr().add(i)), gs);
+            // The scalar `Scalars::update`, operation for operation.
+            let n2 = _mm512_add_ps(_mm512_mul_ps(d2, b2), _mm512_mul_ps(_mm512_mul_ps(omb2, g), g));
+            let n1 = _mm512_add_ps(_mm512_mul_ps(d1, b1), _mm512_mul_ps(omb1, g));
+            let denom = _mm512_add_ps(_mm512_sqrt_ps(n2), eps_term);
+            let nw = _mm512_mul_ps(_mm512_add_ps(w, _mm512_mul_ps(step, _mm512_div_ps(n1, denom))), decay);
+            let finite = _mm512_cmp_ps_mask::<_CMP_LT_OQ>(_mm512_abs_ps(g), inf);
+            _mm512_storeu_ps(b.w.as_mut_ptr().add(i), _mm512_mask_blend_ps(finite, w, nw));
+            let n1 = _mm512_maskz_mov_ps(finite, n1);
+            let n2 = _mm512_maskz_mov_ps(finite, n2);
+            _mm512_storeu_ps(s1.as_mut_ptr().add(i), n1);
+            _mm512_storeu_ps(s2.as_mut_ptr().add(i), n2);
+            // max_ps returns its second operand when either is NaN: NaN values are skipped, as
+            // f32::max skips them.
+            lanes1 = _mm512_max_ps(_mm512_abs_ps(n1), lanes1);
+            lanes2 = _mm512_max_ps(_mm512_abs_ps(n2), lanes2);
+        }
+        let mut max1 = _mm512_reduce_max_ps(lanes1);
+        let mut max2 = _mm512_reduce_max_ps(lanes2);
+        for i in vec_len..len {
+            dequant_update(sc, &mut b, (&mut s1, &mut s2), i);
+            max1 = max1.max(s1[i].abs());
+            max2 = max2.max(s2[i].abs());
+        }
+        *b.a1 = max1;
+        *b.a2 = max2;
+        let inv1 = if max1 > 0.0 { 1.0 / max1 } else { 0.0 };
+        let inv2 = if max2 > 0.0 { 1.0 / max2 } else { 0.0 };
+        let (vinv1, vinv2) = (set(inv1), set(inv2));
+        let negatives = _mm512_set1_epi32(i32::from(m1.negatives));
+        let (one, zero, top) = (_mm512_set1_epi32(1), _mm512_setzero_si512(), _mm512_set1_epi32(255));
+        for i in (0..vec_len).step_by(16) {
+            let v1 = _mm512_loadu_ps(s1.as_ptr().add(i));
+            let v2 = _mm512_loadu_ps(s2.as_ptr().add(i));
+            let c1 = quantize(m1, _mm512_mul_ps(v1, vinv1));
+            // Keep m's sign: move one entry towards it where the entry's sign differs.
+            let code_negative = _mm512_cmplt_epi32_mask(c1, negatives);
+            let s_negative = _mm512_cmplt_epi32_mask(_mm512_castps_si512(v1), zero);
+            let positive = _mm512_cmp_ps_mask::<_CMP_GT_OQ>(v1, _mm512_setzero_ps());
+            let up = _mm512_min_epi32(_mm512_add_epi32(c1, one), top);
+            let down = _mm512_max_epi32(_mm512_sub_epi32(c1, one), zero);
+            let moved = _mm512_mask_blend_epi32(positive, down, up);
+            let c1 = _mm512_mask_blend_epi32(code_negative ^ s_negative, c1, moved);
+            let c2 = quantize(m2, _mm512_mul_ps(v2, vinv2));
+            _mm_storeu_si128(b.q1.as_mut_ptr().add(i).cast(), _mm512_cvtepi32_epi8(c1));
+            _mm_storeu_si128(b.q2.as_mut_ptr().add(i).cast(), _mm512_cvtepi32_epi8(c2));
+        }
+        for i in vec_len..len {
+            b.q1[i] = super::quantize_m(m1, s1[i], inv1);
+            b.q2[i] = m2.quantize(s2[i] * inv2);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::optim::OptimizerKind;
+
+    #[test]
+    fn at_most_one_midpoint_per_bucket() {
+        let (m1, m2) = maps();
+        assert!(m1.max_midpoints_per_bucket() <= 1);
+        assert!(m2.max_midpoints_per_bucket() <= 1);
+        assert_eq!(m1.negatives, 127);
+        assert_eq!(m2.negatives, 0);
+    }
+
+    /// A tensor's weights, gradient and 8-bit state.
+    #[derive(Clone, PartialEq, Debug)]
+    struct Case {
+        w: Vec<f32>,
+        g: Vec<f32>,
+        q1: Vec<u8>,
+        q2: Vec<u8>,
+        a1: Vec<f32>,
+        a2: Vec<f32>,
+    }
+
+    /// Deterministic test data: gradients with NaN/Inf, zeros and tiny values, random states,
+    /// some all-zero blocks of m.
+    fn data(n: usize, seed: u64) -> Case {
+        let mut x = seed;
+        let mut next = move || {
+            x = x.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            (x >> 33) as u32
+        };
+        let mut unit = move || next() as f32 / u32::MAX as f32 * 2.0 - 1.0;
+        let byte = |u: f32| ((u + 1.0) * 127.9) as u8;
+        let w: Vec<f32> = (0..n).map(|_| unit()).collect();
+        let g: Vec<f32> = (0..n)
+            .map(|i| match i % 997 {
+                3 => f32::NAN,
+                5 => f32::INFINITY,
+                k if (600..700).contains(&k) => 0.0,
+                k if k % 31 == 0 => unit() * 1e-8,
+                _ => unit() * 1e-2,
+            })
+            .collect();
+        let q1: Vec<u8> = (0..n).map(|_| byte(unit())).collect();
+        let q2: Vec<u8> = (0..n).map(|_| byte(unit())).collect();
+        let blocks = n.div_ceil(BLOCK);
+        let a1: Vec<f32> = (0..blocks).map(|b| if b % 7 == 2 { 0.0 } else { unit().abs() * 1e-2 }).collect();
+        let a2: Vec<f32> = (0..blocks).map(|_| unit().abs() * 1e-4).collect();
+        Case { w, g, q1, q2, a1, a2 }
+    }
+
+    fn run(kernel: BlockKernel, n: usize, seed: u64) -> Case {
+        let mut t = data(n, seed);
+        let mut c = OptimizerConfig::new(OptimizerKind::AdamW8bit);
+        c.weight_decay = 0.01;
+        let sc = Scalars::new(&c, 3, 1e-3, 0.7);
+        let blocks = t.w.chunks_mut(BLOCK).zip(t.g.chunks(BLOCK));
+        let states = t.q1.chunks_mut(BLOCK).zip(t.q2.chunks_mut(BLOCK));
+        for (k, ((w, g), (q1, q2))) in blocks.zip(states).enumerate() {
+            let (a1, a2) = (&mut t.a1[k], &mut t.a2[k]);
+            kernel(&sc, Block { w, g, q1, q2, a1, a2 });
+        }
+        t
+    }
+
+    fn bits(v: &[f32]) -> Vec<u32> {
+        v.iter().map(|x| x.to_bits()).collect()
+    }
+
+    #[test]
+    fn dispatched_kernel_equals_portable_one() {
+        for (n, seed) in [(256 * 40, 1), (256 * 9 + 77, 2), (100, 3)] {
+            let a = run(update_block, n, seed);
+            let b = run(block_kernel(), n, seed);
+            assert_eq!(bits(&a.w), bits(&b.w), "weights, n={n}");
+            assert_eq!((&a.q1, &a.q2), (&b.q1, &b.q2), "states, n={n}");
+            assert_eq!((bits(&a.a1), bits(&a.a2)), (bits(&b.a1), bits(&b.a2)), "absmax, n={n}");
+        }
+    }
+
+    #[test]
+    fn step_does_not_depend_on_the_thread_count() {
+        let n = TASK_BLOCKS * BLOCK * 5 + 300;
+        let Case { w: w0, g, .. } = data(n, 9);
+        let c = OptimizerConfig::new(OptimizerKind::AdamW8bit);
+        let once = |threads: usize| {
+            let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
+            pool.install(|| {
+                let mut st = ParamState::default();
+                let mut w = w0.clone();
+                for s in 1..=3 {
+                    st.step = s;
+                    step(&c, &mut st, &mut w, &g, 1.0, 1e-3).unwrap();
+                }
+                (bits(&w), st)
+            })
+        };
+        assert_eq!(once(1), once(3));
+    }
 }
