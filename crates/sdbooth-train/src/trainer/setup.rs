@@ -32,18 +32,21 @@ pub struct Model {
     pub loaded: LoadedModel,
 }
 
-/// Loaded tensors as parameters of `dtype` on `device`.
+/// Loaded tensors as parameters of `dtype` on `device`, consuming the map: each loaded tensor is
+/// dropped as soon as its parameter exists, so loading never holds two copies of the model (it
+/// did: the peak RSS of the lean modes was set here, at twice the model's size, not by training).
+/// A loaded tensor that already is a variable of the right dtype becomes the parameter as it is.
 fn to_store(
-    map: &std::collections::BTreeMap<String, Tensor>,
+    map: std::collections::BTreeMap<String, Tensor>,
     dtype: DType,
     device: &Device,
 ) -> Result<ParamStore> {
-    let mut out = std::collections::BTreeMap::new();
+    let mut store = ParamStore::new();
     for (k, t) in map {
-        let t = if t.dtype() == dtype { t.copy()? } else { t.to_dtype(dtype)? };
-        out.insert(k.clone(), t.to_device(device)?);
+        let t = t.to_dtype(dtype)?.to_device(device)?;
+        store.insert(k, t)?;
     }
-    Ok(ParamStore::from_tensors(out)?)
+    Ok(store)
 }
 
 /// Loads the model named by the plan, its trained parts in the plan's weight dtype, all of it
@@ -62,14 +65,12 @@ pub fn load(plan: &TrainPlan) -> Result<Model> {
         tracing::warn!("{spec} is an SD 2.x model; kohya needs --v2 for it, sdbooth detected it");
     }
     let device = &plan.device;
-    let unet_params = to_store(&loaded.unet, plan.precision.weight_dtype, device)?;
-    let text_params = to_store(&loaded.text_encoder, plan.precision.weight_dtype, device)?;
+    // The loaded maps are left empty: saving needs only the source info beside them.
+    let unet_params = to_store(std::mem::take(&mut loaded.unet), plan.precision.weight_dtype, device)?;
+    let text_params =
+        to_store(std::mem::take(&mut loaded.text_encoder), plan.precision.weight_dtype, device)?;
     // The VAE only encodes (and decodes samples): f32 unless mixed precision asks otherwise.
-    let vae_params = to_store(&loaded.vae, DType::F32, device)?;
-    // Keep the loaded tensors only as far as saving needs them (source info); drop the copies.
-    loaded.unet.clear();
-    loaded.text_encoder.clear();
-    loaded.vae.clear();
+    let vae_params = to_store(std::mem::take(&mut loaded.vae), DType::F32, device)?;
     let tokenizer = if loaded.config.v2 { ClipTokenizer::sd2() } else { ClipTokenizer::sd1() }
         .map_err(|e| TrainError::Internal(format!("the built-in CLIP tokenizer: {e}")))?;
     let v_parameterization = loaded.v_parameterization
