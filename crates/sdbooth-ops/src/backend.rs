@@ -4,8 +4,8 @@
 //! device has them; everywhere else it runs the composition of candle primitives in
 //! [`crate::reference`](mod@crate::reference), whose backward candle's autograd gives.
 
-use candle_core::{Device, Result, Tensor, Var};
-use std::sync::OnceLock;
+use candle_core::{CpuStorage, Device, Result, Shape, Storage, Tensor, Var};
+use std::sync::{Mutex, OnceLock};
 
 /// The environment variable that sends the CPU down the reference path (see [`reference_ops_forced`]).
 pub const REFERENCE_OPS_ENV: &str = "SDBOOTH_REFERENCE_OPS";
@@ -62,6 +62,46 @@ pub(crate) fn filled(slot: &Slot, op: &str, what: &str) -> Result<Tensor> {
     match slot.get() {
         Some(t) => Ok(t.clone()),
         None => candle_core::bail!("{op}: {what} missing (its kernel did not run)"),
+    }
+}
+
+/// The output of a device-generic op, computed with tensor ops before its custom op is applied
+/// (a custom op's forward sees storages, not tensors): the custom op's forward hands it over, so
+/// the op attaches an already computed result to the graph and its `bwd` supplies the gradients.
+/// Handing over copies the output once (candle gives no way to move a tensor's storage).
+pub(crate) struct Precomputed(Mutex<Option<Tensor>>);
+
+impl Precomputed {
+    pub fn new(output: Tensor) -> Self {
+        Precomputed(Mutex::new(Some(output)))
+    }
+
+    fn take(&self, op: &str) -> Result<(Storage, Shape)> {
+        let output = match self.0.lock() {
+            Ok(mut slot) => slot.take(),
+            Err(_) => candle_core::bail!("{op}: output lock poisoned"),
+        };
+        let Some(output) = output else { candle_core::bail!("{op}: forward applied twice") };
+        let output = output.contiguous()?;
+        let (storage, layout) = output.storage_and_layout();
+        Ok((storage.try_clone(layout)?, output.shape().clone()))
+    }
+
+    /// The output as the CPU storage a `cpu_fwd` returns.
+    pub fn cpu(&self, op: &str) -> Result<(CpuStorage, Shape)> {
+        match self.take(op)? {
+            (Storage::Cpu(s), shape) => Ok((s, shape)),
+            _ => candle_core::bail!("{op}: output is not on the CPU like its operands"),
+        }
+    }
+
+    /// The output as the CUDA storage a `cuda_fwd` returns.
+    #[cfg(feature = "cuda")]
+    pub fn cuda(&self, op: &str) -> Result<(candle_core::CudaStorage, Shape)> {
+        match self.take(op)? {
+            (Storage::Cuda(s), shape) => Ok((s, shape)),
+            _ => candle_core::bail!("{op}: output is not on the GPU like its operands"),
+        }
     }
 }
 

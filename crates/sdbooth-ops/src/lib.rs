@@ -27,7 +27,9 @@
 //! kernels: their gradients skip untracked operands and their reductions run in fixed chunks, so
 //! results do not depend on the thread count. On any device without kernels of this crate the
 //! same functions run [`reference`](mod@reference), compositions of candle primitives (autograd gives their
-//! backward). Setting the environment variable `SDBOOTH_REFERENCE_OPS=1` (read once per process,
+//! backward), except where [`generic`] has a device-generic implementation of an op with a
+//! backward of its own (attention by blocks of queries, recomputing instead of keeping the
+//! scores; conv2d with GEMM/convolution gradients instead of candle's conv_transpose2d). Setting the environment variable `SDBOOTH_REFERENCE_OPS=1` (read once per process,
 //! see [`reference_ops_forced`]) sends the CPU down that reference path too, so the code a GPU
 //! runs can be tested on a machine without one.
 
@@ -69,6 +71,15 @@ pub mod kernels {
         crate::cpu::sgemm(m, n, k, dst, dst_rs, accumulate, a, b, crate::cpu::par_threads())
     }
     pub use crate::bf16_gemm::gemm_with as bf16_gemm;
+}
+
+/// Implementations built from candle tensor ops, generic over the backend, that the public ops
+/// run on devices without kernels of this crate (and on the CPU under `SDBOOTH_REFERENCE_OPS`).
+pub mod generic {
+    pub use crate::attention::generic::{attention, attention_in_blocks, block_rows, SCORE_BLOCK_ELEMENTS};
+    pub use crate::conv::generic::{
+        conv2d, grad_input as conv2d_grad_input, grad_weight as conv2d_grad_weight,
+    };
 }
 
 pub use activation::{geglu, gelu_erf, quick_gelu, silu};

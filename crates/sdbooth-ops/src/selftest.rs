@@ -2,7 +2,7 @@
 //! stated bounds: "does this device compute what the CPU computes?" (`sdbooth selftest`).
 //!
 //! - On a GPU: the ops on that device against the ops on the CPU (our CPU kernels).
-//! - On the CPU alone: the reference path ([`crate::reference`], candle primitives, the code a
+//! - On the CPU alone: the reference path ([`crate::generic`] and [`crate::reference`], the code a
 //!   device without kernels of its own runs) against the CPU kernels.
 //!
 //! Each case draws normal inputs on the CPU from a fixed seed, casts them to the dtype under test
@@ -20,7 +20,8 @@ use crate::reference;
 pub enum Impl {
     /// The public ops (`sdbooth_ops::conv2d`, …): on the CPU our kernels, elsewhere the device's.
     Dispatched,
-    /// `sdbooth_ops::reference`: compositions of candle primitives, on any device.
+    /// The code a device without kernels of this crate runs, on any device: `sdbooth_ops::generic`
+    /// where an op has it (conv2d, attention), else `sdbooth_ops::reference` (candle primitives).
     Reference,
 }
 
@@ -186,7 +187,7 @@ struct Case {
 fn conv(imp: Impl, t: &[Tensor], stride: usize, pad: usize) -> Result<Tensor> {
     match imp {
         Impl::Dispatched => crate::conv2d(&t[0], &t[1], Some(&t[2]), stride, pad),
-        Impl::Reference => reference::conv2d(&t[0], &t[1], Some(&t[2]), stride, pad),
+        Impl::Reference => crate::generic::conv2d(&t[0], &t[1], Some(&t[2]), stride, pad),
     }
 }
 
@@ -203,7 +204,7 @@ fn group_norm(imp: Impl, t: &[Tensor], silu: bool) -> Result<Tensor> {
 fn attention(imp: Impl, t: &[Tensor], causal: bool) -> Result<Tensor> {
     match imp {
         Impl::Dispatched => crate::attention(&t[0], &t[1], &t[2], causal),
-        Impl::Reference => reference::attention(&t[0], &t[1], &t[2], causal),
+        Impl::Reference => crate::generic::attention(&t[0], &t[1], &t[2], causal),
     }
 }
 

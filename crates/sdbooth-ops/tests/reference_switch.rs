@@ -1,6 +1,8 @@
-//! `SDBOOTH_REFERENCE_OPS=1` sends the CPU down the reference path: every public op then gives
-//! exactly (bit for bit) what the reference composition gives, forward and backward. The switch
-//! is read once per process, so this file holds one test and sets it before any op runs.
+//! `SDBOOTH_REFERENCE_OPS=1` sends the CPU down the path a device without our kernels takes:
+//! every public op then gives exactly (bit for bit) what its device-generic implementation gives
+//! (`sdbooth_ops::generic` for conv2d and attention, the reference composition for the others),
+//! forward and backward. The switch is read once per process, so this file holds one test and
+//! sets it before any op runs.
 
 mod common;
 
@@ -30,7 +32,7 @@ fn reference_switch_makes_every_op_the_reference() {
         (
             "conv2d",
             Box::new(|t, public| {
-                let f = if public { ops::conv2d } else { ops::reference::conv2d };
+                let f = if public { ops::conv2d } else { ops::generic::conv2d };
                 f(&t[0], &t[1], Some(&t[2]), 2, 1)
             }),
             vec![r.randn(&[2, 3, 7, 6]), r.randn(&[4, 3, 3, 3]), r.randn(&[4])],
@@ -70,7 +72,7 @@ fn reference_switch_makes_every_op_the_reference() {
         (
             "attention_causal",
             Box::new(|t, public| {
-                let f = if public { ops::attention } else { ops::reference::attention };
+                let f = if public { ops::attention } else { ops::generic::attention };
                 f(&t[0], &t[1], &t[2], true)
             }),
             vec![r.randn(&[1, 2, 9, 4]), r.randn(&[1, 2, 9, 4]), r.randn(&[1, 2, 9, 4])],
@@ -81,7 +83,7 @@ fn reference_switch_makes_every_op_the_reference() {
         assert_eq!(
             run(f, ins, true, &g),
             run(f, ins, false, &g),
-            "{name}: public op differs from the reference"
+            "{name}: public op differs from the generic path"
         );
     }
 }

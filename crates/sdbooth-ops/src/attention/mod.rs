@@ -5,6 +5,7 @@
 //! scores from q, k and that log-sum-exp, so no N×M matrix is kept between the passes.
 
 pub(crate) mod cpu;
+pub(crate) mod generic;
 
 use crate::backend::{self, filled, grad_if, Slot};
 use crate::cpu::{cpu_tensor, storage_f32, storage_from_f32, with_f32};
@@ -15,14 +16,15 @@ use candle_core::{bail, CpuStorage, CustomOp3, DType, Layout, Result, Shape, Ten
 /// Scaled dot-product attention, scale `1/sqrt(head_dim)`. `q` is `[B, H, N, D]`, `k`/`v` are
 /// `[B, H, M, D]`. With `causal`, token i attends to tokens `<= i` (CLIP's mask).
 ///
-/// On CPU this is memory-efficient (tiled online softmax, FlashAttention-2 backward): no N×M
-/// score matrix is allocated in forward or backward.
+/// Memory-efficient on every device: on the CPU our kernel (tiled online softmax,
+/// FlashAttention-2 backward) allocates no N×M score matrix; elsewhere [`generic::attention`]
+/// holds the scores of one block of queries at a time, forward and backward.
 pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, causal: bool) -> Result<Tensor> {
     if backend::has_kernels(q.device()) {
         let op = AttentionOp { causal, scale: scale(q.dim(D::Minus1)?), lse: Slot::new() };
         q.contiguous()?.apply_op3(&k.contiguous()?, &v.contiguous()?, op)
     } else {
-        reference::attention(q, k, v, causal)
+        generic::attention(q, k, v, causal)
     }
 }
 

@@ -6,6 +6,7 @@
 //! forward and backward but the operands themselves.
 
 pub(crate) mod cpu;
+pub(crate) mod generic;
 
 use crate::backend::{self, expect_dims, WeightGradOps};
 use crate::cpu::{same_dtype, storage_bf16, storage_f32, storage_from_f32};
@@ -16,10 +17,11 @@ use candle_core::{bail, CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layo
 /// 2-D convolution, PyTorch semantics (dilation 1, one group). `x` is `[B, Cin, H, W]`, `w` is
 /// `[Cout, Cin, kh, kw]`, `b` is `[Cout]`. Any kernel size, stride and padding is accepted; the
 /// CPU kernel is tuned for SD's 3x3 (stride 1 and 2, padding 1) and 1x1. bf16 operands compute in
-/// bf16 with f32 sums (PyTorch autocast's conv2d).
+/// bf16 with f32 sums (PyTorch autocast's conv2d). Devices without our kernels run
+/// [`generic::conv2d`] (candle's forward, a backward of GEMMs and forward convolutions).
 pub fn conv2d(x: &Tensor, w: &Tensor, b: Option<&Tensor>, stride: usize, padding: usize) -> Result<Tensor> {
     if !backend::has_kernels(x.device()) {
-        return reference::conv2d(x, w, b, stride, padding);
+        return generic::conv2d(x, w, b, stride, padding);
     }
     crate::tune_allocator();
     let (x, w) = (x.contiguous()?, w.contiguous()?);
