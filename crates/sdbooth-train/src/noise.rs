@@ -4,10 +4,11 @@
 //! and the forward diffusion `add_noise`.
 //!
 //! Random numbers come from a `Draws` source in the same order kohya draws them, so a recorded
-//! list of draws (tests) or a seeded stream (training) can drive it. No gradient flows through
-//! noise, so the work is done on host vectors and returned as tensors.
+//! list of draws (tests) or a seeded stream (training) can drive it. The noise is drawn on the
+//! host (the seeded stream) and uploaded; the latents are noised on their device, and read back
+//! only for `--adaptive_noise_scale` (their channel means).
 
-use candle_core::{Device, Tensor};
+use candle_core::{DType, Device, Tensor};
 use rand::Rng;
 use rand_chacha::ChaCha8Rng;
 use rand_distr::{Distribution, StandardNormal};
@@ -189,11 +190,15 @@ pub fn noise_noisy_latents_and_timesteps(
 ) -> Result<NoisedBatch> {
     let shape = dims4(latents)?;
     let (b, c, h, w) = shape;
-    let x0 = latents.flatten_all()?.to_dtype(candle_core::DType::F32)?.to_vec1::<f32>()?;
-    let mut noise = draws.normal(x0.len());
+    let mut noise = draws.normal(b * c * h * w);
     if let Some(off) = args.noise_offset.filter(|&o| o != 0.0) {
         let off = if args.noise_offset_random_strength { draws.uniform() * off } else { off };
         let offset_noise = draws.normal(b * c);
+        // Only the adaptive scale reads the latents (their per-channel means) on the host.
+        let x0 = match args.adaptive_noise_scale {
+            Some(_) => latents.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>()?,
+            None => Vec::new(),
+        };
         apply_noise_offset(&x0, &mut noise, shape, off, args.adaptive_noise_scale, &offset_noise);
     }
     if let Some(it) = args.multires_noise_iterations.filter(|&i| i > 0) {
@@ -206,19 +211,38 @@ pub fn noise_noisy_latents_and_timesteps(
     }
     let timesteps: Vec<u64> =
         (0..b).map(|_| if min_t < max_t { draws.randint(min_t, max_t) } else { max_t }).collect();
-    let per = c * h * w;
-    let noisy = if let Some(g) = args.ip_noise_gamma.filter(|&g| g != 0.0) {
-        let strength = if args.ip_noise_gamma_random_strength { draws.uniform() * g } else { g } as f32;
-        let extra = draws.normal(x0.len());
-        let perturbed: Vec<f32> = noise.iter().zip(&extra).map(|(&n, &e)| n + strength * e).collect();
-        add_noise(&x0, &perturbed, per, &timesteps, alphas_cumprod)?
-    } else {
-        add_noise(&x0, &noise, per, &timesteps, alphas_cumprod)?
-    };
     let dev: &Device = latents.device();
-    Ok(NoisedBatch {
-        noise: Tensor::from_vec(noise, (b, c, h, w), dev)?,
-        noisy_latents: Tensor::from_vec(noisy, (b, c, h, w), dev)?,
-        timesteps,
-    })
+    let x0 = latents.to_dtype(DType::F32)?;
+    let noise_tensor = Tensor::from_vec(noise, (b, c, h, w), dev)?;
+    let noisy = if let Some(g) = args.ip_noise_gamma.filter(|&g| g != 0.0) {
+        let strength = if args.ip_noise_gamma_random_strength { draws.uniform() * g } else { g };
+        let extra = Tensor::from_vec(draws.normal(b * c * h * w), (b, c, h, w), dev)?;
+        let perturbed = (&noise_tensor + (extra * strength)?)?;
+        add_noise_on_device(&x0, &perturbed, &timesteps, alphas_cumprod)?
+    } else {
+        add_noise_on_device(&x0, &noise_tensor, &timesteps, alphas_cumprod)?
+    };
+    Ok(NoisedBatch { noise: noise_tensor, noisy_latents: noisy, timesteps })
+}
+
+/// [`add_noise`] on the latents' device: the noise is uploaded, the latents never leave the
+/// device. The same f32 operations in the same order (`a·x`, `s·n`, their sum, each rounded), so
+/// on the CPU the result is bit for bit [`add_noise`]'s.
+fn add_noise_on_device(
+    x0: &Tensor,
+    noise: &Tensor,
+    timesteps: &[u64],
+    alphas_cumprod: &[f32],
+) -> Result<Tensor> {
+    let (mut sqrt_ab, mut sqrt_1mab) = (Vec::new(), Vec::new());
+    for &t in timesteps {
+        let ac = *alphas_cumprod
+            .get(t as usize)
+            .ok_or_else(|| TrainError::Config(format!("timestep {t} out of the schedule's range")))?;
+        let (a, s) = DdpmSchedule::noising_coefficients(ac);
+        sqrt_ab.push(a);
+        sqrt_1mab.push(s);
+    }
+    let per_sample = |v: Vec<f32>| Tensor::from_vec(v, (timesteps.len(), 1, 1, 1), x0.device());
+    Ok((x0.broadcast_mul(&per_sample(sqrt_ab)?)? + noise.broadcast_mul(&per_sample(sqrt_1mab)?)?)?)
 }
