@@ -15,7 +15,7 @@
 #   SDBOOTH_ACCEPT_REHEARSAL=1 bash tools/gpu/accept.sh   # here: --device cpu, tiny-sd1, few steps
 #
 # Rehearsal mode tests the plumbing on a CPU-only machine: the "device" side is the CPU (its
-# training with SDBOOTH_REFERENCE_OPS=1, the generic path a GPU takes), the benchmarks use
+# training and benchmarks with SDBOOTH_REFERENCE_OPS=1, the generic path a GPU takes), the benchmarks use
 # builtin:tiny-sd1 at 128 px, training runs 5 steps, and the PyTorch anchor runs its tiny
 # architecture on the CPU (when torch and diffusers are importable).
 # SDBOOTH_BIN=path uses that binary instead of the bundle's (or target/release/sdbooth).
@@ -155,29 +155,30 @@ fi
 
 # --- 3. benchmarks --------------------------------------------------------------------------
 seed_flags="--optimizer_type AdamW8bit --xformers --cache_latents --gradient_checkpointing"
+bench_dev="$dev${tested_env[*]:+ (${tested_env[*]})}"
 bench() { # NAME EXPECTED_S FLAGS...
     local name=$1 expect=$2
     shift 2
     if ! fits "$expect"; then
-        row "bench $model ${res}px: $name" "$dev" "skipped" "time budget ($(elapsed) s used)"
+        row "bench $model ${res}px: $name" "$bench_dev" "skipped" "time budget ($(elapsed) s used)"
         return
     fi
     local json=$work/bench.json
     rm -f "$json"
     vram_start
-    run "bench $name" 240 "$bin" bench --device "$dev" --pretrained_model_name_or_path "$model" \
+    run "bench $name" 240 env "${tested_env[@]}" "$bin" bench --device "$dev" --pretrained_model_name_or_path "$model" \
         --resolution "$res" --steps 3 --warmup 1 --json "$json" "$@"
     local rc=$? vram
     vram=$(vram_stop)
     if [ "$rc" -ne 0 ] || [ ! -f "$json" ]; then
-        row "bench $model ${res}px: $name" "$dev" "FAIL" "exit $rc (see accept.log)"
+        row "bench $model ${res}px: $name" "$bench_dev" "FAIL" "exit $rc (see accept.log)"
         failed=1
         return
     fi
     local s rss
     s=$(json_field "$json" s_per_step)
     rss=$(json_field "$json" peak_rss_bytes)
-    row "bench $model ${res}px: $name" "$dev" "ran" "$(awk -v s="$s" -v r="${rss:-0}" -v v="$vram" \
+    row "bench $model ${res}px: $name" "$bench_dev" "ran" "$(awk -v s="$s" -v r="${rss:-0}" -v v="$vram" \
         'BEGIN { printf "%.3f s/step, %.2f images/s, peak VRAM %s, peak RSS %.2f GiB", s, 1 / s, v, r / 2^30 }')"
 }
 # shellcheck disable=SC2086 # the flag strings are word lists
