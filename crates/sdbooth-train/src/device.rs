@@ -98,12 +98,14 @@ pub fn select(choice: DeviceChoice) -> Result<SelectedDevice> {
             Ok(gpu) => Ok(gpu),
             Err(reason) => Ok(cpu(Some(format!("no usable GPU ({reason}); running on the CPU")))),
         },
-        DeviceChoice::Cuda(_) if !built_with_cuda() => Err(TrainError::Config(format!(
-            "--device {choice}: this sdbooth binary was built without CUDA; build it with \
-             `--features cudnn` (README: \"GPU (CUDA)\") or use --device cpu"
-        ))),
+        DeviceChoice::Cuda(_) if !built_with_cuda() => Err(TrainError::Device {
+            choice: choice.to_string(),
+            reason: "this sdbooth binary was built without CUDA; build it with `--features cudnn` \
+                     (README: \"GPU (CUDA)\") or use --device cpu"
+                .into(),
+        }),
         DeviceChoice::Cuda(n) => {
-            probe_cuda(n).map_err(|reason| TrainError::Config(format!("--device {choice}: {reason}")))
+            probe_cuda(n).map_err(|reason| TrainError::Device { choice: choice.to_string(), reason })
         }
     }
 }

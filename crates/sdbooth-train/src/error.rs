@@ -46,6 +46,19 @@ pub enum TrainError {
     Param { name: String, reason: String },
     #[error("state file {path}: {reason}")]
     State { path: PathBuf, reason: String },
+    /// A saved optimizer buffer that does not fit its parameter: the optimizer state given to
+    /// `--resume` was damaged or written for another model.
+    #[error(
+        "optimizer state of {param}: buffer {buffer} has the wrong size or type (the --resume state's \
+         optimizer file does not fit this model)"
+    )]
+    OptimizerState { param: String, buffer: String },
+    /// `--device` names a device this build or machine cannot use.
+    #[error("--device {choice}: {reason}")]
+    Device { choice: String, reason: String },
+    /// `--sample_prompts` cannot be read (the message names the file).
+    #[error("--sample_prompts: {0}")]
+    SamplePrompts(String),
     /// Ctrl-C: the step in flight finished and its state was saved.
     #[error(
         "interrupted after step {step}; the state is saved in {} (continue with --resume {})",

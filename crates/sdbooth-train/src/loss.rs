@@ -61,7 +61,7 @@ impl Default for LossArgs {
 pub fn snr(alphas_cumprod: &[f32], t: u64) -> Result<f32> {
     let ac = *alphas_cumprod
         .get(t as usize)
-        .ok_or_else(|| TrainError::Config(format!("timestep {t} out of the schedule's range")))?;
+        .ok_or_else(|| TrainError::Internal(format!("timestep {t} out of the schedule's range")))?;
     Ok(DdpmSchedule::snr_of(ac))
 }
 
@@ -85,7 +85,7 @@ pub fn huber_threshold(
             .map(|&t| {
                 let ac = *alphas_cumprod
                     .get(t as usize)
-                    .ok_or_else(|| TrainError::Config(format!("timestep {t} out of the schedule's range")))?;
+                    .ok_or_else(|| TrainError::Internal(format!("timestep {t} out of the schedule's range")))?;
                 let sigma = ((1.0 - ac) / ac).sqrt();
                 Ok((1.0 - c as f32) / ((1.0 + sigma) * (1.0 + sigma)) + c as f32)
             })
@@ -110,7 +110,7 @@ pub fn conditional_loss(
     huber_c: Option<&[f32]>,
 ) -> Result<Tensor> {
     let d = (pred - target)?;
-    let need_c = || huber_c.ok_or_else(|| TrainError::Config("huber loss needs a threshold".into()));
+    let need_c = || huber_c.ok_or_else(|| TrainError::Internal("huber loss needs a threshold".into()));
     Ok(match loss_type {
         LossType::L2 => d.sqr()?,
         LossType::L1 => d.abs()?,
@@ -152,7 +152,7 @@ pub fn apply_masked_loss(loss: &Tensor, mask: &Tensor) -> Result<Tensor> {
     let (b, _c, h, w) = loss.dims4()?;
     let (mb, mh, mw) = mask.dims3()?;
     if mb != b {
-        return Err(TrainError::Config(format!("mask batch {mb} != loss batch {b}")));
+        return Err(TrainError::Internal(format!("mask batch {mb} != loss batch {b}")));
     }
     let m = mask.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
     let mut resized = Vec::with_capacity(b * h * w);
@@ -177,7 +177,7 @@ pub fn sample_weights(
         let s_clamped = s.min(1000.0);
         let mut m = *loss_weights
             .get(i)
-            .ok_or_else(|| TrainError::Config("fewer loss weights than samples".into()))?;
+            .ok_or_else(|| TrainError::Internal("fewer loss weights than samples".into()))?;
         if let Some(g) = args.min_snr_gamma.filter(|&g| g != 0.0) {
             let min = s.min(g as f32);
             m *= if args.v_parameterization { min / (s + 1.0) } else { min / s };
@@ -217,7 +217,7 @@ pub fn training_loss(
 ) -> Result<Tensor> {
     let (b, ..) = pred.dims4()?;
     if timesteps.len() != b || loss_weights.len() != b {
-        return Err(TrainError::Config(format!(
+        return Err(TrainError::Internal(format!(
             "batch of {b} with {} timesteps and {} loss weights",
             timesteps.len(),
             loss_weights.len()

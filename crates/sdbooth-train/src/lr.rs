@@ -115,7 +115,8 @@ impl LrSchedule {
         let decay = args.lr_decay_steps.resolve(total_steps);
         if matches!(kind, SchedulerKind::Constant | SchedulerKind::Adafactor) && warmup != 0 {
             return Err(TrainError::Config(format!(
-                "{} does not require `num_warmup_steps`. Set None or 0.",
+                "--lr_scheduler {} does not take warmup: set --lr_warmup_steps to 0 (kohya: \"does not require \
+                 `num_warmup_steps`\")",
                 args.lr_scheduler
             )));
         }
@@ -128,7 +129,7 @@ impl LrSchedule {
         let lr_end = 1e-7;
         if kind == SchedulerKind::Polynomial && base_lr <= lr_end {
             return Err(TrainError::Config(format!(
-                "lr_end ({lr_end}) must be smaller than initial lr ({base_lr})"
+                "--lr_scheduler polynomial: --learning_rate {base_lr} must be larger than its end value {lr_end}"
             )));
         }
         let num_cycles = match kind {

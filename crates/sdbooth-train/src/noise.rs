@@ -173,7 +173,7 @@ pub fn add_noise(
     for (i, &t) in timesteps.iter().enumerate() {
         let ac = *alphas_cumprod
             .get(t as usize)
-            .ok_or_else(|| TrainError::Config(format!("timestep {t} out of the schedule's range")))?;
+            .ok_or_else(|| TrainError::Internal(format!("timestep {t} out of the schedule's range")))?;
         let (a, s) = DdpmSchedule::noising_coefficients(ac);
         let r = i * per_sample..(i + 1) * per_sample;
         out.extend(x0[r.clone()].iter().zip(&noise[r]).map(|(&x, &n)| a * x + s * n));
@@ -207,7 +207,10 @@ pub fn noise_noisy_latents_and_timesteps(
     let min_t = args.min_timestep.unwrap_or(0);
     let max_t = args.max_timestep.unwrap_or(alphas_cumprod.len() as u64);
     if max_t as usize > alphas_cumprod.len() || min_t > max_t {
-        return Err(TrainError::Config(format!("timestep range [{min_t}, {max_t}) is invalid")));
+        return Err(TrainError::Config(format!(
+            "--min_timestep {min_t} / --max_timestep {max_t}: need 0 <= min <= max <= {} (the schedule's steps)",
+            alphas_cumprod.len()
+        )));
     }
     let timesteps: Vec<u64> =
         (0..b).map(|_| if min_t < max_t { draws.randint(min_t, max_t) } else { max_t }).collect();

@@ -102,8 +102,10 @@ impl RngState {
         }
     }
 
-    pub fn restore(&self) -> Result<ChaCha8Rng> {
-        let bad = || TrainError::Config(format!("invalid RNG state {self:?}"));
+    /// The stream this state describes; the error says what is wrong with it (the caller names
+    /// the file it came from).
+    pub fn restore(&self) -> std::result::Result<ChaCha8Rng, String> {
+        let bad = || format!("invalid RNG state {self:?}");
         if self.seed.len() != 64 {
             return Err(bad());
         }

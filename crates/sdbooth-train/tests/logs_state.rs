@@ -205,7 +205,7 @@ fn failed_save_keeps_previous_state() {
     save_state(&dir, &st, &opt, &w).unwrap();
     let r = write_dir_atomic(&dir, |tmp| {
         std::fs::write(tmp.join("state.json"), b"{half").unwrap();
-        Err(sdbooth_train::TrainError::Config("interrupted".into()))
+        Err(sdbooth_train::TrainError::Internal("a failure while writing".into()))
     });
     assert!(r.is_err());
     assert_eq!(read_state_json(&dir).unwrap().global_step, 3);

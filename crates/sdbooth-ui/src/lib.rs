@@ -93,8 +93,8 @@ async fn serve(args: UiArgs, exe: PathBuf) -> anyhow::Result<()> {
     };
     let url = format!("http://{url_host}:{port}/?token={token}");
     if !host.is_loopback() {
-        eprintln!(
-            "warning: listening on {host}, not loopback: anyone who can reach this machine and has the token \
+        tracing::warn!(
+            "listening on {host}, not loopback: anyone who can reach this machine and has the token \
              can start training and read files the UI can read. Use --host 127.0.0.1 unless you mean it."
         );
     }
@@ -127,6 +127,6 @@ fn open_browser(url: &str) {
         Ok(mut child) => {
             std::thread::spawn(move || child.wait());
         }
-        Err(e) => eprintln!("could not open a browser ({opener}: {e}); open the URL above by hand"),
+        Err(e) => tracing::warn!("could not open a browser ({opener}: {e}); open the URL above by hand"),
     }
 }

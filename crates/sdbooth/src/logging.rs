@@ -1,11 +1,24 @@
 //! kohya's `--console_log_level` / `--console_log_file` / `--console_log_simple`: every message
 //! of `train` and `bench` goes through `tracing` to stderr or that file. RUST_LOG wins when set.
+//! `ui` has no such flags: its messages go to stderr at the default level ([`init_default`]).
 
 use std::io::IsTerminal as _;
 
 use anyhow::Context;
 use sdbooth_train::args::types::ConsoleLogLevel;
 use sdbooth_train::args::LoggingArgs;
+
+/// The subscriber of the commands without logging flags: stderr, info level.
+pub fn init_default() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_target(false)
+        .with_ansi(std::io::stderr().is_terminal())
+        .with_writer(std::io::stderr)
+        .try_init();
+}
 
 pub fn init(flags: &LoggingArgs) -> anyhow::Result<()> {
     let level = match flags.console_log_level {

@@ -107,9 +107,12 @@ fn main() -> std::process::ExitCode {
         Command::Inspect(args) => inspect_cmd::run(*args),
         Command::Generate(args) => generate_cmd::run(*args),
         Command::Bench(args) => bench_cmd::run(*args),
-        Command::Ui(args) => std::env::current_exe()
+        Command::Ui(args) => {
+            logging::init_default();
+            std::env::current_exe()
             .map_err(|e| anyhow::anyhow!("cannot find this program's own path to run training: {e}"))
-            .and_then(|exe| sdbooth_ui::run(*args, exe)),
+                .and_then(|exe| sdbooth_ui::run(*args, exe))
+        }
         Command::Selftest(args) => selftest_cmd::run(*args),
     };
     match result {

@@ -36,13 +36,13 @@ impl<F: FnOnce(WeightsMut<'_>) -> Result<()>> InplaceOp1 for ApplyMut<F> {
         };
         let Some((start, end)) = layout.contiguous_offsets() else {
             *self.result.borrow_mut() =
-                Some(Err(TrainError::Config("weight tensor is not contiguous".into())));
+                Some(Err(TrainError::Internal("weight tensor is not contiguous".into())));
             return Ok(());
         };
         let r = match storage {
             CpuStorage::F32(v) => f(WeightsMut::F32(&mut v[start..end])),
             CpuStorage::BF16(v) => f(WeightsMut::BF16(&mut v[start..end])),
-            other => Err(TrainError::Config(format!(
+            other => Err(TrainError::Internal(format!(
                 "weights of dtype {:?} cannot be trained (f32 or bf16 only)",
                 other.dtype()
             ))),
@@ -65,7 +65,7 @@ pub fn with_weights_mut(var: &Var, f: impl FnOnce(WeightsMut<'_>) -> Result<()>)
     }
     let op = ApplyMut { f: RefCell::new(Some(f)), result: RefCell::new(None) };
     t.inplace_op1(&op)?;
-    op.result.into_inner().unwrap_or_else(|| Err(TrainError::Config("update did not run".into())))
+    op.result.into_inner().unwrap_or_else(|| Err(TrainError::Internal("the optimizer update did not run".into())))
 }
 
 /// Runs `f` on the contents of `t` (a CPU tensor) as f32; borrows the storage when it is f32,

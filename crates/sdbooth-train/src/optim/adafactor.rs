@@ -50,7 +50,7 @@ pub(crate) fn step(
         g
     };
     if shape.iter().product::<usize>() != n {
-        return Err(TrainError::Config(format!("Adafactor: shape {shape:?} does not match {n} elements")));
+        return Err(TrainError::Internal(format!("Adafactor: shape {shape:?} does not match {n} elements")));
     }
     let lr_t = effective_lr(c, st.step, rms(w), lr);
     st.last_lr = f64::from(lr_t);

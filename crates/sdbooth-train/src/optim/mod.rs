@@ -122,20 +122,25 @@ pub struct ParamState {
     pub last_lr: f64,
 }
 
+/// A buffer of the wrong size or type; `Optimizer::step_param_scaled` names the parameter.
+fn mismatched_buffer(key: &str) -> TrainError {
+    TrainError::OptimizerState { param: String::new(), buffer: key.to_string() }
+}
+
 impl ParamState {
     /// Takes an f32 buffer out (zeros of length `n` when absent) so several can be borrowed mutably.
     pub(crate) fn take_f32(&mut self, key: &str, n: usize) -> Result<Vec<f32>> {
         match self.take_host(key)? {
             None => Ok(vec![0.0; n]),
             Some(StateBuf::F32(v)) if v.len() == n => Ok(v),
-            Some(_) => Err(TrainError::Config(format!("optimizer state {key}: wrong size or type"))),
+            Some(_) => Err(mismatched_buffer(key)),
         }
     }
     pub(crate) fn take_u8(&mut self, key: &str, n: usize) -> Result<Vec<u8>> {
         match self.take_host(key)? {
             None => Ok(vec![0; n]),
             Some(StateBuf::U8(v)) if v.len() == n => Ok(v),
-            Some(_) => Err(TrainError::Config(format!("optimizer state {key}: wrong size or type"))),
+            Some(_) => Err(mismatched_buffer(key)),
         }
     }
     /// Takes a buffer out for the host kernels (a CPU tensor left by the tensor path is read).
@@ -267,6 +272,12 @@ impl Optimizer {
                 }
             })
         })?
+        .map_err(|e| match e {
+            TrainError::OptimizerState { buffer, .. } => {
+                TrainError::OptimizerState { param: name.to_string(), buffer }
+            }
+            e => e,
+        })
     }
 
     /// The step size used at the last update of `param` (Adafactor computes its own).
@@ -290,7 +301,7 @@ fn update(
     lr: f64,
 ) -> Result<()> {
     if w.len() != g.len() {
-        return Err(TrainError::Config(format!("gradient has {} values, weight {}", g.len(), w.len())));
+        return Err(TrainError::Internal(format!("gradient has {} values, weight {}", g.len(), w.len())));
     }
     st.last_lr = lr;
     match c.kind {

@@ -182,8 +182,7 @@ impl SamplePolicy {
     pub fn resolve(args: &SamplingArgs) -> Result<Self> {
         let mut policy = SamplePolicy::from(args);
         if let (Some(file), true) = (&policy.prompts, policy.wants_samples()) {
-            let specs =
-                read_prompt_file(file).map_err(|e| TrainError::Config(format!("--sample_prompts: {e}")))?;
+            let specs = read_prompt_file(file).map_err(TrainError::SamplePrompts)?;
             for note in rounding_notes(file, &specs, KOHYA_SAMPLE_SIZE) {
                 tracing::warn!("{note}");
             }

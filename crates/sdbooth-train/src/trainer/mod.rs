@@ -322,13 +322,14 @@ impl<'a> Trainer<'a> {
         };
         let (saved, optimizer) = saving::load_state(&dir, &mut self.model, &self.plan.device)?;
         if saved.global_step >= self.max_train_steps {
-            return Err(TrainError::Config(format!(
-                "the state in {} is at step {}, and this run ends at step {}: nothing left to train (raise \
-                 --max_train_steps or --max_train_epochs to continue it)",
-                dir.display(),
-                saved.global_step,
-                self.max_train_steps
-            )));
+            return Err(TrainError::state(
+                &dir,
+                format!(
+                    "it is at step {}, and this run ends at step {}: nothing left to train (raise \
+                     --max_train_steps or --max_train_epochs to continue it)",
+                    saved.global_step, self.max_train_steps
+                ),
+            ));
         }
         resume_policy::check_optimizer(&dir, &optimizer.config, self.plan)?;
         resume_policy::check_weight_dtype(&dir, &self.model, self.plan)?;
