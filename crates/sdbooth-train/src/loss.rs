@@ -83,9 +83,9 @@ pub fn huber_threshold(
         HuberSchedule::Snr => timesteps
             .iter()
             .map(|&t| {
-                let ac = *alphas_cumprod
-                    .get(t as usize)
-                    .ok_or_else(|| TrainError::Internal(format!("timestep {t} out of the schedule's range")))?;
+                let ac = *alphas_cumprod.get(t as usize).ok_or_else(|| {
+                    TrainError::Internal(format!("timestep {t} out of the schedule's range"))
+                })?;
                 let sigma = ((1.0 - ac) / ac).sqrt();
                 Ok((1.0 - c as f32) / ((1.0 + sigma) * (1.0 + sigma)) + c as f32)
             })

@@ -110,7 +110,7 @@ fn main() -> std::process::ExitCode {
         Command::Ui(args) => {
             logging::init_default();
             std::env::current_exe()
-            .map_err(|e| anyhow::anyhow!("cannot find this program's own path to run training: {e}"))
+                .map_err(|e| anyhow::anyhow!("cannot find this program's own path to run training: {e}"))
                 .and_then(|exe| sdbooth_ui::run(*args, exe))
         }
         Command::Selftest(args) => selftest_cmd::run(*args),

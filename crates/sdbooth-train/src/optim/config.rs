@@ -164,7 +164,9 @@ impl OptimizerConfig {
             c.relative_step = true;
         }
         if kind == OptimizerKind::SGDNesterov && c.momentum <= 0.0 {
-            return Err(TrainError::Config("--optimizer_type SGDNesterov needs momentum > 0 (--optimizer_args momentum=…)".into()));
+            return Err(TrainError::Config(
+                "--optimizer_type SGDNesterov needs momentum > 0 (--optimizer_args momentum=…)".into(),
+            ));
         }
         Ok(c)
     }
