@@ -25,23 +25,12 @@ where
     F: FnOnce(&mut BufWriter<File>) -> Result<(), E>,
     E: From<std::io::Error>,
 {
-    let tmp = temp_path_for(path);
-    let result = (|| -> Result<(), E> {
-        let file = File::create(&tmp)?;
+    atomic_write_file(path, |file| {
         let mut w = BufWriter::with_capacity(1 << 20, file);
         write(&mut w)?;
         w.flush()?;
-        let file = w.into_inner().map_err(|e| e.into_error())?;
-        file.sync_all()?;
-        drop(file);
-        fs::rename(&tmp, path)?;
-        sync_parent(path);
-        Ok(())
-    })();
-    if result.is_err() {
-        let _ = fs::remove_file(&tmp);
-    }
-    result
+        Ok(w.into_inner().map_err(|e| e.into_error())?)
+    })
 }
 
 /// Like [`atomic_write`] but for code that needs the raw `File` (e.g. a zip writer that seeks).

@@ -330,10 +330,15 @@ fn cases() -> Vec<Case> {
     ]
 }
 
-/// SplitMix64: the same inputs on every machine, without a rand dependency.
-struct SplitMix(u64);
+/// SplitMix64 + Box-Muller: the same normal samples on every machine, without a rand dependency
+/// (the selftest's inputs and the op tests' inputs).
+pub struct SplitMix(u64);
 
 impl SplitMix {
+    pub fn new(seed: u64) -> Self {
+        SplitMix(seed)
+    }
+
     fn next(&mut self) -> u64 {
         self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
         let mut z = self.0;
@@ -346,15 +351,20 @@ impl SplitMix {
         ((self.next() >> 11) as f64 + 0.5) / (1u64 << 53) as f64
     }
 
-    fn normal(&mut self, shape: &[usize]) -> Result<Tensor> {
-        let n: usize = shape.iter().product();
-        let v: Vec<f32> = (0..n)
+    /// `n` standard normal samples.
+    pub fn normal_vec(&mut self, n: usize) -> Vec<f32> {
+        (0..n)
             .map(|_| {
                 let (u1, u2) = (self.uniform(), self.uniform());
                 ((-2.0 * u1.ln()).sqrt() * (std::f64::consts::TAU * u2).cos()) as f32
             })
-            .collect();
-        Tensor::from_vec(v, shape, &Device::Cpu)
+            .collect()
+    }
+
+    /// A host tensor of standard normal samples.
+    pub fn normal(&mut self, shape: &[usize]) -> Result<Tensor> {
+        let n: usize = shape.iter().product();
+        Tensor::from_vec(self.normal_vec(n), shape, &Device::Cpu)
     }
 }
 

@@ -7,42 +7,18 @@ mod common;
 use std::collections::HashMap;
 use std::path::Path;
 
-use common::toy_toml;
+use common::{tiny_args, toy_toml, TOY_FLAGS};
 use sdbooth_train::args::TrainArgs;
 use sdbooth_train::trainer::train_checked;
 
 fn args(out: &Path, extra: &[&str]) -> TrainArgs {
-    let mut v: Vec<String> = [
-        "--pretrained_model_name_or_path",
-        "builtin:tiny-sd1",
-        "--save_model_as",
-        "safetensors",
-        "--learning_rate",
-        "1e-4",
-        "--optimizer_type",
-        "AdamW",
-        "--seed",
-        "7",
-        "--cache_latents",
-        "--output_name",
-        "m",
-        "--validation_split",
-        "0.4",
-        "--validation_seed",
-        "3",
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
-    v.push("--dataset_config".into());
-    v.push(toy_toml().display().to_string());
-    v.push("--output_dir".into());
-    v.push(out.display().to_string());
+    let mut flags: Vec<&str> = TOY_FLAGS.to_vec();
+    flags.extend(["--validation_split", "0.4", "--validation_seed", "3"]);
     if !extra.contains(&"--max_train_steps") {
-        v.extend(["--max_train_steps".to_string(), "6".to_string()]);
+        flags.extend(["--max_train_steps", "6"]);
     }
-    v.extend(extra.iter().map(|s| s.to_string()));
-    TrainArgs::try_parse_from(v).expect("flags parse")
+    flags.extend(extra);
+    tiny_args(&toy_toml(), out, &flags)
 }
 
 fn tensors(path: &Path) -> HashMap<String, Vec<f32>> {

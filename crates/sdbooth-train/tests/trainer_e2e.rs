@@ -4,25 +4,11 @@ mod common;
 
 use std::path::Path;
 
-use common::{tensors, tiny_args, toy_toml};
+use common::{tensors, tiny_args, toy_toml, TOY_FLAGS};
 use sdbooth_train::trainer::train_checked;
 
-const BASE: [&str; 11] = [
-    "--save_model_as",
-    "safetensors",
-    "--learning_rate",
-    "1e-4",
-    "--optimizer_type",
-    "AdamW",
-    "--seed",
-    "7",
-    "--cache_latents",
-    "--output_name",
-    "m",
-];
-
 fn run(out: &Path, extra: &[&str]) -> sdbooth_train::trainer::TrainSummary {
-    let flags: Vec<&str> = BASE.iter().chain(extra).copied().collect();
+    let flags: Vec<&str> = TOY_FLAGS.iter().chain(extra).copied().collect();
     train_checked(&tiny_args(&toy_toml(), out, &flags)).expect("training runs")
 }
 

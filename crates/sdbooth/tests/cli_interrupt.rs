@@ -9,9 +9,10 @@ fn toy() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/toy")
 }
 
-fn start(out: &Path, extra: &[&str]) -> Child {
-    Command::new(env!("CARGO_BIN_EXE_sdbooth"))
-        .current_dir(toy())
+/// `sdbooth train` on the toy set, writing into `out`, for `max_steps` steps.
+fn train_command(out: &Path, max_steps: u64) -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_sdbooth"));
+    cmd.current_dir(toy())
         .args([
             "train",
             "--pretrained_model_name_or_path",
@@ -20,8 +21,13 @@ fn start(out: &Path, extra: &[&str]) -> Child {
             "dataset.toml",
         ])
         .args(["--save_model_as", "safetensors", "--learning_rate", "1e-4", "--seed", "3", "--cache_latents"])
-        .args(["--output_name", "m", "--max_train_steps", "100000", "--output_dir"])
-        .arg(out)
+        .args(["--output_name", "m", "--max_train_steps", &max_steps.to_string(), "--output_dir"])
+        .arg(out);
+    cmd
+}
+
+fn start(out: &Path, extra: &[&str]) -> Child {
+    train_command(out, 100_000)
         .args(extra)
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
@@ -48,40 +54,32 @@ fn signal(child: &Child, sig: &str) {
     assert!(ok);
 }
 
+/// Starts a run into `out`, sends `sig` once it has logged `steps` steps, checks that it exits
+/// non-zero saying so, and returns the state folders it left.
+fn interrupt(out: &Path, sig: &str, steps: usize) -> Vec<PathBuf> {
+    let child = start(out, &[]);
+    wait_for_steps(out, steps);
+    signal(&child, sig);
+    let result = child.wait_with_output().expect("exits");
+    let stderr = String::from_utf8_lossy(&result.stderr);
+    assert!(!result.status.success(), "an interrupted run does not report success ({sig})");
+    assert!(stderr.contains("interrupted after step"), "{stderr}");
+    std::fs::read_dir(out)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.is_dir() && p.file_name().unwrap().to_string_lossy().ends_with("-state"))
+        .collect()
+}
+
 #[test]
 fn ctrl_c_saves_a_state_that_resumes() {
     let dir = tempfile::tempdir().unwrap();
-    let out = dir.path().join("a");
-    let child = start(&out, &[]);
-    wait_for_steps(&out, 3);
-    signal(&child, "-INT");
-    let result = child.wait_with_output().expect("exits");
-    let stderr = String::from_utf8_lossy(&result.stderr);
-    assert!(!result.status.success(), "an interrupted run does not report success");
-    assert!(stderr.contains("interrupted after step"), "{stderr}");
-    let state = std::fs::read_dir(&out)
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .find(|p| p.is_dir() && p.file_name().unwrap().to_string_lossy().ends_with("-state"))
-        .expect("a state folder");
+    let states = interrupt(&dir.path().join("a"), "-INT", 3);
+    let state = states.first().expect("a state folder");
     let steps: u64 =
         state.file_name().unwrap().to_string_lossy()["m-step".len().."m-step".len() + 8].parse().unwrap();
-    let resumed = Command::new(env!("CARGO_BIN_EXE_sdbooth"))
-        .current_dir(toy())
-        .args([
-            "train",
-            "--pretrained_model_name_or_path",
-            "builtin:tiny-sd1",
-            "--dataset_config",
-            "dataset.toml",
-        ])
-        .args(["--save_model_as", "safetensors", "--learning_rate", "1e-4", "--seed", "3", "--cache_latents"])
-        .args(["--output_name", "m", "--max_train_steps", &(steps + 2).to_string(), "--output_dir"])
-        .arg(dir.path().join("b"))
-        .arg("--resume")
-        .arg(&state)
-        .output()
-        .expect("runs");
+    let resumed =
+        train_command(&dir.path().join("b"), steps + 2).arg("--resume").arg(state).output().expect("runs");
     assert!(resumed.status.success(), "{}", String::from_utf8_lossy(&resumed.stderr));
     assert!(dir.path().join("b/m.safetensors").is_file());
 }
@@ -91,20 +89,8 @@ fn ctrl_c_saves_a_state_that_resumes() {
 #[test]
 fn sigterm_saves_a_state_like_ctrl_c() {
     let dir = tempfile::tempdir().unwrap();
-    let out = dir.path().join("t");
-    let child = start(&out, &[]);
-    wait_for_steps(&out, 2);
-    signal(&child, "-TERM");
-    let result = child.wait_with_output().expect("exits");
-    let stderr = String::from_utf8_lossy(&result.stderr);
-    assert!(!result.status.success(), "a terminated run does not report success");
-    assert!(stderr.contains("interrupted after step"), "{stderr}");
-    let states = std::fs::read_dir(&out)
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .filter(|p| p.is_dir() && p.file_name().unwrap().to_string_lossy().ends_with("-state"))
-        .count();
-    assert_eq!(states, 1, "SIGTERM saved no state");
+    let states = interrupt(&dir.path().join("t"), "-TERM", 2);
+    assert_eq!(states.len(), 1, "SIGTERM saved no state");
 }
 
 #[test]

@@ -308,12 +308,25 @@ impl ClipTokenizer {
     /// Ids with one weight per id, no BOS/EOS, no truncation: each piece of the attention syntax
     /// is tokenized on its own (as kohya does, so cleaning and word ends apply per piece).
     pub fn encode_weighted(&self, caption: &str) -> Result<(Vec<u32>, Vec<f64>), TokenizerError> {
+        self.encode_weighted_until(caption, usize::MAX)
+    }
+
+    /// As [`Self::encode_weighted`], stopping after the first piece that takes the ids past
+    /// `limit` (kohya stops tokenizing pieces there; the caller truncates).
+    fn encode_weighted_until(
+        &self,
+        caption: &str,
+        limit: usize,
+    ) -> Result<(Vec<u32>, Vec<f64>), TokenizerError> {
         let mut ids = Vec::new();
         let mut weights = Vec::new();
         for span in self.parse_attention(caption)? {
             let piece = self.encode(&span.text);
             weights.resize(weights.len() + piece.len(), span.weight);
             ids.extend(piece);
+            if ids.len() > limit {
+                break;
+            }
         }
         Ok((ids, weights))
     }
@@ -328,17 +341,8 @@ impl ClipTokenizer {
     ) -> Result<WeightedWindows, TokenizerError> {
         let length = Self::padded_length(max_token_length)?;
         let body = length - 2;
-        let mut ids = Vec::new();
-        let mut weights = Vec::new();
         // kohya stops tokenizing pieces once past the limit, then truncates.
-        for span in self.parse_attention(caption)? {
-            let piece = self.encode(&span.text);
-            weights.resize(weights.len() + piece.len(), span.weight);
-            ids.extend(piece);
-            if ids.len() > body {
-                break;
-            }
-        }
+        let (mut ids, mut weights) = self.encode_weighted_until(caption, body)?;
         ids.truncate(body);
         weights.truncate(body);
         let full_ids = self.pad_sequence(&ids, length);

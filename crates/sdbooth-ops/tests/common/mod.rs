@@ -2,36 +2,20 @@
 //! norm-relative error, and the directional finite-difference check.
 #![allow(dead_code)]
 
-use candle_core::{DType, Device, Result, Tensor, Var};
+use candle_core::{DType, Result, Tensor, Var};
 
-/// SplitMix64 + Box-Muller: deterministic normal samples without a rand dependency.
-pub struct Rng(u64);
+/// Deterministic normal samples: the selftest's generator.
+pub struct Rng(sdbooth_ops::selftest::SplitMix);
 
 impl Rng {
     pub fn new(seed: u64) -> Self {
-        Rng(seed)
-    }
-    fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-    fn uniform(&mut self) -> f64 {
-        ((self.next_u64() >> 11) as f64 + 0.5) / (1u64 << 53) as f64
+        Rng(sdbooth_ops::selftest::SplitMix::new(seed))
     }
     pub fn normal_vec(&mut self, n: usize) -> Vec<f32> {
-        (0..n)
-            .map(|_| {
-                let (u1, u2) = (self.uniform(), self.uniform());
-                ((-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos()) as f32
-            })
-            .collect()
+        self.0.normal_vec(n)
     }
     pub fn randn(&mut self, shape: &[usize]) -> Tensor {
-        let n = shape.iter().product();
-        Tensor::from_vec(self.normal_vec(n), shape, &Device::Cpu).expect("shape matches data")
+        self.0.normal(shape).expect("shape matches data")
     }
 }
 

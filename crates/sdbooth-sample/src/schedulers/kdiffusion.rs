@@ -135,16 +135,29 @@ impl Dpm2Ladder {
     }
 }
 
+/// diffusers' KDPM2Discrete and, with `ancestral`, KDPM2AncestralDiscrete: the same two-call
+/// step, except that the ancestral one corrects towards `sigma_down` and adds `sigma_up` of fresh
+/// noise, and reads its interpolated sigmas one entry earlier.
 pub struct KDpm2 {
     ladder: Dpm2Ladder,
     prediction: PredictionType,
+    ancestral: bool,
     /// The latent of the first-order call, kept for the correction call.
     first_x: Option<Tensor>,
 }
 
 impl KDpm2 {
     pub fn new(steps: usize, prediction: PredictionType, ac: &[f32]) -> Self {
-        KDpm2 { ladder: Dpm2Ladder::new(steps, false, ac), prediction, first_x: None }
+        KDpm2 { ladder: Dpm2Ladder::new(steps, false, ac), prediction, ancestral: false, first_x: None }
+    }
+
+    pub fn ancestral(steps: usize, prediction: PredictionType, ac: &[f32]) -> Self {
+        KDpm2 { ladder: Dpm2Ladder::new(steps, true, ac), prediction, ancestral: true, first_x: None }
+    }
+
+    /// The interpolated sigma paired with the first-order call at `i`.
+    fn interpol(&self, i: usize) -> f64 {
+        self.ladder.sigmas_interpol[if self.ancestral { i } else { i + 1 }]
     }
 }
 
@@ -158,75 +171,31 @@ impl Sampler for KDpm2 {
     }
 
     fn scale_model_input(&self, x: &Tensor, i: usize) -> Result<Tensor> {
-        let sigma =
-            if self.first_x.is_none() { self.ladder.sigmas[i] } else { self.ladder.sigmas_interpol[i] };
-        scale_input(x, sigma)
-    }
-
-    fn step(&mut self, out: &Tensor, i: usize, x: &Tensor, _noise: &mut NoiseSource) -> Result<Tensor> {
-        let l = &self.ladder;
-        match self.first_x.take() {
-            None => {
-                let (sigma, interpol) = (l.sigmas[i], l.sigmas_interpol[i + 1]);
-                let x0 = denoised(x, out, sigma, self.prediction)?;
-                let derivative = ((x - &x0)? / sigma)?;
-                self.first_x = Some(x.clone());
-                x + (derivative * (interpol - sigma))?
-            }
-            Some(first_x) => {
-                let (sigma, interpol, next) = (l.sigmas[i - 1], l.sigmas_interpol[i], l.sigmas[i]);
-                let x0 = denoised(x, out, interpol, self.prediction)?;
-                let derivative = ((x - &x0)? / interpol)?;
-                first_x + (derivative * (next - sigma))?
-            }
-        }
-    }
-}
-
-pub struct KDpm2Ancestral {
-    ladder: Dpm2Ladder,
-    prediction: PredictionType,
-    first_x: Option<Tensor>,
-}
-
-impl KDpm2Ancestral {
-    pub fn new(steps: usize, prediction: PredictionType, ac: &[f32]) -> Self {
-        KDpm2Ancestral { ladder: Dpm2Ladder::new(steps, true, ac), prediction, first_x: None }
-    }
-}
-
-impl Sampler for KDpm2Ancestral {
-    fn timesteps(&self) -> &[f64] {
-        &self.ladder.timesteps
-    }
-
-    fn init_noise_sigma(&self) -> f64 {
-        self.ladder.init_noise_sigma()
-    }
-
-    fn scale_model_input(&self, x: &Tensor, i: usize) -> Result<Tensor> {
-        let sigma =
-            if self.first_x.is_none() { self.ladder.sigmas[i] } else { self.ladder.sigmas_interpol[i - 1] };
+        let sigma = if self.first_x.is_none() { self.ladder.sigmas[i] } else { self.interpol(i - 1) };
         scale_input(x, sigma)
     }
 
     fn step(&mut self, out: &Tensor, i: usize, x: &Tensor, noise: &mut NoiseSource) -> Result<Tensor> {
-        let l = &self.ladder;
         match self.first_x.take() {
             None => {
-                let (sigma, interpol) = (l.sigmas[i], l.sigmas_interpol[i]);
+                let (sigma, interpol) = (self.ladder.sigmas[i], self.interpol(i));
                 let x0 = denoised(x, out, sigma, self.prediction)?;
                 let derivative = ((x - &x0)? / sigma)?;
                 self.first_x = Some(x.clone());
                 x + (derivative * (interpol - sigma))?
             }
             Some(first_x) => {
-                let (sigma, interpol) = (l.sigmas[i - 1], l.sigmas_interpol[i - 1]);
-                let (up, down) = (l.sigmas_up[i - 1], l.sigmas_down[i - 1]);
+                let l = &self.ladder;
+                let (sigma, interpol) = (l.sigmas[i - 1], self.interpol(i - 1));
                 let x0 = denoised(x, out, interpol, self.prediction)?;
                 let derivative = ((x - &x0)? / interpol)?;
-                let prev = (first_x + (derivative * (down - sigma))?)?;
-                prev + (noise(x.dims())? * up)?
+                if self.ancestral {
+                    let (up, down) = (l.sigmas_up[i - 1], l.sigmas_down[i - 1]);
+                    let prev = (first_x + (derivative * (down - sigma))?)?;
+                    prev + (noise(x.dims())? * up)?
+                } else {
+                    first_x + (derivative * (l.sigmas[i] - sigma))?
+                }
             }
         }
     }

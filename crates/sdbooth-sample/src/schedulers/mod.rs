@@ -20,7 +20,7 @@ use sdbooth_models::ddpm::DdpmSchedule;
 pub use ddim::Ddim;
 pub use dpm_solver::{DpmAlgorithm, DpmSolverMultistep, DpmSolverSinglestep};
 pub use euler::Euler;
-pub use kdiffusion::{Heun, KDpm2, KDpm2Ancestral, Lms};
+pub use kdiffusion::{Heun, KDpm2, Lms};
 pub use pndm::Pndm;
 
 /// Draws a standard-normal tensor of the given shape.
@@ -101,7 +101,7 @@ pub fn sampler_for_schedule(
         "lms" | "k_lms" => Box::new(Lms::new(steps, prediction, ac)),
         "heun" => Box::new(Heun::new(steps, prediction, ac)),
         "dpm_2" | "k_dpm_2" => Box::new(KDpm2::new(steps, prediction, ac)),
-        "dpm_2_a" | "k_dpm_2_a" => Box::new(KDpm2Ancestral::new(steps, prediction, ac)),
+        "dpm_2_a" | "k_dpm_2_a" => Box::new(KDpm2::ancestral(steps, prediction, ac)),
         "dpmsolver" => Box::new(DpmSolverMultistep::new(steps, DpmAlgorithm::Noise, prediction, ac)),
         "dpmsolver++" => Box::new(DpmSolverMultistep::new(steps, DpmAlgorithm::Data, prediction, ac)),
         "pndm" => Box::new(Pndm::new(steps, prediction, ac)),

@@ -10,6 +10,22 @@ pub fn toy_toml() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/toy/dataset.toml")
 }
 
+/// The flags the toy training tests share: safetensors output named `m`, AdamW at 1e-4, seed 7,
+/// cached latents.
+pub const TOY_FLAGS: [&str; 11] = [
+    "--save_model_as",
+    "safetensors",
+    "--learning_rate",
+    "1e-4",
+    "--optimizer_type",
+    "AdamW",
+    "--seed",
+    "7",
+    "--cache_latents",
+    "--output_name",
+    "m",
+];
+
 /// `builtin:tiny-sd1` on `dataset` writing into `out`, with `flags` (kohya names) appended.
 pub fn tiny_args(dataset: &Path, out: &Path, flags: &[&str]) -> TrainArgs {
     let mut v: Vec<String> = vec!["--pretrained_model_name_or_path".into(), "builtin:tiny-sd1".into()];
