@@ -49,10 +49,10 @@ pub enum TrainError {
     /// A saved optimizer buffer that does not fit its parameter: the optimizer state given to
     /// `--resume` was damaged or written for another model.
     #[error(
-        "optimizer state of {param}: buffer {buffer} has the wrong size or type (the --resume state's \
-         optimizer file does not fit this model)"
+        "optimizer state of {param}: buffer {buffer}: {reason} (the --resume state's optimizer file \
+         does not fit this model and optimizer)"
     )]
-    OptimizerState { param: String, buffer: String },
+    OptimizerState { param: String, buffer: String, reason: String },
     /// `--device` names a device this build or machine cannot use.
     #[error("--device {choice}: {reason}")]
     Device { choice: String, reason: String },

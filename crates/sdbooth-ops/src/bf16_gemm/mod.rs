@@ -81,7 +81,7 @@ fn avx512_bf16_detected() -> bool {
 
 /// The kernel bf16 GEMMs use in this process: the fastest the CPU has, unless
 /// `SDBOOTH_BF16_KERNEL` names another (an unknown or unavailable name falls back to f32 with a
-/// warning on stderr, since this runs deep inside an op where no error can be returned).
+/// logged warning, since this runs deep inside an op where no error can be returned).
 pub fn active_kernel() -> Bf16Kernel {
     static KERNEL: OnceLock<Bf16Kernel> = OnceLock::new();
     *KERNEL.get_or_init(|| {
@@ -91,8 +91,8 @@ pub fn active_kernel() -> Bf16Kernel {
             Ok("f32_fallback") => Bf16Kernel::F32Fallback,
             Ok("avx512_bf16") if best == Bf16Kernel::Avx512Bf16 => best,
             Ok(other) => {
-                eprintln!(
-                    "warning: {BF16_KERNEL_ENV}={other} is not a bf16 kernel this CPU has \
+                tracing::warn!(
+                    "{BF16_KERNEL_ENV}={other} is not a bf16 kernel this CPU has \
                      (avx512_bf16 available: {}); using f32_fallback",
                     best == Bf16Kernel::Avx512Bf16
                 );

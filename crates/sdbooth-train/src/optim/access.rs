@@ -65,7 +65,9 @@ pub fn with_weights_mut(var: &Var, f: impl FnOnce(WeightsMut<'_>) -> Result<()>)
     }
     let op = ApplyMut { f: RefCell::new(Some(f)), result: RefCell::new(None) };
     t.inplace_op1(&op)?;
-    op.result.into_inner().unwrap_or_else(|| Err(TrainError::Internal("the optimizer update did not run".into())))
+    op.result
+        .into_inner()
+        .unwrap_or_else(|| Err(TrainError::Internal("the optimizer update did not run".into())))
 }
 
 /// Runs `f` on the contents of `t` (a CPU tensor) as f32; borrows the storage when it is f32,

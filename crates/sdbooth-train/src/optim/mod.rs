@@ -122,9 +122,9 @@ pub struct ParamState {
     pub last_lr: f64,
 }
 
-/// A buffer of the wrong size or type; `Optimizer::step_param_scaled` names the parameter.
-fn mismatched_buffer(key: &str) -> TrainError {
-    TrainError::OptimizerState { param: String::new(), buffer: key.to_string() }
+/// A state buffer of the wrong size or type; `Optimizer::step_param_scaled` names the parameter.
+pub(crate) fn mismatched_buffer(key: &str, reason: impl Into<String>) -> TrainError {
+    TrainError::OptimizerState { param: String::new(), buffer: key.to_string(), reason: reason.into() }
 }
 
 impl ParamState {
@@ -133,14 +133,14 @@ impl ParamState {
         match self.take_host(key)? {
             None => Ok(vec![0.0; n]),
             Some(StateBuf::F32(v)) if v.len() == n => Ok(v),
-            Some(_) => Err(mismatched_buffer(key)),
+            Some(_) => Err(mismatched_buffer(key, format!("not {n} f32 values"))),
         }
     }
     pub(crate) fn take_u8(&mut self, key: &str, n: usize) -> Result<Vec<u8>> {
         match self.take_host(key)? {
             None => Ok(vec![0; n]),
             Some(StateBuf::U8(v)) if v.len() == n => Ok(v),
-            Some(_) => Err(mismatched_buffer(key)),
+            Some(_) => Err(mismatched_buffer(key, format!("not {n} u8 values"))),
         }
     }
     /// Takes a buffer out for the host kernels (a CPU tensor left by the tensor path is read).
@@ -257,24 +257,26 @@ impl Optimizer {
         let st = self.states.entry(name.to_string()).or_default();
         st.step += 1;
         let step = st.step;
-        if kernels == Kernels::Tensor {
-            return device::step(config, st, name, param, grad, lr, grad_scale);
-        }
-        // The scale is applied inside the update loops: no scaled copy of the gradient.
-        with_f32(grad, |g| -> Result<()> {
-            with_weights_mut(param, |w| match w {
-                WeightsMut::F32(w) => update(config, st, w, g, grad_scale, &shape, lr),
-                WeightsMut::BF16(wb) => {
-                    let mut w32: Vec<f32> = wb.iter().map(|x| x.to_f32()).collect();
-                    update(config, st, &mut w32, g, grad_scale, &shape, lr)?;
-                    stochastic_round(&w32, wb, Streams::new(config.rounding_seed).rounding(name, step));
-                    Ok(())
-                }
+        let result = if kernels == Kernels::Tensor {
+            device::step(config, st, name, param, grad, lr, grad_scale)
+        } else {
+            // The scale is applied inside the update loops: no scaled copy of the gradient.
+            with_f32(grad, |g| -> Result<()> {
+                with_weights_mut(param, |w| match w {
+                    WeightsMut::F32(w) => update(config, st, w, g, grad_scale, &shape, lr),
+                    WeightsMut::BF16(wb) => {
+                        let mut w32: Vec<f32> = wb.iter().map(|x| x.to_f32()).collect();
+                        update(config, st, &mut w32, g, grad_scale, &shape, lr)?;
+                        stochastic_round(&w32, wb, Streams::new(config.rounding_seed).rounding(name, step));
+                        Ok(())
+                    }
+                })
             })
-        })?
-        .map_err(|e| match e {
-            TrainError::OptimizerState { buffer, .. } => {
-                TrainError::OptimizerState { param: name.to_string(), buffer }
+            .and_then(|r| r)
+        };
+        result.map_err(|e| match e {
+            TrainError::OptimizerState { buffer, reason, .. } => {
+                TrainError::OptimizerState { param: name.to_string(), buffer, reason }
             }
             e => e,
         })

@@ -32,7 +32,7 @@ pub(super) fn step(
 ) -> Result<Tensor> {
     let (n, dev) = (w.elem_count(), w.device().clone());
     if shape.iter().product::<usize>() != n {
-        return Err(TrainError::Config(format!("Adafactor: shape {shape:?} does not match {n} elements")));
+        return Err(TrainError::Internal(format!("Adafactor: shape {shape:?} does not match {n} elements")));
     }
     let lr_t = effective_lr(c, st.step, rms(w)?.to_scalar::<f32>()?, lr);
     st.last_lr = f64::from(lr_t);

@@ -126,7 +126,7 @@ pub(super) fn take(
     n: usize,
     device: &Device,
 ) -> Result<Tensor> {
-    let wrong = |what: String| TrainError::Config(format!("optimizer state {key}: {what}"));
+    let wrong = |what: String| super::mismatched_buffer(key, what);
     let t = match st.bufs.remove(key) {
         None => return Ok(Tensor::zeros(n, dtype, device)?),
         Some(StateBuf::Tensor(t)) => t.to_device(device)?,
@@ -140,11 +140,7 @@ pub(super) fn take(
         }
     };
     if t.dtype() != dtype || t.elem_count() != n {
-        return Err(wrong(format!(
-            "{:?} × {} where {dtype:?} × {n} is expected (a state of another optimizer or model?)",
-            t.dtype(),
-            t.elem_count()
-        )));
+        return Err(wrong(format!("{:?} × {} where {dtype:?} × {n} is expected", t.dtype(), t.elem_count())));
     }
     Ok(t.flatten_all()?)
 }
