@@ -4,18 +4,25 @@
 diffusers' UNet2DConditionModel and transformers' CLIPTextModel with SD1.5's architecture and
 random weights (nothing is downloaded), both trained, fp32 master weights with autocast
 (--mixed_precision), torch.optim.AdamW, SDPA attention, gradient checkpointing, latents of the
-given resolution (as with --cache_latents), batch 1. Prints one JSON line:
-s/step (median of the timed steps), peak memory, images/s.
+given resolution (as with --cache_latents), batch 1. Prints one JSON line: s/step and its
+forward / backward / optimizer parts (medians of the timed steps), peak memory (GPU allocator;
+process peak RSS on the CPU), images/s. `sdbooth bench` reports the same fields
+(tools/bench/sidebyside.sh runs the two in turn). On the CPU, fp32 (`--mixed_precision no`) and
+autocast bf16 (`--mixed_precision bf16`) are the two modes to compare.
 
     python3 tools/bench/torch_step.py --resolution 512 --mixed_precision bf16 --steps 3 --warmup 1
     python3 tools/bench/torch_step.py --tiny --device cpu --resolution 64   # plumbing check
+    python3 tools/bench/torch_step.py --device cpu --resolution 256 --mixed_precision no
 
 Needs torch, diffusers and transformers (tools/gpu/accept.sh installs diffusers from the
 bundle's wheels on the GPU machine).
 """
 
 import argparse
+import contextlib
 import json
+import platform
+import resource
 import statistics
 import sys
 import time
@@ -95,33 +102,49 @@ def main() -> int:
     alphas_cumprod = torch.cumprod(1 - betas, 0).to(dev, torch.float32)
     hw = args.resolution // 8
 
+    def sync():
+        if cuda:
+            torch.cuda.synchronize()
+
+    def autocast():
+        if amp is None:
+            return contextlib.nullcontext()
+        return torch.autocast(dev.type, dtype=amp)
+
     def step():
+        """One step; returns the loss and the seconds of forward, backward and optimizer."""
+        sync()
+        t0 = time.perf_counter()
         latents = torch.randn(1, 4, hw, hw, device=dev)
         noise = torch.randn_like(latents)
         t = torch.randint(0, 1000, (1,), device=dev)
         a = alphas_cumprod[t].view(1, 1, 1, 1)
         noisy = a.sqrt() * latents + (1 - a).sqrt() * noise
         ids = torch.randint(0, 49407, (1, 77), device=dev)
-        with torch.autocast(dev.type, dtype=amp or torch.float32, enabled=amp is not None):
+        with autocast():
             enc = te(ids)[0]
             pred = unet(noisy, t, enc).sample
         loss = F.mse_loss(pred.float(), noise.float())
+        sync()
+        t1 = time.perf_counter()
         scaler.scale(loss).backward()
+        sync()
+        t2 = time.perf_counter()
         scaler.step(opt)
         scaler.update()
         opt.zero_grad(set_to_none=True)
-        return loss.item()
+        sync()
+        t3 = time.perf_counter()
+        return loss.item(), (t1 - t0, t2 - t1, t3 - t2)
 
-    times = []
+    times, fwd, bwd, upd = [], [], [], []
     for i in range(args.warmup + args.steps):
-        if cuda:
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        loss = step()
-        if cuda:
-            torch.cuda.synchronize()
+        loss, (f, b, o) = step()
         if i >= args.warmup:
-            times.append(time.perf_counter() - start)
+            times.append(f + b + o)
+            fwd.append(f)
+            bwd.append(b)
+            upd.append(o)
     s = statistics.median(times)
     report = {
         "framework": f"torch {torch.__version__}",
@@ -131,12 +154,19 @@ def main() -> int:
         "mixed_precision": args.mixed_precision,
         "gradient_checkpointing": not args.no_gradient_checkpointing,
         "optimizer": "torch.optim.AdamW",
+        "threads": torch.get_num_threads(),
         "s_per_step": s,
+        "forward_s": statistics.median(fwd),
+        "backward_s": statistics.median(bwd),
+        "optimizer_s": statistics.median(upd),
         "images_per_s": 1.0 / s,
         "step_seconds": times,
         "final_loss": loss,
         "peak_allocated_bytes": torch.cuda.max_memory_allocated(dev) if cuda else None,
         "peak_reserved_bytes": torch.cuda.max_memory_reserved(dev) if cuda else None,
+        # ru_maxrss is in KiB on Linux, bytes on macOS.
+        "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        * (1 if platform.system() == "Darwin" else 1024),
     }
     print(json.dumps(report))
     return 0
