@@ -61,7 +61,7 @@ pub(super) fn by_chunks(
         };
         let stride = if len == n { Stride::PerValue } else { Stride::PerBlock };
         if len != stride.total(n) {
-            return Err(TrainError::Config(format!("optimizer state {key}: {len} values for {n} weights")));
+            return Err(crate::optim::mismatched_buffer(&key, format!("{len} values for {n} weights")));
         }
         old.insert(key.clone(), (take(st, &key, dtype, len, &dev)?, stride));
     }
