@@ -47,6 +47,7 @@ mod norm;
 pub mod reference;
 pub mod selftest;
 mod softmax;
+mod threads;
 
 /// The conv2d kernels on raw f32 slices, for the per-pass benches (not a stable API).
 #[doc(hidden)]
@@ -94,3 +95,4 @@ pub use embed::{embedding, timestep_embedding, upsample_nearest2x};
 pub use linear::linear;
 pub use norm::{group_norm, group_norm_silu, layer_norm};
 pub use softmax::softmax_last_dim;
+pub use threads::{tune_thread_pools, SPIN_LIMIT, SPIN_LIMIT_ENV};

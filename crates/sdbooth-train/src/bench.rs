@@ -40,6 +40,9 @@ pub struct BenchReport {
     pub train_text_encoder: bool,
     pub warmup_steps: usize,
     pub steps: usize,
+    /// Threads of the compute pools (rayon's and candle's; `RAYON_NUM_THREADS`, default: the
+    /// cores). The serial fraction of the step follows from two runs (README, Benchmarks).
+    pub threads: usize,
     /// Median over the timed steps.
     pub s_per_step: f64,
     pub forward_s: f64,
@@ -163,6 +166,7 @@ pub fn bench(plan: &TrainPlan, steps: usize, warmup: usize) -> Result<BenchRepor
         train_text_encoder: train_te,
         warmup_steps: warmup,
         steps,
+        threads: rayon::current_num_threads(),
         s_per_step,
         forward_s,
         backward_s,

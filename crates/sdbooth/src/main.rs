@@ -84,6 +84,10 @@ pub(crate) fn select_device(
 }
 
 fn main() -> std::process::ExitCode {
+    // First, while this is the only thread: candle's element-wise workers park soon after each op
+    // instead of spinning against the GEMM threads (see sdbooth_ops::threads; an explicit
+    // CANDLE_BARRIER_POOL_SPIN_LIMIT wins).
+    sdbooth_ops::tune_thread_pools();
     let matches = with_negative_numbers(with_kebab_aliases(Cli::command())).get_matches();
     let cli = match Cli::from_arg_matches(&matches) {
         Ok(cli) => cli,
