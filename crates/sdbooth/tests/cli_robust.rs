@@ -44,6 +44,11 @@ fn command_line_dataset_values_are_validated_like_the_toml() {
         let err = refused(dir.path(), &args);
         assert!(err.contains(&format!("{flag}: ")), "{flag} {value}: {err}");
     }
+    // A minimum below the step rounded down to 0 and divided by it (found by fuzz/dataset_config).
+    let mut args = base.to_vec();
+    args.extend(["--bucket_reso_steps", "128", "--min_bucket_reso", "64"]);
+    let err = refused(dir.path(), &args);
+    assert!(err.contains("--min_bucket_reso: 64 is below bucket_reso_steps 128"), "{err}");
 }
 
 /// Item 10: repeat counts that cannot be represented or trained, from the TOML and folder names.

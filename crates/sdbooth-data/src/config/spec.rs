@@ -132,6 +132,17 @@ impl DatasetSpec {
                 ),
             ));
         }
+        if self.min_bucket_reso < steps {
+            // kohya rounds it down to 0 and then divides by it (ZeroDivisionError); found by
+            // fuzz/dataset_config.
+            return Err(err(
+                "min_bucket_reso",
+                format!(
+                    "{} is below bucket_reso_steps {steps}; it must be at least {steps}",
+                    self.min_bucket_reso
+                ),
+            ));
+        }
         if !self.min_bucket_reso.is_multiple_of(steps) {
             let adj = self.min_bucket_reso - self.min_bucket_reso % steps;
             self.notes.push(format!(
