@@ -12,32 +12,12 @@
 //! are counted.
 
 mod common;
+#[path = "common/counting_alloc.rs"]
+mod counting_alloc;
 
 use common::Rng;
+use counting_alloc::Counting;
 use sdbooth_ops::generic;
-use std::alloc::{GlobalAlloc, Layout, System};
-use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
-
-struct Counting;
-static LIVE: AtomicUsize = AtomicUsize::new(0);
-static PEAK: AtomicUsize = AtomicUsize::new(0);
-static LARGEST: AtomicUsize = AtomicUsize::new(0);
-
-unsafe impl GlobalAlloc for Counting {
-    unsafe fn alloc(&self, l: Layout) -> *mut u8 {
-        let p = System.alloc(l);
-        if !p.is_null() {
-            let now = LIVE.fetch_add(l.size(), Relaxed) + l.size();
-            PEAK.fetch_max(now, Relaxed);
-            LARGEST.fetch_max(l.size(), Relaxed);
-        }
-        p
-    }
-    unsafe fn dealloc(&self, p: *mut u8, l: Layout) {
-        System.dealloc(p, l);
-        LIVE.fetch_sub(l.size(), Relaxed);
-    }
-}
 
 #[global_allocator]
 static GLOBAL: Counting = Counting;
@@ -55,14 +35,12 @@ fn generic_attention_4096_tokens_holds_one_query_block_of_scores() {
     let default_rows = generic::block_rows(b * h, n);
     assert_eq!(default_rows, 512);
     for rows in [default_rows, 128] {
-        let base = LIVE.load(Relaxed);
-        PEAK.store(base, Relaxed);
-        LARGEST.store(0, Relaxed);
+        let base = counting_alloc::start();
 
         let out =
             generic::attention_in_blocks(q.as_tensor(), k.as_tensor(), v.as_tensor(), false, rows).unwrap();
         let grads = (&out * &g).unwrap().sum_all().unwrap().backward().unwrap();
-        let (peak, largest) = (PEAK.load(Relaxed) - base, LARGEST.load(Relaxed));
+        let (peak, largest) = counting_alloc::peak_and_largest(base);
         for t in [&q, &k, &v] {
             assert_eq!(grads.get(t.as_tensor()).unwrap().dims(), &[b, h, n, d]);
         }

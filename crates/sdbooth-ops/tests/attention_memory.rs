@@ -10,31 +10,11 @@
 //! test so no other test's allocations are counted.
 
 mod common;
+#[path = "common/counting_alloc.rs"]
+mod counting_alloc;
 
 use common::Rng;
-use std::alloc::{GlobalAlloc, Layout, System};
-use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
-
-struct Counting;
-static LIVE: AtomicUsize = AtomicUsize::new(0);
-static PEAK: AtomicUsize = AtomicUsize::new(0);
-static LARGEST: AtomicUsize = AtomicUsize::new(0);
-
-unsafe impl GlobalAlloc for Counting {
-    unsafe fn alloc(&self, l: Layout) -> *mut u8 {
-        let p = System.alloc(l);
-        if !p.is_null() {
-            let now = LIVE.fetch_add(l.size(), Relaxed) + l.size();
-            PEAK.fetch_max(now, Relaxed);
-            LARGEST.fetch_max(l.size(), Relaxed);
-        }
-        p
-    }
-    unsafe fn dealloc(&self, p: *mut u8, l: Layout) {
-        System.dealloc(p, l);
-        LIVE.fetch_sub(l.size(), Relaxed);
-    }
-}
+use counting_alloc::Counting;
 
 #[global_allocator]
 static GLOBAL: Counting = Counting;
@@ -48,14 +28,11 @@ fn attention_4096_tokens_peak_memory_is_linear() {
     let v = candle_core::Var::from_tensor(&r.randn(&[b, h, n, d])).unwrap();
     let g = r.randn(&[b, h, n, d]);
     let qsize = b * h * n * d * 4;
-    let base = LIVE.load(Relaxed);
-    PEAK.store(base, Relaxed);
-    LARGEST.store(0, Relaxed);
+    let base = counting_alloc::start();
 
     let out = sdbooth_ops::attention(q.as_tensor(), k.as_tensor(), v.as_tensor(), false).unwrap();
     let grads = (&out * &g).unwrap().sum_all().unwrap().backward().unwrap();
-    let peak = PEAK.load(Relaxed) - base;
-    let largest = LARGEST.load(Relaxed);
+    let (peak, largest) = counting_alloc::peak_and_largest(base);
     for t in [&q, &k, &v] {
         assert_eq!(grads.get(t.as_tensor()).unwrap().dims(), &[b, h, n, d]);
     }
