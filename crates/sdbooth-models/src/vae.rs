@@ -44,9 +44,28 @@ pub fn check_image_size(cfg: &VaeConfig, width: usize, height: usize) -> Result<
 /// [`check_image_size`] for a size read before the model is loaded (a prompt file, `--W`/`--H`,
 /// a dataset's `resolution`), so a run that could never produce it is refused before it starts.
 /// Every Stable Diffusion 1.x/2.x VAE has SD's downscale factor (8); a model with another VAE is
-/// checked against its own when the size is used.
+/// checked against its own when the size is used. Sides above [`MAX_IMAGE_SIDE`] are refused too.
 pub fn check_image_size_before_loading(width: usize, height: usize) -> Result<(), ModelError> {
+    check_image_side_limit(width, height)?;
     check_image_size(&crate::config::ModelConfig::sd1().vae, width, height)
+}
+
+/// The largest image side sdbooth generates, in pixels. The VAE decoder's last stage holds 128
+/// channels at full size: 128 x 8192 x 8192 f32 values are 32 GiB for one activation, beyond
+/// any GPU's memory together with the rest of the decoder, so a larger size could only fail
+/// (or exhaust memory) after the model is loaded. 4096 px samples (4x SD2's 768) still work.
+pub const MAX_IMAGE_SIDE: usize = 8192;
+
+/// Refuses an image side above [`MAX_IMAGE_SIDE`], saying why there is a limit.
+pub fn check_image_side_limit(width: usize, height: usize) -> Result<(), ModelError> {
+    if width > MAX_IMAGE_SIDE || height > MAX_IMAGE_SIDE {
+        return Err(ModelError::BadInput(format!(
+            "image size {width}x{height} is too large: each side must be at most {MAX_IMAGE_SIDE} \
+             pixels (the VAE decoder alone would need 128 x W x H floats, 32 GiB at \
+             {MAX_IMAGE_SIDE}x{MAX_IMAGE_SIDE})"
+        )));
+    }
+    Ok(())
 }
 
 fn downscale_factor(cfg: &VaeConfig) -> usize {

@@ -4,7 +4,8 @@
 
 use std::path::Path;
 
-use sdbooth_models::vae::check_image_size_before_loading;
+use sdbooth_models::vae::{check_image_side_limit, check_image_size_before_loading};
+use sdbooth_models::ModelError;
 use serde::Deserialize;
 
 /// One image request. `None` fields take the caller's defaults.
@@ -53,12 +54,35 @@ pub fn kohya_sample_size((width, height): (usize, usize)) -> (usize, usize) {
     ((width - width % 8).max(64), (height - height % 8).max(64))
 }
 
-/// Refuses the first prompt whose size (its own, else `default`) the VAE cannot make, naming its
-/// file and line, before any model is loaded.
+/// Refuses the first prompt whose size (its own, else `default`) the VAE cannot make, or that
+/// is too large to make, naming its file and line, before any model is loaded (`generate`).
 pub fn check_prompt_sizes(file: &Path, specs: &[PromptSpec], default: (usize, usize)) -> Result<(), String> {
+    check_each_prompt_size(file, specs, default, check_image_size_before_loading)
+}
+
+/// Refuses the first training-sample prompt whose size is too large to make, naming its file and
+/// line, before any model is loaded. Other sizes are rounded as kohya does ([`kohya_sample_size`]),
+/// and the rounded size is the one checked.
+pub fn check_sample_prompt_sizes(
+    file: &Path,
+    specs: &[PromptSpec],
+    default: (usize, usize),
+) -> Result<(), String> {
+    check_each_prompt_size(file, specs, default, |w, h| {
+        let (w, h) = kohya_sample_size((w, h));
+        check_image_side_limit(w, h)
+    })
+}
+
+fn check_each_prompt_size(
+    file: &Path,
+    specs: &[PromptSpec],
+    default: (usize, usize),
+    check: impl Fn(usize, usize) -> Result<(), ModelError>,
+) -> Result<(), String> {
     for (i, spec) in specs.iter().enumerate() {
         let (w, h) = spec.size_or(default);
-        if let Err(e) = check_image_size_before_loading(w, h) {
+        if let Err(e) = check(w, h) {
             return Err(format!("{} (--w {w} --h {h}): {e}", spec.location(file, i)));
         }
     }
@@ -176,6 +200,31 @@ mod tests {
         assert!(notes[0].contains("p.txt:4: the sample is made at 64x64, not 70x64"), "{notes:?}");
         let json = PromptSpec { prompt: "c".into(), width: Some(9), ..Default::default() };
         assert!(check_prompt_sizes(&file, &[json], (512, 512)).is_err_and(|e| e.contains(": prompt 1 ")));
+    }
+
+    #[test]
+    fn sizes_too_large_to_make_are_refused_naming_the_line() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("p.txt");
+        assert!(std::fs::write(&file, "a --w 4096 --h 4096\nb --w 100000\n").is_ok());
+        let specs = read_prompt_file(&file).unwrap_or_default();
+        assert_eq!(check_prompt_sizes(&file, &specs[..1], (512, 512)), Ok(()));
+        assert_eq!(check_sample_prompt_sizes(&file, &specs[..1], (512, 512)), Ok(()));
+        for err in [
+            check_prompt_sizes(&file, &specs, (512, 512)).err().unwrap_or_default(),
+            check_sample_prompt_sizes(&file, &specs, (512, 512)).err().unwrap_or_default(),
+        ] {
+            assert!(err.contains("p.txt:2 (--w 100000 --h 512): "), "{err}");
+            assert!(err.contains("at most 8192 pixels"), "{err}");
+        }
+        // Training samples check the size kohya's rounding makes: 8199 becomes 8192.
+        let spec = PromptSpec { prompt: "c".into(), width: Some(8199), ..Default::default() };
+        assert_eq!(check_sample_prompt_sizes(&file, std::slice::from_ref(&spec), (512, 512)), Ok(()));
+        assert!(check_prompt_sizes(&file, &[spec], (512, 512)).is_err());
+        // The default size is checked as well.
+        assert!(check_sample_prompt_sizes(&file, &specs[..1], (512, 9000)).is_ok());
+        let spec = PromptSpec { prompt: "d".into(), ..Default::default() };
+        assert!(check_sample_prompt_sizes(&file, &[spec], (512, 9000)).is_err());
     }
 
     #[test]

@@ -72,6 +72,11 @@ pub struct RunArgs {
     /// one is usable, else the CPU), cpu, cuda or cuda:N.
     #[arg(long, default_value = "auto", value_name = "DEVICE")]
     pub device: crate::device::DeviceChoice,
+    /// Let f32 matrix products and convolutions use TF32 tensor cores on an NVIDIA GPU (Ampere
+    /// or newer; sdbooth's own flag, PyTorch's allow_tf32): faster, with 10-bit mantissa inputs.
+    /// Off by default (f32 stays f32). Refused when the run is on the CPU, where it has no effect.
+    #[arg(long)]
+    pub allow_tf32: bool,
 }
 
 /// Every flag of `sdbooth train`.

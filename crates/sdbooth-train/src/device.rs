@@ -89,12 +89,32 @@ pub const fn built_with_cuda() -> bool {
     cfg!(feature = "cuda")
 }
 
-/// Resolves `--device`. The only error is an explicit `cuda`/`cuda:N` that cannot be had.
-pub fn select(choice: DeviceChoice) -> Result<SelectedDevice> {
+/// Resolves `--device` and `--allow_tf32`. The errors: an explicit `cuda`/`cuda:N` that cannot
+/// be had, and `--allow_tf32` on a run that ends up on the CPU (where TF32 does not exist, so the
+/// flag would be ignored).
+///
+/// TF32 (`--allow_tf32`, sdbooth's own flag, PyTorch's `allow_tf32`): f32 matrix products and
+/// convolutions on an NVIDIA GPU (Ampere or newer) may round their inputs to TF32 (10-bit
+/// mantissa, f32 accumulation). Off by default, as in PyTorch and candle: f32 stays f32. Without
+/// the flag a CUDA run also keeps cuDNN's f32 convolutions off TF32 (which cuDNN's default math
+/// would otherwise allow) through `NVIDIA_TF32_OVERRIDE=0`.
+pub fn select(choice: DeviceChoice, allow_tf32: bool) -> Result<SelectedDevice> {
+    let selected = select_device(choice, allow_tf32)?;
+    if allow_tf32 && selected.device.is_cpu() {
+        let why = selected.fallback_note.as_deref().map(|n| format!(" ({n})")).unwrap_or_default();
+        return Err(TrainError::Config(format!(
+            "--allow_tf32: TF32 is a mode of NVIDIA GPUs, and this run is on the CPU{why}, where \
+             the flag would have no effect; drop it, or run on a GPU (--device cuda)"
+        )));
+    }
+    Ok(selected)
+}
+
+fn select_device(choice: DeviceChoice, allow_tf32: bool) -> Result<SelectedDevice> {
     match choice {
         DeviceChoice::Cpu => Ok(cpu(None)),
         DeviceChoice::Auto if !built_with_cuda() => Ok(cpu(None)),
-        DeviceChoice::Auto => match probe_cuda(0) {
+        DeviceChoice::Auto => match probe_cuda(0, allow_tf32) {
             Ok(gpu) => Ok(gpu),
             Err(reason) => Ok(cpu(Some(format!("no usable GPU ({reason}); running on the CPU")))),
         },
@@ -105,15 +125,15 @@ pub fn select(choice: DeviceChoice) -> Result<SelectedDevice> {
                 .into(),
         }),
         DeviceChoice::Cuda(n) => {
-            probe_cuda(n).map_err(|reason| TrainError::Device { choice: choice.to_string(), reason })
+            probe_cuda(n, allow_tf32).map_err(|reason| TrainError::Device { choice: choice.to_string(), reason })
         }
     }
 }
 
-/// The device of a run: resolves `--device` and logs the choice (and why `auto` fell back to
-/// the CPU) at the start of the run.
-pub fn resolve_device(choice: DeviceChoice) -> Result<Device> {
-    let selected = select(choice)?;
+/// The device of a run: resolves `--device` (and `--allow_tf32`, see [`select`]) and logs the
+/// choice (and why `auto` fell back to the CPU) at the start of the run.
+pub fn resolve_device(choice: DeviceChoice, allow_tf32: bool) -> Result<Device> {
+    let selected = select(choice, allow_tf32)?;
     if let Some(note) = &selected.fallback_note {
         tracing::info!("note: {note}");
     }
@@ -133,12 +153,13 @@ fn cpu(fallback_note: Option<String>) -> SelectedDevice {
 
 /// Without CUDA in the build, no GPU can be probed.
 #[cfg(not(feature = "cuda"))]
-fn probe_cuda(_ordinal: usize) -> std::result::Result<SelectedDevice, String> {
+fn probe_cuda(_ordinal: usize, _allow_tf32: bool) -> std::result::Result<SelectedDevice, String> {
     Err("this binary was built without CUDA".into())
 }
 
 #[cfg(feature = "cuda")]
-fn probe_cuda(ordinal: usize) -> std::result::Result<SelectedDevice, String> {
+fn probe_cuda(ordinal: usize, allow_tf32: bool) -> std::result::Result<SelectedDevice, String> {
+    cuda::set_tf32(allow_tf32);
     cuda::probe(ordinal)
 }
 
@@ -170,6 +191,20 @@ mod cuda {
             libs.push("libcudnn.so.9");
         }
         libs
+    }
+
+    /// Whether f32 matrix products and convolutions may use TF32 (`--allow_tf32`), set before
+    /// any CUDA library is loaded: candle's cuBLAS f32 GEMMs take it from its switch (off by
+    /// default); cuDNN's default math allows TF32 for f32 convolutions on Ampere and newer, which
+    /// the driver's documented `NVIDIA_TF32_OVERRIDE=0` turns off in every CUDA library. A value
+    /// the user set is kept.
+    pub(super) fn set_tf32(allow: bool) {
+        candle_core::cuda_backend::set_gemm_reduced_precision_f32(allow);
+        if !allow && std::env::var_os("NVIDIA_TF32_OVERRIDE").is_none() {
+            // Called while resolving --device, before any CUDA library is loaded and before the
+            // run starts its own threads.
+            std::env::set_var("NVIDIA_TF32_OVERRIDE", "0");
+        }
     }
 
     /// Whether `dlopen` finds `name`; the handle stays open (the lazy stubs reuse the library).
@@ -267,7 +302,7 @@ mod tests {
 
     #[test]
     fn cpu_is_always_available() {
-        let s = select(DeviceChoice::Cpu).map_err(|e| e.to_string());
+        let s = select(DeviceChoice::Cpu, false).map_err(|e| e.to_string());
         assert!(s.as_ref().is_ok_and(|s| s.device.is_cpu() && s.fallback_note.is_none()), "{s:?}");
     }
 
@@ -275,16 +310,21 @@ mod tests {
     /// explicit `cuda` is an error that says why. (Skipped where a GPU is usable.)
     #[test]
     fn auto_falls_back_and_cuda_fails_clearly_without_a_gpu() {
-        if probe_cuda(0).is_ok() {
+        if probe_cuda(0, false).is_ok() {
             return;
         }
-        let auto = select(DeviceChoice::Auto).map_err(|e| e.to_string());
+        let auto = select(DeviceChoice::Auto, false).map_err(|e| e.to_string());
         assert!(auto.as_ref().is_ok_and(|s| s.device.is_cpu()), "{auto:?}");
         if let Ok(s) = &auto {
             assert_eq!(s.fallback_note.is_some(), built_with_cuda(), "{s:?}");
         }
-        let err = select(DeviceChoice::Cuda(0)).err().map(|e| e.to_string()).unwrap_or_default();
+        let err = select(DeviceChoice::Cuda(0), false).err().map(|e| e.to_string()).unwrap_or_default();
         let expected = if built_with_cuda() { "driver" } else { "built without CUDA" };
         assert!(err.contains("--device cuda:0") && err.contains(expected), "{err}");
+        // --allow_tf32 would be ignored on the CPU: refused, naming the flag.
+        for choice in [DeviceChoice::Auto, DeviceChoice::Cpu] {
+            let err = select(choice, true).err().map(|e| e.to_string()).unwrap_or_default();
+            assert!(err.contains("--allow_tf32: TF32 is a mode of NVIDIA GPUs"), "{choice}: {err}");
+        }
     }
 }

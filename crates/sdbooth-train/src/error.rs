@@ -56,7 +56,7 @@ pub enum TrainError {
     /// `--device` names a device this build or machine cannot use.
     #[error("--device {choice}: {reason}")]
     Device { choice: String, reason: String },
-    /// `--sample_prompts` cannot be read (the message names the file).
+    /// `--sample_prompts` cannot be read or asks for a size too large (the message names the file).
     #[error("--sample_prompts: {0}")]
     SamplePrompts(String),
     /// Ctrl-C: the step in flight finished and its state was saved.

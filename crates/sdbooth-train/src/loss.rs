@@ -146,20 +146,30 @@ pub fn area_resize(src: &[f32], sh: usize, sw: usize, dh: usize, dw: usize) -> V
     out
 }
 
-/// custom_train_functions.apply_masked_loss: `mask` is (B, H, W) in [0, 1] at any resolution,
-/// area-resized to the loss's (h, w) and multiplied over all channels.
+/// The resize of custom_train_functions.apply_masked_loss (`interpolate(mode="area")`): `b`
+/// host masks of (mh, mw) in [0, 1], from the data loader, area-resized to the loss's (h, w). It
+/// runs on the host before the masks are uploaded, so the step never reads a mask back.
+pub fn resize_masks(masks: &[f32], b: usize, (mh, mw): (usize, usize), (h, w): (usize, usize)) -> Result<Vec<f32>> {
+    if masks.len() != b * mh * mw || mh == 0 || mw == 0 {
+        return Err(TrainError::Internal(format!("{} mask values for {b} masks of {mh}x{mw}", masks.len())));
+    }
+    if (mh, mw) == (h, w) {
+        return Ok(masks.to_vec());
+    }
+    Ok(masks.chunks_exact(mh * mw).flat_map(|m| area_resize(m, mh, mw, h, w)).collect())
+}
+
+/// custom_train_functions.apply_masked_loss: `mask` is (B, h, w), already at the loss's size
+/// ([`resize_masks`]), multiplied over all channels.
 pub fn apply_masked_loss(loss: &Tensor, mask: &Tensor) -> Result<Tensor> {
     let (b, _c, h, w) = loss.dims4()?;
-    let (mb, mh, mw) = mask.dims3()?;
-    if mb != b {
-        return Err(TrainError::Internal(format!("mask batch {mb} != loss batch {b}")));
+    if mask.dims() != [b, h, w] {
+        return Err(TrainError::Internal(format!(
+            "mask of shape {:?} for a loss of batch {b} at {h}x{w} (resize_masks makes it)",
+            mask.dims()
+        )));
     }
-    let m = mask.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
-    let mut resized = Vec::with_capacity(b * h * w);
-    for i in 0..b {
-        resized.extend(area_resize(&m[i * mh * mw..(i + 1) * mh * mw], mh, mw, h, w));
-    }
-    let m = Tensor::from_vec(resized, (b, 1, h, w), loss.device())?.to_dtype(loss.dtype())?;
+    let m = mask.to_dtype(DType::F32)?.reshape((b, 1, h, w))?.to_dtype(loss.dtype())?;
     Ok(loss.broadcast_mul(&m)?)
 }
 
@@ -205,7 +215,8 @@ pub fn sample_weights(
 /// The full loss of train_db.py for a batch: returns the scalar to call backward on.
 ///
 /// `pred` and `target` are (B, C, H, W); `loss_weights` holds one weight per sample (1.0, or
-/// prior_loss_weight for regularisation images); `mask` is an optional (B, H, W) alpha mask.
+/// prior_loss_weight for regularisation images); `mask` is an optional (B, H, W) alpha mask at the
+/// loss's size ([`resize_masks`]).
 pub fn training_loss(
     pred: &Tensor,
     target: &Tensor,

@@ -5,8 +5,8 @@
 //!
 //! Random numbers come from a `Draws` source in the same order kohya draws them, so a recorded
 //! list of draws (tests) or a seeded stream (training) can drive it. The noise is drawn on the
-//! host (the seeded stream) and uploaded; the latents are noised on their device, and read back
-//! only for `--adaptive_noise_scale` (their channel means).
+//! host (the seeded stream) and uploaded; the latents are noised on their device, and only their
+//! B·C channel means come back, for `--adaptive_noise_scale`.
 
 use candle_core::{DType, Device, Tensor};
 use rand::Rng;
@@ -83,8 +83,9 @@ fn dims4(t: &Tensor) -> Result<(usize, usize, usize, usize)> {
 
 /// custom_train_functions.apply_noise_offset: noise + offset × N(0,1) per (sample, channel), the
 /// offset raised by `adaptive_noise_scale` × |channel mean of the latents| (clamped at 0).
+/// `channel_means` holds the B·C means ([`channel_means`]) when the scale is set.
 pub fn apply_noise_offset(
-    latents: &[f32],
+    channel_means: &[f32],
     noise: &mut [f32],
     shape: (usize, usize, usize, usize),
     offset: f64,
@@ -96,13 +97,18 @@ pub fn apply_noise_offset(
     for bc in 0..b * c {
         let mut off = offset as f32;
         if let Some(a) = adaptive_noise_scale {
-            let mean = (latents[bc * hw..(bc + 1) * hw].iter().map(|&x| f64::from(x)).sum::<f64>()
-                / hw as f64) as f32;
-            off = (off + a as f32 * mean.abs()).max(0.0);
+            off = (off + a as f32 * channel_means[bc].abs()).max(0.0);
         }
         let add = off * offset_noise[bc];
         noise[bc * hw..(bc + 1) * hw].iter_mut().for_each(|x| *x += add);
     }
+}
+
+/// The mean of each (sample, channel) plane of (B, C, H, W) latents, B·C values: summed in f64 on
+/// the latents' device, so only the means come back to the host, not the latents.
+pub fn channel_means(latents: &Tensor) -> Result<Vec<f32>> {
+    let means = latents.to_dtype(DType::F64)?.mean((2, 3))?.flatten_all()?.to_vec1::<f64>()?;
+    Ok(means.into_iter().map(|m| m as f32).collect())
 }
 
 /// torch's bilinear interpolation with align_corners=False, one (h, w) plane.
@@ -194,12 +200,12 @@ pub fn noise_noisy_latents_and_timesteps(
     if let Some(off) = args.noise_offset.filter(|&o| o != 0.0) {
         let off = if args.noise_offset_random_strength { draws.uniform() * off } else { off };
         let offset_noise = draws.normal(b * c);
-        // Only the adaptive scale reads the latents (their per-channel means) on the host.
-        let x0 = match args.adaptive_noise_scale {
-            Some(_) => latents.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>()?,
+        // Only the adaptive scale reads the latents: their B·C channel means, made on the device.
+        let means = match args.adaptive_noise_scale {
+            Some(_) => channel_means(latents)?,
             None => Vec::new(),
         };
-        apply_noise_offset(&x0, &mut noise, shape, off, args.adaptive_noise_scale, &offset_noise);
+        apply_noise_offset(&means, &mut noise, shape, off, args.adaptive_noise_scale, &offset_noise);
     }
     if let Some(it) = args.multires_noise_iterations.filter(|&i| i > 0) {
         pyramid_noise(&mut noise, shape, it, args.multires_noise_discount, draws);

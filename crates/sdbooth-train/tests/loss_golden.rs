@@ -5,8 +5,8 @@ use std::collections::{HashMap, VecDeque};
 
 use candle_core::{DType, Device, Tensor, Var};
 use sdbooth_train::args::TrainArgs;
-use sdbooth_train::loss::{training_loss, LossArgs};
-use sdbooth_train::noise::{noise_noisy_latents_and_timesteps, Draws};
+use sdbooth_train::loss::{apply_masked_loss, resize_masks, training_loss, LossArgs};
+use sdbooth_train::noise::{channel_means, noise_noisy_latents_and_timesteps, Draws};
 use sdbooth_train::plan::TrainPlan;
 
 fn fixture() -> HashMap<String, Tensor> {
@@ -81,6 +81,39 @@ fn loss_case(name: &str) -> (LossArgs, bool) {
     (LossArgs { v_parameterization: v_pred, ..plan.loss }, plan.steps.masked_loss)
 }
 
+/// The fixture's (B, 2H, 2W) masks resized by the trainer's [`resize_masks`] to the loss's (H, W).
+fn kohya_mask_at_loss_size(mask: &Tensor, pred: &Tensor) -> Tensor {
+    let (b, mh, mw) = mask.dims3().unwrap();
+    let (.., h, w) = pred.dims4().unwrap();
+    let values: Vec<f32> = mask.flatten_all().unwrap().to_vec1().unwrap();
+    Tensor::from_vec(resize_masks(&values, b, (mh, mw), (h, w)).unwrap(), (b, h, w), &Device::Cpu).unwrap()
+}
+
+/// The mask resize is torch's `interpolate(mode="area")`, checked on its own against a plane
+/// averaged by hand (the fixture's 2x downscale, then a 3x uneven one), a same-size mask is kept,
+/// and a mask not at the loss's size is refused rather than broadcast.
+#[test]
+fn masks_are_area_resized_on_the_host_and_must_match_the_loss() {
+    let m: Vec<f32> = (0..2 * 4 * 6).map(|i| i as f32).collect();
+    let r = resize_masks(&m, 2, (4, 6), (2, 3)).unwrap();
+    let avg = |idx: [usize; 4]| idx.iter().map(|&i| m[i]).sum::<f32>() / 4.0;
+    assert_eq!(r[0], avg([0, 1, 6, 7]));
+    assert_eq!(r[5], avg([16, 17, 22, 23]));
+    assert_eq!(r[6], avg([24, 25, 30, 31]));
+    // 4 -> 3 rows overlap as torch's adaptive pooling does: row 1 averages source rows 1 and 2.
+    let r = resize_masks(&m[..24], 1, (4, 6), (3, 6)).unwrap();
+    assert_eq!(r[6], (m[6] + m[12]) / 2.0);
+    assert_eq!(resize_masks(&m, 2, (4, 6), (4, 6)).unwrap(), m);
+    assert!(resize_masks(&m, 3, (4, 6), (2, 3)).is_err());
+    let loss = Tensor::ones((2, 4, 2, 3), DType::F32, &Device::Cpu).unwrap();
+    let big = Tensor::from_vec(m.clone(), (2, 4, 6), &Device::Cpu).unwrap();
+    assert!(apply_masked_loss(&loss, &big).is_err());
+    let small = Tensor::from_vec(resize_masks(&m, 2, (4, 6), (2, 3)).unwrap(), (2, 2, 3), &Device::Cpu).unwrap();
+    let masked = apply_masked_loss(&loss, &small).unwrap();
+    assert_eq!(masked.dims(), [2, 4, 2, 3]);
+    assert_eq!(vec(&masked.get(1).unwrap().get(3).unwrap()), vec(&small.get(1).unwrap()));
+}
+
 #[test]
 fn loss_and_gradient_match_kohya() {
     let fx = fixture();
@@ -92,7 +125,8 @@ fn loss_and_gradient_match_kohya() {
     for name in names {
         let (args, masked) = loss_case(&name);
         let pred = Var::from_tensor(&fx["pred"]).unwrap();
-        let mask = masked.then(|| fx["mask"].clone());
+        // The trainer resizes the loader's masks on the host before uploading them.
+        let mask = masked.then(|| kohya_mask_at_loss_size(&fx["mask"], &fx["pred"]));
         let loss =
             training_loss(pred.as_tensor(), &fx["target"], &timesteps, &weights, mask.as_ref(), &ac, &args)
                 .unwrap();
@@ -189,6 +223,23 @@ fn noise_pipeline_matches_kohya() {
         let e = rel_err(&vec(&out.noisy_latents), &vec(&fx[&k("noisy")]));
         assert!(e <= 1e-6, "{name}: noisy latents rel err {e:e}");
     }
+}
+
+/// `--adaptive_noise_scale` reads only the latents' channel means, made on their device: on the
+/// CPU they are bit for bit the f64 sums over each plane divided by its size, the host
+/// computation they replace.
+#[test]
+fn channel_means_are_the_host_means_bit_for_bit() {
+    let latents = &fixture()["latents"];
+    let (b, c, h, w) = latents.dims4().unwrap();
+    let x: Vec<f32> = latents.flatten_all().unwrap().to_vec1().unwrap();
+    let host: Vec<f32> = x
+        .chunks_exact(h * w)
+        .map(|p| (p.iter().map(|&v| f64::from(v)).sum::<f64>() / (h * w) as f64) as f32)
+        .collect();
+    let got = channel_means(latents).unwrap();
+    assert_eq!(got.len(), b * c);
+    assert_eq!(got.iter().map(|m| m.to_bits()).collect::<Vec<_>>(), host.iter().map(|m| m.to_bits()).collect::<Vec<_>>());
 }
 
 #[test]

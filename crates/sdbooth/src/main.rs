@@ -75,7 +75,8 @@ fn with_negative_numbers(cmd: clap::Command) -> clap::Command {
 pub(crate) fn select_device(
     choice: sdbooth_train::device::DeviceChoice,
 ) -> anyhow::Result<candle_core::Device> {
-    let selected = sdbooth_train::device::select(choice)?;
+    // f32 stays f32 here: --allow_tf32 is a training flag.
+    let selected = sdbooth_train::device::select(choice, false)?;
     if let Some(note) = &selected.fallback_note {
         eprintln!("note: {note}");
     }

@@ -27,6 +27,7 @@ fn help_lists_every_kohya_flag_and_ours() {
         "--fused_backward_pass",
         "--full_bf16",
         "--device",
+        "--allow_tf32",
     ];
     let missing: Vec<&str> = flags
         .iter()

@@ -606,3 +606,40 @@ fn sample_prompt_sizes_are_checked_before_loading() {
     let sizes: Vec<(u32, u32)> = samples.iter().map(|s| png_size(s)).collect();
     assert_eq!(sizes, vec![(72, 64), (64, 64)], "{samples:?}");
 }
+
+/// Item 1, sizes too large to make: a side above 8192 px (`generate --W/--H`, a `--from_file`
+/// line, a `--sample_prompts` line) is refused before the model is loaded (it does not exist
+/// here) and before training, naming the flag or the file and line and saying why there is a
+/// limit; 4096 px passes the check.
+#[test]
+fn huge_sample_sizes_are_refused_before_loading() {
+    let dir = tempdir();
+    let base = ["generate", "--ckpt", "missing.safetensors", "--outdir", "out"];
+    let limit = "at most 8192 pixels";
+    let mut a = base.to_vec();
+    a.extend(["--prompt", "a dog", "--W", "100000", "--H", "100000"]);
+    let err = refused(dir.path(), &a);
+    assert!(err.contains("--W 100000 --H 100000: ") && err.contains(limit), "{err}");
+    assert!(err.contains("VAE decoder"), "the limit says why: {err}");
+    write(&dir.path().join("p.txt"), "a dog --w 4096 --h 4096\nb cat --w 512 --h 100000\n");
+    let mut a = base.to_vec();
+    a.extend(["--from_file", "p.txt"]);
+    let err = refused(dir.path(), &a);
+    assert!(err.contains("p.txt:2 (--w 512 --h 100000): ") && err.contains(limit), "{err}");
+    assert!(!err.contains("missing.safetensors"), "the model was read first: {err}");
+    assert!(!dir.path().join("out").exists(), "generate wrote before refusing");
+
+    let prompts = dir.path().join("s.txt");
+    write(&prompts, "sks dog --w 4096 --h 4096\n# big\nsks dog --w 100000 --s 2\n");
+    let p = prompts.display().to_string();
+    let out = dir.path().join("train-out");
+    let o = toy_train(
+        &out,
+        &["--pretrained_model_name_or_path", "missing.safetensors", "--sample_at_first", "--sample_prompts", &p],
+    );
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success());
+    assert!(err.contains(&format!("--sample_prompts: {p}:3 (--w 100000 --h 512): ")), "{err}");
+    assert!(err.contains(limit) && !err.contains("missing.safetensors"), "{err}");
+    assert!(!out.exists(), "training started before refusing");
+}

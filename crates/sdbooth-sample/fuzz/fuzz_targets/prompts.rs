@@ -7,7 +7,7 @@
 use libfuzzer_sys::fuzz_target;
 use sdbooth_sample::generate::Request;
 use sdbooth_sample::prompts::{
-    check_prompt_sizes, kohya_sample_size, parse_prompt_line, read_prompt_file, rounding_notes,
+    check_prompt_sizes, check_sample_prompt_sizes, kohya_sample_size, parse_prompt_line, read_prompt_file, rounding_notes,
     KOHYA_SAMPLE_SIZE,
 };
 
@@ -31,6 +31,7 @@ fuzz_target!(|data: &[u8]| {
     if let Ok(specs) = read_prompt_file(&path) {
         // The upfront size checks of `generate` and of training samples, then the requests.
         let _ = check_prompt_sizes(&path, &specs, (defaults.width, defaults.height));
+        let _ = check_sample_prompt_sizes(&path, &specs, KOHYA_SAMPLE_SIZE);
         let _ = rounding_notes(&path, &specs, KOHYA_SAMPLE_SIZE);
         for spec in &specs {
             let mut req = Request::from_spec(spec, &defaults);

@@ -28,9 +28,10 @@ pub enum ConfigOutcome {
 }
 
 /// Keys kohya leaves out of a written config: the config options themselves and the WandB key
-/// (a secret). Ours add the dry-run switches and `--device`, which describe one invocation on one
-/// machine, not a training setup.
-const NOT_WRITTEN: &[&str] = &["config_file", "output_config", "wandb_api_key", "dry_run", "json", "device"];
+/// (a secret). Ours add the dry-run switches, `--device` and `--allow_tf32`, which describe one
+/// invocation on one machine, not a training setup.
+const NOT_WRITTEN: &[&str] =
+    &["config_file", "output_config", "wandb_api_key", "dry_run", "json", "device", "allow_tf32"];
 
 /// kohya's rule for the file name.
 pub fn config_path(name: &str) -> PathBuf {

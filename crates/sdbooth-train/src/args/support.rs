@@ -36,6 +36,7 @@ pub const FLAG_SUPPORT: &[(&str, Support)] = &[
     ("json", Implemented),
     ("debug_dataset", Implemented),
     ("device", Implemented),
+    ("allow_tf32", Implemented),
     // Model: the dry run needs only the model's name.
     ("pretrained_model_name_or_path", Implemented),
     ("v2", Implemented),

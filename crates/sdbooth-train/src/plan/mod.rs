@@ -11,7 +11,9 @@ use candle_core::{DType, Device};
 use sdbooth_checkpoint::{ModelSpecArgs, Precision, SaveFormat};
 use sdbooth_data::DatasetOptions;
 use sdbooth_models::ddpm::DdpmSchedule;
-use sdbooth_sample::prompts::{read_prompt_file, rounding_notes, PromptSpec, KOHYA_SAMPLE_SIZE};
+use sdbooth_sample::prompts::{
+    check_sample_prompt_sizes, read_prompt_file, rounding_notes, PromptSpec, KOHYA_SAMPLE_SIZE,
+};
 
 use crate::args::types::MixedPrecision;
 use crate::args::{SamplingArgs, TrainArgs, DEFAULT_LOADER_WORKERS};
@@ -178,11 +180,13 @@ impl SamplePolicy {
     }
 
     /// The sampling flags with `--sample_prompts` read before any model is loaded: a file that
-    /// cannot be read is refused, and each size kohya's rounding changes is noted with its line.
+    /// cannot be read or a size too large to make is refused, and each size kohya's rounding
+    /// changes is noted with its line.
     pub fn resolve(args: &SamplingArgs) -> Result<Self> {
         let mut policy = SamplePolicy::from(args);
         if let (Some(file), true) = (&policy.prompts, policy.wants_samples()) {
             let specs = read_prompt_file(file).map_err(TrainError::SamplePrompts)?;
+            check_sample_prompt_sizes(file, &specs, KOHYA_SAMPLE_SIZE).map_err(TrainError::SamplePrompts)?;
             for note in rounding_notes(file, &specs, KOHYA_SAMPLE_SIZE) {
                 tracing::warn!("{note}");
             }
@@ -205,7 +209,7 @@ impl TrainPlan {
     /// cannot run.
     pub fn resolve(args: &TrainArgs) -> Result<Self> {
         check_combinations(args)?;
-        let device = crate::device::resolve_device(args.run.device)?;
+        let device = crate::device::resolve_device(args.run.device, args.run.allow_tf32)?;
         let seed = args.training.seed.unwrap_or(42);
         let mut config = OptimizerConfig::from_args(optimizer_kind(args)?, &args.optimizer.optimizer_args)?;
         config.rounding_seed = seed;

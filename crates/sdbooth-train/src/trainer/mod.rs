@@ -27,7 +27,7 @@ use crate::args::types::MixedPrecision;
 use crate::args::TrainArgs;
 use crate::error::{Result, TrainError};
 use crate::logs::StepRecord;
-use crate::loss::LossArgs;
+use crate::loss::{resize_masks, LossArgs};
 use crate::optim::Optimizer;
 use crate::plan::{Resume, TrainPlan};
 use crate::state::RunState;
@@ -299,8 +299,12 @@ impl<'a> Trainer<'a> {
                 self.model.vae.encode_to_latents(vae_params, &images, &noise, None)?
             }
         };
+        // Masks are resized to the latents' size here, on the host, and uploaded at that size.
         let masks = match loaded.masks {
-            Some(m) if self.plan.steps.masked_loss => Some(Tensor::from_vec(m, (b, h, w), device)?),
+            Some(m) if self.plan.steps.masked_loss => {
+                let (.., lh, lw) = latents.dims4()?;
+                Some(Tensor::from_vec(resize_masks(&m, b, (h, w), (lh, lw))?, (b, lh, lw), device)?)
+            }
             _ => None,
         };
         Ok(BatchInputs { latents, captions: loaded.captions, loss_weights: loaded.loss_weights, masks })
