@@ -124,9 +124,8 @@ fn select_device(choice: DeviceChoice, allow_tf32: bool) -> Result<SelectedDevic
                      (README: \"GPU (CUDA)\") or use --device cpu"
                 .into(),
         }),
-        DeviceChoice::Cuda(n) => {
-            probe_cuda(n, allow_tf32).map_err(|reason| TrainError::Device { choice: choice.to_string(), reason })
-        }
+        DeviceChoice::Cuda(n) => probe_cuda(n, allow_tf32)
+            .map_err(|reason| TrainError::Device { choice: choice.to_string(), reason }),
     }
 }
 

@@ -149,7 +149,12 @@ pub fn area_resize(src: &[f32], sh: usize, sw: usize, dh: usize, dw: usize) -> V
 /// The resize of custom_train_functions.apply_masked_loss (`interpolate(mode="area")`): `b`
 /// host masks of (mh, mw) in [0, 1], from the data loader, area-resized to the loss's (h, w). It
 /// runs on the host before the masks are uploaded, so the step never reads a mask back.
-pub fn resize_masks(masks: &[f32], b: usize, (mh, mw): (usize, usize), (h, w): (usize, usize)) -> Result<Vec<f32>> {
+pub fn resize_masks(
+    masks: &[f32],
+    b: usize,
+    (mh, mw): (usize, usize),
+    (h, w): (usize, usize),
+) -> Result<Vec<f32>> {
     if masks.len() != b * mh * mw || mh == 0 || mw == 0 {
         return Err(TrainError::Internal(format!("{} mask values for {b} masks of {mh}x{mw}", masks.len())));
     }

@@ -108,7 +108,8 @@ fn masks_are_area_resized_on_the_host_and_must_match_the_loss() {
     let loss = Tensor::ones((2, 4, 2, 3), DType::F32, &Device::Cpu).unwrap();
     let big = Tensor::from_vec(m.clone(), (2, 4, 6), &Device::Cpu).unwrap();
     assert!(apply_masked_loss(&loss, &big).is_err());
-    let small = Tensor::from_vec(resize_masks(&m, 2, (4, 6), (2, 3)).unwrap(), (2, 2, 3), &Device::Cpu).unwrap();
+    let small =
+        Tensor::from_vec(resize_masks(&m, 2, (4, 6), (2, 3)).unwrap(), (2, 2, 3), &Device::Cpu).unwrap();
     let masked = apply_masked_loss(&loss, &small).unwrap();
     assert_eq!(masked.dims(), [2, 4, 2, 3]);
     assert_eq!(vec(&masked.get(1).unwrap().get(3).unwrap()), vec(&small.get(1).unwrap()));
@@ -239,7 +240,10 @@ fn channel_means_are_the_host_means_bit_for_bit() {
         .collect();
     let got = channel_means(latents).unwrap();
     assert_eq!(got.len(), b * c);
-    assert_eq!(got.iter().map(|m| m.to_bits()).collect::<Vec<_>>(), host.iter().map(|m| m.to_bits()).collect::<Vec<_>>());
+    assert_eq!(
+        got.iter().map(|m| m.to_bits()).collect::<Vec<_>>(),
+        host.iter().map(|m| m.to_bits()).collect::<Vec<_>>()
+    );
 }
 
 #[test]

@@ -635,7 +635,13 @@ fn huge_sample_sizes_are_refused_before_loading() {
     let out = dir.path().join("train-out");
     let o = toy_train(
         &out,
-        &["--pretrained_model_name_or_path", "missing.safetensors", "--sample_at_first", "--sample_prompts", &p],
+        &[
+            "--pretrained_model_name_or_path",
+            "missing.safetensors",
+            "--sample_at_first",
+            "--sample_prompts",
+            &p,
+        ],
     );
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(!o.status.success());
