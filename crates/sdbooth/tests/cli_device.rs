@@ -92,3 +92,28 @@ fn device_cuda_without_a_gpu_fails_clearly() {
     let (_, err) = text(&o);
     assert!(o.status.success() && err.contains("device: CPU"), "{err}");
 }
+
+/// `--allow_tf32` would have no effect on the CPU, so a run that is on the CPU (`--device cpu`,
+/// or `auto` without a GPU) refuses it by name before reading the dataset or the model.
+#[test]
+fn allow_tf32_is_refused_on_the_cpu() {
+    for device in ["cpu", "auto"] {
+        let o = sdbooth(&[
+            "train",
+            "--device",
+            device,
+            "--allow_tf32",
+            "--pretrained_model_name_or_path",
+            "missing.safetensors",
+            "--train_data_dir",
+            "missing-folder",
+        ]);
+        let (_, err) = text(&o);
+        if err.contains("device: cuda") {
+            return; // `auto` on a machine with a usable GPU
+        }
+        assert!(!o.status.success(), "{device}: {err}");
+        assert!(err.contains("--allow_tf32: TF32 is a mode of NVIDIA GPUs"), "{device}: {err}");
+        assert!(!err.contains("missing"), "{device}: read the dataset or model first: {err}");
+    }
+}
