@@ -557,6 +557,24 @@ fn a_dataset_resolution_the_vae_cannot_encode_is_refused_by_key() {
     assert!(dir.path().join("out/m.safetensors").is_file());
 }
 
+/// The stderr of a toy training with samples from `prompts` (sampling at the first step) and a
+/// model that does not exist, which must be refused.
+fn sampling_run_refused(out: &Path, prompts: &str) -> String {
+    let o = toy_train(
+        out,
+        &[
+            "--pretrained_model_name_or_path",
+            "missing.safetensors",
+            "--sample_at_first",
+            "--sample_prompts",
+            prompts,
+        ],
+    );
+    let err = String::from_utf8_lossy(&o.stderr).into_owned();
+    assert!(!o.status.success(), "{err}");
+    err
+}
+
 /// Item 1, training samples: kohya rounds a sample's size down to a multiple of 8 (at least 64),
 /// so no size in a `--sample_prompts` file is lost; each rounded one is named by its line before
 /// the model is loaded, and 72x64 (a multiple of 8, not of 64) is sampled at that size. A prompt
@@ -569,18 +587,7 @@ fn sample_prompt_sizes_are_checked_before_loading() {
     let p = prompts.display().to_string();
     let missing = dir.path().join("none.txt").display().to_string();
     let out = dir.path().join("out");
-    let o = toy_train(
-        &out,
-        &[
-            "--pretrained_model_name_or_path",
-            "missing.safetensors",
-            "--sample_at_first",
-            "--sample_prompts",
-            &missing,
-        ],
-    );
-    let err = String::from_utf8_lossy(&o.stderr);
-    assert!(!o.status.success());
+    let err = sampling_run_refused(&out, &missing);
     assert!(err.contains("--sample_prompts: ") && err.contains("none.txt"), "{err}");
     assert!(!err.contains("missing.safetensors"), "the model was read first: {err}");
 
@@ -633,18 +640,7 @@ fn huge_sample_sizes_are_refused_before_loading() {
     write(&prompts, "sks dog --w 4096 --h 4096\n# big\nsks dog --w 100000 --s 2\n");
     let p = prompts.display().to_string();
     let out = dir.path().join("train-out");
-    let o = toy_train(
-        &out,
-        &[
-            "--pretrained_model_name_or_path",
-            "missing.safetensors",
-            "--sample_at_first",
-            "--sample_prompts",
-            &p,
-        ],
-    );
-    let err = String::from_utf8_lossy(&o.stderr);
-    assert!(!o.status.success());
+    let err = sampling_run_refused(&out, &p);
     assert!(err.contains(&format!("--sample_prompts: {p}:3 (--w 100000 --h 512): ")), "{err}");
     assert!(err.contains(limit) && !err.contains("missing.safetensors"), "{err}");
     assert!(!out.exists(), "training started before refusing");
