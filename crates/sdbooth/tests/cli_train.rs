@@ -75,3 +75,49 @@ fn train_save_state_and_resume_match_the_uninterrupted_run() {
         assert!(va == vc, "{ka}: the resumed run differs from the uninterrupted one");
     }
 }
+
+/// `--masked_loss` with `alpha_mask`: the trainer resizes each image's alpha mask to the latents'
+/// size on the host and weights the loss by it. With an opaque image (mask 1 everywhere) the
+/// losses are bit for bit those of the run without `--masked_loss`; with the left half
+/// transparent they differ, and the run trains.
+#[test]
+fn masked_loss_weights_the_loss_by_the_alpha_channel() {
+    let dir = tempfile::tempdir().unwrap();
+    let losses = |name: &str, transparent_half: bool, masked: bool| -> Vec<f64> {
+        let images = dir.path().join(name).join("img");
+        std::fs::create_dir_all(&images).unwrap();
+        let img = image::RgbaImage::from_fn(64, 64, |x, y| {
+            let alpha = if transparent_half && x < 32 { 0 } else { 255 };
+            image::Rgba([(x * 3) as u8, (y * 5) as u8, 128, alpha])
+        });
+        img.save(images.join("a.png")).unwrap();
+        let toml = dir.path().join(name).join("d.toml");
+        std::fs::write(
+            &toml,
+            "[[datasets]]\nresolution = 64\n[[datasets.subsets]]\nimage_dir = \"img\"\n\
+             class_tokens = \"sks\"\nalpha_mask = true\n",
+        )
+        .unwrap();
+        let out = dir.path().join(name).join("out");
+        let (toml_s, out_s) = (toml.display().to_string(), out.display().to_string());
+        let mut args = vec!["train", "--pretrained_model_name_or_path", "builtin:tiny-sd1"];
+        args.extend(["--dataset_config", &toml_s, "--output_dir", &out_s, "--max_train_steps", "3"]);
+        args.extend(["--seed", "7", "--learning_rate", "1e-4", "--save_model_as", "safetensors"]);
+        if masked {
+            args.push("--masked_loss");
+        }
+        let o = Command::new(env!("CARGO_BIN_EXE_sdbooth")).args(&args).output().expect("runs");
+        assert!(o.status.success(), "{name}: {}", String::from_utf8_lossy(&o.stderr));
+        let log = std::fs::read_to_string(out.join("train.jsonl")).unwrap();
+        log.lines()
+            .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["loss"].as_f64().unwrap())
+            .collect()
+    };
+    let plain = losses("opaque-plain", false, false);
+    let opaque = losses("opaque-masked", false, true);
+    let half = losses("half-masked", true, true);
+    assert_eq!(plain.len(), 3);
+    assert_eq!(opaque, plain, "a mask of ones changed the loss");
+    assert!(half.iter().all(|l| l.is_finite()), "{half:?}");
+    assert!(half[0] != plain[0], "the transparent half did not change the loss: {half:?} vs {plain:?}");
+}
