@@ -140,15 +140,17 @@ pub(crate) struct WeightGradOps<'a> {
 }
 
 /// The gradients of an op `(x, w[, b])`: the wanted ones (tracked operands) from its backward
-/// ops where the device has kernels, else from the autograd of its reference composition.
+/// ops where the device has kernels for them (`kernels`), else from the autograd of its reference
+/// composition.
 pub(crate) fn weight_op_grads(
     (x, w, b): (&Tensor, &Tensor, Option<&Tensor>),
     dy: &Tensor,
+    kernels: bool,
     reference: impl Fn(&Tensor, &Tensor, Option<&Tensor>) -> Result<Tensor>,
     ops: WeightGradOps<'_>,
 ) -> Result<[Option<Tensor>; 3]> {
     let (want_x, want_w, want_b) = (x.track_op(), w.track_op(), b.is_some_and(|b| b.track_op()));
-    if !has_kernels(dy.device()) {
+    if !kernels {
         let mut operands = vec![(x, want_x), (w, want_w)];
         operands.extend(b.map(|b| (b, want_b)));
         return reference_vjp(&operands, dy, |t| reference(&t[0], &t[1], t.get(2)));

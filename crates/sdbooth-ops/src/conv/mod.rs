@@ -2,10 +2,13 @@
 //!
 //! Forward is [`Conv2dOp`] (or [`Conv2dBiasOp`] with the bias fused); its backward applies one
 //! op per wanted gradient, [`Conv2dGradInput`], [`Conv2dGradWeight`] and [`Conv2dGradBias`], so
-//! each runs the kernel of the device its operands live on (`cpu.rs`). Nothing is saved between
-//! forward and backward but the operands themselves.
+//! each runs the kernel of the device its operands live on (`cpu.rs`; `cudnn.rs` on CUDA with the
+//! `cudnn` feature, where the bias is a broadcast add instead). Nothing is saved between forward
+//! and backward but the operands themselves. Devices without either run `generic.rs`.
 
 pub(crate) mod cpu;
+#[cfg(feature = "cudnn")]
+mod cudnn;
 pub(crate) mod generic;
 
 use crate::backend::{self, expect_dims, WeightGradOps};
@@ -19,16 +22,31 @@ use candle_core::{bail, CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layo
 /// CPU kernel is tuned for SD's 3x3 (stride 1 and 2, padding 1) and 1x1. bf16 operands compute in
 /// bf16 with f32 sums (PyTorch autocast's conv2d). Devices without our kernels run
 /// [`generic::conv2d`] (candle's forward, a backward of GEMMs and forward convolutions).
+/// With the `cudnn` feature, CUDA runs forward and gradients through cuDNN.
 pub fn conv2d(x: &Tensor, w: &Tensor, b: Option<&Tensor>, stride: usize, padding: usize) -> Result<Tensor> {
-    if !backend::has_kernels(x.device()) {
+    if !has_conv_kernels(x.device()) {
         return generic::conv2d(x, w, b, stride, padding);
     }
-    crate::tune_allocator();
+    let on_cpu = x.device().is_cpu();
+    if on_cpu {
+        crate::tune_allocator();
+    }
     let (x, w) = (x.contiguous()?, w.contiguous()?);
     match b {
-        Some(b) => x.apply_op3(&w, &b.contiguous()?, Conv2dBiasOp { stride, pad: padding }),
+        Some(b) if on_cpu => x.apply_op3(&w, &b.contiguous()?, Conv2dBiasOp { stride, pad: padding }),
+        Some(b) => {
+            let y = x.apply_op2(&w, Conv2dOp { stride, pad: padding })?;
+            expect_dims("conv2d", "bias", b.dims(), &[y.dim(1)?])?;
+            y.broadcast_add(&b.reshape((1, b.dim(0)?, 1, 1))?)
+        }
         None => x.apply_op2(&w, Conv2dOp { stride, pad: padding }),
     }
+}
+
+/// Whether conv2d's custom ops have kernels on `device`: ours on the CPU, cuDNN's on CUDA with
+/// the `cudnn` feature.
+fn has_conv_kernels(device: &candle_core::Device) -> bool {
+    backend::has_kernels(device) || (cfg!(feature = "cudnn") && device.is_cuda())
 }
 
 /// FLOPs of one conv2d forward (for benchmarks): `2·B·Cout·Cin·kh·kw·Ho·Wo`.
@@ -122,6 +140,18 @@ impl CustomOp2 for Conv2dOp {
         Ok((storage_from_f32(y, s1.dtype())?, Shape::from(&g.y_dims())))
     }
 
+    #[cfg(feature = "cudnn")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        let g = Geom::new(l1.dims(), l2.dims(), self.stride, self.pad)?;
+        Ok((cudnn::forward(&g, (s1, l1), (s2, l2))?, Shape::from(&g.y_dims())))
+    }
+
     fn bwd(
         &self,
         x: &Tensor,
@@ -195,7 +225,8 @@ fn conv2d_grads(
         weight: &|dy| x.apply_op2_no_bwd(dy, &Conv2dGradWeight { geom }),
         bias: &|dy| dy.apply_op1_no_bwd(&Conv2dGradBias { geom, dtype: bias_dtype }),
     };
-    backend::weight_op_grads((x, w, b), dy, |x, w, b| reference::conv2d(x, w, b, stride, pad), ops)
+    let kernels = has_conv_kernels(dy.device());
+    backend::weight_op_grads((x, w, b), dy, kernels, |x, w, b| reference::conv2d(x, w, b, stride, pad), ops)
 }
 
 /// Backward `(w, dy) -> dx`.
@@ -224,6 +255,20 @@ impl CustomOp2 for Conv2dGradInput {
         };
         Ok((storage_from_f32(dx, s1.dtype())?, Shape::from(&g.x_dims())))
     }
+
+    #[cfg(feature = "cudnn")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        let g = &self.geom;
+        expect_dims(self.name(), "weight", l1.dims(), &g.w_dims())?;
+        expect_dims(self.name(), "output gradient", l2.dims(), &g.y_dims())?;
+        Ok((cudnn::grad_input(g, (s1, l1), (s2, l2))?, Shape::from(&g.x_dims())))
+    }
 }
 
 /// Backward `(x, dy) -> dw`, summed over the batch.
@@ -251,6 +296,20 @@ impl CustomOp2 for Conv2dGradWeight {
             _ => cpu::grad_weight(g, &storage_f32(s1, l1)?, &storage_f32(s2, l2)?),
         };
         Ok((storage_from_f32(dw, s1.dtype())?, Shape::from(&g.w_dims())))
+    }
+
+    #[cfg(feature = "cudnn")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        let g = &self.geom;
+        expect_dims(self.name(), "input", l1.dims(), &g.x_dims())?;
+        expect_dims(self.name(), "output gradient", l2.dims(), &g.y_dims())?;
+        Ok((cudnn::grad_weight(g, (s1, l1), (s2, l2))?, Shape::from(&g.w_dims())))
     }
 }
 

@@ -146,7 +146,7 @@ fn linear_grads(x: &Tensor, w: &Tensor, b: Option<&Tensor>, dy: &Tensor) -> Resu
         weight: &|dy| x.apply_op2_no_bwd(dy, &LinearGradWeight { geom }),
         bias: &|dy| dy.apply_op1_no_bwd(&LinearGradBias { geom, dtype: bias_dtype }),
     };
-    backend::weight_op_grads((x, w, b), dy, reference::linear, ops)
+    backend::weight_op_grads((x, w, b), dy, backend::has_kernels(dy.device()), reference::linear, ops)
 }
 
 /// `x` flattened to `[rows, inp]`, `w` is `[out, inp]`.
