@@ -3,21 +3,26 @@
 //! stream.
 //!
 //! Per thread and GPU (cuDNN handles are neither `Send` nor `Sync`, as candle's own cuDNN
-//! forward also notes) this keeps one cuDNN handle, a [`Plan`] per convolution shape and dtype
-//! (the descriptors, and each direction's algorithm as cuDNN's heuristics pick it on first use),
-//! and one workspace buffer that grows to the largest request and is then reused.
-//! bf16/f16 operands compute with f32 accumulation (compute type f32), tensor-op math allowed;
-//! f32 uses f32 compute without TF32 conversion (cuDNN's default math for f32 descriptors).
+//! forward also notes) this keeps one cuDNN handle, a [`Plan`] per convolution ([`Params`]) and
+//! dtype (the descriptors, and each direction's algorithm as cuDNN's heuristics pick it on first
+//! use), and one workspace buffer that grows to the largest request and is then reused. When the
+//! picked algorithm's workspace cannot be allocated, that direction falls back for good to an
+//! algorithm that needs none. bf16/f16 operands compute with f32 accumulation (compute type f32),
+//! tensor cores allowed; f32 computes with FMA kernels only, never TF32 (see [`math`]).
+//!
+//! Operands must be contiguous NCHW (KCRS for the filter): `conv2d` makes `x` and `w` contiguous
+//! before the forward and `backend::weight_op_grads` makes `dy` contiguous before the gradients.
 //!
 //! Compiled only with `--features cudnn`; checked against the CPU by `sdbooth selftest --device
-//! cuda` on a GPU.
+//! cuda` on a GPU (conv2d forward, dx, dw and the bias gradient, in f32, bf16 and f16).
 
+use super::cudnn_params::{math, Math, Params};
 use super::Geom;
 use candle_core::cuda_backend::cudarc::cudnn::{
-    sys, ConvBackwardData, ConvBackwardFilter, ConvDescriptor, ConvForward, Cudnn, CudnnDataType,
+    sys, ConvBackwardData, ConvBackwardFilter, ConvDescriptor, ConvForward, Cudnn, CudnnDataType, CudnnError,
     FilterDescriptor, TensorDescriptor,
 };
-use candle_core::cuda_backend::cudarc::driver::{CudaSlice, DeviceRepr};
+use candle_core::cuda_backend::cudarc::driver::{CudaSlice, CudaView, DeviceRepr};
 use candle_core::cuda_backend::{CudaDType, DeviceId};
 use candle_core::{bail, CudaDevice, CudaStorage, DType, Layout, Result, WithDType};
 use half::{bf16, f16};
@@ -43,7 +48,7 @@ impl Elem for f16 {
     type Compute = f32;
 }
 
-/// The descriptors of one convolution shape and dtype, and the algorithms picked for it.
+/// The descriptors of one convolution and dtype, and the algorithms picked for it.
 struct Plan<T: Elem> {
     conv: ConvDescriptor<T::Compute>,
     x: TensorDescriptor<T>,
@@ -57,15 +62,9 @@ struct Plan<T: Elem> {
 /// What one thread keeps for one GPU.
 struct DeviceState {
     cudnn: Arc<Cudnn>,
-    /// Keyed by geometry and dtype; each value is a `Plan<T>` for that dtype's `T`.
-    plans: HashMap<(GeomKey, DType), Box<dyn Any>>,
+    /// Each value is a `Plan<T>` for its key's dtype's `T`.
+    plans: HashMap<(Params, DType), Box<dyn Any>>,
     workspace: Option<CudaSlice<u8>>,
-}
-
-type GeomKey = [usize; 9];
-
-fn key(g: &Geom) -> GeomKey {
-    [g.b, g.cin, g.h, g.w, g.cout, g.kh, g.kw, g.stride, g.pad]
 }
 
 thread_local! {
@@ -76,37 +75,28 @@ fn err(what: &str, e: impl std::fmt::Display) -> candle_core::Error {
     candle_core::Error::Msg(format!("conv2d (cuDNN): {what}: {e}"))
 }
 
-fn dims_i32(d: [usize; 4]) -> [i32; 4] {
-    d.map(|v| v as i32)
-}
-
 impl<T: Elem> Plan<T> {
-    fn new(cudnn: &Arc<Cudnn>, g: &Geom) -> Result<Self> {
+    fn new(cudnn: &Arc<Cudnn>, p: &Params) -> Result<Self> {
         let nchw = sys::cudnnTensorFormat_t::CUDNN_TENSOR_NCHW;
-        let (p, s) = (g.pad as i32, g.stride as i32);
         let mut conv = cudnn
             .create_conv2d::<T::Compute>(
-                [p, p],
-                [s, s],
-                [1, 1],
+                p.pad,
+                p.stride,
+                p.dilation,
                 sys::cudnnConvolutionMode_t::CUDNN_CROSS_CORRELATION,
             )
             .map_err(|e| err("convolution descriptor", e))?;
-        if matches!(T::DTYPE, DType::BF16 | DType::F16) {
-            conv.set_math_type(sys::cudnnMathType_t::CUDNN_TENSOR_OP_MATH)
-                .map_err(|e| err("math type", e))?;
-        }
+        let math_type = match math(T::DTYPE) {
+            Math::Fma => sys::cudnnMathType_t::CUDNN_FMA_MATH,
+            Math::TensorOp => sys::cudnnMathType_t::CUDNN_TENSOR_OP_MATH,
+            Math::Default => sys::cudnnMathType_t::CUDNN_DEFAULT_MATH,
+        };
+        conv.set_math_type(math_type).map_err(|e| err("math type", e))?;
         Ok(Plan {
             conv,
-            x: cudnn
-                .create_4d_tensor::<T>(nchw, dims_i32(g.x_dims()))
-                .map_err(|e| err("input descriptor", e))?,
-            w: cudnn
-                .create_4d_filter::<T>(nchw, dims_i32(g.w_dims()))
-                .map_err(|e| err("filter descriptor", e))?,
-            y: cudnn
-                .create_4d_tensor::<T>(nchw, dims_i32(g.y_dims()))
-                .map_err(|e| err("output descriptor", e))?,
+            x: cudnn.create_4d_tensor::<T>(nchw, p.x).map_err(|e| err("input descriptor", e))?,
+            w: cudnn.create_4d_filter::<T>(nchw, p.w).map_err(|e| err("filter descriptor", e))?,
+            y: cudnn.create_4d_tensor::<T>(nchw, p.y).map_err(|e| err("output descriptor", e))?,
             forward: None,
             data: None,
             filter: None,
@@ -114,14 +104,14 @@ impl<T: Elem> Plan<T> {
     }
 }
 
-/// Runs `f` with this thread's state for `dev`: the plan for `g` and `T`, and the workspace slot
-/// (see [`workspace`]).
+/// Runs `f` with this thread's state for `dev`: the plan for `g` and `T`, and the workspace slot.
 fn with_plan<T: Elem, R>(
     dev: &CudaDevice,
     g: &Geom,
     f: impl FnOnce(&mut Plan<T>, &mut Option<CudaSlice<u8>>) -> Result<R>,
 ) -> Result<R> {
     use std::collections::hash_map::Entry;
+    let params = Params::new(g)?;
     STATE.with(|state| {
         let mut state = state.borrow_mut();
         let st = match state.entry(dev.id()) {
@@ -131,9 +121,9 @@ fn with_plan<T: Elem, R>(
                 e.insert(DeviceState { cudnn, plans: HashMap::new(), workspace: None })
             }
         };
-        let entry = match st.plans.entry((key(g), T::DTYPE)) {
+        let entry = match st.plans.entry((params, T::DTYPE)) {
             Entry::Occupied(e) => e.into_mut(),
-            Entry::Vacant(e) => e.insert(Box::new(Plan::<T>::new(&st.cudnn, g)?)),
+            Entry::Vacant(e) => e.insert(Box::new(Plan::<T>::new(&st.cudnn, &params)?)),
         };
         let Some(plan) = entry.downcast_mut::<Plan<T>>() else {
             bail!("conv2d (cuDNN): plan cache holds another dtype's plan")
@@ -142,31 +132,50 @@ fn with_plan<T: Elem, R>(
     })
 }
 
-/// The reused workspace, grown to at least `bytes` (none when cuDNN needs none).
-fn workspace<'a>(
-    slot: &'a mut Option<CudaSlice<u8>>,
-    dev: &CudaDevice,
-    bytes: usize,
-) -> Result<Option<&'a mut CudaSlice<u8>>> {
-    if bytes == 0 {
-        return Ok(None);
+/// Grows the reused workspace to at least `bytes`.
+fn grow(slot: &mut Option<CudaSlice<u8>>, dev: &CudaDevice, bytes: usize) -> Result<()> {
+    if bytes == 0 || slot.as_ref().is_some_and(|w| w.len() >= bytes) {
+        return Ok(());
     }
-    let big_enough = match slot {
-        Some(w) => w.len() >= bytes,
-        None => false,
-    };
-    if !big_enough {
-        *slot = None; // free the smaller buffer before allocating the larger one
-                      // Scratch space: its contents are never read before cuDNN writes them.
-        *slot = Some(unsafe { dev.alloc::<u8>(bytes)? });
-    }
-    Ok(slot.as_mut())
+    *slot = None; // free the smaller buffer before allocating the larger one
+                  // Scratch space: its contents are never read before cuDNN writes them.
+    *slot = Some(unsafe { dev.alloc::<u8>(bytes)? });
+    Ok(())
 }
 
-fn operand<'a, T: Elem>(
-    s: &'a CudaStorage,
-    l: &Layout,
-) -> Result<candle_core::cuda_backend::cudarc::driver::CudaView<'a, T>> {
+/// One direction's algorithm and the workspace to run it with (none when it needs none). The
+/// first call asks cuDNN's heuristics (`pick`) and keeps the answer in `cached`. When that
+/// algorithm's workspace cannot be allocated (GPU memory is short), `lean`, an algorithm that
+/// needs no workspace, replaces it for this plan from then on.
+fn algorithm_and_workspace<'s, A: Copy + PartialEq>(
+    direction: &str,
+    cached: &mut Option<A>,
+    pick: impl FnOnce() -> std::result::Result<A, CudnnError>,
+    workspace_size: impl Fn(A) -> std::result::Result<usize, CudnnError>,
+    lean: A,
+    (slot, dev): (&'s mut Option<CudaSlice<u8>>, &CudaDevice),
+) -> Result<(A, Option<&'s mut CudaSlice<u8>>)> {
+    let size = |algo| workspace_size(algo).map_err(|e| err(&format!("{direction} workspace size"), e));
+    let mut algo = match *cached {
+        Some(a) => a,
+        None => *cached.insert(pick().map_err(|e| err(&format!("{direction} algorithm"), e))?),
+    };
+    let mut bytes = size(algo)?;
+    if let Err(e) = grow(slot, dev, bytes) {
+        if algo == lean {
+            return Err(err(&format!("{direction} workspace of {bytes} bytes"), e));
+        }
+        tracing::debug!(
+            "conv2d (cuDNN): {direction} workspace of {bytes} bytes: {e}; using an algorithm without"
+        );
+        algo = *cached.insert(lean);
+        bytes = size(algo)?;
+        grow(slot, dev, bytes).map_err(|e| err(&format!("{direction} workspace of {bytes} bytes"), e))?;
+    }
+    Ok((algo, if bytes == 0 { None } else { slot.as_mut() }))
+}
+
+fn operand<'a, T: Elem>(s: &'a CudaStorage, l: &Layout) -> Result<CudaView<'a, T>> {
     let Some((start, end)) = l.contiguous_offsets() else {
         bail!("conv2d (cuDNN): operand is not contiguous (shape {:?})", l.shape())
     };
@@ -176,6 +185,11 @@ fn operand<'a, T: Elem>(
 fn output<T: Elem>(dev: &CudaDevice, len: usize) -> Result<CudaSlice<T>> {
     // beta = 0: cuDNN overwrites every element, so no zero fill is needed.
     unsafe { dev.alloc::<T>(len) }
+}
+
+/// alpha = 1, beta = 0: the result replaces the output buffer's contents.
+fn scaling<T: Elem>() -> (T, T) {
+    (T::from_f64(1.0), T::from_f64(0.0))
 }
 
 fn forward_t<T: Elem>(
@@ -188,13 +202,15 @@ fn forward_t<T: Elem>(
     let mut y = output::<T>(dev, g.y_dims().iter().product())?;
     with_plan::<T, _>(dev, g, |plan, slot| {
         let op = ConvForward { conv: &plan.conv, x: &plan.x, w: &plan.w, y: &plan.y };
-        let algo = match plan.forward {
-            Some(a) => a,
-            None => *plan.forward.insert(op.pick_algorithm().map_err(|e| err("forward algorithm", e))?),
-        };
-        let ws = workspace(slot, dev, op.get_workspace_size(algo).map_err(|e| err("forward workspace", e))?)?;
-        unsafe { op.launch(algo, ws, (T::from_f64(1.0), T::from_f64(0.0)), &xv, &wv, &mut y) }
-            .map_err(|e| err("forward", e))
+        let (algo, ws) = algorithm_and_workspace(
+            "forward",
+            &mut plan.forward,
+            || op.pick_algorithm(),
+            |a| op.get_workspace_size(a),
+            sys::cudnnConvolutionFwdAlgo_t::CUDNN_CONVOLUTION_FWD_ALGO_IMPLICIT_GEMM,
+            (slot, dev),
+        )?;
+        unsafe { op.launch(algo, ws, scaling::<T>(), &xv, &wv, &mut y) }.map_err(|e| err("forward", e))
     })?;
     Ok(CudaStorage::wrap_cuda_slice(y, dev.clone()))
 }
@@ -209,16 +225,15 @@ fn grad_input_t<T: Elem>(
     let mut dx = output::<T>(dev, g.x_dims().iter().product())?;
     with_plan::<T, _>(dev, g, |plan, slot| {
         let op = ConvBackwardData { conv: &plan.conv, dx: &plan.x, w: &plan.w, dy: &plan.y };
-        let algo = match plan.data {
-            Some(a) => a,
-            None => *plan.data.insert(op.pick_algorithm().map_err(|e| err("backward-data algorithm", e))?),
-        };
-        let ws = workspace(
-            slot,
-            dev,
-            op.get_workspace_size(algo).map_err(|e| err("backward-data workspace", e))?,
+        let (algo, ws) = algorithm_and_workspace(
+            "backward-data",
+            &mut plan.data,
+            || op.pick_algorithm(),
+            |a| op.get_workspace_size(a),
+            sys::cudnnConvolutionBwdDataAlgo_t::CUDNN_CONVOLUTION_BWD_DATA_ALGO_0,
+            (slot, dev),
         )?;
-        unsafe { op.launch(algo, ws, (T::from_f64(1.0), T::from_f64(0.0)), &mut dx, &wv, &dyv) }
+        unsafe { op.launch(algo, ws, scaling::<T>(), &mut dx, &wv, &dyv) }
             .map_err(|e| err("backward-data", e))
     })?;
     Ok(CudaStorage::wrap_cuda_slice(dx, dev.clone()))
@@ -234,18 +249,15 @@ fn grad_weight_t<T: Elem>(
     let mut dw = output::<T>(dev, g.w_dims().iter().product())?;
     with_plan::<T, _>(dev, g, |plan, slot| {
         let op = ConvBackwardFilter { conv: &plan.conv, x: &plan.x, dw: &plan.w, dy: &plan.y };
-        let algo = match plan.filter {
-            Some(a) => a,
-            None => {
-                *plan.filter.insert(op.pick_algorithm().map_err(|e| err("backward-filter algorithm", e))?)
-            }
-        };
-        let ws = workspace(
-            slot,
-            dev,
-            op.get_workspace_size(algo).map_err(|e| err("backward-filter workspace", e))?,
+        let (algo, ws) = algorithm_and_workspace(
+            "backward-filter",
+            &mut plan.filter,
+            || op.pick_algorithm(),
+            |a| op.get_workspace_size(a),
+            sys::cudnnConvolutionBwdFilterAlgo_t::CUDNN_CONVOLUTION_BWD_FILTER_ALGO_0,
+            (slot, dev),
         )?;
-        unsafe { op.launch(algo, ws, (T::from_f64(1.0), T::from_f64(0.0)), &xv, &mut dw, &dyv) }
+        unsafe { op.launch(algo, ws, scaling::<T>(), &xv, &mut dw, &dyv) }
             .map_err(|e| err("backward-filter", e))
     })?;
     Ok(CudaStorage::wrap_cuda_slice(dw, dev.clone()))

@@ -9,6 +9,8 @@
 pub(crate) mod cpu;
 #[cfg(feature = "cudnn")]
 mod cudnn;
+#[cfg(any(feature = "cudnn", test))]
+mod cudnn_params;
 pub(crate) mod generic;
 
 use crate::backend::{self, expect_dims, WeightGradOps};
@@ -37,7 +39,8 @@ pub fn conv2d(x: &Tensor, w: &Tensor, b: Option<&Tensor>, stride: usize, padding
         Some(b) => {
             let y = x.apply_op2(&w, Conv2dOp { stride, pad: padding })?;
             expect_dims("conv2d", "bias", b.dims(), &[y.dim(1)?])?;
-            y.broadcast_add(&b.reshape((1, b.dim(0)?, 1, 1))?)
+            // Any bias dtype, as on the CPU (its gradient comes back in its own dtype).
+            y.broadcast_add(&b.to_dtype(y.dtype())?.reshape((1, b.dim(0)?, 1, 1))?)
         }
         None => x.apply_op2(&w, Conv2dOp { stride, pad: padding }),
     }
