@@ -137,8 +137,9 @@ fn grow(slot: &mut Option<CudaSlice<u8>>, dev: &CudaDevice, bytes: usize) -> Res
     if bytes == 0 || slot.as_ref().is_some_and(|w| w.len() >= bytes) {
         return Ok(());
     }
-    *slot = None; // free the smaller buffer before allocating the larger one
-                  // Scratch space: its contents are never read before cuDNN writes them.
+    // Free the smaller buffer before allocating the larger one.
+    *slot = None;
+    // Scratch space: its contents are never read before cuDNN writes them.
     *slot = Some(unsafe { dev.alloc::<u8>(bytes)? });
     Ok(())
 }

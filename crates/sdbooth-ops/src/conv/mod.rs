@@ -237,6 +237,16 @@ pub(crate) struct Conv2dGradInput {
     pub geom: Geom,
 }
 
+impl Conv2dGradInput {
+    /// The geometry, after checking the operands `(w, dy)` have its shapes.
+    fn checked(&self, w: &Layout, dy: &Layout) -> Result<&Geom> {
+        let g = &self.geom;
+        expect_dims(self.name(), "weight", w.dims(), &g.w_dims())?;
+        expect_dims(self.name(), "output gradient", dy.dims(), &g.y_dims())?;
+        Ok(g)
+    }
+}
+
 impl CustomOp2 for Conv2dGradInput {
     fn name(&self) -> &'static str {
         "sdbooth-conv2d-grad-input"
@@ -249,9 +259,7 @@ impl CustomOp2 for Conv2dGradInput {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let g = &self.geom;
-        expect_dims(self.name(), "weight", l1.dims(), &g.w_dims())?;
-        expect_dims(self.name(), "output gradient", l2.dims(), &g.y_dims())?;
+        let g = self.checked(l1, l2)?;
         let dx = match (storage_bf16(s1, l1)?, storage_bf16(s2, l2)?) {
             (Some(w), Some(dy)) => cpu::grad_input(g, w, dy),
             _ => cpu::grad_input(g, &storage_f32(s1, l1)?, &storage_f32(s2, l2)?),
@@ -267,9 +275,7 @@ impl CustomOp2 for Conv2dGradInput {
         s2: &candle_core::CudaStorage,
         l2: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        let g = &self.geom;
-        expect_dims(self.name(), "weight", l1.dims(), &g.w_dims())?;
-        expect_dims(self.name(), "output gradient", l2.dims(), &g.y_dims())?;
+        let g = self.checked(l1, l2)?;
         Ok((cudnn::grad_input(g, (s1, l1), (s2, l2))?, Shape::from(&g.x_dims())))
     }
 }
@@ -277,6 +283,16 @@ impl CustomOp2 for Conv2dGradInput {
 /// Backward `(x, dy) -> dw`, summed over the batch.
 pub(crate) struct Conv2dGradWeight {
     pub geom: Geom,
+}
+
+impl Conv2dGradWeight {
+    /// The geometry, after checking the operands `(x, dy)` have its shapes.
+    fn checked(&self, x: &Layout, dy: &Layout) -> Result<&Geom> {
+        let g = &self.geom;
+        expect_dims(self.name(), "input", x.dims(), &g.x_dims())?;
+        expect_dims(self.name(), "output gradient", dy.dims(), &g.y_dims())?;
+        Ok(g)
+    }
 }
 
 impl CustomOp2 for Conv2dGradWeight {
@@ -291,9 +307,7 @@ impl CustomOp2 for Conv2dGradWeight {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let g = &self.geom;
-        expect_dims(self.name(), "input", l1.dims(), &g.x_dims())?;
-        expect_dims(self.name(), "output gradient", l2.dims(), &g.y_dims())?;
+        let g = self.checked(l1, l2)?;
         let dw = match (storage_bf16(s1, l1)?, storage_bf16(s2, l2)?) {
             (Some(x), Some(dy)) => cpu::grad_weight(g, x, dy),
             _ => cpu::grad_weight(g, &storage_f32(s1, l1)?, &storage_f32(s2, l2)?),
@@ -309,9 +323,7 @@ impl CustomOp2 for Conv2dGradWeight {
         s2: &candle_core::CudaStorage,
         l2: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        let g = &self.geom;
-        expect_dims(self.name(), "input", l1.dims(), &g.x_dims())?;
-        expect_dims(self.name(), "output gradient", l2.dims(), &g.y_dims())?;
+        let g = self.checked(l1, l2)?;
         Ok((cudnn::grad_weight(g, (s1, l1), (s2, l2))?, Shape::from(&g.w_dims())))
     }
 }
