@@ -8,7 +8,8 @@
 //! use), and one workspace buffer that grows to the largest request and is then reused. When the
 //! picked algorithm's workspace cannot be allocated, that direction falls back for good to an
 //! algorithm that needs none. bf16/f16 operands compute with f32 accumulation (compute type f32),
-//! tensor cores allowed; f32 computes with FMA kernels only, never TF32 (see [`math`]).
+//! tensor cores allowed; f32 computes with FMA kernels only, no TF32, unless `--allow_tf32`
+//! (candle's reduced-precision f32 switch) is on (see [`math`]).
 //!
 //! Operands must be contiguous NCHW (KCRS for the filter): `conv2d` makes `x` and `w` contiguous
 //! before the forward and `backend::weight_op_grads` makes `dy` contiguous before the gradients.
@@ -63,7 +64,7 @@ struct Plan<T: Elem> {
 struct DeviceState {
     cudnn: Arc<Cudnn>,
     /// Each value is a `Plan<T>` for its key's dtype's `T`.
-    plans: HashMap<(Params, DType), Box<dyn Any>>,
+    plans: HashMap<(Params, DType, Math), Box<dyn Any>>,
     workspace: Option<CudaSlice<u8>>,
 }
 
@@ -76,7 +77,7 @@ fn err(what: &str, e: impl std::fmt::Display) -> candle_core::Error {
 }
 
 impl<T: Elem> Plan<T> {
-    fn new(cudnn: &Arc<Cudnn>, p: &Params) -> Result<Self> {
+    fn new(cudnn: &Arc<Cudnn>, p: &Params, math: Math) -> Result<Self> {
         let nchw = sys::cudnnTensorFormat_t::CUDNN_TENSOR_NCHW;
         let mut conv = cudnn
             .create_conv2d::<T::Compute>(
@@ -86,7 +87,7 @@ impl<T: Elem> Plan<T> {
                 sys::cudnnConvolutionMode_t::CUDNN_CROSS_CORRELATION,
             )
             .map_err(|e| err("convolution descriptor", e))?;
-        let math_type = match math(T::DTYPE) {
+        let math_type = match math {
             Math::Fma => sys::cudnnMathType_t::CUDNN_FMA_MATH,
             Math::TensorOp => sys::cudnnMathType_t::CUDNN_TENSOR_OP_MATH,
             Math::Default => sys::cudnnMathType_t::CUDNN_DEFAULT_MATH,
@@ -112,6 +113,7 @@ fn with_plan<T: Elem, R>(
 ) -> Result<R> {
     use std::collections::hash_map::Entry;
     let params = Params::new(g)?;
+    let math_mode = math(T::DTYPE, candle_core::cuda_backend::gemm_reduced_precision_f32());
     STATE.with(|state| {
         let mut state = state.borrow_mut();
         let st = match state.entry(dev.id()) {
@@ -121,9 +123,9 @@ fn with_plan<T: Elem, R>(
                 e.insert(DeviceState { cudnn, plans: HashMap::new(), workspace: None })
             }
         };
-        let entry = match st.plans.entry((params, T::DTYPE)) {
+        let entry = match st.plans.entry((params, T::DTYPE, math_mode)) {
             Entry::Occupied(e) => e.into_mut(),
-            Entry::Vacant(e) => e.insert(Box::new(Plan::<T>::new(&st.cudnn, &params)?)),
+            Entry::Vacant(e) => e.insert(Box::new(Plan::<T>::new(&st.cudnn, &params, math_mode)?)),
         };
         let Some(plan) = entry.downcast_mut::<Plan<T>>() else {
             bail!("conv2d (cuDNN): plan cache holds another dtype's plan")

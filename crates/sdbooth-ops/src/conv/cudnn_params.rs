@@ -1,5 +1,5 @@
 //! What conv2d tells cuDNN, as plain values: the descriptors' dimensions and convolution
-//! parameters (which are also the plan-cache key), and the math mode per dtype. Kept apart from
+//! parameters and the math mode (together with the dtype, the plan-cache key). Kept apart from
 //! `cudnn.rs`, which needs the `cudnn` feature and a GPU, so that the CPU tests check it.
 
 use super::Geom;
@@ -46,20 +46,22 @@ impl Params {
 }
 
 /// The math mode of a convolution descriptor.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub(crate) enum Math {
-    /// FMA kernels only. For f32: cuDNN's default math lets Ampere and newer GPUs round f32
-    /// operands to TF32 (~1e-3 relative error), and an f32 run asks for f32.
+    /// FMA kernels only: f32 without `--allow_tf32`. cuDNN's default math lets Ampere and newer
+    /// GPUs round f32 operands to TF32 (~1e-3 relative error), and such a run asks for f32.
     Fma,
     /// Tensor cores allowed; the compute type (f32) keeps the accumulation in f32.
     TensorOp,
-    /// cuDNN's default (f64: there is no reduced-precision f64 path).
+    /// cuDNN's default: f32 with `--allow_tf32` (TF32 allowed on Ampere and newer), f64.
     Default,
 }
 
-/// The math mode for operands of `dtype`.
-pub(crate) fn math(dtype: DType) -> Math {
+/// The math mode for operands of `dtype`; `allow_tf32` is `--allow_tf32` (candle's switch for
+/// reduced-precision f32 GEMMs, which the trainer sets from it).
+pub(crate) fn math(dtype: DType, allow_tf32: bool) -> Math {
     match dtype {
+        DType::F32 if allow_tf32 => Math::Default,
         DType::F32 => Math::Fma,
         DType::BF16 | DType::F16 => Math::TensorOp,
         _ => Math::Default,
@@ -145,12 +147,15 @@ mod tests {
         assert!(e.contains("input dimension 2147483648"), "{e}");
     }
 
-    /// f32 stays f32 (no TF32), half types may use tensor cores.
+    /// f32 stays f32 (no TF32) unless `--allow_tf32`; half types may use tensor cores.
     #[test]
     fn math_mode_per_dtype() {
-        assert_eq!(math(DType::F32), Math::Fma);
-        assert_eq!(math(DType::BF16), Math::TensorOp);
-        assert_eq!(math(DType::F16), Math::TensorOp);
-        assert_eq!(math(DType::F64), Math::Default);
+        assert_eq!(math(DType::F32, false), Math::Fma);
+        assert_eq!(math(DType::F32, true), Math::Default);
+        for allow_tf32 in [false, true] {
+            assert_eq!(math(DType::BF16, allow_tf32), Math::TensorOp);
+            assert_eq!(math(DType::F16, allow_tf32), Math::TensorOp);
+            assert_eq!(math(DType::F64, allow_tf32), Math::Default);
+        }
     }
 }
