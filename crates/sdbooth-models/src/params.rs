@@ -134,40 +134,74 @@ impl ParamStore {
 
 /// Parameter access for one run: tracked or detached, optionally cast to a compute dtype. The
 /// U-Net, the text encoder and the VAE all read their weights through it.
+///
+/// Two dtypes matter: the compute dtype of the matrix products (the weights of linear and conv
+/// layers, read with [`gemm_wb`](Self::gemm_wb)) and that of the activations (everything else).
+/// They are the same except for bf16 compute where sdbooth-ops takes f32 activations with bf16
+/// weights ([`sdbooth_ops::mixes_bf16_operands`], the CPU): there activations, norms and biases
+/// stay f32 and only the products run in bf16 (f32 sums), as PyTorch's autocast does for its
+/// bf16 ops. Element-wise ops then run on f32 and no activation is cast.
 pub(crate) struct Weights<'a> {
     pub params: &'a ParamStore,
     /// false: detached views (share storage, record no graph).
     pub track: bool,
-    /// Compute dtype; weights are cast per use (the cast is differentiable, so gradients of f32
-    /// master weights come back in f32).
+    /// Compute dtype of the products; weights are cast per use (the cast is differentiable, so
+    /// gradients of f32 master weights come back in f32).
     pub dtype: Option<DType>,
 }
 
 impl Weights<'_> {
-    pub(crate) fn get(&self, name: &str) -> Result<Tensor, ModelError> {
+    /// The parameter `name`, tracked or detached as the run asks.
+    fn param(&self, name: &str) -> Result<Tensor, ModelError> {
         let t = self.params.get(name)?;
-        let t = if self.track { t.clone() } else { t.detach() };
-        self.cast(&t)
+        Ok(if self.track { t.clone() } else { t.detach() })
     }
 
-    /// `{prefix}.weight` and `{prefix}.bias`.
+    /// The parameter `name` in the activation dtype (norm scales, biases, embedding tables).
+    pub(crate) fn get(&self, name: &str) -> Result<Tensor, ModelError> {
+        self.cast(&self.param(name)?)
+    }
+
+    /// `{prefix}.weight` and `{prefix}.bias`, in the activation dtype (a norm's scale and shift).
     pub(crate) fn wb(&self, prefix: &str) -> Result<(Tensor, Tensor), ModelError> {
         Ok((self.get(&format!("{prefix}.weight"))?, self.get(&format!("{prefix}.bias"))?))
     }
 
-    /// `x` in the compute dtype (a multi-threaded cast on the CPU: with bf16 compute every weight
-    /// is cast each time its block runs).
-    pub(crate) fn cast(&self, x: &Tensor) -> Result<Tensor, ModelError> {
+    /// The weight of a linear or conv layer, in the compute dtype of the products.
+    pub(crate) fn gemm_weight(&self, name: &str) -> Result<Tensor, ModelError> {
+        let t = self.param(name)?;
         match self.dtype {
+            Some(dt) if dt != t.dtype() => Ok(sdbooth_ops::cast(&t, dt)?),
+            _ => Ok(t),
+        }
+    }
+
+    /// A linear or conv layer's `{prefix}.weight` (compute dtype) and `{prefix}.bias` (activation
+    /// dtype).
+    pub(crate) fn gemm_wb(&self, prefix: &str) -> Result<(Tensor, Tensor), ModelError> {
+        Ok((self.gemm_weight(&format!("{prefix}.weight"))?, self.get(&format!("{prefix}.bias"))?))
+    }
+
+    /// The dtype activations on `device` are kept in (see [`Weights`]); `None` = as they come.
+    fn activation_dtype(&self, device: &Device) -> Option<DType> {
+        match self.dtype {
+            Some(DType::BF16) if sdbooth_ops::mixes_bf16_operands(device) => Some(DType::F32),
+            dt => dt,
+        }
+    }
+
+    /// `x` in the activation dtype (a multi-threaded cast on the CPU).
+    pub(crate) fn cast(&self, x: &Tensor) -> Result<Tensor, ModelError> {
+        match self.activation_dtype(x.device()) {
             Some(dt) if dt != x.dtype() => Ok(sdbooth_ops::cast(x, dt)?),
             _ => Ok(x.clone()),
         }
     }
 
-    /// The network input in the compute dtype: the given one, else that of the weights (a model
-    /// loaded in f16 takes f32 inputs without the caller casting them).
+    /// The network input in the activation dtype: the given one, else that of the weights (a
+    /// model loaded in f16 takes f32 inputs without the caller casting them).
     pub(crate) fn input(&self, x: &Tensor, first_weight: &str) -> Result<Tensor, ModelError> {
-        let dt = match self.dtype {
+        let dt = match self.activation_dtype(x.device()) {
             Some(dt) => dt,
             None => self.params.get(first_weight)?.dtype(),
         };

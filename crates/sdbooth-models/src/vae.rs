@@ -117,7 +117,7 @@ impl Stage {
         let p = self.prefix.as_str();
         match &self.step {
             Step::Conv { k, .. } => {
-                let (wt, b) = w.wb(p)?;
+                let (wt, b) = w.gemm_wb(p)?;
                 Ok(ops::conv2d(x, &wt, Some(&b), 1, k / 2)?)
             }
             Step::Resnet(layer) => layer.forward(w, p, x, None),

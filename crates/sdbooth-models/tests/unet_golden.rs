@@ -194,8 +194,9 @@ fn unet_tiny_sd1_65x64_matches_diffusers() {
 /// inputs (tools/goldens/unet_bf16.py): both measured as distances from the f32 result (the
 /// tiny_sd1 fixture), ours may be at most [`BF16_VS_AUTOCAST`] times autocast's on the output,
 /// the input gradients and the parameter gradients (all together, and the median tensor).
-/// bf16 rounds in different places here and in PyTorch (e.g. we keep norm outputs in bf16,
-/// autocast in f32), so the two are compared by how close each gets, not value by value.
+/// bf16 rounds in different places here and in PyTorch (on the CPU we keep activations in f32
+/// and round only the operands of the matrix products; autocast also rounds the outputs of its
+/// bf16 ops), so the two are compared by how close each gets, not value by value.
 #[test]
 fn unet_tiny_sd1_bf16_is_as_close_to_f32_as_autocast() {
     const BF16_VS_AUTOCAST: f64 = 1.5;

@@ -13,7 +13,6 @@ use candle_core::backend::BackendStorage;
 use candle_core::op::BackpropOp;
 use candle_core::{bail, CpuStorage, DType, Layout, Result, Shape, Storage, Tensor};
 use half::{bf16, f16};
-use rayon::prelude::*;
 use std::borrow::Cow;
 
 /// Reads a CPU storage as a contiguous f32 slice, borrowing when it already is one.
@@ -25,16 +24,19 @@ pub(crate) fn storage_f32<'a>(s: &'a CpuStorage, l: &Layout) -> Result<Cow<'a, [
     };
     Ok(match s {
         CpuStorage::F32(v) => Cow::Borrowed(&v[start..end]),
-        CpuStorage::BF16(v) => Cow::Owned(crate::bf16_gemm::widen(&v[start..end])),
+        CpuStorage::BF16(v) => Cow::Owned(crate::cast::widen(&v[start..end])),
         CpuStorage::F16(v) => Cow::Owned(v[start..end].iter().map(|x| x.to_f32()).collect()),
         CpuStorage::F64(v) => Cow::Owned(v[start..end].iter().map(|&x| x as f32).collect()),
         other => bail!("sdbooth-ops: unsupported dtype {:?} for a float kernel", other.dtype()),
     })
 }
 
-/// Refuses operands of different dtypes (the kernels widen both to f32, which would hide it).
+/// Refuses operands of different dtypes (the kernels widen both to f32, which would hide it),
+/// except f32 with bf16: their product runs in bf16 with f32 sums, the f32 operand rounded to
+/// bf16 as it is packed (`--mixed_precision bf16` on the CPU: bf16 weights, f32 activations).
 pub(crate) fn same_dtype(op: &str, a: &CpuStorage, b: &CpuStorage) -> Result<()> {
-    if a.dtype() != b.dtype() {
+    let bf16_mix = matches!((a.dtype(), b.dtype()), (DType::F32, DType::BF16) | (DType::BF16, DType::F32));
+    if a.dtype() != b.dtype() && !bf16_mix {
         bail!("{op}: input dtype {:?} differs from weight dtype {:?}", a.dtype(), b.dtype());
     }
     Ok(())
@@ -51,16 +53,11 @@ pub(crate) fn storage_from_f32(v: Vec<f32>, dtype: DType) -> Result<CpuStorage> 
     })
 }
 
-/// f32 → bf16 (round to nearest even), in parallel chunks: bf16 results of every kernel pass
-/// here, and a serial pass over each activation would cost a visible share of a bf16 step.
+/// f32 → bf16 (round to nearest even), in parallel vectorised chunks: bf16 results of every
+/// kernel pass here, and a serial pass over each activation would cost a visible share of a bf16
+/// step.
 pub(crate) fn narrow_bf16(v: &[f32]) -> Vec<bf16> {
-    let mut out = vec![bf16::ZERO; v.len()];
-    out.par_chunks_mut(CAST_CHUNK).zip(v.par_chunks(CAST_CHUNK)).for_each(|(o, i)| {
-        for (o, i) in o.iter_mut().zip(i) {
-            *o = bf16::from_f32(*i);
-        }
-    });
-    out
+    crate::cast::narrow(v)
 }
 
 /// Elements per task of the parallel dtype conversions (fixed; conversions are per element, so
@@ -142,52 +139,104 @@ impl<'a, T> Mat<'a, T> {
     }
 }
 
-/// An element type the GEMM-based kernels (conv2d, linear) compute with: f32 runs the f32 GEMM,
-/// bf16 the bf16 GEMM with f32 sums ([`crate::bf16_gemm`]). Results are f32 either way.
+/// An element type the GEMM-based kernels (conv2d, linear) take: f32 or bf16, each operand on
+/// its own. A product with a bf16 operand runs the bf16 GEMM with f32 sums
+/// ([`crate::bf16_gemm`]), an f32 operand of it rounded to bf16 while it is packed (no separate
+/// cast pass); two f32 operands run the f32 GEMM. Results are f32 either way.
 pub trait GemmElem: Copy + Default + Send + Sync {
-    /// `dst[m×n] (row stride dst_rs) = (accumulate ? dst : 0) + a[m×k] · b[k×n]`, multi-threaded.
-    #[allow(clippy::too_many_arguments)]
-    fn gemm(
-        m: usize,
-        n: usize,
-        k: usize,
-        dst: &mut [f32],
-        dst_rs: usize,
-        accumulate: bool,
-        a: Mat<'_, Self>,
-        b: Mat<'_, Self>,
-    );
+    /// Whether the values are bf16.
+    const BF16: bool;
+    /// The value rounded to bf16 (to nearest even), as bits.
+    fn bf16_bits(self) -> u16;
+    /// The values as f32 (exact; borrowed for f32).
+    fn as_f32(v: &[Self]) -> Cow<'_, [f32]>;
 }
 
 impl GemmElem for f32 {
-    fn gemm(
-        m: usize,
-        n: usize,
-        k: usize,
-        dst: &mut [f32],
-        dst_rs: usize,
-        accumulate: bool,
-        a: Mat<'_>,
-        b: Mat<'_>,
-    ) {
-        sgemm(m, n, k, dst, dst_rs, accumulate, a, b, par_threads())
+    const BF16: bool = false;
+    #[inline(always)]
+    fn bf16_bits(self) -> u16 {
+        crate::cast::bf16_bits(self)
+    }
+    fn as_f32(v: &[f32]) -> Cow<'_, [f32]> {
+        Cow::Borrowed(v)
     }
 }
 
 impl GemmElem for bf16 {
-    fn gemm(
-        m: usize,
-        n: usize,
-        k: usize,
-        dst: &mut [f32],
-        dst_rs: usize,
-        accumulate: bool,
-        a: Mat<'_, bf16>,
-        b: Mat<'_, bf16>,
-    ) {
-        crate::bf16_gemm::gemm(m, n, k, dst, dst_rs, accumulate, a, b)
+    const BF16: bool = true;
+    #[inline(always)]
+    fn bf16_bits(self) -> u16 {
+        self.to_bits()
+    }
+    fn as_f32(v: &[bf16]) -> Cow<'_, [f32]> {
+        Cow::Owned(crate::cast::widen(v))
     }
 }
+
+/// `dst[m×n] (row stride dst_rs) = (accumulate ? dst : 0) + a[m×k] · b[k×n]`, multi-threaded:
+/// in bf16 with f32 sums when an operand is bf16 (see [`GemmElem`]), else in f32.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn gemm<A: GemmElem, B: GemmElem>(
+    m: usize,
+    n: usize,
+    k: usize,
+    dst: &mut [f32],
+    dst_rs: usize,
+    accumulate: bool,
+    a: Mat<'_, A>,
+    b: Mat<'_, B>,
+) {
+    if A::BF16 || B::BF16 {
+        crate::bf16_gemm::gemm(m, n, k, dst, dst_rs, accumulate, a, b)
+    } else {
+        let (a32, b32) = (A::as_f32(a.data), B::as_f32(b.data));
+        let a = Mat { data: &a32[..], rs: a.rs, cs: a.cs };
+        let b = Mat { data: &b32[..], rs: b.rs, cs: b.cs };
+        sgemm(m, n, k, dst, dst_rs, accumulate, a, b, par_threads())
+    }
+}
+
+/// A kernel operand read from candle storage: bf16 as it is, every other dtype as f32.
+pub(crate) enum Operand<'a> {
+    F32(Cow<'a, [f32]>),
+    Bf16(&'a [bf16]),
+}
+
+/// The operand of a contiguous CPU storage (see [`Operand`]).
+pub(crate) fn operand<'a>(s: &'a CpuStorage, l: &Layout) -> Result<Operand<'a>> {
+    Ok(match storage_bf16(s, l)? {
+        Some(v) => Operand::Bf16(v),
+        None => Operand::F32(storage_f32(s, l)?),
+    })
+}
+
+/// Runs `$body` with `$x` and `$y` bound to the two [`Operand`]s as typed slices (`&[f32]` or
+/// `&[bf16]`): the body is a call of a kernel generic over [`GemmElem`].
+macro_rules! with_operands {
+    (($a:expr, $b:expr), |$x:ident, $y:ident| $body:expr) => {{
+        use $crate::cpu::Operand::{Bf16, F32};
+        match ($a, $b) {
+            (F32(a), F32(b)) => {
+                let ($x, $y) = (&a[..], &b[..]);
+                $body
+            }
+            (F32(a), Bf16(b)) => {
+                let ($x, $y) = (&a[..], b);
+                $body
+            }
+            (Bf16(a), F32(b)) => {
+                let ($x, $y) = (a, &b[..]);
+                $body
+            }
+            (Bf16(a), Bf16(b)) => {
+                let ($x, $y) = (a, b);
+                $body
+            }
+        }
+    }};
+}
+pub(crate) use with_operands;
 
 /// A CPU storage's data as a bf16 slice when it is bf16 storage (the GEMM kernels then compute in
 /// bf16 with f32 sums), `None` for other dtypes (they are widened to f32 by [`storage_f32`]).

@@ -88,7 +88,7 @@ pub use alloc::tune_allocator;
 pub use attention::{attention, attention_flops};
 pub use backend::{reference_ops_forced, REFERENCE_OPS_ENV};
 pub use bf16_gemm::{active_kernel as bf16_kernel, Bf16Kernel, BF16_KERNEL_ENV};
-pub use cast::cast;
+pub use cast::{cast, mixes_bf16_operands};
 pub use conv::{conv2d, conv2d_flops};
 pub use cpu::f32_gemm_kernel;
 pub use embed::{embedding, timestep_embedding, upsample_nearest2x};

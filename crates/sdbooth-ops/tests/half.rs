@@ -91,3 +91,68 @@ fn cast_matches_candle_and_casts_the_gradient_back() {
     assert_eq!(dx.dtype(), DType::F32);
     assert_eq!(dx.to_vec2::<f32>().unwrap(), g.to_dtype(DType::F32).unwrap().to_vec2::<f32>().unwrap());
 }
+
+/// f32 → bf16 rounding (the cast, and the same function rounds f32 operands as the bf16 GEMM
+/// packs them) is `half`'s bit for bit: every low half-word under a few high ones (all ties, the
+/// carries into the exponent, the largest finite values), infinities, NaNs and subnormals.
+#[test]
+fn bf16_rounding_matches_half_on_edge_values() {
+    let mut v: Vec<f32> = Vec::new();
+    for hi in [0x0000u32, 0x0001, 0x3F80, 0x3FFF, 0x7F7F, 0x7F80, 0x7FC0, 0x8000, 0xBF81, 0xFF7F, 0xFF80, 0xFFFF] {
+        v.extend((0..=0xFFFFu32).map(|lo| f32::from_bits((hi << 16) | lo)));
+    }
+    let t = Tensor::from_vec(v.clone(), v.len(), &candle_core::Device::Cpu).unwrap();
+    let got: Vec<u16> = ops::cast(&t, DType::BF16).unwrap().to_vec1::<half::bf16>().unwrap().iter().map(|b| b.to_bits()).collect();
+    for (x, g) in v.iter().zip(&got) {
+        assert_eq!(*g, half::bf16::from_f32(*x).to_bits(), "{:#010x}", x.to_bits());
+    }
+}
+
+/// `--mixed_precision bf16` on the CPU: f32 activations with bf16 weights. linear and conv2d
+/// round the f32 operand to bf16 (to nearest even) as they pack it and sum in f32, so they agree
+/// with f32 ops on the rounded values up to the order of the sums; the output and the input
+/// gradient stay f32, the weight gradient comes back in the weight's dtype (bf16).
+#[test]
+fn f32_activations_with_bf16_weights_round_the_activations_once() {
+    let mut r = Rng::new(77);
+    let cases: Vec<(&str, Op, Vec<Tensor>)> = vec![
+        (
+            "conv3x3_bias",
+            Box::new(|t| ops::conv2d(&t[0], &t[1], Some(&t[2]), 1, 1)),
+            vec![r.randn(&[2, 16, 8, 8]), (r.randn(&[8, 16, 3, 3]) * 0.1).unwrap(), r.randn(&[8])],
+        ),
+        (
+            "conv1x1",
+            Box::new(|t| ops::conv2d(&t[0], &t[1], None, 1, 0)),
+            vec![r.randn(&[1, 24, 5, 7]), (r.randn(&[8, 24, 1, 1]) * 0.1).unwrap()],
+        ),
+        (
+            "linear_bias",
+            Box::new(|t| ops::linear(&t[0], &t[1], Some(&t[2]))),
+            vec![r.randn(&[2, 9, 33]), (r.randn(&[12, 33]) * 0.1).unwrap(), r.randn(&[12])],
+        ),
+    ];
+    let rounded = |t: &Tensor| t.to_dtype(DType::BF16).unwrap().to_dtype(DType::F32).unwrap();
+    for (name, f, ins) in &cases {
+        // x f32 (not representable in bf16), w bf16, bias f32.
+        let mut mixed = ins.clone();
+        mixed[1] = ins[1].to_dtype(DType::BF16).unwrap();
+        let mut same_f32 = ins.clone();
+        same_f32[0] = rounded(&ins[0]);
+        same_f32[1] = rounded(&ins[1]);
+        // An output gradient already in bf16 values, so rounding it when packed changes nothing.
+        let g = rounded(&r.randn(f(&same_f32).unwrap().dims()));
+        let (out_ref, gr_ref) = grads_of(f, &same_f32, &g);
+        let (out, gr) = grads_of(f, &mixed, &g);
+        assert_eq!(out.dtype(), DType::F32, "{name}: output in the activations' dtype");
+        let e = norm_rel(&out, &out_ref);
+        assert!(e <= 1e-5, "{name}: output differs from f32 on rounded operands by {e:.2e}");
+        assert_eq!(gr[0].dtype(), DType::F32, "{name}: input gradient in the input's dtype");
+        let e = norm_rel(&gr[0], &gr_ref[0]);
+        assert!(e <= 1e-5, "{name}: input gradient differs by {e:.2e}");
+        assert_eq!(gr[1].dtype(), DType::BF16, "{name}: weight gradient in the weight's dtype");
+        // One bf16 rounding of the result: at most 2⁻⁸ relative per element.
+        let e = norm_rel(&gr[1].to_dtype(DType::F32).unwrap(), &gr_ref[1]);
+        assert!(e <= 4e-3, "{name}: weight gradient differs by {e:.2e}");
+    }
+}

@@ -41,10 +41,10 @@ impl Attention {
 
     fn project(&self, w: &Weights, name: &str, x: &Tensor) -> Result<Tensor, ModelError> {
         if self.qkv_bias {
-            let (wt, b) = w.wb(name)?;
+            let (wt, b) = w.gemm_wb(name)?;
             Ok(ops::linear(x, &wt, Some(&b))?)
         } else {
-            Ok(ops::linear(x, &w.get(&format!("{name}.weight"))?, None)?)
+            Ok(ops::linear(x, &w.gemm_weight(&format!("{name}.weight"))?, None)?)
         }
     }
 
@@ -60,7 +60,7 @@ impl Attention {
         let v = split(self.project(w, &join(p, vn), ctx)?, m)?;
         let o = ops::attention(&q, &k, &v, self.causal)?;
         let o = o.transpose(1, 2)?.reshape((b, n, c))?;
-        let (ow, ob) = w.wb(&join(p, on))?;
+        let (ow, ob) = w.gemm_wb(&join(p, on))?;
         Ok(ops::linear(&o, &ow, Some(&ob))?)
     }
 

@@ -32,8 +32,8 @@ impl TimestepEmbedding {
         // The sinusoids are computed in f32 and then cast, as diffusers does.
         let e = ops::timestep_embedding(t, self.channels, self.flip_sin_to_cos, self.freq_shift)?;
         let e = w.cast(&e)?;
-        let (w1, b1) = w.wb(&join(p, "time_embedding.linear_1"))?;
-        let (w2, b2) = w.wb(&join(p, "time_embedding.linear_2"))?;
+        let (w1, b1) = w.gemm_wb(&join(p, "time_embedding.linear_1"))?;
+        let (w2, b2) = w.gemm_wb(&join(p, "time_embedding.linear_2"))?;
         let h = ops::silu(&ops::linear(&e, &w1, Some(&b1))?)?;
         Ok(ops::linear(&h, &w2, Some(&b2))?)
     }

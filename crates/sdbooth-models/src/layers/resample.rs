@@ -30,7 +30,7 @@ impl Downsample {
     }
 
     pub fn forward(&self, w: &Weights, p: &str, x: &Tensor) -> Result<Tensor, ModelError> {
-        let (wt, b) = w.wb(&join(p, "conv"))?;
+        let (wt, b) = w.gemm_wb(&join(p, "conv"))?;
         Ok(match self.padding {
             DownsamplePadding::Symmetric => ops::conv2d(x, &wt, Some(&b), 2, 1)?,
             DownsamplePadding::RightBottom => {
@@ -72,7 +72,7 @@ impl Upsample {
         x: &Tensor,
         size: Option<(usize, usize)>,
     ) -> Result<Tensor, ModelError> {
-        let (wt, b) = w.wb(&join(p, "conv"))?;
+        let (wt, b) = w.gemm_wb(&join(p, "conv"))?;
         let up = upsample_nearest(x, size)?;
         Ok(ops::conv2d(&up, &wt, Some(&b), 1, 1)?)
     }

@@ -77,7 +77,7 @@ impl Transformer2D {
         let (b, _, hh, ww) = x.dims4()?;
         let (nw, nb) = w.wb(&join(p, "norm"))?;
         let h = ops::group_norm(x, self.groups, &nw, &nb, GROUP_NORM_EPS)?;
-        let (piw, pib) = w.wb(&join(p, "proj_in"))?;
+        let (piw, pib) = w.gemm_wb(&join(p, "proj_in"))?;
         let to_tokens =
             |t: &Tensor| -> candle_core::Result<Tensor> { t.permute((0, 2, 3, 1))?.reshape((b, hh * ww, c)) };
         let h = if self.linear_projection {
@@ -86,7 +86,7 @@ impl Transformer2D {
             to_tokens(&ops::conv2d(&h, &piw, Some(&pib), 1, 0)?)?
         };
         let h = self.basic_block(w, &join(p, BLOCK), &h, ctx)?;
-        let (pow_, pob) = w.wb(&join(p, "proj_out"))?;
+        let (pow_, pob) = w.gemm_wb(&join(p, "proj_out"))?;
         let to_image =
             |t: &Tensor| -> candle_core::Result<Tensor> { t.reshape((b, hh, ww, c))?.permute((0, 3, 1, 2)) };
         let h = if self.linear_projection {
@@ -109,9 +109,9 @@ impl Transformer2D {
         let n = layer_norm("norm2", &x)?;
         let x = (self.cross_attention().forward(w, &join(p, "attn2"), &n, ctx)? + x)?;
         let n = layer_norm("norm3", &x)?;
-        let (fw, fb) = w.wb(&join(p, "ff.net.0.proj"))?;
+        let (fw, fb) = w.gemm_wb(&join(p, "ff.net.0.proj"))?;
         let f = ops::geglu(&ops::linear(&n, &fw, Some(&fb))?)?;
-        let (ow, ob) = w.wb(&join(p, "ff.net.2"))?;
+        let (ow, ob) = w.gemm_wb(&join(p, "ff.net.2"))?;
         Ok((ops::linear(&f, &ow, Some(&ob))? + x)?)
     }
 

@@ -357,7 +357,7 @@ impl Blocks for UNetRun<'_> {
         match &node.kind {
             NodeKind::TimeEmbed(layer) => layer.forward(w, p, &inputs[0]),
             NodeKind::ConvIn { .. } => {
-                let (wt, b) = w.wb("conv_in")?;
+                let (wt, b) = w.gemm_wb("conv_in")?;
                 Ok(ops::conv2d(&w.cast(&inputs[0])?, &wt, Some(&b), 1, 1)?)
             }
             NodeKind::Resnet { layer, skip } => {
@@ -370,7 +370,7 @@ impl Blocks for UNetRun<'_> {
             NodeKind::Out { groups, eps, .. } => {
                 let (g, b) = w.wb("conv_norm_out")?;
                 let h = ops::group_norm_silu(&inputs[0], *groups, &g, &b, *eps)?;
-                let (wt, b) = w.wb("conv_out")?;
+                let (wt, b) = w.gemm_wb("conv_out")?;
                 // The loss is taken in f32 whatever the compute dtype (kohya: `noise_pred.float()`).
                 Ok(ops::conv2d(&h, &wt, Some(&b), 1, 1)?.to_dtype(DType::F32)?)
             }

@@ -1,7 +1,8 @@
 //! bf16 GEMM on the CPU: bf16 operands, f32 accumulation, for `--mixed_precision bf16`.
 //!
 //! `dst[m×n] (row stride dst_rs) = (accumulate ? dst : 0) + a[m×k] · b[k×n]`, with `a` and `b`
-//! strided bf16 matrices ([`Mat`]) and `dst` in f32. Two kernels, picked once per process:
+//! strided matrices ([`Mat`]) of bf16 or f32 ([`GemmElem`]: f32 values are rounded to bf16, to
+//! nearest even, as they are packed) and `dst` in f32. Two kernels, picked once per process:
 //!
 //! * [`Bf16Kernel::Avx512Bf16`]: `vdpbf16ps` (AVX512_BF16: Zen 4, Sapphire Rapids and later),
 //!   which multiplies pairs of bf16 values and adds both products to an f32 lane. Both operands
@@ -20,8 +21,7 @@
 mod avx512;
 mod pack;
 
-use crate::cpu::{self, Mat};
-use half::bf16;
+use crate::cpu::{self, GemmElem, Mat};
 use rayon::prelude::*;
 use std::sync::OnceLock;
 
@@ -104,15 +104,15 @@ pub fn active_kernel() -> Bf16Kernel {
 
 /// `dst = (accumulate ? dst : 0) + a · b` with the [`active_kernel`].
 #[allow(clippy::too_many_arguments)]
-pub(crate) fn gemm(
+pub(crate) fn gemm<A: GemmElem, B: GemmElem>(
     m: usize,
     n: usize,
     k: usize,
     dst: &mut [f32],
     dst_rs: usize,
     accumulate: bool,
-    a: Mat<'_, bf16>,
-    b: Mat<'_, bf16>,
+    a: Mat<'_, A>,
+    b: Mat<'_, B>,
 ) {
     gemm_with(active_kernel(), m, n, k, dst, dst_rs, accumulate, a, b)
 }
@@ -121,7 +121,7 @@ pub(crate) fn gemm(
 /// [`available`](Bf16Kernel::available) or a matrix does not fit its slice (a crate bug: the
 /// ops validate shapes first).
 #[allow(clippy::too_many_arguments)]
-pub fn gemm_with(
+pub fn gemm_with<A: GemmElem, B: GemmElem>(
     kernel: Bf16Kernel,
     m: usize,
     n: usize,
@@ -129,8 +129,8 @@ pub fn gemm_with(
     dst: &mut [f32],
     dst_rs: usize,
     accumulate: bool,
-    a: Mat<'_, bf16>,
-    b: Mat<'_, bf16>,
+    a: Mat<'_, A>,
+    b: Mat<'_, B>,
 ) {
     assert!(kernel.available(), "bf16 gemm: kernel {} is not available on this CPU", kernel.name());
     if m == 0 || n == 0 {
@@ -151,30 +151,31 @@ pub fn gemm_with(
     }
 }
 
-/// The f32 path: bf16 → f32 is exact, so this is the same product with f32 sums.
+/// The f32 path: each operand rounded to bf16 and widened back (exact for bf16 values), so this is
+/// the same product with f32 sums.
 #[allow(clippy::too_many_arguments)]
-fn fallback(
+fn fallback<A: GemmElem, B: GemmElem>(
     m: usize,
     n: usize,
     k: usize,
     dst: &mut [f32],
     dst_rs: usize,
     accumulate: bool,
-    a: Mat<'_, bf16>,
-    b: Mat<'_, bf16>,
+    a: Mat<'_, A>,
+    b: Mat<'_, B>,
 ) {
-    let (a32, b32) = (widen(a.data), widen(b.data));
+    let (a32, b32) = (rounded_f32(a.data), rounded_f32(b.data));
     let a = Mat { data: &a32, rs: a.rs, cs: a.cs };
     let b = Mat { data: &b32, rs: b.rs, cs: b.cs };
     cpu::sgemm(m, n, k, dst, dst_rs, accumulate, a, b, cpu::par_threads());
 }
 
-/// bf16 → f32, in parallel chunks.
-pub(crate) fn widen(v: &[bf16]) -> Vec<f32> {
+/// The values rounded to bf16, as f32, in parallel chunks.
+fn rounded_f32<E: GemmElem>(v: &[E]) -> Vec<f32> {
     let mut out = vec![0f32; v.len()];
     out.par_chunks_mut(cpu::CAST_CHUNK).zip(v.par_chunks(cpu::CAST_CHUNK)).for_each(|(o, i)| {
         for (o, i) in o.iter_mut().zip(i) {
-            *o = i.to_f32();
+            *o = f32::from_bits(u32::from(i.bf16_bits()) << 16);
         }
     });
     out
@@ -200,15 +201,15 @@ impl DstPtr {
 
 /// The packed, tiled bf16 product (AVX512_BF16).
 #[allow(clippy::too_many_arguments)]
-fn tiled(
+fn tiled<A: GemmElem, B: GemmElem>(
     m: usize,
     n: usize,
     k: usize,
     dst: &mut [f32],
     dst_rs: usize,
     accumulate: bool,
-    a: Mat<'_, bf16>,
-    b: Mat<'_, bf16>,
+    a: Mat<'_, A>,
+    b: Mat<'_, B>,
 ) {
     let kp = k.div_ceil(2);
     let pa = pack::lhs(m, k, a);

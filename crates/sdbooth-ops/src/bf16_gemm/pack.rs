@@ -12,45 +12,45 @@
 //! load; when the other index has stride 1 two k rows are interleaved.
 
 use super::{MR, NR};
-use crate::cpu::Mat;
-use half::bf16;
+use crate::cpu::{GemmElem, Mat};
 use rayon::prelude::*;
 
-/// Two bf16 values as the `u32` lane `vdpbf16ps` reads (`lo` in the low half).
+/// Two values as the `u32` lane of bf16s `vdpbf16ps` reads (`lo` in the low half; f32 values
+/// rounded to nearest even).
 #[inline(always)]
-fn pair(lo: bf16, hi: bf16) -> u32 {
-    u32::from(lo.to_bits()) | (u32::from(hi.to_bits()) << 16)
+fn pair<E: GemmElem>(lo: E, hi: E) -> u32 {
+    u32::from(lo.bf16_bits()) | (u32::from(hi.bf16_bits()) << 16)
 }
 
 /// A matrix seen as `outer × k`: element `(o, q)` at `data[o·so + q·sk]`.
 #[derive(Clone, Copy)]
-struct ByOuter<'a> {
-    data: &'a [bf16],
+struct ByOuter<'a, E> {
+    data: &'a [E],
     so: usize,
     sk: usize,
 }
 
 /// `a[m×k]` as row panels of [`MR`]: `[m/MR][k/2][MR]`.
-pub(super) fn lhs(m: usize, k: usize, a: Mat<'_, bf16>) -> Vec<u32> {
-    panels::<MR>(m, k, ByOuter { data: a.data, so: a.rs, sk: a.cs })
+pub(super) fn lhs<E: GemmElem>(m: usize, k: usize, a: Mat<'_, E>) -> Vec<u32> {
+    panels::<MR, _>(m, k, ByOuter { data: a.data, so: a.rs, sk: a.cs })
 }
 
 /// `b[k×n]` as column panels of [`NR`]: `[n/NR][k/2][NR]`.
-pub(super) fn rhs(k: usize, n: usize, b: Mat<'_, bf16>) -> Vec<u32> {
-    panels::<NR>(n, k, ByOuter { data: b.data, so: b.cs, sk: b.rs })
+pub(super) fn rhs<E: GemmElem>(k: usize, n: usize, b: Mat<'_, E>) -> Vec<u32> {
+    panels::<NR, _>(n, k, ByOuter { data: b.data, so: b.cs, sk: b.rs })
 }
 
 /// Panels of `W` outer indices: `[outer/W][k/2][W]`, zero-padded.
-fn panels<const W: usize>(outer: usize, k: usize, src: ByOuter<'_>) -> Vec<u32> {
+fn panels<const W: usize, E: GemmElem>(outer: usize, k: usize, src: ByOuter<'_, E>) -> Vec<u32> {
     let kp = k.div_ceil(2);
     let mut out = vec![0u32; outer.div_ceil(W) * kp * W];
     out.par_chunks_mut(kp * W).enumerate().for_each(|(p, panel)| {
         let o0 = p * W;
         let valid = W.min(outer - o0);
         if src.sk == 1 {
-            pairs_contiguous::<W>(panel, o0, valid, k, src);
+            pairs_contiguous::<W, _>(panel, o0, valid, k, src);
         } else if src.so == 1 {
-            interleave_rows::<W>(panel, o0, valid, k, src);
+            interleave_rows::<W, _>(panel, o0, valid, k, src);
         } else {
             for (q, lanes) in panel.chunks_exact_mut(W).enumerate() {
                 for (w, lane) in lanes.iter_mut().take(valid).enumerate() {
@@ -58,7 +58,7 @@ fn panels<const W: usize>(outer: usize, k: usize, src: ByOuter<'_>) -> Vec<u32> 
                         if kk < k {
                             src.data[(o0 + w) * src.so + kk * src.sk]
                         } else {
-                            bf16::ZERO
+                            E::default()
                         }
                     };
                     *lane = pair(at(2 * q), at(2 * q + 1));
@@ -70,7 +70,13 @@ fn panels<const W: usize>(outer: usize, k: usize, src: ByOuter<'_>) -> Vec<u32> 
 }
 
 /// k has stride 1: each outer index's k values are a contiguous run, read two at a time.
-fn pairs_contiguous<const W: usize>(panel: &mut [u32], o0: usize, valid: usize, k: usize, src: ByOuter<'_>) {
+fn pairs_contiguous<const W: usize, E: GemmElem>(
+    panel: &mut [u32],
+    o0: usize,
+    valid: usize,
+    k: usize,
+    src: ByOuter<'_, E>,
+) {
     for w in 0..valid {
         let run = &src.data[(o0 + w) * src.so..][..k];
         let mut pairs = run.chunks_exact(2);
@@ -78,14 +84,20 @@ fn pairs_contiguous<const W: usize>(panel: &mut [u32], o0: usize, valid: usize, 
             panel[q * W + w] = pair(two[0], two[1]);
         }
         if let [last] = pairs.remainder() {
-            panel[(k / 2) * W + w] = pair(*last, bf16::ZERO);
+            panel[(k / 2) * W + w] = pair(*last, E::default());
         }
     }
 }
 
 /// The outer index has stride 1: k rows are contiguous runs of outer values; two consecutive
 /// rows are interleaved into one row of pairs.
-fn interleave_rows<const W: usize>(panel: &mut [u32], o0: usize, valid: usize, k: usize, src: ByOuter<'_>) {
+fn interleave_rows<const W: usize, E: GemmElem>(
+    panel: &mut [u32],
+    o0: usize,
+    valid: usize,
+    k: usize,
+    src: ByOuter<'_, E>,
+) {
     for (q, lanes) in panel.chunks_exact_mut(W).enumerate() {
         let even = &src.data[2 * q * src.sk + o0..][..valid];
         if 2 * q + 1 < k {
@@ -95,7 +107,7 @@ fn interleave_rows<const W: usize>(panel: &mut [u32], o0: usize, valid: usize, k
             }
         } else {
             for (lane, &lo) in lanes.iter_mut().zip(even) {
-                *lane = pair(lo, bf16::ZERO);
+                *lane = pair(lo, E::default());
             }
         }
     }

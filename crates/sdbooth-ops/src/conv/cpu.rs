@@ -1,5 +1,6 @@
-//! conv2d's CPU kernels (im2col + GEMM) on f32 or bf16 slices ([`GemmElem`]: bf16 operands run
-//! the bf16 GEMM with f32 sums, im2col copies bf16); results are f32.
+//! conv2d's CPU kernels (im2col + GEMM) on f32 or bf16 slices, each operand on its own
+//! ([`GemmElem`]: a product with a bf16 operand runs the bf16 GEMM with f32 sums, im2col copies
+//! the input's dtype); results are f32.
 //!
 //! candle's CPU conv2d backward goes through `conv_transpose2d`, a dot-product loop, and its CPU
 //! conv2d refuses bf16. Here all three products are GEMMs on the `gemm` crate (AVX-512 with the
@@ -15,7 +16,7 @@
 //! over the batch in batch order; gemm never splits the k-sum across threads.
 
 use super::Geom;
-use crate::cpu::{GemmElem, Mat};
+use crate::cpu::{gemm, GemmElem, Mat};
 use rayon::prelude::*;
 
 /// Rows per rayon task so each task moves at least ~32K floats (small planes at 8×8 would
@@ -117,12 +118,12 @@ fn columns<'a, T: Copy + Default + Send + Sync>(
 }
 
 /// Forward: `y[B, Cout, Ho, Wo]`.
-pub fn forward<T: GemmElem>(g: &Geom, x: &[T], w: &[T]) -> Vec<f32> {
+pub fn forward<X: GemmElem, W: GemmElem>(g: &Geom, x: &[X], w: &[W]) -> Vec<f32> {
     forward_bias(g, x, w, None)
 }
 
 /// Forward with an optional per-channel bias, added by starting the GEMM from the bias planes.
-pub fn forward_bias<T: GemmElem>(g: &Geom, x: &[T], w: &[T], bias: Option<&[f32]>) -> Vec<f32> {
+pub fn forward_bias<X: GemmElem, W: GemmElem>(g: &Geom, x: &[X], w: &[W], bias: Option<&[f32]>) -> Vec<f32> {
     let (k, p) = (g.k(), g.p());
     let mut y = vec![0f32; g.b * g.cout * p];
     if let Some(bias) = bias {
@@ -130,11 +131,11 @@ pub fn forward_bias<T: GemmElem>(g: &Geom, x: &[T], w: &[T], bias: Option<&[f32]
             plane.fill(bias[i % g.cout]);
         });
     }
-    let mut col = if g.is_pointwise() { Vec::new() } else { vec![T::default(); k * p] };
+    let mut col = if g.is_pointwise() { Vec::new() } else { vec![X::default(); k * p] };
     for bi in 0..g.b {
         let colv = columns(g, x, bi, &mut col);
         let yb = &mut y[bi * g.cout * p..(bi + 1) * g.cout * p];
-        T::gemm(g.cout, p, k, yb, p, bias.is_some(), Mat::rows(w, k), Mat::rows(colv, p));
+        gemm(g.cout, p, k, yb, p, bias.is_some(), Mat::rows(w, k), Mat::rows(colv, p));
     }
     y
 }
@@ -167,7 +168,7 @@ pub fn grad_bias(g: &Geom, dy: &[f32]) -> Vec<f32> {
 }
 
 /// Gradient with respect to the input.
-pub fn grad_input<T: GemmElem>(g: &Geom, w: &[T], dy: &[T]) -> Vec<f32> {
+pub fn grad_input<W: GemmElem, D: GemmElem>(g: &Geom, w: &[W], dy: &[D]) -> Vec<f32> {
     let (k, p) = (g.k(), g.p());
     let chw = g.cin * g.h * g.w;
     let mut dx = vec![0f32; g.b * chw];
@@ -177,9 +178,9 @@ pub fn grad_input<T: GemmElem>(g: &Geom, w: &[T], dy: &[T]) -> Vec<f32> {
         let dxb = &mut dx[bi * chw..(bi + 1) * chw];
         let wt = Mat::transposed(w, k);
         if g.is_pointwise() {
-            T::gemm(k, p, g.cout, dxb, p, false, wt, Mat::rows(dyb, p));
+            gemm(k, p, g.cout, dxb, p, false, wt, Mat::rows(dyb, p));
         } else {
-            T::gemm(k, p, g.cout, &mut dcol, p, false, wt, Mat::rows(dyb, p));
+            gemm(k, p, g.cout, &mut dcol, p, false, wt, Mat::rows(dyb, p));
             col2im(g, &dcol, dxb);
         }
     }
@@ -187,14 +188,14 @@ pub fn grad_input<T: GemmElem>(g: &Geom, w: &[T], dy: &[T]) -> Vec<f32> {
 }
 
 /// Gradient with respect to the weight, summed over the batch in batch order.
-pub fn grad_weight<T: GemmElem>(g: &Geom, x: &[T], dy: &[T]) -> Vec<f32> {
+pub fn grad_weight<X: GemmElem, D: GemmElem>(g: &Geom, x: &[X], dy: &[D]) -> Vec<f32> {
     let (k, p) = (g.k(), g.p());
     let mut dw = vec![0f32; g.cout * k];
-    let mut col = if g.is_pointwise() { Vec::new() } else { vec![T::default(); k * p] };
+    let mut col = if g.is_pointwise() { Vec::new() } else { vec![X::default(); k * p] };
     for bi in 0..g.b {
         let colv = columns(g, x, bi, &mut col);
         let dyb = &dy[bi * g.cout * p..(bi + 1) * g.cout * p];
-        T::gemm(g.cout, k, p, &mut dw, k, bi > 0, Mat::rows(dyb, p), Mat::transposed(colv, p));
+        gemm(g.cout, k, p, &mut dw, k, bi > 0, Mat::rows(dyb, p), Mat::transposed(colv, p));
     }
     dw
 }

@@ -14,7 +14,7 @@ mod cudnn_params;
 pub(crate) mod generic;
 
 use crate::backend::{self, expect_dims, WeightGradOps};
-use crate::cpu::{same_dtype, storage_bf16, storage_f32, storage_from_f32};
+use crate::cpu::{operand, same_dtype, storage_f32, storage_from_f32, with_operands};
 use crate::reference;
 use candle_core::backend::BackendStorage;
 use candle_core::{bail, CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor};
@@ -136,10 +136,7 @@ impl CustomOp2 for Conv2dOp {
     ) -> Result<(CpuStorage, Shape)> {
         let g = Geom::new(l1.dims(), l2.dims(), self.stride, self.pad)?;
         same_dtype("conv2d", s1, s2)?;
-        let y = match (storage_bf16(s1, l1)?, storage_bf16(s2, l2)?) {
-            (Some(x), Some(w)) => cpu::forward(&g, x, w),
-            _ => cpu::forward(&g, &storage_f32(s1, l1)?, &storage_f32(s2, l2)?),
-        };
+        let y = with_operands!((operand(s1, l1)?, operand(s2, l2)?), |x, w| cpu::forward(&g, x, w));
         Ok((storage_from_f32(y, s1.dtype())?, Shape::from(&g.y_dims())))
     }
 
@@ -191,10 +188,7 @@ impl CustomOp3 for Conv2dBiasOp {
         same_dtype("conv2d", s1, s2)?;
         expect_dims("conv2d", "bias", l3.dims(), &[g.cout])?;
         let b = storage_f32(s3, l3)?;
-        let y = match (storage_bf16(s1, l1)?, storage_bf16(s2, l2)?) {
-            (Some(x), Some(w)) => cpu::forward_bias(&g, x, w, Some(&b)),
-            _ => cpu::forward_bias(&g, &storage_f32(s1, l1)?, &storage_f32(s2, l2)?, Some(&b)),
-        };
+        let y = with_operands!((operand(s1, l1)?, operand(s2, l2)?), |x, w| cpu::forward_bias(&g, x, w, Some(&b)));
         Ok((storage_from_f32(y, s1.dtype())?, Shape::from(&g.y_dims())))
     }
 
@@ -225,7 +219,7 @@ fn conv2d_grads(
     let bias_dtype = b.map_or(x.dtype(), |b| b.dtype());
     let ops = WeightGradOps {
         input: &|dy| w.apply_op2_no_bwd(dy, &Conv2dGradInput { geom }),
-        weight: &|dy| x.apply_op2_no_bwd(dy, &Conv2dGradWeight { geom }),
+        weight: &|dy| x.apply_op2_no_bwd(dy, &Conv2dGradWeight { geom, dtype: w.dtype() }),
         bias: &|dy| dy.apply_op1_no_bwd(&Conv2dGradBias { geom, dtype: bias_dtype }),
     };
     let kernels = has_conv_kernels(dy.device());
@@ -260,11 +254,9 @@ impl CustomOp2 for Conv2dGradInput {
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let g = self.checked(l1, l2)?;
-        let dx = match (storage_bf16(s1, l1)?, storage_bf16(s2, l2)?) {
-            (Some(w), Some(dy)) => cpu::grad_input(g, w, dy),
-            _ => cpu::grad_input(g, &storage_f32(s1, l1)?, &storage_f32(s2, l2)?),
-        };
-        Ok((storage_from_f32(dx, s1.dtype())?, Shape::from(&g.x_dims())))
+        let dx = with_operands!((operand(s1, l1)?, operand(s2, l2)?), |w, dy| cpu::grad_input(g, w, dy));
+        // dx takes the dtype of dy, which is that of the output and so of x.
+        Ok((storage_from_f32(dx, s2.dtype())?, Shape::from(&g.x_dims())))
     }
 
     #[cfg(feature = "cudnn")]
@@ -283,6 +275,8 @@ impl CustomOp2 for Conv2dGradInput {
 /// Backward `(x, dy) -> dw`, summed over the batch.
 pub(crate) struct Conv2dGradWeight {
     pub geom: Geom,
+    /// The weight's dtype, which may differ from the activations' (bf16 weights, f32 activations).
+    pub dtype: DType,
 }
 
 impl Conv2dGradWeight {
@@ -308,11 +302,8 @@ impl CustomOp2 for Conv2dGradWeight {
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let g = self.checked(l1, l2)?;
-        let dw = match (storage_bf16(s1, l1)?, storage_bf16(s2, l2)?) {
-            (Some(x), Some(dy)) => cpu::grad_weight(g, x, dy),
-            _ => cpu::grad_weight(g, &storage_f32(s1, l1)?, &storage_f32(s2, l2)?),
-        };
-        Ok((storage_from_f32(dw, s1.dtype())?, Shape::from(&g.w_dims())))
+        let dw = with_operands!((operand(s1, l1)?, operand(s2, l2)?), |x, dy| cpu::grad_weight(g, x, dy));
+        Ok((storage_from_f32(dw, self.dtype)?, Shape::from(&g.w_dims())))
     }
 
     #[cfg(feature = "cudnn")]

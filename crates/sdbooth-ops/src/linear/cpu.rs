@@ -1,5 +1,6 @@
-//! linear's CPU kernels (`x @ wᵀ + b`) on f32 or bf16 slices ([`GemmElem`]: bf16 operands run
-//! the bf16 GEMM with f32 sums); results are f32.
+//! linear's CPU kernels (`x @ wᵀ + b`) on f32 or bf16 slices, each operand on its own
+//! ([`GemmElem`]: a product with a bf16 operand runs the bf16 GEMM with f32 sums); results are
+//! f32.
 //!
 //! candle's autograd for `broadcast_matmul(&w.t())` builds the weight gradient through
 //! zero-filled buffers and a strided (transposed) add, which made linear's backward 10–15× its
@@ -13,33 +14,40 @@
 //! Determinism: gemm never splits the k-sum across threads, and the bias sum is chunked by a
 //! fixed row count, so results do not depend on the thread count.
 
-use crate::cpu::{GemmElem, Mat};
+use crate::cpu::{gemm, GemmElem, Mat};
 use rayon::prelude::*;
 
 /// Rows per chunk of the bias-gradient sum (fixed: the sum order must not depend on threads).
 const BIAS_ROWS: usize = 64;
 
 /// Forward: `y[M, out] = x · wᵀ + b`.
-pub fn forward<T: GemmElem>(m: usize, k: usize, n: usize, x: &[T], w: &[T], b: Option<&[f32]>) -> Vec<f32> {
+pub fn forward<X: GemmElem, W: GemmElem>(
+    m: usize,
+    k: usize,
+    n: usize,
+    x: &[X],
+    w: &[W],
+    b: Option<&[f32]>,
+) -> Vec<f32> {
     let mut y = vec![0f32; m * n];
     if let Some(b) = b {
         y.par_chunks_mut(n).with_min_len(1024usize.div_ceil(n).max(1)).for_each(|r| r.copy_from_slice(b));
     }
-    T::gemm(m, n, k, &mut y, n, b.is_some(), Mat::rows(x, k), Mat::transposed(w, k));
+    gemm(m, n, k, &mut y, n, b.is_some(), Mat::rows(x, k), Mat::transposed(w, k));
     y
 }
 
 /// `dx[M, in] = dy[M, out] · w[out, in]`.
-pub fn grad_input<T: GemmElem>(m: usize, k: usize, n: usize, w: &[T], dy: &[T]) -> Vec<f32> {
+pub fn grad_input<W: GemmElem, D: GemmElem>(m: usize, k: usize, n: usize, w: &[W], dy: &[D]) -> Vec<f32> {
     let mut dx = vec![0f32; m * k];
-    T::gemm(m, k, n, &mut dx, k, false, Mat::rows(dy, n), Mat::rows(w, k));
+    gemm(m, k, n, &mut dx, k, false, Mat::rows(dy, n), Mat::rows(w, k));
     dx
 }
 
 /// `dw[out, in] = dyᵀ · x`.
-pub fn grad_weight<T: GemmElem>(m: usize, k: usize, n: usize, x: &[T], dy: &[T]) -> Vec<f32> {
+pub fn grad_weight<X: GemmElem, D: GemmElem>(m: usize, k: usize, n: usize, x: &[X], dy: &[D]) -> Vec<f32> {
     let mut dw = vec![0f32; n * k];
-    T::gemm(n, k, m, &mut dw, k, false, Mat::transposed(dy, n), Mat::rows(x, k));
+    gemm(n, k, m, &mut dw, k, false, Mat::transposed(dy, n), Mat::rows(x, k));
     dw
 }
 

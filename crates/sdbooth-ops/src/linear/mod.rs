@@ -7,7 +7,7 @@
 pub(crate) mod cpu;
 
 use crate::backend::{self, expect_dims, WeightGradOps};
-use crate::cpu::{same_dtype, storage_bf16, storage_f32, storage_from_f32};
+use crate::cpu::{operand, same_dtype, storage_f32, storage_from_f32, with_operands};
 use crate::reference;
 use candle_core::backend::BackendStorage;
 use candle_core::{bail, CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor};
@@ -15,8 +15,10 @@ use candle_core::{bail, CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layo
 /// `x @ w^T + b` over the last dimension of `x`.
 ///
 /// On CPU one GEMM per product (forward, grad-input, grad-weight written in `[out, in]`), the
-/// bias gradient a chunked row sum; untracked operands get no gradient and cost nothing. When both
-/// operands of a product are bf16 it runs in bf16 with f32 sums (PyTorch autocast's linear).
+/// bias gradient a chunked row sum; untracked operands get no gradient and cost nothing. When an
+/// operand of a product is bf16 it runs in bf16 with f32 sums (PyTorch autocast's linear); `x`
+/// may stay f32 with a bf16 `w` (it is rounded to bf16 as it is packed), and the output and the
+/// input gradient then are f32.
 pub fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
     if !backend::has_kernels(x.device()) {
         return reference::linear(x, w, b);
@@ -66,10 +68,7 @@ fn forward(
         }
         None => None,
     };
-    let y = match (storage_bf16(xs, xl)?, storage_bf16(ws, wl)?) {
-        (Some(x), Some(w)) => cpu::forward(m, k, n, x, w, bias.as_deref()),
-        _ => cpu::forward(m, k, n, &storage_f32(xs, xl)?, &storage_f32(ws, wl)?, bias.as_deref()),
-    };
+    let y = with_operands!((operand(xs, xl)?, operand(ws, wl)?), |x, w| cpu::forward(m, k, n, x, w, bias.as_deref()));
     Ok((storage_from_f32(y, xs.dtype())?, out_shape(xl.dims(), n)))
 }
 
@@ -143,7 +142,7 @@ fn linear_grads(x: &Tensor, w: &Tensor, b: Option<&Tensor>, dy: &Tensor) -> Resu
     let bias_dtype = b.map_or(x.dtype(), |b| b.dtype());
     let ops = WeightGradOps {
         input: &|dy| dy.apply_op2_no_bwd(w, &LinearGradInput { geom, x_shape: x.shape().clone() }),
-        weight: &|dy| x.apply_op2_no_bwd(dy, &LinearGradWeight { geom }),
+        weight: &|dy| x.apply_op2_no_bwd(dy, &LinearGradWeight { geom, dtype: w.dtype() }),
         bias: &|dy| dy.apply_op1_no_bwd(&LinearGradBias { geom, dtype: bias_dtype }),
     };
     backend::weight_op_grads((x, w, b), dy, backend::has_kernels(dy.device()), reference::linear, ops)
@@ -189,17 +188,17 @@ impl CustomOp2 for LinearGradInput {
         let Geom { rows, inp, out } = self.geom;
         expect_dims(self.name(), "output gradient", &flat_dims(l1.dims(), out), &self.geom.dy_dims())?;
         expect_dims(self.name(), "weight", l2.dims(), &[out, inp])?;
-        let dx = match (storage_bf16(s2, l2)?, storage_bf16(s1, l1)?) {
-            (Some(w), Some(dy)) => cpu::grad_input(rows, inp, out, w, dy),
-            _ => cpu::grad_input(rows, inp, out, &storage_f32(s2, l2)?, &storage_f32(s1, l1)?),
-        };
-        Ok((storage_from_f32(dx, s2.dtype())?, self.x_shape.clone()))
+        let dx = with_operands!((operand(s2, l2)?, operand(s1, l1)?), |w, dy| cpu::grad_input(rows, inp, out, w, dy));
+        // dx takes the dtype of dy, which is that of the output and so of x.
+        Ok((storage_from_f32(dx, s1.dtype())?, self.x_shape.clone()))
     }
 }
 
 /// Backward `(x, dy) -> dw = dyᵀ · x`, written in `[out, in]`.
 pub(crate) struct LinearGradWeight {
     pub geom: Geom,
+    /// The weight's dtype, which may differ from the activations' (bf16 weights, f32 activations).
+    pub dtype: DType,
 }
 
 impl CustomOp2 for LinearGradWeight {
@@ -217,11 +216,8 @@ impl CustomOp2 for LinearGradWeight {
         let Geom { rows, inp, out } = self.geom;
         expect_dims(self.name(), "input", &flat_dims(l1.dims(), inp), &[rows, inp])?;
         expect_dims(self.name(), "output gradient", &flat_dims(l2.dims(), out), &self.geom.dy_dims())?;
-        let dw = match (storage_bf16(s1, l1)?, storage_bf16(s2, l2)?) {
-            (Some(x), Some(dy)) => cpu::grad_weight(rows, inp, out, x, dy),
-            _ => cpu::grad_weight(rows, inp, out, &storage_f32(s1, l1)?, &storage_f32(s2, l2)?),
-        };
-        Ok((storage_from_f32(dw, s1.dtype())?, Shape::from((out, inp))))
+        let dw = with_operands!((operand(s1, l1)?, operand(s2, l2)?), |x, dy| cpu::grad_weight(rows, inp, out, x, dy));
+        Ok((storage_from_f32(dw, self.dtype)?, Shape::from((out, inp))))
     }
 }
 

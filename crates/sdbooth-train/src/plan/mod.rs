@@ -293,9 +293,10 @@ impl ModelPlan {
 }
 
 impl PrecisionPlan {
-    /// `bf16` computes in bf16 everywhere, like PyTorch's autocast: on the CPU the GEMMs of
-    /// conv2d and linear multiply bf16 with f32 sums (AVX512_BF16 where the CPU has it, else an
-    /// f32 fallback), norms and softmax compute in f32 inside their kernels. `--full_bf16` weights
+    /// `bf16` computes the matrix products in bf16, like PyTorch's autocast: on the CPU the GEMMs
+    /// of conv2d and linear multiply bf16 with f32 sums (AVX512_BF16 where the CPU has it, else an
+    /// f32 fallback) while activations, norms and element-wise ops stay f32 (the models' `Weights`:
+    /// only the layer weights are cast, the activations are rounded as the GEMMs pack them). `--full_bf16` weights
     /// without bf16 compute are cast to f32 per block on the CPU. The CPU with
     /// `SDBOOTH_REFERENCE_OPS` runs candle's own conv2d, which has no CPU bf16 kernel: there bf16
     /// computes in f32 as before.
