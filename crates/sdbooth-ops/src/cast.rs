@@ -84,7 +84,9 @@ fn f32_of(b: bf16) -> f32 {
 /// the CPU has it, picked at run time; the same per-element result either way).
 pub(crate) fn narrow(v: &[f32]) -> Vec<bf16> {
     let mut out = vec![bf16::ZERO; v.len()];
-    out.par_chunks_mut(CAST_CHUNK).zip(v.par_chunks(CAST_CHUNK)).for_each(|(o, i)| convert(i, o, |x| bf16::from_bits(bf16_bits(x))));
+    out.par_chunks_mut(CAST_CHUNK)
+        .zip(v.par_chunks(CAST_CHUNK))
+        .for_each(|(o, i)| convert(i, o, |x| bf16::from_bits(bf16_bits(x))));
     out
 }
 

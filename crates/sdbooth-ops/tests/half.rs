@@ -98,11 +98,19 @@ fn cast_matches_candle_and_casts_the_gradient_back() {
 #[test]
 fn bf16_rounding_matches_half_on_edge_values() {
     let mut v: Vec<f32> = Vec::new();
-    for hi in [0x0000u32, 0x0001, 0x3F80, 0x3FFF, 0x7F7F, 0x7F80, 0x7FC0, 0x8000, 0xBF81, 0xFF7F, 0xFF80, 0xFFFF] {
+    for hi in
+        [0x0000u32, 0x0001, 0x3F80, 0x3FFF, 0x7F7F, 0x7F80, 0x7FC0, 0x8000, 0xBF81, 0xFF7F, 0xFF80, 0xFFFF]
+    {
         v.extend((0..=0xFFFFu32).map(|lo| f32::from_bits((hi << 16) | lo)));
     }
     let t = Tensor::from_vec(v.clone(), v.len(), &candle_core::Device::Cpu).unwrap();
-    let got: Vec<u16> = ops::cast(&t, DType::BF16).unwrap().to_vec1::<half::bf16>().unwrap().iter().map(|b| b.to_bits()).collect();
+    let got: Vec<u16> = ops::cast(&t, DType::BF16)
+        .unwrap()
+        .to_vec1::<half::bf16>()
+        .unwrap()
+        .iter()
+        .map(|b| b.to_bits())
+        .collect();
     for (x, g) in v.iter().zip(&got) {
         assert_eq!(*g, half::bf16::from_f32(*x).to_bits(), "{:#010x}", x.to_bits());
     }

@@ -188,7 +188,12 @@ impl CustomOp3 for Conv2dBiasOp {
         same_dtype("conv2d", s1, s2)?;
         expect_dims("conv2d", "bias", l3.dims(), &[g.cout])?;
         let b = storage_f32(s3, l3)?;
-        let y = with_operands!((operand(s1, l1)?, operand(s2, l2)?), |x, w| cpu::forward_bias(&g, x, w, Some(&b)));
+        let y = with_operands!((operand(s1, l1)?, operand(s2, l2)?), |x, w| cpu::forward_bias(
+            &g,
+            x,
+            w,
+            Some(&b)
+        ));
         Ok((storage_from_f32(y, s1.dtype())?, Shape::from(&g.y_dims())))
     }
 

@@ -68,7 +68,14 @@ fn forward(
         }
         None => None,
     };
-    let y = with_operands!((operand(xs, xl)?, operand(ws, wl)?), |x, w| cpu::forward(m, k, n, x, w, bias.as_deref()));
+    let y = with_operands!((operand(xs, xl)?, operand(ws, wl)?), |x, w| cpu::forward(
+        m,
+        k,
+        n,
+        x,
+        w,
+        bias.as_deref()
+    ));
     Ok((storage_from_f32(y, xs.dtype())?, out_shape(xl.dims(), n)))
 }
 
@@ -188,7 +195,9 @@ impl CustomOp2 for LinearGradInput {
         let Geom { rows, inp, out } = self.geom;
         expect_dims(self.name(), "output gradient", &flat_dims(l1.dims(), out), &self.geom.dy_dims())?;
         expect_dims(self.name(), "weight", l2.dims(), &[out, inp])?;
-        let dx = with_operands!((operand(s2, l2)?, operand(s1, l1)?), |w, dy| cpu::grad_input(rows, inp, out, w, dy));
+        let dx = with_operands!((operand(s2, l2)?, operand(s1, l1)?), |w, dy| cpu::grad_input(
+            rows, inp, out, w, dy
+        ));
         // dx takes the dtype of dy, which is that of the output and so of x.
         Ok((storage_from_f32(dx, s1.dtype())?, self.x_shape.clone()))
     }
@@ -216,7 +225,9 @@ impl CustomOp2 for LinearGradWeight {
         let Geom { rows, inp, out } = self.geom;
         expect_dims(self.name(), "input", &flat_dims(l1.dims(), inp), &[rows, inp])?;
         expect_dims(self.name(), "output gradient", &flat_dims(l2.dims(), out), &self.geom.dy_dims())?;
-        let dw = with_operands!((operand(s1, l1)?, operand(s2, l2)?), |x, dy| cpu::grad_weight(rows, inp, out, x, dy));
+        let dw = with_operands!((operand(s1, l1)?, operand(s2, l2)?), |x, dy| cpu::grad_weight(
+            rows, inp, out, x, dy
+        ));
         Ok((storage_from_f32(dw, self.dtype)?, Shape::from((out, inp))))
     }
 }
