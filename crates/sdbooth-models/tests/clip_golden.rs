@@ -222,10 +222,12 @@ fn join_windows_keeps_bos_inner_tokens_and_last_state() {
 }
 
 /// bf16 compute (f32 master weights cast per block) through the training path: the output and
-/// the f32 gradients stay within bf16's precision of the f64 reference. Bound: bf16 keeps 8
-/// mantissa bits (relative rounding 2^-9 ~ 2e-3 per op). Measured: output 8.2e-3, worst
+/// the f32 gradients stay within bf16's precision of the f64 reference. On the CPU only the
+/// matrix products run in bf16 and activations stay f32, so the output is f32. Bound: bf16 keeps 8
+/// mantissa bits (relative rounding 2^-9 ~ 2e-3 per op). Measured with bf16 activations: output 8.2e-3, worst
 /// gradient 3.6e-2 (a v_proj bias, whose gradient sums bf16 products over 304 token rows); the
-/// bounds below leave a margin of 2.5-3.5x.
+/// bounds below leave a margin of 2.5-3.5x. With f32 activations (2026-11-29): output 3.8e-3,
+/// worst gradient 9.7e-3.
 #[test]
 fn clip_bf16_compute_is_within_bf16_precision() {
     let cfg = ModelConfig::tiny_sd2();
@@ -235,7 +237,7 @@ fn clip_bf16_compute_is_within_bf16_precision() {
     let ids = f.ids("long");
     let opts = ClipTrainOptions { checkpointing: true, compute_dtype: Some(DType::BF16) };
     let tape = model.forward_train(&params, &ids, None, opts).unwrap();
-    assert_eq!(tape.output().dtype(), DType::BF16);
+    assert_eq!(tape.output().dtype(), DType::F32, "activations stay f32 on the CPU");
     let e_out = rel_err(tape.output(), &f.t["long.out"]);
     let mut worst = 0f64;
     let mut worst_name = String::new();
