@@ -144,9 +144,10 @@ fn vae_rejects_bad_shapes() {
     assert!(model.decode(&params, &lat, None).is_err());
 }
 
-/// bf16 compute of the frozen VAE (weights cast per use): within bf16's precision. Measured:
-/// mean 1.3e-2, std 4.5e-3, decoded 1.6e-2 (the decoder is 25 convs deep, each rounding to 8 mantissa
-/// bits); the bound leaves a margin of 3x.
+/// bf16 compute of the frozen VAE (weights cast per use): within bf16's precision. Measured
+/// with bf16 activations: mean 1.3e-2, std 4.5e-3, decoded 1.6e-2 (the decoder is 25 convs deep,
+/// each rounding to 8 mantissa bits); the bound leaves a margin of 3x. On the CPU activations
+/// stay f32 (only the products' operands are rounded): 8.2e-3, 2.8e-3, 9.3e-3 (2026-11-29).
 #[test]
 fn vae_bf16_compute_is_within_bf16_precision() {
     let cfg = ModelConfig::tiny_sd1();
@@ -154,7 +155,7 @@ fn vae_bf16_compute_is_within_bf16_precision() {
     let params = params(&t, &cfg);
     let model = Vae::new(&cfg.vae);
     let dist = model.encode(&params, &t["enc.images"], Some(DType::BF16)).unwrap();
-    assert_eq!(dist.mean.dtype(), DType::BF16);
+    assert_eq!(dist.mean.dtype(), DType::F32, "activations stay f32 on the CPU (bf16 products)");
     let out = model.decode(&params, &t["dec.latents"], Some(DType::BF16)).unwrap();
     let (em, es, ed) = (
         rel_err(&dist.mean, &t["enc.mean"]),
