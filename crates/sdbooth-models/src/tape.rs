@@ -5,8 +5,9 @@
 //! network's inputs; block `i` reads numbered slots and writes slot `n_inputs + i`. Forward
 //! stores every slot value (block input) as a fresh leaf. Backward walks the blocks in reverse;
 //! for each it obtains the block's output graph (kept from the forward, or recomputed from the
-//! stored inputs with gradient checkpointing), seeds it with the upstream gradient as
-//! `(out * g).sum_all()`, and takes the gradients of the block's input leaves and parameters from
+//! stored inputs with gradient checkpointing), backpropagates the upstream gradient through it
+//! ([`sdbooth_ops::backward_from`]: no extra passes over the output), and takes the gradients
+//! of the block's input leaves and parameters from
 //! that block's own GradStore. Input gradients are summed into their slots: a slot read by many
 //! blocks (the U-Net's skip connections, timestep embedding and text embeddings) is complete once
 //! every reader has run, which in reverse topological order is exactly when its writer runs.
@@ -199,7 +200,7 @@ impl<'a, B: Blocks> Tape<'a, B> {
                 None => blocks.run_block(&w, i, &gather(&self.slots, blocks.block_inputs(i))?)?,
             };
             let g = if g.dtype() == out.dtype() { g } else { g.to_dtype(out.dtype())? };
-            let store = (out * g)?.sum_all()?.backward()?;
+            let store = sdbooth_ops::backward_from(&out, &g)?;
             for &s in blocks.block_inputs(i) {
                 if !self.needs_grad[s] {
                     continue;

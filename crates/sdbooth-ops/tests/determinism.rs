@@ -61,6 +61,8 @@ fn kernels_are_bit_identical_across_thread_counts() {
             Box::new(|t| ops::layer_norm(&t[0], &t[1], &t[2], 1e-5)),
             vec![r.randn(&[3, 77, 24]), r.randn(&[24]), r.randn(&[24])],
         ),
+        ("geglu", Box::new(|t| ops::geglu(&t[0])), vec![r.randn(&[2, 150, 2 * 96])]),
+        ("gelu_erf", Box::new(|t| ops::gelu_erf(&t[0])), vec![r.randn(&[3, 70, 130])]),
     ];
     for (name, f, ins) in &cases {
         let g = r.randn(f(ins).unwrap().dims());

@@ -1,23 +1,39 @@
-//! Element-wise activations, composed of candle primitives whose backward candle has (and which
-//! run on every device). They are memory-bound; a fused kernel would save one pass at most. Such
-//! a kernel (e.g. GEGLU) would go in `cpu.rs`/`cuda.rs` beside this file, as for the other ops.
+//! Element-wise activations. GELU (erf) and GEGLU have CPU kernels of their own for f32 (one
+//! pass forward, one pass backward, multi-threaded: [`cpu`]); SiLU, QuickGELU, other dtypes and
+//! devices without kernels of this crate use compositions of candle primitives, whose backward
+//! candle has ([`crate::reference`]).
+//!
+//! GEGLU composed of candle primitives costs about twenty passes over its tensor in backward
+//! (the product's two gradients, the GELU derivative built from ten primitives, the narrow
+//! gradients padded with zeros and concatenated, each added into a zero-filled gradient entry),
+//! several of them single-threaded in candle 0.11. The kernels compute the same values: see
+//! [`cpu`] for why they are bit-identical to candle's.
 
-use candle_core::{Result, Tensor, D};
+pub(crate) mod cpu;
+
+use crate::backend;
+use crate::cpu::storage_f32;
+use crate::reference;
+use candle_core::backend::BackendStorage;
+use candle_core::{bail, CpuStorage, CustomOp1, CustomOp2, DType, Layout, Result, Shape, Tensor, D};
 
 /// GELU with the exact erf formulation (PyTorch's default `gelu`).
 pub fn gelu_erf(x: &Tensor) -> Result<Tensor> {
-    x.gelu_erf()
+    if has_f32_kernels(x) {
+        x.contiguous()?.apply_op1(Activation::Gelu)
+    } else {
+        reference::gelu_erf(x)
+    }
 }
 
 /// CLIP's `x * sigmoid(1.702 x)`.
 pub fn quick_gelu(x: &Tensor) -> Result<Tensor> {
-    let sigmoid = ((x * -1.702)?.exp()? + 1.0)?.recip()?;
-    x.mul(&sigmoid)
+    reference::quick_gelu(x)
 }
 
 /// `x * sigmoid(x)`.
 pub fn silu(x: &Tensor) -> Result<Tensor> {
-    x.silu()
+    reference::silu(x)
 }
 
 /// GEGLU: the last dimension holds `[value, gate]`; returns `value * gelu(gate)`.
@@ -26,8 +42,111 @@ pub fn geglu(x: &Tensor) -> Result<Tensor> {
     if full % 2 != 0 {
         candle_core::bail!("geglu: last dimension {full} is odd; it must hold [value, gate] halves");
     }
-    let half = full / 2;
-    let value = x.narrow(D::Minus1, 0, half)?;
-    let gate = x.narrow(D::Minus1, half, half)?;
-    value.mul(&gelu_erf(&gate)?)
+    if has_f32_kernels(x) {
+        x.contiguous()?.apply_op1(Activation::Geglu)
+    } else {
+        reference::geglu(x)
+    }
+}
+
+/// The kernels compute f32 on the CPU; half-precision inputs keep candle's own arithmetic.
+fn has_f32_kernels(x: &Tensor) -> bool {
+    backend::has_kernels(x.device()) && x.dtype() == DType::F32
+}
+
+/// Which activation an op computes.
+#[derive(Clone, Copy)]
+enum Activation {
+    Gelu,
+    Geglu,
+}
+
+impl Activation {
+    fn reference(self, x: &Tensor) -> Result<Tensor> {
+        match self {
+            Activation::Gelu => reference::gelu_erf(x),
+            Activation::Geglu => reference::geglu(x),
+        }
+    }
+}
+
+fn f32_storage<'a>(op: &str, s: &'a CpuStorage, l: &Layout) -> Result<std::borrow::Cow<'a, [f32]>> {
+    if !matches!(s, CpuStorage::F32(_)) {
+        bail!("{op}: the CPU kernel takes f32, got {:?}", s.dtype());
+    }
+    storage_f32(s, l)
+}
+
+/// Forward `x -> y`.
+impl CustomOp1 for Activation {
+    fn name(&self) -> &'static str {
+        match self {
+            Activation::Gelu => "sdbooth-gelu",
+            Activation::Geglu => "sdbooth-geglu",
+        }
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let x = f32_storage(self.name(), s, l)?;
+        Ok(match self {
+            Activation::Gelu => (CpuStorage::F32(cpu::gelu_forward(&x)), l.shape().clone()),
+            Activation::Geglu => {
+                let mut dims = l.dims().to_vec();
+                let Some(last) = dims.last_mut() else { bail!("geglu: scalar input") };
+                *last /= 2;
+                let half = *last;
+                (CpuStorage::F32(cpu::geglu_forward(half, &x)), Shape::from(dims))
+            }
+        })
+    }
+
+    fn bwd(&self, x: &Tensor, _y: &Tensor, dy: &Tensor) -> Result<Option<Tensor>> {
+        if !x.track_op() {
+            return Ok(None);
+        }
+        if !backend::has_kernels(dy.device()) {
+            let act = *self;
+            let [dx, _, _] = backend::reference_vjp(&[(x, true)], dy, |t| act.reference(&t[0]))?;
+            return Ok(dx);
+        }
+        x.apply_op2_no_bwd(&dy.contiguous()?, &ActivationBackward(*self)).map(Some)
+    }
+}
+
+/// Backward `(x, dy) -> dx`.
+struct ActivationBackward(Activation);
+
+impl CustomOp2 for ActivationBackward {
+    fn name(&self) -> &'static str {
+        match self.0 {
+            Activation::Gelu => "sdbooth-gelu-backward",
+            Activation::Geglu => "sdbooth-geglu-backward",
+        }
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (x, dy) = (f32_storage(self.name(), s1, l1)?, f32_storage(self.name(), s2, l2)?);
+        let dx = match self.0 {
+            Activation::Gelu => {
+                backend::expect_dims(self.name(), "output gradient", l2.dims(), l1.dims())?;
+                cpu::gelu_backward(&x, &dy)
+            }
+            Activation::Geglu => {
+                let half = l1.dims().last().copied().unwrap_or(0) / 2;
+                let mut want = l1.dims().to_vec();
+                if let Some(last) = want.last_mut() {
+                    *last = half;
+                }
+                backend::expect_dims(self.name(), "output gradient", l2.dims(), &want)?;
+                cpu::geglu_backward(half, &x, &dy)
+            }
+        };
+        Ok((CpuStorage::F32(dx), l1.shape().clone()))
+    }
 }
