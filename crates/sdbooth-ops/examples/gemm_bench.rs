@@ -1,6 +1,8 @@
 //! GFLOP/s of the bf16 GEMM (each kernel this CPU has) against the f32 GEMM, at SD's
 //! conv-as-GEMM shapes, with 1 and 2 threads. Runs alternate (f32, bf16, f32, bf16, …) and the
-//! median of each is printed, so the ratios hold on a busy machine.
+//! median of each is printed, so the ratios hold on a busy machine. The last column is the bf16
+//! GEMM as `--mixed_precision bf16` runs it on the CPU: bf16 weights, f32 columns (rounded to
+//! bf16 while packed).
 //!
 //! `cargo run --release -p sdbooth-ops --example gemm_bench [REPEATS]`
 
@@ -26,8 +28,9 @@ fn main() {
     let kernels: Vec<Bf16Kernel> =
         [Bf16Kernel::Avx512Bf16, Bf16Kernel::F32Fallback].into_iter().filter(|k| k.available()).collect();
     println!(
-        "threads | shape | f32 GFLOP/s | {}",
-        kernels.iter().map(|k| format!("bf16 {} GFLOP/s", k.name())).collect::<Vec<_>>().join(" | ")
+        "threads | shape | f32 GFLOP/s | {} | bf16 W · f32 col ({}) GFLOP/s",
+        kernels.iter().map(|k| format!("bf16 {} GFLOP/s", k.name())).collect::<Vec<_>>().join(" | "),
+        kernels[0].name()
     );
     for threads in [1usize, 2] {
         let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().expect("thread pool");
@@ -38,7 +41,7 @@ fn main() {
             let b16: Vec<bf16> = b32.iter().map(|&v| bf16::from_f32(v)).collect();
             let mut dst = vec![0f32; m * n];
             let flops = 2.0 * (m * n * k) as f64;
-            let mut times = vec![Vec::new(); 1 + kernels.len()];
+            let mut times = vec![Vec::new(); 2 + kernels.len()];
             pool.install(|| {
                 for _ in 0..repeats {
                     let t = Instant::now();
@@ -59,6 +62,19 @@ fn main() {
                         );
                         times[i + 1].push(t.elapsed().as_secs_f64());
                     }
+                    let t = Instant::now();
+                    bf16_gemm(
+                        kernels[0],
+                        m,
+                        n,
+                        k,
+                        &mut dst,
+                        n,
+                        false,
+                        Mat::rows(&a16, k),
+                        Mat::rows(&b32, n),
+                    );
+                    times[1 + kernels.len()].push(t.elapsed().as_secs_f64());
                 }
             });
             let gf: Vec<String> =
