@@ -18,6 +18,8 @@ fn median(mut v: Vec<f64>) -> f64 {
 
 fn main() {
     let repeats: usize = std::env::args().nth(1).and_then(|s| s.parse().ok()).unwrap_or(5);
+    // malloc tuned as in training (large buffers reused from the heap, so zeroed ones cost a pass).
+    sdbooth_ops::tune_allocator();
     // (label, m, n, k): conv2d 3x3 forward as y[Cout, P] = W[Cout, 9·Cin] · col[9·Cin, P].
     let shapes = [
         ("320ch 32x32", 320, 1024, 2880),
