@@ -54,12 +54,13 @@ impl Attention {
         let (b, n, c) = x.dims3()?;
         let m = ctx.dim(1)?;
         let (heads, d) = (self.heads, c / self.heads);
-        let split = |t: Tensor, len: usize| t.reshape((b, len, heads, d))?.transpose(1, 2)?.contiguous();
+        // Parallel copies (`ops::contiguous`): candle copies strided tensors on one thread.
+        let split = |t: Tensor, len: usize| ops::contiguous(&t.reshape((b, len, heads, d))?.transpose(1, 2)?);
         let q = split(self.project(w, &join(p, qn), x)?, n)?;
         let k = split(self.project(w, &join(p, kn), ctx)?, m)?;
         let v = split(self.project(w, &join(p, vn), ctx)?, m)?;
         let o = ops::attention(&q, &k, &v, self.causal)?;
-        let o = o.transpose(1, 2)?.reshape((b, n, c))?;
+        let o = ops::contiguous(&o.transpose(1, 2)?)?.reshape((b, n, c))?;
         let (ow, ob) = w.gemm_wb(&join(p, on))?;
         Ok(ops::linear(&o, &ow, Some(&ob))?)
     }
@@ -97,7 +98,7 @@ impl ImageSelfAttention {
         let (b, c, h, wd) = x.dims4()?;
         let (g, beta) = w.wb(&join(p, "group_norm"))?;
         let t = ops::group_norm(x, self.groups, &g, &beta, self.eps)?;
-        let t = t.reshape((b, c, h * wd))?.transpose(1, 2)?.contiguous()?;
+        let t = ops::contiguous(&t.reshape((b, c, h * wd))?.transpose(1, 2)?)?;
         let o = self.attention().forward(w, p, &t, &t)?;
         let o = o.transpose(1, 2)?.reshape((b, c, h, wd))?;
         Ok((x + o)?)

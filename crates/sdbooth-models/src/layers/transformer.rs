@@ -78,8 +78,9 @@ impl Transformer2D {
         let (nw, nb) = w.wb(&join(p, "norm"))?;
         let h = ops::group_norm(x, self.groups, &nw, &nb, GROUP_NORM_EPS)?;
         let (piw, pib) = w.gemm_wb(&join(p, "proj_in"))?;
-        let to_tokens =
-            |t: &Tensor| -> candle_core::Result<Tensor> { t.permute((0, 2, 3, 1))?.reshape((b, hh * ww, c)) };
+        let to_tokens = |t: &Tensor| -> candle_core::Result<Tensor> {
+            ops::contiguous(&t.permute((0, 2, 3, 1))?)?.reshape((b, hh * ww, c))
+        };
         let h = if self.linear_projection {
             ops::linear(&to_tokens(&h)?, &piw, Some(&pib))?
         } else {
@@ -92,7 +93,7 @@ impl Transformer2D {
         let h = if self.linear_projection {
             to_image(&ops::linear(&h, &pow_, Some(&pob))?)?
         } else {
-            ops::conv2d(&to_image(&h)?.contiguous()?, &pow_, Some(&pob), 1, 0)?
+            ops::conv2d(&ops::contiguous(&to_image(&h)?)?, &pow_, Some(&pob), 1, 0)?
         };
         Ok((h + x)?)
     }
