@@ -145,7 +145,8 @@ pub fn bound(dtype: DType) -> f64 {
 }
 
 /// The dtypes a device computes in: f32, bf16 and f16 on a GPU; f32 and f16 on the CPU, where
-/// candle has no bf16 matrix product (training computes `--mixed_precision bf16` in f32 there).
+/// the reference ops (candle primitives) have no bf16 matrix product to compare against (our CPU
+/// kernels' bf16 products are checked against PyTorch by the bf16 goldens instead).
 pub fn default_dtypes(device: &Device) -> Vec<DType> {
     if device.is_cpu() {
         vec![DType::F32, DType::F16]
