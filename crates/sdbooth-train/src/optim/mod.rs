@@ -146,8 +146,13 @@ impl ParamState {
         }
     }
     /// Takes a buffer out for the host kernels (a CPU tensor left by the tensor path is read).
+    /// A host buffer is moved out, not copied: cloning it cost a serial memcpy of every state
+    /// buffer per step (8.6 GB for AdamW on SD1.5).
     fn take_host(&mut self, key: &str) -> Result<Option<StateBuf>> {
-        self.bufs.remove(key).map(|b| b.to_host()).transpose()
+        match self.bufs.remove(key) {
+            Some(tensor @ StateBuf::Tensor(_)) => tensor.to_host().map(Some),
+            host => Ok(host),
+        }
     }
     pub(crate) fn put_f32(&mut self, key: &str, v: Vec<f32>) {
         self.bufs.insert(key.to_string(), StateBuf::F32(v));
