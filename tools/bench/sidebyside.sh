@@ -14,9 +14,12 @@
 #   bf16        sdbooth --optimizer_type AdamW --mixed_precision bf16 | torch autocast bf16
 #   8bit_fused  sdbooth --optimizer_type AdamW8bit --fused_backward_pass  (no PyTorch twin)
 #   full_bf16   the same + --mixed_precision bf16 --full_bf16          (no PyTorch twin)
+#   seed512     the seed's legacy command at 512 px: sdbooth --optimizer_type AdamW8bit
+#               --mixed_precision bf16 | torch autocast bf16 with torch.optim.AdamW (kohya's
+#               AdamW8bit needs bitsandbytes, which has no CPU optimizer in the pinned versions)
 # Rows without a PyTorch twin are compared with sdbooth's own fp32 row.
 #
-# Environment: ROUNDS (2), STEPS (3 timed), WARMUP (1), RESOLUTION (256),
+# Environment: ROUNDS (2), STEPS (3 timed), WARMUP (1), RESOLUTION (256; seed512: SEED_RESOLUTION, 512),
 #   MODEL (builtin:sd15-random), OUT (out/sidebyside-<UTC time>),
 #   SDBOOTH (target/release/sdbooth, built when missing),
 #   SDBOOTH_BENCH_VENV (tools/.venv: a venv with tools/requirements.txt),
@@ -30,7 +33,7 @@ while [ $# -gt 0 ]; do
     case "$1" in
         --rounds) ROUNDS=$2; shift 2 ;;
         --rounds=*) ROUNDS=${1#*=}; shift ;;
-        -h|--help) sed -n '2,25p' "$0"; exit 0 ;;
+        -h|--help) sed -n '2,27p' "$0"; exit 0 ;;
         *) echo "sidebyside.sh: unknown argument $1 (see --help)" >&2; exit 2 ;;
     esac
 done
@@ -41,10 +44,12 @@ if [ "${TINY:-0}" = 1 ]; then
     RESOLUTION=${RESOLUTION:-64}
     MODEL=${MODEL:-builtin:tiny-sd1}
     TORCH_MODEL=(--tiny)
+    SEED_RESOLUTION=${SEED_RESOLUTION:-128}
 fi
+SEED_RESOLUTION=${SEED_RESOLUTION:-512}
 RESOLUTION=${RESOLUTION:-256}
 MODEL=${MODEL:-builtin:sd15-random}
-ROWS=${ROWS:-fp32,bf16,8bit_fused,full_bf16}
+ROWS=${ROWS:-fp32,bf16,8bit_fused,full_bf16,seed512}
 OUT=${OUT:-out/sidebyside-$(date -u +%Y%m%dT%H%M%SZ)}
 SDBOOTH=${SDBOOTH:-target/release/sdbooth}
 VENV=${SDBOOTH_BENCH_VENV:-tools/.venv}
@@ -70,21 +75,27 @@ sdbooth_flags() {
         bf16) echo "--optimizer_type AdamW --mixed_precision bf16" ;;
         8bit_fused) echo "--optimizer_type AdamW8bit --fused_backward_pass" ;;
         full_bf16) echo "--optimizer_type AdamW8bit --fused_backward_pass --mixed_precision bf16 --full_bf16" ;;
+        seed512) echo "--optimizer_type AdamW8bit --mixed_precision bf16" ;;
         *) echo "sidebyside.sh: unknown row $1" >&2; exit 2 ;;
     esac
 }
 torch_flags() {
     case "$1" in
         fp32) echo "--mixed_precision no" ;;
-        bf16) echo "--mixed_precision bf16" ;;
+        bf16 | seed512) echo "--mixed_precision bf16" ;;
         *) echo "" ;;
     esac
+}
+
+# The resolution of a row: the seed's command trains at 512 px, the others at RESOLUTION.
+row_resolution() {
+    if [ "$1" = seed512 ]; then echo "$SEED_RESOLUTION"; else echo "$RESOLUTION"; fi
 }
 
 run_sdbooth() { # row round
     local json="$OUT/$1-r$2-sdbooth.json" log="$OUT/$1-r$2-sdbooth.log"
     # shellcheck disable=SC2046 # the flags are words
-    if ! "$SDBOOTH" bench --pretrained_model_name_or_path "$MODEL" --resolution "$RESOLUTION" \
+    if ! "$SDBOOTH" bench --pretrained_model_name_or_path "$MODEL" --resolution "$(row_resolution "$1")" \
         --steps "$STEPS" --warmup "$WARMUP" --gradient_checkpointing $(sdbooth_flags "$1") \
         --json "$json" >/dev/null 2>"$log"; then
         echo "sidebyside.sh: sdbooth bench failed ($1, round $2); log: $log" >&2
@@ -95,7 +106,7 @@ run_sdbooth() { # row round
 run_torch() { # row round
     local json="$OUT/$1-r$2-torch.json" log="$OUT/$1-r$2-torch.log"
     # shellcheck disable=SC2046
-    if ! "$PY" tools/bench/torch_step.py "${TORCH_MODEL[@]}" --device cpu --resolution "$RESOLUTION" --steps "$STEPS" \
+    if ! "$PY" tools/bench/torch_step.py "${TORCH_MODEL[@]}" --device cpu --resolution "$(row_resolution "$1")" --steps "$STEPS" \
         --warmup "$WARMUP" $(torch_flags "$1") >"$json.tmp" 2>"$log"; then
         echo "sidebyside.sh: torch_step.py failed ($1, round $2); log: $log" >&2
         tail -5 "$log" >&2
