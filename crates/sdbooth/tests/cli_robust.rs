@@ -437,6 +437,37 @@ fn an_error_after_training_saves_the_trained_steps() {
     assert!(out.join("m-step00000002-state/state.json").is_file(), "{err}");
 }
 
+/// Item 3, the sampling path: sample images that cannot be written (a file sits where the
+/// `sample` folder goes) stop the run after step 1 with a state of that step saved.
+#[test]
+fn a_failed_sampling_saves_the_trained_steps() {
+    let dir = tempdir();
+    let out = dir.path().join("out");
+    mkdir(&out);
+    write(&out.join("sample"), "a file where the sample folder would go");
+    let prompts = dir.path().join("prompts.txt");
+    write(&prompts, "a photo of sks dog --w 64 --h 64 --s 2\n");
+    let prompts = prompts.display().to_string();
+    let o = toy_train(
+        &out,
+        &[
+            "--pretrained_model_name_or_path",
+            "builtin:tiny-sd1",
+            "--max_train_steps",
+            "3",
+            "--sample_every_n_steps",
+            "1",
+            "--sample_prompts",
+            &prompts,
+        ],
+    );
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success(), "{err}");
+    assert!(err.contains("sample"), "the error does not name the sample folder: {err}");
+    assert!(err.contains("the run is saved at step 1 as a state in"), "{err}");
+    assert!(out.join("m-step00000001-state/state.json").is_file(), "{err}");
+}
+
 /// Item 6: on --resume, flags that cannot apply to the saved state are refused with the saved
 /// value named; the learning rate applies from the resumed step and says so.
 #[test]
