@@ -11,6 +11,7 @@ pub mod lr;
 pub mod noise;
 pub mod optim;
 pub mod plan;
+mod square_sum;
 pub mod state;
 pub mod trainer;
 pub mod update;

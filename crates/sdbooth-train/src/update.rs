@@ -13,12 +13,14 @@
 use std::collections::BTreeMap;
 
 use candle_core::{DType, Tensor, Var};
+use rayon::prelude::*;
 use sdbooth_models::ParamStore;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Result, TrainError};
 use crate::lr::LrSchedule;
-use crate::optim::Optimizer;
+use crate::optim::{with_f32, Optimizer};
+use crate::square_sum::host_square_sum;
 
 /// A trained part of the model.
 ///
@@ -97,10 +99,12 @@ pub trait GradSink {
     fn add(&mut self, part: Part, name: &str, grad: &Tensor) -> Result<()>;
 }
 
-/// The squared L2 norm of one gradient, reduced where the tensor lives (f32) and returned as f64
-/// for accumulation. Every norm and overflow check of the update goes through here or through
-/// [`sums_of_squares`].
+/// The squared L2 norm of one gradient, returned as f64 for accumulation. Every norm and overflow
+/// check of the update goes through here or through [`sums_of_squares`].
 pub fn sum_of_squares(grad: &Tensor) -> Result<f64> {
+    if let Some(sum) = host_square_sum_of(grad)? {
+        return Ok(f64::from(sum));
+    }
     Ok(grad_square_sum(grad)?.to_dtype(DType::F64)?.to_scalar::<f64>()?)
 }
 
@@ -110,9 +114,23 @@ fn grad_square_sum(grad: &Tensor) -> Result<Tensor> {
     Ok(grad.sqr()?.sum_all()?.to_dtype(DType::F32)?)
 }
 
-/// [`sum_of_squares`] of every gradient (all on one device), with one transfer of the scalars to
-/// the host instead of one per gradient.
+/// The same sum computed on the host in one read of an f32 CPU gradient, with candle's bits
+/// (`square_sum`); `None` for other gradients and CPUs.
+fn host_square_sum_of(grad: &Tensor) -> Result<Option<f32>> {
+    if !grad.device().is_cpu() || grad.dtype() != DType::F32 {
+        return Ok(None);
+    }
+    with_f32(grad, host_square_sum)
+}
+
+/// [`sum_of_squares`] of every gradient (all on one device). CPU gradients are summed in parallel,
+/// one task per gradient (each sum keeps its own order, so the results do not depend on the
+/// threads); on a GPU, with one transfer of the scalars to the host instead of one per gradient.
 pub fn sums_of_squares<'a>(grads: impl IntoIterator<Item = &'a Tensor>) -> Result<Vec<f64>> {
+    let grads: Vec<&Tensor> = grads.into_iter().collect();
+    if grads.first().is_some_and(|g| g.device().is_cpu()) {
+        return grads.par_iter().with_max_len(1).map(|g| sum_of_squares(g)).collect();
+    }
     let sums = grads.into_iter().map(grad_square_sum).collect::<Result<Vec<Tensor>>>()?;
     if sums.is_empty() {
         return Ok(Vec::new());
