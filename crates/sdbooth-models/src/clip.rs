@@ -164,13 +164,13 @@ impl ClipTextModel {
         let (g, b) = w.wb(&join(&p, "layer_norm2"))?;
         let h = ops::layer_norm(&x, &g, &b, eps)?;
         let (wt, bias) = w.gemm_wb(&join(&p, "mlp.fc1"))?;
-        let h = ops::linear(&h, &wt, Some(&bias))?;
+        let h = wt.linear(&h, Some(&bias))?;
         let h = match self.cfg.hidden_act {
             Activation::QuickGelu => ops::quick_gelu(&h)?,
             Activation::Gelu => ops::gelu_erf(&h)?,
         };
         let (wt, bias) = w.gemm_wb(&join(&p, "mlp.fc2"))?;
-        Ok((x + ops::linear(&h, &wt, Some(&bias))?)?)
+        Ok((x + wt.linear(&h, Some(&bias))?)?)
     }
 
     /// Forward FLOPs for one sequence of `tokens` through every layer (projections, attention

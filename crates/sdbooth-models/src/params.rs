@@ -3,6 +3,7 @@
 use std::collections::BTreeMap;
 
 use candle_core::{DType, Device, Tensor, Var};
+use sdbooth_ops::Precision;
 
 use crate::ModelError;
 
@@ -140,13 +141,17 @@ impl ParamStore {
 /// They are the same except for bf16 compute where sdbooth-ops takes f32 activations with bf16
 /// weights ([`sdbooth_ops::mixes_bf16_operands`], the CPU): there activations, norms and biases
 /// stay f32 and only the products run in bf16 (f32 sums), as PyTorch's autocast does for its
-/// bf16 ops. Element-wise ops then run on f32 and no activation is cast.
+/// bf16 ops. Element-wise ops then run on f32 and no activation is cast, and neither is any
+/// weight: the layers pass the weights as stored (f32 masters, or bf16 with `--full_bf16`) with
+/// [`Precision::Bf16`], the GEMMs round them as they pack them, and the weight gradients come
+/// back in the weights' dtype without a bf16 tensor in between.
 pub(crate) struct Weights<'a> {
     pub params: &'a ParamStore,
     /// false: detached views (share storage, record no graph).
     pub track: bool,
-    /// Compute dtype of the products; weights are cast per use (the cast is differentiable, so
-    /// gradients of f32 master weights come back in f32).
+    /// Compute dtype of the products. Where the weights are not passed as stored (see
+    /// [`Weights`]) they are cast per use (the cast is differentiable, so gradients of f32
+    /// master weights come back in f32).
     pub dtype: Option<DType>,
 }
 
@@ -167,18 +172,20 @@ impl Weights<'_> {
         Ok((self.get(&format!("{prefix}.weight"))?, self.get(&format!("{prefix}.bias"))?))
     }
 
-    /// The weight of a linear or conv layer, in the compute dtype of the products.
-    pub(crate) fn gemm_weight(&self, name: &str) -> Result<Tensor, ModelError> {
+    /// The weight of a linear or conv layer, with the precision of its products.
+    pub(crate) fn gemm_weight(&self, name: &str) -> Result<GemmWeight, ModelError> {
         let t = self.param(name)?;
-        match self.dtype {
-            Some(dt) if dt != t.dtype() => Ok(sdbooth_ops::cast(&t, dt)?),
-            _ => Ok(t),
-        }
+        let (tensor, precision) = match self.dtype {
+            Some(DType::BF16) if sdbooth_ops::mixes_bf16_operands(t.device()) => (t, Precision::Bf16),
+            Some(dt) if dt != t.dtype() => (sdbooth_ops::cast(&t, dt)?, Precision::Stored),
+            _ => (t, Precision::Stored),
+        };
+        Ok(GemmWeight { tensor, precision })
     }
 
-    /// A linear or conv layer's `{prefix}.weight` (compute dtype) and `{prefix}.bias` (activation
-    /// dtype).
-    pub(crate) fn gemm_wb(&self, prefix: &str) -> Result<(Tensor, Tensor), ModelError> {
+    /// A linear or conv layer's `{prefix}.weight` (see [`gemm_weight`](Self::gemm_weight)) and
+    /// `{prefix}.bias` (activation dtype).
+    pub(crate) fn gemm_wb(&self, prefix: &str) -> Result<(GemmWeight, Tensor), ModelError> {
         Ok((self.gemm_weight(&format!("{prefix}.weight"))?, self.get(&format!("{prefix}.bias"))?))
     }
 
@@ -206,5 +213,29 @@ impl Weights<'_> {
             None => self.params.get(first_weight)?.dtype(),
         };
         Ok(if x.dtype() == dt { x.clone() } else { x.to_dtype(dt)? })
+    }
+}
+
+/// The weight of a linear or conv layer and the precision its products run in.
+pub(crate) struct GemmWeight {
+    tensor: Tensor,
+    precision: Precision,
+}
+
+impl GemmWeight {
+    /// `x @ wᵀ + b` ([`sdbooth_ops::linear_with`]).
+    pub(crate) fn linear(&self, x: &Tensor, b: Option<&Tensor>) -> Result<Tensor, ModelError> {
+        Ok(sdbooth_ops::linear_with(x, &self.tensor, b, self.precision)?)
+    }
+
+    /// The 2-D convolution of `x` ([`sdbooth_ops::conv2d_with`]).
+    pub(crate) fn conv2d(
+        &self,
+        x: &Tensor,
+        b: Option<&Tensor>,
+        stride: usize,
+        padding: usize,
+    ) -> Result<Tensor, ModelError> {
+        Ok(sdbooth_ops::conv2d_with(x, &self.tensor, b, stride, padding, self.precision)?)
     }
 }

@@ -118,7 +118,7 @@ impl Stage {
         match &self.step {
             Step::Conv { k, .. } => {
                 let (wt, b) = w.gemm_wb(p)?;
-                Ok(ops::conv2d(x, &wt, Some(&b), 1, k / 2)?)
+                Ok(wt.conv2d(x, Some(&b), 1, k / 2)?)
             }
             Step::Resnet(layer) => layer.forward(w, p, x, None),
             Step::Attention(layer) => layer.forward(w, p, x),

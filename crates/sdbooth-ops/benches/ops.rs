@@ -64,12 +64,14 @@ fn conv2d_parts(c: &mut Criterion) {
         let w = vec![0.01f32; ch * ch * 9];
         let label = format!("{ch}ch_{hw}x{hw}");
         group.throughput(Throughput::Elements(g.flops() as u64));
-        group.bench_function(BenchmarkId::new("forward", &label), |b| b.iter(|| conv2d_forward(&g, &x, &w)));
+        group.bench_function(BenchmarkId::new("forward", &label), |b| {
+            b.iter(|| conv2d_forward(&g, Precision::Stored, &x, &w))
+        });
         group.bench_function(BenchmarkId::new("grad_input", &label), |b| {
-            b.iter(|| conv2d_grad_input(&g, &w, &x))
+            b.iter(|| conv2d_grad_input(&g, Precision::Stored, &w, &x))
         });
         group.bench_function(BenchmarkId::new("grad_weight", &label), |b| {
-            b.iter(|| conv2d_grad_weight(&g, &x, &x))
+            b.iter(|| conv2d_grad_weight(&g, Precision::Stored, &x, &x))
         });
     }
     group.finish();

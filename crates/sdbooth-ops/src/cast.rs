@@ -27,6 +27,12 @@ pub fn cast(x: &Tensor, dtype: DType) -> Result<Tensor> {
     x.contiguous()?.apply_op1(Cast { to: dtype })
 }
 
+/// `f` applied to `x` cast to bf16, its result cast back to `x`'s dtype: [`crate::Precision::Bf16`]
+/// on devices without kernels of this crate, whose ops need both operands in one dtype.
+pub(crate) fn in_bf16(x: &Tensor, f: impl FnOnce(&Tensor) -> Result<Tensor>) -> Result<Tensor> {
+    cast(&f(&cast(x, DType::BF16)?)?, x.dtype())
+}
+
 /// Whether linear and conv2d on `device` take f32 activations with bf16 weights (the products in
 /// bf16 with f32 sums, the f32 operand rounded as it is packed): where this crate's kernels run
 /// (the CPU). Models then keep activations in f32 under bf16 compute, so element-wise ops run on

@@ -174,10 +174,26 @@ impl GemmElem for bf16 {
     }
 }
 
+/// What the products of a GEMM-based op (conv2d, linear) are computed in.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Precision {
+    /// The operands' own dtypes: bf16 products with f32 sums when either operand is bf16, else
+    /// f32 (see [`GemmElem`]).
+    #[default]
+    Stored,
+    /// bf16 products with f32 sums whatever the operands are stored in: f32 values are rounded
+    /// to bf16 (to nearest even) as the GEMM packs them. `--mixed_precision bf16` on the CPU
+    /// passes the f32 master weights this way, so no weight is cast per use and the weight
+    /// gradients come out in f32 without a bf16 tensor in between.
+    Bf16,
+}
+
 /// `dst[m×n] (row stride dst_rs) = (accumulate ? dst : 0) + a[m×k] · b[k×n]`, multi-threaded:
-/// in bf16 with f32 sums when an operand is bf16 (see [`GemmElem`]), else in f32.
+/// in bf16 with f32 sums when `precision` asks for it or an operand is bf16 (see [`GemmElem`]),
+/// else in f32.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn gemm<A: GemmElem, B: GemmElem>(
+    precision: Precision,
     m: usize,
     n: usize,
     k: usize,
@@ -187,7 +203,7 @@ pub(crate) fn gemm<A: GemmElem, B: GemmElem>(
     a: Mat<'_, A>,
     b: Mat<'_, B>,
 ) {
-    if A::BF16 || B::BF16 {
+    if precision == Precision::Bf16 || A::BF16 || B::BF16 {
         crate::bf16_gemm::gemm(m, n, k, dst, dst_rs, accumulate, a, b)
     } else {
         let (a32, b32) = (A::as_f32(a.data), B::as_f32(b.data));

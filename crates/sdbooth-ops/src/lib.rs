@@ -56,7 +56,7 @@ mod threads;
 pub mod kernels {
     pub use crate::conv::cpu::{forward as conv2d_forward, grad_input as conv2d_grad_input};
     pub use crate::conv::{cpu::grad_weight as conv2d_grad_weight, Geom as Conv2dGeom};
-    pub use crate::cpu::{GemmElem, Mat};
+    pub use crate::cpu::{GemmElem, Mat, Precision};
 
     /// The f32 GEMM the CPU kernels use (the `gemm` crate), multi-threaded: `dst[m×n] (row
     /// stride dst_rs) = (accumulate ? dst : 0) + a · b`.
@@ -91,11 +91,11 @@ pub use attention::{attention, attention_flops};
 pub use backend::{reference_ops_forced, REFERENCE_OPS_ENV};
 pub use bf16_gemm::{active_kernel as bf16_kernel, Bf16Kernel, BF16_KERNEL_ENV};
 pub use cast::{cast, mixes_bf16_operands};
-pub use conv::{conv2d, conv2d_flops};
+pub use conv::{conv2d, conv2d_flops, conv2d_with};
 pub use copy::contiguous;
-pub use cpu::f32_gemm_kernel;
+pub use cpu::{f32_gemm_kernel, Precision};
 pub use embed::{embedding, timestep_embedding, upsample_nearest2x};
-pub use linear::linear;
+pub use linear::{linear, linear_with};
 pub use norm::{group_norm, group_norm_silu, layer_norm};
 pub use seed::backward_from;
 pub use softmax::softmax_last_dim;

@@ -42,9 +42,9 @@ impl Attention {
     fn project(&self, w: &Weights, name: &str, x: &Tensor) -> Result<Tensor, ModelError> {
         if self.qkv_bias {
             let (wt, b) = w.gemm_wb(name)?;
-            Ok(ops::linear(x, &wt, Some(&b))?)
+            wt.linear(x, Some(&b))
         } else {
-            Ok(ops::linear(x, &w.gemm_weight(&format!("{name}.weight"))?, None)?)
+            w.gemm_weight(&format!("{name}.weight"))?.linear(x, None)
         }
     }
 
@@ -62,7 +62,7 @@ impl Attention {
         let o = ops::attention(&q, &k, &v, self.causal)?;
         let o = ops::contiguous(&o.transpose(1, 2)?)?.reshape((b, n, c))?;
         let (ow, ob) = w.gemm_wb(&join(p, on))?;
-        Ok(ops::linear(&o, &ow, Some(&ob))?)
+        Ok(ow.linear(&o, Some(&ob))?)
     }
 
     /// Forward FLOPs for `n` queries over `m` keys: the four projections, the scores and the

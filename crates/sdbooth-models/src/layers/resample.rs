@@ -32,10 +32,10 @@ impl Downsample {
     pub fn forward(&self, w: &Weights, p: &str, x: &Tensor) -> Result<Tensor, ModelError> {
         let (wt, b) = w.gemm_wb(&join(p, "conv"))?;
         Ok(match self.padding {
-            DownsamplePadding::Symmetric => ops::conv2d(x, &wt, Some(&b), 2, 1)?,
+            DownsamplePadding::Symmetric => wt.conv2d(x, Some(&b), 2, 1)?,
             DownsamplePadding::RightBottom => {
                 let padded = x.pad_with_zeros(3, 0, 1)?.pad_with_zeros(2, 0, 1)?;
-                ops::conv2d(&padded, &wt, Some(&b), 2, 0)?
+                wt.conv2d(&padded, Some(&b), 2, 0)?
             }
         })
     }
@@ -74,7 +74,7 @@ impl Upsample {
     ) -> Result<Tensor, ModelError> {
         let (wt, b) = w.gemm_wb(&join(p, "conv"))?;
         let up = upsample_nearest(x, size)?;
-        Ok(ops::conv2d(&up, &wt, Some(&b), 1, 1)?)
+        Ok(wt.conv2d(&up, Some(&b), 1, 1)?)
     }
 
     /// Forward FLOPs producing `pixels` output pixels.

@@ -53,20 +53,20 @@ impl Resnet {
         let (n1w, n1b) = w.wb(&join(p, "norm1"))?;
         let (c1w, c1b) = w.gemm_wb(&join(p, "conv1"))?;
         let h = ops::group_norm_silu(x, g, &n1w, &n1b, eps)?;
-        let mut h = ops::conv2d(&h, &c1w, Some(&c1b), 1, 1)?;
+        let mut h = c1w.conv2d(&h, Some(&c1b), 1, 1)?;
         if let Some(emb) = emb {
             let (tw, tb) = w.gemm_wb(&join(p, "time_emb_proj"))?;
-            let t = ops::linear(&ops::silu(emb)?, &tw, Some(&tb))?;
+            let t = tw.linear(&ops::silu(emb)?, Some(&tb))?;
             let (b, c) = t.dims2()?;
             h = h.broadcast_add(&t.reshape((b, c, 1, 1))?)?;
         }
         let (n2w, n2b) = w.wb(&join(p, "norm2"))?;
         let (c2w, c2b) = w.gemm_wb(&join(p, "conv2"))?;
         let h = ops::group_norm_silu(&h, g, &n2w, &n2b, eps)?;
-        let h = ops::conv2d(&h, &c2w, Some(&c2b), 1, 1)?;
+        let h = c2w.conv2d(&h, Some(&c2b), 1, 1)?;
         let x = if self.shortcut() {
             let (sw, sb) = w.gemm_wb(&join(p, "conv_shortcut"))?;
-            ops::conv2d(x, &sw, Some(&sb), 1, 0)?
+            sw.conv2d(x, Some(&sb), 1, 0)?
         } else {
             x.clone()
         };

@@ -82,18 +82,18 @@ impl Transformer2D {
             ops::contiguous(&t.permute((0, 2, 3, 1))?)?.reshape((b, hh * ww, c))
         };
         let h = if self.linear_projection {
-            ops::linear(&to_tokens(&h)?, &piw, Some(&pib))?
+            piw.linear(&to_tokens(&h)?, Some(&pib))?
         } else {
-            to_tokens(&ops::conv2d(&h, &piw, Some(&pib), 1, 0)?)?
+            to_tokens(&piw.conv2d(&h, Some(&pib), 1, 0)?)?
         };
         let h = self.basic_block(w, &join(p, BLOCK), &h, ctx)?;
         let (pow_, pob) = w.gemm_wb(&join(p, "proj_out"))?;
         let to_image =
             |t: &Tensor| -> candle_core::Result<Tensor> { t.reshape((b, hh, ww, c))?.permute((0, 3, 1, 2)) };
         let h = if self.linear_projection {
-            to_image(&ops::linear(&h, &pow_, Some(&pob))?)?
+            to_image(&pow_.linear(&h, Some(&pob))?)?
         } else {
-            ops::conv2d(&ops::contiguous(&to_image(&h)?)?, &pow_, Some(&pob), 1, 0)?
+            pow_.conv2d(&ops::contiguous(&to_image(&h)?)?, Some(&pob), 1, 0)?
         };
         Ok((h + x)?)
     }
@@ -111,9 +111,9 @@ impl Transformer2D {
         let x = (self.cross_attention().forward(w, &join(p, "attn2"), &n, ctx)? + x)?;
         let n = layer_norm("norm3", &x)?;
         let (fw, fb) = w.gemm_wb(&join(p, "ff.net.0.proj"))?;
-        let f = ops::geglu(&ops::linear(&n, &fw, Some(&fb))?)?;
+        let f = ops::geglu(&fw.linear(&n, Some(&fb))?)?;
         let (ow, ob) = w.gemm_wb(&join(p, "ff.net.2"))?;
-        Ok((ops::linear(&f, &ow, Some(&ob))? + x)?)
+        Ok((ow.linear(&f, Some(&ob))? + x)?)
     }
 
     /// Forward FLOPs at `pixels` pixels with `ctx_tokens` text tokens.

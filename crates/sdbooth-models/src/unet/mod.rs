@@ -358,7 +358,7 @@ impl Blocks for UNetRun<'_> {
             NodeKind::TimeEmbed(layer) => layer.forward(w, p, &inputs[0]),
             NodeKind::ConvIn { .. } => {
                 let (wt, b) = w.gemm_wb("conv_in")?;
-                Ok(ops::conv2d(&w.cast(&inputs[0])?, &wt, Some(&b), 1, 1)?)
+                Ok(wt.conv2d(&w.cast(&inputs[0])?, Some(&b), 1, 1)?)
             }
             NodeKind::Resnet { layer, skip } => {
                 let x = if *skip { Tensor::cat(&[&inputs[0], &inputs[1]], 1)? } else { inputs[0].clone() };
@@ -372,7 +372,7 @@ impl Blocks for UNetRun<'_> {
                 let h = ops::group_norm_silu(&inputs[0], *groups, &g, &b, *eps)?;
                 let (wt, b) = w.gemm_wb("conv_out")?;
                 // The loss is taken in f32 whatever the compute dtype (kohya: `noise_pred.float()`).
-                Ok(ops::conv2d(&h, &wt, Some(&b), 1, 1)?.to_dtype(DType::F32)?)
+                Ok(wt.conv2d(&h, Some(&b), 1, 1)?.to_dtype(DType::F32)?)
             }
         }
     }

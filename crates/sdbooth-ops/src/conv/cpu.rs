@@ -16,7 +16,7 @@
 //! over the batch in batch order; gemm never splits the k-sum across threads.
 
 use super::Geom;
-use crate::cpu::{gemm, GemmElem, Mat};
+use crate::cpu::{gemm, GemmElem, Mat, Precision};
 use rayon::prelude::*;
 
 /// Rows per rayon task so each task moves at least ~32K floats (small planes at 8×8 would
@@ -118,12 +118,18 @@ fn columns<'a, T: Copy + Default + Send + Sync>(
 }
 
 /// Forward: `y[B, Cout, Ho, Wo]`.
-pub fn forward<X: GemmElem, W: GemmElem>(g: &Geom, x: &[X], w: &[W]) -> Vec<f32> {
-    forward_bias(g, x, w, None)
+pub fn forward<X: GemmElem, W: GemmElem>(g: &Geom, precision: Precision, x: &[X], w: &[W]) -> Vec<f32> {
+    forward_bias(g, precision, x, w, None)
 }
 
 /// Forward with an optional per-channel bias, added by starting the GEMM from the bias planes.
-pub fn forward_bias<X: GemmElem, W: GemmElem>(g: &Geom, x: &[X], w: &[W], bias: Option<&[f32]>) -> Vec<f32> {
+pub fn forward_bias<X: GemmElem, W: GemmElem>(
+    g: &Geom,
+    precision: Precision,
+    x: &[X],
+    w: &[W],
+    bias: Option<&[f32]>,
+) -> Vec<f32> {
     let (k, p) = (g.k(), g.p());
     let mut y = vec![0f32; g.b * g.cout * p];
     if let Some(bias) = bias {
@@ -135,7 +141,7 @@ pub fn forward_bias<X: GemmElem, W: GemmElem>(g: &Geom, x: &[X], w: &[W], bias: 
     for bi in 0..g.b {
         let colv = columns(g, x, bi, &mut col);
         let yb = &mut y[bi * g.cout * p..(bi + 1) * g.cout * p];
-        gemm(g.cout, p, k, yb, p, bias.is_some(), Mat::rows(w, k), Mat::rows(colv, p));
+        gemm(precision, g.cout, p, k, yb, p, bias.is_some(), Mat::rows(w, k), Mat::rows(colv, p));
     }
     y
 }
@@ -168,7 +174,7 @@ pub fn grad_bias(g: &Geom, dy: &[f32]) -> Vec<f32> {
 }
 
 /// Gradient with respect to the input.
-pub fn grad_input<W: GemmElem, D: GemmElem>(g: &Geom, w: &[W], dy: &[D]) -> Vec<f32> {
+pub fn grad_input<W: GemmElem, D: GemmElem>(g: &Geom, precision: Precision, w: &[W], dy: &[D]) -> Vec<f32> {
     let (k, p) = (g.k(), g.p());
     let chw = g.cin * g.h * g.w;
     let mut dx = vec![0f32; g.b * chw];
@@ -178,9 +184,9 @@ pub fn grad_input<W: GemmElem, D: GemmElem>(g: &Geom, w: &[W], dy: &[D]) -> Vec<
         let dxb = &mut dx[bi * chw..(bi + 1) * chw];
         let wt = Mat::transposed(w, k);
         if g.is_pointwise() {
-            gemm(k, p, g.cout, dxb, p, false, wt, Mat::rows(dyb, p));
+            gemm(precision, k, p, g.cout, dxb, p, false, wt, Mat::rows(dyb, p));
         } else {
-            gemm(k, p, g.cout, &mut dcol, p, false, wt, Mat::rows(dyb, p));
+            gemm(precision, k, p, g.cout, &mut dcol, p, false, wt, Mat::rows(dyb, p));
             col2im(g, &dcol, dxb);
         }
     }
@@ -188,14 +194,14 @@ pub fn grad_input<W: GemmElem, D: GemmElem>(g: &Geom, w: &[W], dy: &[D]) -> Vec<
 }
 
 /// Gradient with respect to the weight, summed over the batch in batch order.
-pub fn grad_weight<X: GemmElem, D: GemmElem>(g: &Geom, x: &[X], dy: &[D]) -> Vec<f32> {
+pub fn grad_weight<X: GemmElem, D: GemmElem>(g: &Geom, precision: Precision, x: &[X], dy: &[D]) -> Vec<f32> {
     let (k, p) = (g.k(), g.p());
     let mut dw = vec![0f32; g.cout * k];
     let mut col = if g.is_pointwise() { Vec::new() } else { vec![X::default(); k * p] };
     for bi in 0..g.b {
         let colv = columns(g, x, bi, &mut col);
         let dyb = &dy[bi * g.cout * p..(bi + 1) * g.cout * p];
-        gemm(g.cout, k, p, &mut dw, k, bi > 0, Mat::rows(dyb, p), Mat::transposed(colv, p));
+        gemm(precision, g.cout, k, p, &mut dw, k, bi > 0, Mat::rows(dyb, p), Mat::transposed(colv, p));
     }
     dw
 }

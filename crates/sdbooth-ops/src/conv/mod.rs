@@ -14,7 +14,7 @@ mod cudnn_params;
 pub(crate) mod generic;
 
 use crate::backend::{self, expect_dims, WeightGradOps};
-use crate::cpu::{operand, same_dtype, storage_f32, storage_from_f32, with_operands};
+use crate::cpu::{operand, same_dtype, storage_f32, storage_from_f32, with_operands, Precision};
 use crate::reference;
 use candle_core::backend::BackendStorage;
 use candle_core::{bail, CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor};
@@ -26,6 +26,25 @@ use candle_core::{bail, CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layo
 /// [`generic::conv2d`] (candle's forward, a backward of GEMMs and forward convolutions).
 /// With the `cudnn` feature, CUDA runs forward and gradients through cuDNN.
 pub fn conv2d(x: &Tensor, w: &Tensor, b: Option<&Tensor>, stride: usize, padding: usize) -> Result<Tensor> {
+    conv2d_with(x, w, b, stride, padding, Precision::Stored)
+}
+
+/// [`conv2d`] with its products computed in `precision`. With [`Precision::Bf16`] and f32
+/// operands on the CPU, all three products run in bf16 with f32 sums and every result, the
+/// weight gradient included, is f32. Other devices cast both operands to bf16 and the output
+/// back.
+pub fn conv2d_with(
+    x: &Tensor,
+    w: &Tensor,
+    b: Option<&Tensor>,
+    stride: usize,
+    padding: usize,
+    precision: Precision,
+) -> Result<Tensor> {
+    if precision == Precision::Bf16 && !backend::has_kernels(x.device()) {
+        let (w, b) = (crate::cast(w, DType::BF16)?, b.map(|b| crate::cast(b, DType::BF16)).transpose()?);
+        return crate::cast::in_bf16(x, |x| conv2d(x, &w, b.as_ref(), stride, padding));
+    }
     if !has_conv_kernels(x.device()) {
         return generic::conv2d(x, w, b, stride, padding);
     }
@@ -35,14 +54,16 @@ pub fn conv2d(x: &Tensor, w: &Tensor, b: Option<&Tensor>, stride: usize, padding
     }
     let (x, w) = (x.contiguous()?, w.contiguous()?);
     match b {
-        Some(b) if on_cpu => x.apply_op3(&w, &b.contiguous()?, Conv2dBiasOp { stride, pad: padding }),
+        Some(b) if on_cpu => {
+            x.apply_op3(&w, &b.contiguous()?, Conv2dBiasOp { stride, pad: padding, precision })
+        }
         Some(b) => {
-            let y = x.apply_op2(&w, Conv2dOp { stride, pad: padding })?;
+            let y = x.apply_op2(&w, Conv2dOp { stride, pad: padding, precision })?;
             expect_dims("conv2d", "bias", b.dims(), &[y.dim(1)?])?;
             // Any bias dtype, as on the CPU (its gradient comes back in its own dtype).
             y.broadcast_add(&b.to_dtype(y.dtype())?.reshape((1, b.dim(0)?, 1, 1))?)
         }
-        None => x.apply_op2(&w, Conv2dOp { stride, pad: padding }),
+        None => x.apply_op2(&w, Conv2dOp { stride, pad: padding, precision }),
     }
 }
 
@@ -120,6 +141,7 @@ impl Geom {
 pub(crate) struct Conv2dOp {
     pub stride: usize,
     pub pad: usize,
+    pub precision: Precision,
 }
 
 impl CustomOp2 for Conv2dOp {
@@ -136,7 +158,12 @@ impl CustomOp2 for Conv2dOp {
     ) -> Result<(CpuStorage, Shape)> {
         let g = Geom::new(l1.dims(), l2.dims(), self.stride, self.pad)?;
         same_dtype("conv2d", s1, s2)?;
-        let y = with_operands!((operand(s1, l1)?, operand(s2, l2)?), |x, w| cpu::forward(&g, x, w));
+        let y = with_operands!((operand(s1, l1)?, operand(s2, l2)?), |x, w| cpu::forward(
+            &g,
+            self.precision,
+            x,
+            w
+        ));
         Ok((storage_from_f32(y, s1.dtype())?, Shape::from(&g.y_dims())))
     }
 
@@ -159,7 +186,7 @@ impl CustomOp2 for Conv2dOp {
         _y: &Tensor,
         dy: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let [dx, dw, _] = conv2d_grads(x, w, None, dy, self.stride, self.pad)?;
+        let [dx, dw, _] = conv2d_grads(x, w, None, dy, (self.stride, self.pad), self.precision)?;
         Ok((dx, dw))
     }
 }
@@ -168,6 +195,7 @@ impl CustomOp2 for Conv2dOp {
 pub(crate) struct Conv2dBiasOp {
     pub stride: usize,
     pub pad: usize,
+    pub precision: Precision,
 }
 
 impl CustomOp3 for Conv2dBiasOp {
@@ -190,6 +218,7 @@ impl CustomOp3 for Conv2dBiasOp {
         let b = storage_f32(s3, l3)?;
         let y = with_operands!((operand(s1, l1)?, operand(s2, l2)?), |x, w| cpu::forward_bias(
             &g,
+            self.precision,
             x,
             w,
             Some(&b)
@@ -205,7 +234,7 @@ impl CustomOp3 for Conv2dBiasOp {
         _y: &Tensor,
         dy: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let [dx, dw, db] = conv2d_grads(x, w, Some(b), dy, self.stride, self.pad)?;
+        let [dx, dw, db] = conv2d_grads(x, w, Some(b), dy, (self.stride, self.pad), self.precision)?;
         Ok((dx, dw, db))
     }
 }
@@ -217,14 +246,14 @@ fn conv2d_grads(
     w: &Tensor,
     b: Option<&Tensor>,
     dy: &Tensor,
-    stride: usize,
-    pad: usize,
+    (stride, pad): (usize, usize),
+    precision: Precision,
 ) -> Result<[Option<Tensor>; 3]> {
     let geom = Geom::new(x.dims(), w.dims(), stride, pad)?;
     let bias_dtype = b.map_or(x.dtype(), |b| b.dtype());
     let ops = WeightGradOps {
-        input: &|dy| w.apply_op2_no_bwd(dy, &Conv2dGradInput { geom }),
-        weight: &|dy| x.apply_op2_no_bwd(dy, &Conv2dGradWeight { geom, dtype: w.dtype() }),
+        input: &|dy| w.apply_op2_no_bwd(dy, &Conv2dGradInput { geom, precision }),
+        weight: &|dy| x.apply_op2_no_bwd(dy, &Conv2dGradWeight { geom, dtype: w.dtype(), precision }),
         bias: &|dy| dy.apply_op1_no_bwd(&Conv2dGradBias { geom, dtype: bias_dtype }),
     };
     let kernels = has_conv_kernels(dy.device());
@@ -234,6 +263,8 @@ fn conv2d_grads(
 /// Backward `(w, dy) -> dx`.
 pub(crate) struct Conv2dGradInput {
     pub geom: Geom,
+    /// What the product runs in (that of the forward).
+    pub precision: Precision,
 }
 
 impl Conv2dGradInput {
@@ -259,7 +290,12 @@ impl CustomOp2 for Conv2dGradInput {
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let g = self.checked(l1, l2)?;
-        let dx = with_operands!((operand(s1, l1)?, operand(s2, l2)?), |w, dy| cpu::grad_input(g, w, dy));
+        let dx = with_operands!((operand(s1, l1)?, operand(s2, l2)?), |w, dy| cpu::grad_input(
+            g,
+            self.precision,
+            w,
+            dy
+        ));
         // dx takes the dtype of dy, which is that of the output and so of x.
         Ok((storage_from_f32(dx, s2.dtype())?, Shape::from(&g.x_dims())))
     }
@@ -282,6 +318,8 @@ pub(crate) struct Conv2dGradWeight {
     pub geom: Geom,
     /// The weight's dtype, which may differ from the activations' (bf16 weights, f32 activations).
     pub dtype: DType,
+    /// What the product runs in (that of the forward).
+    pub precision: Precision,
 }
 
 impl Conv2dGradWeight {
@@ -307,7 +345,12 @@ impl CustomOp2 for Conv2dGradWeight {
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let g = self.checked(l1, l2)?;
-        let dw = with_operands!((operand(s1, l1)?, operand(s2, l2)?), |x, dy| cpu::grad_weight(g, x, dy));
+        let dw = with_operands!((operand(s1, l1)?, operand(s2, l2)?), |x, dy| cpu::grad_weight(
+            g,
+            self.precision,
+            x,
+            dy
+        ));
         Ok((storage_from_f32(dw, self.dtype)?, Shape::from(&g.w_dims())))
     }
 

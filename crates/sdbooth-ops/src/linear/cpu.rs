@@ -14,7 +14,7 @@
 //! Determinism: gemm never splits the k-sum across threads, and the bias sum is chunked by a
 //! fixed row count, so results do not depend on the thread count.
 
-use crate::cpu::{gemm, GemmElem, Mat};
+use crate::cpu::{gemm, GemmElem, Mat, Precision};
 use rayon::prelude::*;
 
 /// Rows per chunk of the bias-gradient sum (fixed: the sum order must not depend on threads).
@@ -22,6 +22,7 @@ const BIAS_ROWS: usize = 64;
 
 /// Forward: `y[M, out] = x · wᵀ + b`.
 pub fn forward<X: GemmElem, W: GemmElem>(
+    precision: Precision,
     m: usize,
     k: usize,
     n: usize,
@@ -33,21 +34,35 @@ pub fn forward<X: GemmElem, W: GemmElem>(
     if let Some(b) = b {
         y.par_chunks_mut(n).with_min_len(1024usize.div_ceil(n).max(1)).for_each(|r| r.copy_from_slice(b));
     }
-    gemm(m, n, k, &mut y, n, b.is_some(), Mat::rows(x, k), Mat::transposed(w, k));
+    gemm(precision, m, n, k, &mut y, n, b.is_some(), Mat::rows(x, k), Mat::transposed(w, k));
     y
 }
 
 /// `dx[M, in] = dy[M, out] · w[out, in]`.
-pub fn grad_input<W: GemmElem, D: GemmElem>(m: usize, k: usize, n: usize, w: &[W], dy: &[D]) -> Vec<f32> {
+pub fn grad_input<W: GemmElem, D: GemmElem>(
+    precision: Precision,
+    m: usize,
+    k: usize,
+    n: usize,
+    w: &[W],
+    dy: &[D],
+) -> Vec<f32> {
     let mut dx = vec![0f32; m * k];
-    gemm(m, k, n, &mut dx, k, false, Mat::rows(dy, n), Mat::rows(w, k));
+    gemm(precision, m, k, n, &mut dx, k, false, Mat::rows(dy, n), Mat::rows(w, k));
     dx
 }
 
 /// `dw[out, in] = dyᵀ · x`.
-pub fn grad_weight<X: GemmElem, D: GemmElem>(m: usize, k: usize, n: usize, x: &[X], dy: &[D]) -> Vec<f32> {
+pub fn grad_weight<X: GemmElem, D: GemmElem>(
+    precision: Precision,
+    m: usize,
+    k: usize,
+    n: usize,
+    x: &[X],
+    dy: &[D],
+) -> Vec<f32> {
     let mut dw = vec![0f32; n * k];
-    gemm(n, k, m, &mut dw, k, false, Mat::transposed(dy, n), Mat::rows(x, k));
+    gemm(precision, n, k, m, &mut dw, k, false, Mat::transposed(dy, n), Mat::rows(x, k));
     dw
 }
 

@@ -7,7 +7,7 @@
 pub(crate) mod cpu;
 
 use crate::backend::{self, expect_dims, WeightGradOps};
-use crate::cpu::{operand, same_dtype, storage_f32, storage_from_f32, with_operands};
+use crate::cpu::{operand, same_dtype, storage_f32, storage_from_f32, with_operands, Precision};
 use crate::reference;
 use candle_core::backend::BackendStorage;
 use candle_core::{bail, CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor};
@@ -20,14 +20,29 @@ use candle_core::{bail, CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layo
 /// may stay f32 with a bf16 `w` (it is rounded to bf16 as it is packed), and the output and the
 /// input gradient then are f32.
 pub fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
+    linear_with(x, w, b, Precision::Stored)
+}
+
+/// [`linear`] with its products computed in `precision`. With [`Precision::Bf16`] and f32
+/// operands on the CPU, all three products (forward, grad-input, grad-weight) run in bf16 with
+/// f32 sums and every result, the weight gradient included, is f32. Devices without kernels of
+/// this crate cast both operands to bf16 and the output back.
+pub fn linear_with(x: &Tensor, w: &Tensor, b: Option<&Tensor>, precision: Precision) -> Result<Tensor> {
     if !backend::has_kernels(x.device()) {
-        return reference::linear(x, w, b);
+        return match precision {
+            Precision::Stored => reference::linear(x, w, b),
+            Precision::Bf16 => {
+                let (w, b) =
+                    (crate::cast(w, DType::BF16)?, b.map(|b| crate::cast(b, DType::BF16)).transpose()?);
+                crate::cast::in_bf16(x, |x| reference::linear(x, &w, b.as_ref()))
+            }
+        };
     }
     crate::tune_allocator();
     let (x, w) = (x.contiguous()?, w.contiguous()?);
     match b {
-        Some(b) => x.apply_op3(&w, &b.contiguous()?, LinearBiasOp),
-        None => x.apply_op2(&w, LinearOp),
+        Some(b) => x.apply_op3(&w, &b.contiguous()?, LinearBiasOp { precision }),
+        None => x.apply_op2(&w, LinearOp { precision }),
     }
 }
 
@@ -56,6 +71,7 @@ fn forward(
     ws: &CpuStorage,
     wl: &Layout,
     b: Option<(&CpuStorage, &Layout)>,
+    precision: Precision,
 ) -> Result<(CpuStorage, Shape)> {
     let (m, k, n) = dims(xl.dims(), wl.dims())?;
     same_dtype("linear", xs, ws)?;
@@ -69,6 +85,7 @@ fn forward(
         None => None,
     };
     let y = with_operands!((operand(xs, xl)?, operand(ws, wl)?), |x, w| cpu::forward(
+        precision,
         m,
         k,
         n,
@@ -80,7 +97,9 @@ fn forward(
 }
 
 /// Forward `(x, w) -> x @ wᵀ`.
-pub(crate) struct LinearOp;
+pub(crate) struct LinearOp {
+    pub precision: Precision,
+}
 
 impl CustomOp2 for LinearOp {
     fn name(&self) -> &'static str {
@@ -94,7 +113,7 @@ impl CustomOp2 for LinearOp {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        forward(s1, l1, s2, l2, None)
+        forward(s1, l1, s2, l2, None, self.precision)
     }
 
     fn bwd(
@@ -104,13 +123,15 @@ impl CustomOp2 for LinearOp {
         _y: &Tensor,
         dy: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let [dx, dw, _] = linear_grads(x, w, None, dy)?;
+        let [dx, dw, _] = linear_grads(x, w, None, dy, self.precision)?;
         Ok((dx, dw))
     }
 }
 
 /// Forward `(x, w, b) -> x @ wᵀ + b`.
-pub(crate) struct LinearBiasOp;
+pub(crate) struct LinearBiasOp {
+    pub precision: Precision,
+}
 
 impl CustomOp3 for LinearBiasOp {
     fn name(&self) -> &'static str {
@@ -126,7 +147,7 @@ impl CustomOp3 for LinearBiasOp {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        forward(s1, l1, s2, l2, Some((s3, l3)))
+        forward(s1, l1, s2, l2, Some((s3, l3)), self.precision)
     }
 
     fn bwd(
@@ -137,15 +158,21 @@ impl CustomOp3 for LinearBiasOp {
         _y: &Tensor,
         dy: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let [dx, dw, db] = linear_grads(x, w, Some(b), dy)?;
+        let [dx, dw, db] = linear_grads(x, w, Some(b), dy, self.precision)?;
         Ok((dx, dw, db))
     }
 }
 
 /// The gradients of linear's tracked operands, one backward op each.
-fn linear_grads(x: &Tensor, w: &Tensor, b: Option<&Tensor>, dy: &Tensor) -> Result<[Option<Tensor>; 3]> {
+fn linear_grads(
+    x: &Tensor,
+    w: &Tensor,
+    b: Option<&Tensor>,
+    dy: &Tensor,
+    precision: Precision,
+) -> Result<[Option<Tensor>; 3]> {
     let (rows, inp, out) = dims(x.dims(), w.dims())?;
-    let geom = Geom { rows, inp, out };
+    let geom = Geom { rows, inp, out, precision };
     let bias_dtype = b.map_or(x.dtype(), |b| b.dtype());
     let ops = WeightGradOps {
         input: &|dy| dy.apply_op2_no_bwd(w, &LinearGradInput { geom, x_shape: x.shape().clone() }),
@@ -161,6 +188,8 @@ pub(crate) struct Geom {
     rows: usize,
     inp: usize,
     out: usize,
+    /// What the products run in (that of the forward).
+    precision: Precision,
 }
 
 impl Geom {
@@ -192,11 +221,11 @@ impl CustomOp2 for LinearGradInput {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let Geom { rows, inp, out } = self.geom;
+        let Geom { rows, inp, out, precision } = self.geom;
         expect_dims(self.name(), "output gradient", &flat_dims(l1.dims(), out), &self.geom.dy_dims())?;
         expect_dims(self.name(), "weight", l2.dims(), &[out, inp])?;
         let dx = with_operands!((operand(s2, l2)?, operand(s1, l1)?), |w, dy| cpu::grad_input(
-            rows, inp, out, w, dy
+            precision, rows, inp, out, w, dy
         ));
         // dx takes the dtype of dy, which is that of the output and so of x.
         Ok((storage_from_f32(dx, s1.dtype())?, self.x_shape.clone()))
@@ -222,11 +251,11 @@ impl CustomOp2 for LinearGradWeight {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let Geom { rows, inp, out } = self.geom;
+        let Geom { rows, inp, out, precision } = self.geom;
         expect_dims(self.name(), "input", &flat_dims(l1.dims(), inp), &[rows, inp])?;
         expect_dims(self.name(), "output gradient", &flat_dims(l2.dims(), out), &self.geom.dy_dims())?;
         let dw = with_operands!((operand(s1, l1)?, operand(s2, l2)?), |x, dy| cpu::grad_weight(
-            rows, inp, out, x, dy
+            precision, rows, inp, out, x, dy
         ));
         Ok((storage_from_f32(dw, self.dtype)?, Shape::from((out, inp))))
     }
