@@ -164,3 +164,50 @@ fn f32_activations_with_bf16_weights_round_the_activations_once() {
         assert!(e <= 4e-3, "{name}: weight gradient differs by {e:.2e}");
     }
 }
+
+/// `Precision::Bf16` with f32 operands (`--mixed_precision bf16` on the CPU: f32 master weights
+/// passed as stored): every product, the weight gradient's too, rounds its operands to bf16 as it
+/// packs them and sums in f32, so all results equal f32 ops on the rounded operands up to the
+/// order of the sums, and all come back in f32 (no bf16 tensor anywhere, no cast in the graph).
+#[test]
+fn bf16_precision_on_f32_operands_rounds_every_product_operand_once() {
+    let mut r = Rng::new(78);
+    let bf16 = ops::Precision::Bf16;
+    let cases: Vec<(&str, Op, Vec<Tensor>)> = vec![
+        (
+            "conv3x3_stride2_bias",
+            Box::new(move |t| ops::conv2d_with(&t[0], &t[1], Some(&t[2]), 2, 1, bf16)),
+            vec![r.randn(&[2, 16, 9, 8]), (r.randn(&[8, 16, 3, 3]) * 0.1).unwrap(), r.randn(&[8])],
+        ),
+        (
+            "conv1x1",
+            Box::new(move |t| ops::conv2d_with(&t[0], &t[1], None, 1, 0, bf16)),
+            vec![r.randn(&[1, 24, 5, 7]), (r.randn(&[8, 24, 1, 1]) * 0.1).unwrap()],
+        ),
+        (
+            "linear_bias",
+            Box::new(move |t| ops::linear_with(&t[0], &t[1], Some(&t[2]), bf16)),
+            vec![r.randn(&[2, 9, 33]), (r.randn(&[12, 33]) * 0.1).unwrap(), r.randn(&[12])],
+        ),
+    ];
+    let rounded = |t: &Tensor| t.to_dtype(DType::BF16).unwrap().to_dtype(DType::F32).unwrap();
+    for (name, f, ins) in &cases {
+        let mut same_f32 = ins.clone();
+        same_f32[0] = rounded(&ins[0]);
+        same_f32[1] = rounded(&ins[1]);
+        // An output gradient already in bf16 values, so rounding it when packed changes nothing.
+        let g = rounded(&r.randn(f(&same_f32).unwrap().dims()));
+        let (out_ref, gr_ref) = grads_of(f, &same_f32, &g);
+        let (out, gr) = grads_of(f, ins, &g);
+        assert_eq!(out.dtype(), DType::F32, "{name}: output in f32");
+        let e = norm_rel(&out, &out_ref);
+        assert!(e <= 1e-5, "{name}: output differs from f32 on rounded operands by {e:.2e}");
+        // The operands are not bf16 values, so matching the rounded run means they were rounded.
+        assert!(norm_rel(&ins[0], &same_f32[0]) > 1e-4 && norm_rel(&ins[1], &same_f32[1]) > 1e-4);
+        for (i, what) in ["input", "weight"].iter().enumerate() {
+            assert_eq!(gr[i].dtype(), DType::F32, "{name}: {what} gradient in f32");
+            let e = norm_rel(&gr[i], &gr_ref[i]);
+            assert!(e <= 1e-5, "{name}: {what} gradient differs from f32 on rounded operands by {e:.2e}");
+        }
+    }
+}
