@@ -62,7 +62,7 @@ impl Attention {
         let o = ops::attention(&q, &k, &v, self.causal)?;
         let o = ops::contiguous(&o.transpose(1, 2)?)?.reshape((b, n, c))?;
         let (ow, ob) = w.gemm_wb(&join(p, on))?;
-        Ok(ow.linear(&o, Some(&ob))?)
+        ow.linear(&o, Some(&ob))
     }
 
     /// Forward FLOPs for `n` queries over `m` keys: the four projections, the scores and the

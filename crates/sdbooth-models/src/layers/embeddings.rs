@@ -35,7 +35,7 @@ impl TimestepEmbedding {
         let (w1, b1) = w.gemm_wb(&join(p, "time_embedding.linear_1"))?;
         let (w2, b2) = w.gemm_wb(&join(p, "time_embedding.linear_2"))?;
         let h = ops::silu(&w1.linear(&e, Some(&b1))?)?;
-        Ok(w2.linear(&h, Some(&b2))?)
+        w2.linear(&h, Some(&b2))
     }
 
     /// Forward FLOPs per sample.

@@ -74,7 +74,7 @@ impl Upsample {
     ) -> Result<Tensor, ModelError> {
         let (wt, b) = w.gemm_wb(&join(p, "conv"))?;
         let up = upsample_nearest(x, size)?;
-        Ok(wt.conv2d(&up, Some(&b), 1, 1)?)
+        wt.conv2d(&up, Some(&b), 1, 1)
     }
 
     /// Forward FLOPs producing `pixels` output pixels.
