@@ -42,6 +42,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mparams: usize =
         args.iter().position(|a| a == "--mparams").map_or(128, |i| args[i + 1].parse().unwrap_or(128));
     let bf16 = args.iter().any(|a| a == "--bf16");
+    // glibc malloc tuned as in training (freed buffers are reused, not unmapped).
+    sdbooth_ops::tune_allocator();
     let steps = 3;
     let mut sizes = Vec::new();
     let mut total = 0;

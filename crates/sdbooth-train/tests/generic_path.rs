@@ -55,11 +55,11 @@ const MODES: [(&str, &[&str]); 4] = [
 /// (f32 summation order differs between the op kernels and the compositions; Adam's 1/sqrt(v)
 /// magnifies it for weights with tiny gradients, 8-bit state flips a code now and then; the
 /// optimizers themselves give the same bits on both paths, `tests/optim_device.rs`). With
-/// `--full_bf16` the two paths draw their stochastic-rounding bits from different streams (a
-/// ChaCha stream on the host, a counter hash on the device), so this compares two independent
-/// rounding trajectories: each weight random-walks by a few bf16 steps (2^-7 relative) apart.
-/// The bounds leave ~3-10x margin (bf16: ~3x; before the device optimizers, when both paths
-/// shared one rounding stream, its weights differed by 2e-4).
+/// `--full_bf16` the bounds date from when the two paths drew their stochastic-rounding bits from
+/// different streams (two independent rounding trajectories, each weight random-walking a few
+/// bf16 steps (2^-7 relative) apart); both now use one counter hash, so only the summation-order
+/// differences above remain, each of which can still flip a rounding. The bounds leave ~3-10x
+/// margin (bf16: ~3x of the two-stream differences).
 fn bounds(mode: &str) -> (f64, f64, f64) {
     match mode {
         "adamw" => (2e-5, 1e-5, 1e-3),

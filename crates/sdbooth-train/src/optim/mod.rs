@@ -15,8 +15,9 @@
 //! State buffers are keyed by parameter name (so the state of a text encoder that stops training
 //! can be freed by group) and saved in one layout whichever implementation made them (`store.rs`).
 //! Weights stored as bf16 (`--full_bf16`) are updated in f32 and rounded back stochastically from
-//! a counter-based stream (seed, parameter name, step): the result does not depend on the order in
-//! which parameters are updated, and resuming needs only the seed and the step counts.
+//! a counter-based stream (seed, parameter name, step; `rounding.rs`), the same on both
+//! implementations: the result does not depend on the order in which parameters are updated, and
+//! resuming needs only the seed and the step counts.
 
 pub mod access;
 mod adafactor;
@@ -25,6 +26,7 @@ pub mod adamw8bit;
 mod config;
 pub mod device;
 mod lion;
+pub mod rounding;
 pub mod selftest;
 mod sgd;
 mod store;
@@ -32,11 +34,7 @@ mod store;
 use std::collections::BTreeMap;
 
 use candle_core::{DType, Device, Tensor, Var};
-use half::bf16;
-use rand::RngCore;
-use rand_chacha::ChaCha8Rng;
 use rayon::prelude::*;
-use sdbooth_data::Streams;
 
 pub use access::{with_f32, with_weights_mut, WeightsMut};
 pub use config::{OptimizerConfig, OptimizerKind, PyLiteral};
@@ -274,7 +272,8 @@ impl Optimizer {
                     WeightsMut::BF16(wb) => {
                         let mut w32: Vec<f32> = wb.par_iter().map(|x| x.to_f32()).collect();
                         update(config, st, &mut w32, g, grad_scale, &shape, lr)?;
-                        stochastic_round(&w32, wb, Streams::new(config.rounding_seed).rounding(name, step));
+                        let key = device::rounding_key(config.rounding_seed, name, step);
+                        rounding::stochastic_round(&w32, wb, key);
                         Ok(())
                     }
                 })
@@ -319,58 +318,5 @@ fn update(
         OptimizerKind::Lion => lion::step(c, st, w, g, gs, lr),
         OptimizerKind::SGDNesterov => sgd::step(c, st, w, g, gs, lr),
         OptimizerKind::Adafactor => adafactor::step(c, st, w, g, gs, shape, lr),
-    }
-}
-
-/// Rounds f32 values to bf16 stochastically: the chance of rounding up is the distance to the
-/// lower neighbour, so the expected stored value equals the f32 value and updates far below
-/// bf16's resolution still move the weights on average.
-///
-/// Value `i` takes its 16 random bits from the stream's 64-bit draw `i / 4` (bits
-/// `16 · (i % 4)` up). The work runs in parallel over fixed chunks, each seeking the ChaCha
-/// stream to its first draw, so the result is the sequential one whatever the thread count.
-pub fn stochastic_round(src: &[f32], dst: &mut [bf16], rng: ChaCha8Rng) {
-    // A multiple of 4 values, so every chunk starts on a 64-bit draw.
-    const CHUNK: usize = 1 << 14;
-    dst.par_chunks_mut(CHUNK).zip(src.par_chunks(CHUNK)).enumerate().for_each(|(k, (dst, src))| {
-        let mut rng = rng.clone();
-        // A 64-bit draw is two 32-bit words of the stream.
-        rng.set_word_pos(rng.get_word_pos() + (k * CHUNK / 4 * 2) as u128);
-        round_chunk(src, dst, &mut rng);
-    });
-}
-
-fn round_chunk(src: &[f32], dst: &mut [bf16], rng: &mut ChaCha8Rng) {
-    for (d4, s4) in dst.chunks_mut(4).zip(src.chunks(4)) {
-        let mut r = rng.next_u64();
-        for (d, &x) in d4.iter_mut().zip(s4) {
-            *d = if x.is_finite() {
-                bf16::from_bits((x.to_bits().wrapping_add((r & 0xFFFF) as u32) >> 16) as u16)
-            } else {
-                bf16::from_f32(x)
-            };
-            r >>= 16;
-        }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use rand::SeedableRng;
-
-    #[test]
-    fn parallel_stochastic_rounding_is_the_sequential_stream() {
-        let n = (1 << 14) * 3 + 7;
-        let src: Vec<f32> = (0..n).map(|i| (i as f32 * 0.618).sin() * 3.0 + 1e-3).collect();
-        let rng = ChaCha8Rng::seed_from_u64(7);
-        let mut want = vec![bf16::ZERO; n];
-        round_chunk(&src, &mut want, &mut rng.clone());
-        for threads in [1, 3] {
-            let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
-            let mut got = vec![bf16::ZERO; n];
-            pool.install(|| stochastic_round(&src, &mut got, rng.clone()));
-            assert_eq!(got, want, "{threads} threads");
-        }
     }
 }

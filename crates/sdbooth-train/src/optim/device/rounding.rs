@@ -1,14 +1,16 @@
 //! Stochastic rounding of f32 weights to bf16 on the device (`--full_bf16`).
 //!
-//! The host kernel (`optim::stochastic_round`) adds 16 random bits to each f32's bit pattern and
+//! The host kernel (`optim::rounding`) adds 16 random bits to each f32's bit pattern and
 //! truncates. candle has no bit casts, so this computes the same rule from values: the two bf16
 //! neighbours `lo` (toward zero) and `hi` of x, the fraction `frac = (|x| - |lo|) / (|hi| - |lo|)`
 //! (the 16 low bits of x over 2^16, exactly), and rounds to `hi` when `u + frac >= 1` for a random
-//! `u` in {0, 1/2^16, …}: that is the host's rule for the 16 bits `2^16 u`. Only the random
-//! stream differs: here a counter-based hash of the element index and a per-update key, so the
-//! result is deterministic, independent of the order parameters are updated in, and a resumed
-//! run repeats it exactly. The key depends on the rounding seed, the parameter's name and its
-//! step count (see [`key`]) — the state a resume restores.
+//! `u` in {0, 1/2^16, …}: that is the host's rule for the 16 bits `2^16 u`. The random stream is
+//! the host's too: a counter-based hash of the element index and a per-update key
+//! (`optim::rounding::rounding_bits`), so both paths give the same bits (f32 subnormals aside:
+//! here they keep their neighbour toward zero), the result is deterministic, independent of the
+//! order parameters are updated in, and a resumed run repeats it exactly. The key depends on the
+//! rounding seed, the parameter's name and its step count (see [`key`]) — the state a resume
+//! restores.
 
 use candle_core::{DType, Device, Tensor};
 use rand::RngCore;
