@@ -148,7 +148,7 @@ impl Map {
             } else {
                 NO_MIDPOINT
             };
-            u32::from(lo) | threshold << 16
+            u32::from(lo) | (threshold << 16)
         };
         // The stored range: every bucket outside it (finite, either sign) repeats its edge.
         let same_as = |key: u32, edge: u32| {
@@ -544,7 +544,7 @@ mod tests {
                 let up_low = up.to_bits() & 0xFFFF;
                 let lows = [0, 1, 0x5555, 0x8000, 0xFFFE, 0xFFFF, up_low.wrapping_sub(1), up_low, up_low + 1];
                 for low in lows.into_iter().filter(|&l| l <= 0xFFFF) {
-                    let x = f32::from_bits(key << 16 | low);
+                    let x = f32::from_bits((key << 16) | low);
                     let want = if x.is_nan() { 0 } else { lo + u8::from(up < x) };
                     assert_eq!(m.quantize(x), want, "x = {x:e} ({:#010x})", x.to_bits());
                 }
@@ -562,7 +562,7 @@ mod tests {
         let (m1, m2) = maps();
         for m in [m1, m2] {
             let xs: Vec<f32> =
-                (0u32..1 << 17).map(|i| f32::from_bits((i >> 1) << 16 | (i & 1) * 0xFFFF)).collect();
+                (0u32..1 << 17).map(|i| f32::from_bits(((i >> 1) << 16) | ((i & 1) * 0xFFFF))).collect();
             for chunk in xs.chunks(16) {
                 let want: Vec<u8> = chunk.iter().map(|&x| m.quantize(x)).collect();
                 // SAFETY: AVX-512F detected above; `chunk` has 16 values.
