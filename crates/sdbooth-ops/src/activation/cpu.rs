@@ -5,8 +5,9 @@
 //! They reproduce candle's f32 computation bit for bit: candle's GELU (erf) forward, and the
 //! gradient its autograd builds from its primitives (`Op::Unary(GeluErf)`'s backward and the
 //! product's), rounding after each of those primitives as candle does, with the same constants
-//! (0.398942 for 1/√(2π), as candle has it). Each "+ 0.0" is a zero-filled gradient entry that
-//! candle adds a contribution to: it turns −0 into +0, nothing else.
+//! (0.398942 for 1/√(2π), as candle has it). The "+ 0.0" in GEGLU's gradient is the zero half of
+//! each `narrow`'s padded gradient that candle adds to the other: it turns −0 into +0, nothing
+//! else. (candle's gradient store keeps each first gradient as it is: see vendor/README.md.)
 
 use rayon::prelude::*;
 
@@ -32,7 +33,7 @@ fn gelu_derivative(x: f32) -> f32 {
 /// The gradient candle's `gelu_erf` backward hands to its input for the output gradient `dy`.
 #[inline(always)]
 fn gelu_grad(x: f32, dy: f32) -> f32 {
-    (dy + 0.0) * gelu_derivative(x) + 0.0
+    dy * gelu_derivative(x)
 }
 
 /// `y = gelu_erf(x)`.
@@ -100,7 +101,7 @@ pub fn geglu_backward(half: usize, x: &[f32], dy: &[f32]) -> Vec<f32> {
                 for i in 0..half {
                     let (v, g, d) = (value[i], gate[i], dy[i]);
                     dvalue[i] = d * gelu(g) + 0.0;
-                    dgate[i] = gelu_grad(g, d * v);
+                    dgate[i] = gelu_grad(g, d * v) + 0.0;
                 }
             }
         });
