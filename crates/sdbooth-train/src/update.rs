@@ -97,6 +97,14 @@ impl LearningRates {
 /// Where a micro-step puts each parameter gradient.
 pub trait GradSink {
     fn add(&mut self, part: Part, name: &str, grad: &Tensor) -> Result<()>;
+
+    /// The final gradients of one block of a model, in order: [`GradSink::add`] for each.
+    fn add_block(&mut self, part: Part, grads: &[(String, Tensor)]) -> Result<()> {
+        for (name, grad) in grads {
+            self.add(part, name, grad)?;
+        }
+        Ok(())
+    }
 }
 
 /// The squared L2 norm of one gradient, returned as f64 for accumulation. Every norm and overflow
@@ -176,12 +184,38 @@ pub struct FusedUpdate<'a> {
     pub max_norm: f64,
 }
 
+impl FusedUpdate<'_> {
+    /// Steps one parameter, its gradient clipped by its own squared norm `square_sum` (when
+    /// clipping is on).
+    fn step(&mut self, part: Part, name: &str, grad: &Tensor, square_sum: Option<f64>) -> Result<()> {
+        let var = self.params.var(part, name)?;
+        let coef = match square_sum {
+            Some(s) if self.max_norm > 0.0 => clip_coef(s.sqrt(), self.max_norm),
+            _ => 1.0,
+        };
+        self.optimizer.step_param_scaled(name, var, grad, self.lrs.of(part), coef)
+    }
+}
+
 impl GradSink for FusedUpdate<'_> {
     fn add(&mut self, part: Part, name: &str, grad: &Tensor) -> Result<()> {
-        let var = self.params.var(part, name)?;
-        let coef =
-            if self.max_norm > 0.0 { clip_coef(sum_of_squares(grad)?.sqrt(), self.max_norm) } else { 1.0 };
-        self.optimizer.step_param_scaled(name, var, grad, self.lrs.of(part), coef)
+        let square_sum = if self.max_norm > 0.0 { Some(sum_of_squares(grad)?) } else { None };
+        self.step(part, name, grad, square_sum)
+    }
+
+    /// The norms of a block's gradients first, all at once ([`sums_of_squares`]: in parallel on
+    /// the CPU, one transfer on a GPU; each the same value as [`GradSink::add`] computes), then
+    /// the steps in order.
+    fn add_block(&mut self, part: Part, grads: &[(String, Tensor)]) -> Result<()> {
+        let square_sums: Vec<Option<f64>> = if self.max_norm > 0.0 {
+            sums_of_squares(grads.iter().map(|(_, g)| g))?.into_iter().map(Some).collect()
+        } else {
+            vec![None; grads.len()]
+        };
+        for ((name, grad), square_sum) in grads.iter().zip(square_sums) {
+            self.step(part, name, grad, square_sum)?;
+        }
+        Ok(())
     }
 }
 

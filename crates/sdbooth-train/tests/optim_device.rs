@@ -368,3 +368,38 @@ fn bf16_tensor_path_is_the_f32_update_rounded_also_by_chunks() {
         assert!(values(var.as_tensor()) != values(&w16), "{name}: nothing moved");
     }
 }
+
+/// The fused update handed a block's gradients at once (their norms computed together, in
+/// parallel) gives the bits of handing them over one by one, clipping included.
+#[test]
+fn fused_update_by_block_equals_one_gradient_at_a_time() {
+    for kind in [OptimizerKind::AdamW, OptimizerKind::AdamW8bit] {
+        let run = |by_block: bool| -> Vec<Vec<f32>> {
+            let mut rng = ChaCha8Rng::seed_from_u64(22);
+            let names = ["a", "b", "c", "d"];
+            let unet = part_store(&names, &mut rng);
+            let text_encoder = ParamStore::default();
+            let params = TrainedParams { unet: &unet, text_encoder: &text_encoder };
+            let mut opt = optimizer(&OptimizerConfig::new(kind), Kernels::Host);
+            let lrs = LearningRates { unet: 1e-3, text_encoder: 0.0 };
+            for _ in 0..3 {
+                let grads: Vec<(String, Tensor)> = names
+                    .iter()
+                    .map(|n| {
+                        (n.to_string(), random(params.var(Part::Unet, n).unwrap().dims(), 2.0, &mut rng))
+                    })
+                    .collect();
+                let mut sink = FusedUpdate { optimizer: &mut opt, params, lrs, max_norm: 1.0 };
+                if by_block {
+                    sink.add_block(Part::Unet, &grads).unwrap();
+                } else {
+                    for (n, g) in &grads {
+                        sink.add(Part::Unet, n, g).unwrap();
+                    }
+                }
+            }
+            names.iter().map(|n| values(unet.var(n).unwrap().as_tensor())).collect()
+        };
+        assert!(run(true) == run(false), "{kind:?}");
+    }
+}

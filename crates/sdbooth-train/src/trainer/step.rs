@@ -198,10 +198,8 @@ pub fn loss_and_grads(
     };
     let mut sink_error = None;
     let mut unet_hook = |grads: &[(String, Tensor)]| -> candle_core::Result<()> {
-        for (name, g) in grads {
-            if let Err(e) = sink.add(Part::Unet, name, g) {
-                sink_error.get_or_insert(e);
-            }
+        if let Err(e) = sink.add_block(Part::Unet, grads) {
+            sink_error.get_or_insert(e);
         }
         Ok(())
     };
@@ -226,10 +224,8 @@ pub fn loss_and_grads(
             None => ctx_grad,
         };
         let mut te_hook = |grads: &[(String, Tensor)]| -> candle_core::Result<()> {
-            for (name, g) in grads {
-                if let Err(e) = sink.add(Part::TextEncoder, name, g) {
-                    sink_error.get_or_insert(e);
-                }
+            if let Err(e) = sink.add_block(Part::TextEncoder, grads) {
+                sink_error.get_or_insert(e);
             }
             Ok(())
         };
