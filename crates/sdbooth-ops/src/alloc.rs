@@ -1,4 +1,5 @@
-//! glibc malloc tuning for training-sized buffers.
+//! Allocation of kernel outputs: glibc malloc tuning for training-sized buffers, and output
+//! buffers without a zero fill ([`uninit_output`]).
 //!
 //! Every op output is a fresh allocation (candle owns the `Vec`), and a training step makes
 //! many large ones: a 1280-channel 3x3 conv weight gradient is 59 MB, a 1280→10240 linear
@@ -17,6 +18,8 @@
 //! platforms and allocators are unaffected.
 
 use std::sync::Once;
+
+use half::{bf16, f16};
 
 static TUNE: Once = Once::new();
 
@@ -64,4 +67,53 @@ mod imp {
 #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
 mod imp {
     pub(super) fn tune() {}
+}
+
+/// Element types [`uninit_output`] may hand out: plain numbers, every bit pattern a valid value,
+/// no drop glue.
+pub(crate) trait Plain: Copy + Send + Sync + 'static {
+    /// What debug builds fill new buffers with, so an element a kernel forgot to write shows.
+    const POISON: Self;
+}
+
+impl Plain for f32 {
+    const POISON: Self = f32::NAN;
+}
+
+impl Plain for bf16 {
+    const POISON: Self = bf16::NAN;
+}
+
+impl Plain for f16 {
+    const POISON: Self = f16::NAN;
+}
+
+impl Plain for f64 {
+    const POISON: Self = f64::NAN;
+}
+
+/// A buffer of `n` values for a kernel output that the kernel overwrites completely, without the
+/// zero fill of `vec![0.0; n]`. That fill is a serial `memset` on the thread that applies the op
+/// (glibc's calloc zeroes reused heap memory; [`tune_allocator`] makes nearly every buffer
+/// reused), a whole pass over the output before the kernel's own parallel pass: in the SD1.5
+/// step about 5 % of the main thread's time, with the GEMM threads waiting.
+///
+/// The contents are whatever the allocator's memory held (NaN in debug builds).
+///
+/// # Safety
+/// The caller must write every element before reading any and before the buffer leaves the
+/// kernel (returned, wrapped in a tensor); only dropping it unwritten is allowed. Each call site
+/// says why its kernel writes every element (`SAFETY:`). Rust calls reading memory that was never
+/// written undefined behaviour even for `f32`, whose every bit pattern is a number; the contract
+/// rules such reads out (kernels only store through `&mut` slices of the buffer until it is full).
+pub(crate) unsafe fn uninit_output<T: Plain>(n: usize) -> Vec<T> {
+    let mut v: Vec<T> = Vec::with_capacity(n);
+    if cfg!(debug_assertions) {
+        v.resize(n, T::POISON);
+        return v;
+    }
+    // SAFETY: the capacity is `n`; `T` has no invalid values and no drop glue, and the caller
+    // writes every element before any is read (the contract above).
+    unsafe { v.set_len(n) };
+    v
 }

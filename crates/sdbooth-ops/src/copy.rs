@@ -7,6 +7,7 @@
 //! values unchanged, so results never depend on the split. Backward hands the gradient through
 //! unchanged, as candle's copy does.
 
+use crate::alloc::{uninit_output, Plain};
 use crate::backend;
 use candle_core::{bail, CpuStorage, CustomOp1, DType, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
@@ -24,15 +25,18 @@ pub fn contiguous(x: &Tensor) -> Result<Tensor> {
 const CHUNK: usize = 1 << 14;
 
 /// The values of the strided view `l` of `src`, in row-major order.
-fn copy<T: Copy + Send + Sync + Default>(src: &[T], l: &Layout) -> Vec<T> {
+fn copy<T: Plain>(src: &[T], l: &Layout) -> Vec<T> {
     let dims = l.dims();
     let strides = l.stride();
     let rank = dims.len();
     let (width, inner_stride) = (dims[rank - 1], strides[rank - 1]);
-    let mut out = vec![T::default(); l.shape().elem_count()];
-    if out.is_empty() {
-        return out;
+    let n = l.shape().elem_count();
+    if n == 0 {
+        return Vec::new();
     }
+    // SAFETY: `out` is whole rows of `width`; the tasks' chunks are whole rows and every row is
+    // written (copied or gathered) in full.
+    let mut out = unsafe { uninit_output(n) };
     let rows_per_task = (CHUNK / width).max(1);
     out.par_chunks_mut(rows_per_task * width).enumerate().for_each(|(task, dst)| {
         for (i, row) in dst.chunks_exact_mut(width).enumerate() {

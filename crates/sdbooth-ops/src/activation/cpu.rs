@@ -9,6 +9,7 @@
 //! each `narrow`'s padded gradient that candle adds to the other: it turns −0 into +0, nothing
 //! else. (candle's gradient store keeps each first gradient as it is: see vendor/README.md.)
 
+use crate::alloc::uninit_output;
 use rayon::prelude::*;
 
 /// Elements per rayon task.
@@ -38,7 +39,8 @@ fn gelu_grad(x: f32, dy: f32) -> f32 {
 
 /// `y = gelu_erf(x)`.
 pub fn gelu_forward(x: &[f32]) -> Vec<f32> {
-    let mut y = vec![0f32; x.len()];
+    // SAFETY: `y` and `x` have the same length, so the zipped chunks cover every element of `y`.
+    let mut y = unsafe { uninit_output(x.len()) };
     y.par_chunks_mut(CHUNK).zip(x.par_chunks(CHUNK)).for_each(|(y, x)| {
         for (y, &x) in y.iter_mut().zip(x) {
             *y = gelu(x);
@@ -49,7 +51,9 @@ pub fn gelu_forward(x: &[f32]) -> Vec<f32> {
 
 /// `dx` of `gelu_erf` for the output gradient `dy`.
 pub fn gelu_backward(x: &[f32], dy: &[f32]) -> Vec<f32> {
-    let mut dx = vec![0f32; x.len()];
+    assert_eq!(x.len(), dy.len(), "gelu backward: the op checks the shapes");
+    // SAFETY: `dx`, `x` and `dy` have the same length: the zipped chunks cover every element.
+    let mut dx = unsafe { uninit_output(x.len()) };
     dx.par_chunks_mut(CHUNK).zip(x.par_chunks(CHUNK).zip(dy.par_chunks(CHUNK))).for_each(|(dx, (x, dy))| {
         for ((dx, &x), &dy) in dx.iter_mut().zip(x).zip(dy) {
             *dx = gelu_grad(x, dy);
@@ -66,10 +70,13 @@ fn rows_per_task(width: usize) -> usize {
 /// GEGLU over rows of `2 · half` values `[value, gate]`: `y = value · gelu_erf(gate)`, rows of
 /// `half`.
 pub fn geglu_forward(half: usize, x: &[f32]) -> Vec<f32> {
-    let mut y = vec![0f32; x.len() / 2];
     if half == 0 {
-        return y;
+        return Vec::new();
     }
+    assert_eq!(x.len() % (2 * half), 0, "geglu: the op checks the shapes");
+    // SAFETY: `x` is whole rows of `2 · half`, so `y` is as many rows of `half`, and every row
+    // of `y` is written from its row of `x`.
+    let mut y = unsafe { uninit_output(x.len() / 2) };
     let rows = rows_per_task(half);
     y.par_chunks_mut(rows * half).zip(x.par_chunks(rows * 2 * half)).for_each(|(y, x)| {
         for (y, x) in y.chunks_exact_mut(half).zip(x.chunks_exact(2 * half)) {
@@ -85,10 +92,17 @@ pub fn geglu_forward(half: usize, x: &[f32]) -> Vec<f32> {
 /// GEGLU backward: `dx` rows of `[dvalue, dgate]` from the input rows and the output gradient
 /// rows `dy` (of `half`).
 pub fn geglu_backward(half: usize, x: &[f32], dy: &[f32]) -> Vec<f32> {
-    let mut dx = vec![0f32; x.len()];
     if half == 0 {
-        return dx;
+        return vec![0f32; x.len()];
     }
+    assert_eq!(
+        (x.len() % (2 * half), x.len()),
+        (0, 2 * dy.len()),
+        "geglu backward: the op checks the shapes"
+    );
+    // SAFETY: `dx` is as many whole rows of `2 · half` as `dy` has rows of `half`; every row of
+    // `dx` (both halves) is written from its rows of `x` and `dy`.
+    let mut dx = unsafe { uninit_output(x.len()) };
     let rows = rows_per_task(half);
     dx.par_chunks_mut(rows * 2 * half)
         .zip(x.par_chunks(rows * 2 * half).zip(dy.par_chunks(rows * half)))

@@ -16,6 +16,7 @@
 //! over the batch in batch order; gemm never splits the k-sum across threads.
 
 use super::Geom;
+use crate::alloc::uninit_output;
 use crate::cpu::{gemm, GemmElem, Mat, Precision};
 use rayon::prelude::*;
 
@@ -131,7 +132,10 @@ pub fn forward_bias<X: GemmElem, W: GemmElem>(
     bias: Option<&[f32]>,
 ) -> Vec<f32> {
     let (k, p) = (g.k(), g.p());
-    let mut y = vec![0f32; g.b * g.cout * p];
+    // SAFETY: each image's `y[Cout, P]` is either filled with the bias planes (then accumulated
+    // into) or written by the GEMM, which with `accumulate == false` stores all of it without
+    // reading it (zeros when k == 0); the images tile `y`.
+    let mut y = unsafe { uninit_output(g.b * g.cout * p) };
     if let Some(bias) = bias {
         y.par_chunks_mut(p).with_min_len(min_rows(p)).enumerate().for_each(|(i, plane)| {
             plane.fill(bias[i % g.cout]);
@@ -177,8 +181,11 @@ pub fn grad_bias(g: &Geom, dy: &[f32]) -> Vec<f32> {
 pub fn grad_input<W: GemmElem, D: GemmElem>(g: &Geom, precision: Precision, w: &[W], dy: &[D]) -> Vec<f32> {
     let (k, p) = (g.k(), g.p());
     let chw = g.cin * g.h * g.w;
-    let mut dx = vec![0f32; g.b * chw];
-    let mut dcol = if g.is_pointwise() { Vec::new() } else { vec![0f32; k * p] };
+    // SAFETY: each image's `dx[Cin, H, W]` is written whole by the GEMM (pointwise) or by col2im,
+    // which zeroes every plane before adding into it; the images tile `dx`. `dcol[K, P]` is
+    // written whole by the GEMM (`accumulate == false`) before col2im reads it.
+    let mut dx = unsafe { uninit_output(g.b * chw) };
+    let mut dcol = if g.is_pointwise() { Vec::new() } else { unsafe { uninit_output(k * p) } };
     for bi in 0..g.b {
         let dyb = &dy[bi * g.cout * p..(bi + 1) * g.cout * p];
         let dxb = &mut dx[bi * chw..(bi + 1) * chw];
@@ -196,7 +203,12 @@ pub fn grad_input<W: GemmElem, D: GemmElem>(g: &Geom, precision: Precision, w: &
 /// Gradient with respect to the weight, summed over the batch in batch order.
 pub fn grad_weight<X: GemmElem, D: GemmElem>(g: &Geom, precision: Precision, x: &[X], dy: &[D]) -> Vec<f32> {
     let (k, p) = (g.k(), g.p());
-    let mut dw = vec![0f32; g.cout * k];
+    if g.b == 0 {
+        return vec![0f32; g.cout * k];
+    }
+    // SAFETY: the first image's GEMM (`accumulate == false`) writes all of `dw[Cout, K]`; the
+    // later ones add to it.
+    let mut dw = unsafe { uninit_output(g.cout * k) };
     let mut col = if g.is_pointwise() { Vec::new() } else { vec![X::default(); k * p] };
     for bi in 0..g.b {
         let colv = columns(g, x, bi, &mut col);

@@ -14,6 +14,7 @@
 //! Determinism: gemm never splits the k-sum across threads, and the bias sum is chunked by a
 //! fixed row count, so results do not depend on the thread count.
 
+use crate::alloc::uninit_output;
 use crate::cpu::{gemm, GemmElem, Mat, Precision};
 use rayon::prelude::*;
 
@@ -30,7 +31,10 @@ pub fn forward<X: GemmElem, W: GemmElem>(
     w: &[W],
     b: Option<&[f32]>,
 ) -> Vec<f32> {
-    let mut y = vec![0f32; m * n];
+    // SAFETY: every row is either filled with the bias (then accumulated into) or written by
+    // the GEMM, which with `accumulate == false` stores all of `y[m × n]` without reading it
+    // (zeros when k == 0).
+    let mut y = unsafe { uninit_output(m * n) };
     if let Some(b) = b {
         y.par_chunks_mut(n).with_min_len(1024usize.div_ceil(n).max(1)).for_each(|r| r.copy_from_slice(b));
     }
@@ -47,7 +51,8 @@ pub fn grad_input<W: GemmElem, D: GemmElem>(
     w: &[W],
     dy: &[D],
 ) -> Vec<f32> {
-    let mut dx = vec![0f32; m * k];
+    // SAFETY: the GEMM writes all of `dx[m × k]` (`accumulate == false`; zeros when n == 0).
+    let mut dx = unsafe { uninit_output(m * k) };
     gemm(precision, m, k, n, &mut dx, k, false, Mat::rows(dy, n), Mat::rows(w, k));
     dx
 }
@@ -61,7 +66,8 @@ pub fn grad_weight<X: GemmElem, D: GemmElem>(
     x: &[X],
     dy: &[D],
 ) -> Vec<f32> {
-    let mut dw = vec![0f32; n * k];
+    // SAFETY: the GEMM writes all of `dw[n × k]` (`accumulate == false`; zeros when m == 0).
+    let mut dw = unsafe { uninit_output(n * k) };
     gemm(precision, n, k, m, &mut dw, k, false, Mat::transposed(dy, n), Mat::rows(x, k));
     dw
 }

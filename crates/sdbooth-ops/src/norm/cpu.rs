@@ -9,6 +9,7 @@
 //! the wanted parameter gradients.
 
 use super::{GnDims, Want};
+use crate::alloc::uninit_output;
 use rayon::prelude::*;
 
 /// Rows per chunk for layer_norm's parameter-gradient partial sums.
@@ -35,29 +36,32 @@ pub fn group_norm_forward(
     beta: &[f32],
 ) -> (Vec<f32>, Vec<f32>) {
     let cg = gd.c / gd.groups;
-    let mut y = vec![0f32; x.len()];
-    let mut stats = vec![0f32; 2 * x.len().checked_div(cg * gd.s).unwrap_or(0)];
-    if !x.is_empty() && gd.s > 0 {
-        y.par_chunks_mut(cg * gd.s)
-            .zip(x.par_chunks(cg * gd.s))
-            .zip(stats.par_chunks_mut(2))
-            .enumerate()
-            .for_each(|(i, ((yg, xg), st))| {
-                let g = i % gd.groups;
-                let (mean, rstd) = mean_rstd(xg, eps);
-                st.copy_from_slice(&[mean, rstd]);
-                for j in 0..cg {
-                    let c = g * cg + j;
-                    let (a, b) = (rstd * gamma[c], beta[c] - mean * rstd * gamma[c]);
-                    for (yv, &xv) in
-                        yg[j * gd.s..(j + 1) * gd.s].iter_mut().zip(&xg[j * gd.s..(j + 1) * gd.s])
-                    {
-                        let z = xv * a + b;
-                        *yv = if silu { z * sigmoid(z) } else { z };
-                    }
-                }
-            });
+    if x.is_empty() || gd.s == 0 {
+        return (vec![0f32; x.len()], Vec::new());
     }
+    assert_eq!(x.len() % (cg * gd.s), 0, "group norm: the op checks the shapes");
+    // SAFETY: `x` is whole groups of `cg · s` values; `y` has as many groups and `stats` two
+    // values per group, and each group task writes its group of `y` (every channel's plane of
+    // `s`) and its two stats.
+    let mut y = unsafe { uninit_output(x.len()) };
+    let mut stats = unsafe { uninit_output(2 * (x.len() / (cg * gd.s))) };
+    y.par_chunks_mut(cg * gd.s)
+        .zip(x.par_chunks(cg * gd.s))
+        .zip(stats.par_chunks_mut(2))
+        .enumerate()
+        .for_each(|(i, ((yg, xg), st))| {
+            let g = i % gd.groups;
+            let (mean, rstd) = mean_rstd(xg, eps);
+            st.copy_from_slice(&[mean, rstd]);
+            for j in 0..cg {
+                let c = g * cg + j;
+                let (a, b) = (rstd * gamma[c], beta[c] - mean * rstd * gamma[c]);
+                for (yv, &xv) in yg[j * gd.s..(j + 1) * gd.s].iter_mut().zip(&xg[j * gd.s..(j + 1) * gd.s]) {
+                    let z = xv * a + b;
+                    *yv = if silu { z * sigmoid(z) } else { z };
+                }
+            }
+        });
     (y, stats)
 }
 
@@ -83,7 +87,10 @@ pub fn group_norm_backward(gd: &GnDims, silu: bool, inp: &NormInputs<'_>, want: 
     let cg = gd.c / gd.groups;
     let gs = cg * gd.s;
     let numel = inp.x.len();
-    let mut dx = vec![0f32; if want.x { numel } else { 0 }];
+    assert_eq!(numel.checked_rem(gs).unwrap_or(0), 0, "group norm backward: the op checks the shapes");
+    // SAFETY: with `numel > 0` (else `dx` is empty) `dx` is whole groups of `gs` values and each
+    // group task writes every value of its group; `pg` and `pb` are zeroed.
+    let mut dx = unsafe { uninit_output(if want.x { numel } else { 0 }) };
     // Per (batch, channel) partial sums of dz·x̂ and dz (dz = gradient before the affine).
     let bc = numel.checked_div(gd.s).unwrap_or(0);
     let mut pg = vec![0f64; bc];
@@ -158,8 +165,10 @@ pub fn layer_norm_forward(
     gamma: &[f32],
     beta: &[f32],
 ) -> (Vec<f32>, Vec<f32>) {
-    let mut y = vec![0f32; x.len()];
-    let mut stats = vec![0f32; 2 * x.len() / d.max(1)];
+    assert_eq!(x.len().checked_rem(d), Some(0), "layer norm: the op checks the shapes");
+    // SAFETY: `x` is whole rows of `d`; each row task writes its row of `y` and its two stats.
+    let mut y = unsafe { uninit_output(x.len()) };
+    let mut stats = unsafe { uninit_output(2 * x.len() / d) };
     y.par_chunks_mut(d).zip(x.par_chunks(d)).zip(stats.par_chunks_mut(2)).for_each(|((yr, xr), st)| {
         let (mean, rstd) = mean_rstd(xr, eps);
         st.copy_from_slice(&[mean, rstd]);
@@ -175,7 +184,9 @@ pub fn layer_norm_backward(d: usize, inp: &NormInputs<'_>, want: Want) -> Grads 
     let numel = inp.x.len();
     let rows = numel / d;
     let chunks = rows.div_ceil(LN_ROWS);
-    let mut dx = vec![0f32; if want.x { numel } else { 0 }];
+    assert_eq!(numel % d, 0, "layer norm backward: the op checks the shapes");
+    // SAFETY: `dx` is whole rows of `d`; each chunk task writes every value of its rows.
+    let mut dx = unsafe { uninit_output(if want.x { numel } else { 0 }) };
     // Per row-chunk partial sums of dy·x̂ and dy, then added in chunk order.
     let mut pg = vec![0f64; chunks * d];
     let mut pb = vec![0f64; chunks * d];
