@@ -150,6 +150,8 @@ pub trait GemmElem: Copy + Default + Send + Sync {
     fn bf16_bits(self) -> u16;
     /// The values as f32 (exact; borrowed for f32).
     fn as_f32(v: &[Self]) -> Cow<'_, [f32]>;
+    /// The values when they are f32 (the bf16 GEMM then packs them with a vectorised rounding).
+    fn f32_values(v: &[Self]) -> Option<&[f32]>;
 }
 
 impl GemmElem for f32 {
@@ -161,6 +163,9 @@ impl GemmElem for f32 {
     fn as_f32(v: &[f32]) -> Cow<'_, [f32]> {
         Cow::Borrowed(v)
     }
+    fn f32_values(v: &[f32]) -> Option<&[f32]> {
+        Some(v)
+    }
 }
 
 impl GemmElem for bf16 {
@@ -171,6 +176,9 @@ impl GemmElem for bf16 {
     }
     fn as_f32(v: &[bf16]) -> Cow<'_, [f32]> {
         Cow::Owned(crate::cast::widen(v))
+    }
+    fn f32_values(_: &[bf16]) -> Option<&[f32]> {
+        None
     }
 }
 

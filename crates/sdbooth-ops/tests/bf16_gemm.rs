@@ -168,3 +168,29 @@ fn bf16_gemm_does_not_depend_on_the_thread_count() {
         assert_eq!(one, run(2), "{kernel:?}: 1 vs 2 threads");
     }
 }
+
+/// f32 operands are rounded to bf16 as they are packed (vectorised on AVX512_BF16): the product
+/// is bit for bit that of the operands rounded beforehand, in every layout, for shapes that cut
+/// the 16-value vectors, the 12-row and 32-column panels and odd k at every edge.
+#[test]
+fn f32_operands_give_the_products_of_their_bf16_rounding_exactly() {
+    for kernel in kernels() {
+        for (m, n, k) in [(1, 1, 1), (13, 33, 7), (12, 32, 32), (25, 70, 33), (40, 17, 129), (3, 100, 64)] {
+            for (a_transposed, b_transposed) in [(false, false), (false, true), (true, false), (true, true)] {
+                let c = Case { m, n, k, a_transposed, b_transposed };
+                let ops = operands(c, (m * 7 + n * 3 + k) as u64);
+                let a32 = view(&ops.a32, m, k, a_transposed);
+                let b32 = view(&ops.b32, k, n, b_transposed);
+                let (a16, b16) = (view(&ops.a16, m, k, a_transposed), view(&ops.b16, k, n, b_transposed));
+                let mut want = vec![0f32; m * n];
+                bf16_gemm(kernel, m, n, k, &mut want, n, false, a16, b16);
+                let mut got = vec![0f32; m * n];
+                bf16_gemm(kernel, m, n, k, &mut got, n, false, a32, b32);
+                assert_eq!(got, want, "{kernel:?} {c:?}: both operands f32");
+                let mut mixed = vec![0f32; m * n];
+                bf16_gemm(kernel, m, n, k, &mut mixed, n, false, a16, b32);
+                assert_eq!(mixed, want, "{kernel:?} {c:?}: bf16 lhs, f32 rhs");
+            }
+        }
+    }
+}

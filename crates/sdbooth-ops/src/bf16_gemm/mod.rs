@@ -20,6 +20,8 @@
 #[cfg(target_arch = "x86_64")]
 mod avx512;
 mod pack;
+#[cfg(target_arch = "x86_64")]
+mod pack_f32;
 
 use crate::cpu::{self, GemmElem, Mat};
 use rayon::prelude::*;
@@ -71,7 +73,9 @@ impl Bf16Kernel {
 fn avx512_bf16_detected() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
-        std::arch::is_x86_feature_detected!("avx512f") && std::arch::is_x86_feature_detected!("avx512bf16")
+        std::arch::is_x86_feature_detected!("avx512f")
+            && std::arch::is_x86_feature_detected!("avx512bw")
+            && std::arch::is_x86_feature_detected!("avx512bf16")
     }
     #[cfg(not(target_arch = "x86_64"))]
     {

@@ -47,6 +47,21 @@ fn panels<const W: usize, E: GemmElem>(outer: usize, k: usize, src: ByOuter<'_, 
     out.par_chunks_mut(kp * W).enumerate().for_each(|(p, panel)| {
         let o0 = p * W;
         let valid = W.min(outer - o0);
+        #[cfg(target_arch = "x86_64")]
+        if let Some(data) = E::f32_values(src.data) {
+            if src.sk == 1 || src.so == 1 {
+                // SAFETY: panels are packed only for the AVX512_BF16 kernel, which runs only where
+                // `gemm_with` found its features (AVX512F/BW are implied by AVX512_BF16).
+                unsafe {
+                    if src.sk == 1 {
+                        super::pack_f32::pairs_contiguous::<W>(panel, data, o0, valid, k, src.so);
+                    } else {
+                        super::pack_f32::interleave_rows::<W>(panel, data, o0, valid, k, src.sk);
+                    }
+                }
+                return;
+            }
+        }
         if src.sk == 1 {
             pairs_contiguous::<W, _>(panel, o0, valid, k, src);
         } else if src.so == 1 {
