@@ -25,6 +25,7 @@ mod pack_f32;
 
 use crate::cpu::{self, GemmElem, Mat};
 use rayon::prelude::*;
+use std::cell::RefCell;
 use std::sync::OnceLock;
 
 /// The environment variable that forces a bf16 kernel (`f32_fallback`, or `avx512_bf16` where the
@@ -216,8 +217,11 @@ fn tiled<A: GemmElem, B: GemmElem>(
     b: Mat<'_, B>,
 ) {
     let kp = k.div_ceil(2);
-    let pa = pack::lhs(m, k, a);
-    let pb = pack::rhs(k, n, b);
+    // This thread's packing buffers, taken out while in use (a nested call on this thread, from
+    // rayon's work stealing, finds them empty and allocates its own).
+    let (mut pa, mut pb) = PACK_BUFFERS.with(|b| std::mem::take(&mut *b.borrow_mut()));
+    pack::lhs(m, k, a, &mut pa);
+    pack::rhs(k, n, b, &mut pb);
     let (tiles_m, tiles_n) = (m.div_ceil(TILE_M), n.div_ceil(TILE_N));
     let out = DstPtr(dst.as_mut_ptr());
     (0..tiles_m * tiles_n).into_par_iter().for_each(|t| {
@@ -249,6 +253,14 @@ fn tiled<A: GemmElem, B: GemmElem>(
             }
         }
     });
+    PACK_BUFFERS.with(|b| *b.borrow_mut() = (pa, pb));
+}
+
+thread_local! {
+    /// Packed lhs and rhs panels of this thread's last bf16 GEMM, reused by the next: the
+    /// shapes repeat every step, and fresh buffers cost a zero-fill (or page faults) per call.
+    /// They hold at most the two largest operands this thread packed (a few tens of MB).
+    static PACK_BUFFERS: RefCell<(Vec<u32>, Vec<u32>)> = const { RefCell::new((Vec::new(), Vec::new())) };
 }
 
 /// `acc[MR×NR] = Σ_q a[q] ⊗ b[q]` over `kc` packed pairs.

@@ -30,58 +30,74 @@ struct ByOuter<'a, E> {
     sk: usize,
 }
 
-/// `a[m×k]` as row panels of [`MR`]: `[m/MR][k/2][MR]`.
-pub(super) fn lhs<E: GemmElem>(m: usize, k: usize, a: Mat<'_, E>) -> Vec<u32> {
-    panels::<MR, _>(m, k, ByOuter { data: a.data, so: a.rs, sk: a.cs })
+/// `a[m×k]` as row panels of [`MR`]: `[m/MR][k/2][MR]`, written into `out` (resized).
+pub(super) fn lhs<E: GemmElem>(m: usize, k: usize, a: Mat<'_, E>, out: &mut Vec<u32>) {
+    panels::<MR, _>(m, k, ByOuter { data: a.data, so: a.rs, sk: a.cs }, out)
 }
 
-/// `b[k×n]` as column panels of [`NR`]: `[n/NR][k/2][NR]`.
-pub(super) fn rhs<E: GemmElem>(k: usize, n: usize, b: Mat<'_, E>) -> Vec<u32> {
-    panels::<NR, _>(n, k, ByOuter { data: b.data, so: b.cs, sk: b.rs })
+/// `b[k×n]` as column panels of [`NR`]: `[n/NR][k/2][NR]`, written into `out` (resized).
+pub(super) fn rhs<E: GemmElem>(k: usize, n: usize, b: Mat<'_, E>, out: &mut Vec<u32>) {
+    panels::<NR, _>(n, k, ByOuter { data: b.data, so: b.cs, sk: b.rs }, out)
 }
 
-/// Panels of `W` outer indices: `[outer/W][k/2][W]`, zero-padded.
-fn panels<const W: usize, E: GemmElem>(outer: usize, k: usize, src: ByOuter<'_, E>) -> Vec<u32> {
+/// Panels of `W` outer indices: `[outer/W][k/2][W]`, zero-padded. Every element of `out` is
+/// written, so it may be a buffer reused from an earlier call (it is zeroed only where it grows).
+fn panels<const W: usize, E: GemmElem>(outer: usize, k: usize, src: ByOuter<'_, E>, out: &mut Vec<u32>) {
     let kp = k.div_ceil(2);
-    let mut out = vec![0u32; outer.div_ceil(W) * kp * W];
+    out.resize(outer.div_ceil(W) * kp * W, 0);
     out.par_chunks_mut(kp * W).enumerate().for_each(|(p, panel)| {
         let o0 = p * W;
         let valid = W.min(outer - o0);
-        #[cfg(target_arch = "x86_64")]
-        if let Some(data) = E::f32_values(src.data) {
-            if src.sk == 1 || src.so == 1 {
-                // SAFETY: panels are packed only for the AVX512_BF16 kernel, which runs only where
-                // `gemm_with` found its features (AVX512F/BW are implied by AVX512_BF16).
-                unsafe {
-                    if src.sk == 1 {
-                        super::pack_f32::pairs_contiguous::<W>(panel, data, o0, valid, k, src.so);
-                    } else {
-                        super::pack_f32::interleave_rows::<W>(panel, data, o0, valid, k, src.sk);
-                    }
-                }
-                return;
-            }
-        }
-        if src.sk == 1 {
-            pairs_contiguous::<W, _>(panel, o0, valid, k, src);
-        } else if src.so == 1 {
-            interleave_rows::<W, _>(panel, o0, valid, k, src);
-        } else {
-            for (q, lanes) in panel.chunks_exact_mut(W).enumerate() {
-                for (w, lane) in lanes.iter_mut().take(valid).enumerate() {
-                    let at = |kk: usize| {
-                        if kk < k {
-                            src.data[(o0 + w) * src.so + kk * src.sk]
-                        } else {
-                            E::default()
-                        }
-                    };
-                    *lane = pair(at(2 * q), at(2 * q + 1));
-                }
+        fill_panel::<W, E>(panel, o0, valid, k, src);
+        if valid < W {
+            for lanes in panel.chunks_exact_mut(W) {
+                lanes[valid..].fill(0);
             }
         }
     });
-    out
+}
+
+/// Lanes `w < valid` of every k pair of one panel (outer indices `o0..o0 + valid`).
+fn fill_panel<const W: usize, E: GemmElem>(
+    panel: &mut [u32],
+    o0: usize,
+    valid: usize,
+    k: usize,
+    src: ByOuter<'_, E>,
+) {
+    #[cfg(target_arch = "x86_64")]
+    if let Some(data) = E::f32_values(src.data) {
+        if src.sk == 1 || src.so == 1 {
+            // SAFETY: panels are packed only for the AVX512_BF16 kernel, which runs only where
+            // `gemm_with` found its features (AVX512F, AVX512BW, AVX512_BF16).
+            unsafe {
+                if src.sk == 1 {
+                    super::pack_f32::pairs_contiguous::<W>(panel, data, o0, valid, k, src.so);
+                } else {
+                    super::pack_f32::interleave_rows::<W>(panel, data, o0, valid, k, src.sk);
+                }
+            }
+            return;
+        }
+    }
+    if src.sk == 1 {
+        pairs_contiguous::<W, _>(panel, o0, valid, k, src);
+    } else if src.so == 1 {
+        interleave_rows::<W, _>(panel, o0, valid, k, src);
+    } else {
+        for (q, lanes) in panel.chunks_exact_mut(W).enumerate() {
+            for (w, lane) in lanes.iter_mut().take(valid).enumerate() {
+                let at = |kk: usize| {
+                    if kk < k {
+                        src.data[(o0 + w) * src.so + kk * src.sk]
+                    } else {
+                        E::default()
+                    }
+                };
+                *lane = pair(at(2 * q), at(2 * q + 1));
+            }
+        }
+    }
 }
 
 /// k has stride 1: each outer index's k values are a contiguous run, read two at a time.

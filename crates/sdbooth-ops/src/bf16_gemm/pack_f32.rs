@@ -59,7 +59,9 @@ pub(super) unsafe fn interleave_rows<const W: usize>(
 }
 
 /// k has stride 1 (outer index `o` starts its run of k values at `data[o·so]`):
-/// `panel[q·W + w] = pair(run[2q], run[2q+1])` for every outer index `w < valid`.
+/// `panel[q·W + w] = pair(run_w[2q], run_w[2q+1])` for every outer index `w < valid` (lanes past
+/// `valid` get zeros). Blocks of 16 outer indices × 16 pairs are rounded one run at a time
+/// (32 values per instruction), transposed in registers and stored as 16 rows of lanes.
 ///
 /// # Safety
 /// As [`interleave_rows`].
@@ -75,30 +77,74 @@ pub(super) unsafe fn pairs_contiguous<const W: usize>(
     let kp = k.div_ceil(2);
     assert!(panel.len() >= kp * W && valid <= W);
     assert!(k == 0 || valid == 0 || (o0 + valid - 1) * so + k <= data.len());
-    let mut pairs = [0u32; 16];
-    for w in 0..valid {
-        let run = data.as_ptr().add((o0 + w) * so);
-        // 32 values (16 pairs) per step: two rounded halves packed into one register of pairs.
+    for w0 in (0..W).step_by(16) {
+        let lanes = (W - w0).min(16);
+        let rows = valid.saturating_sub(w0).min(16);
+        let store_mask: __mmask16 = if lanes >= 16 { 0xFFFF } else { (1u16 << lanes) - 1 };
         for q0 in (0..kp).step_by(16) {
-            let nq = (kp - q0).min(16);
             let first = 2 * q0;
-            let n_lo = (k - first).min(16);
-            let n_hi = (k - first).saturating_sub(16).min(16);
-            // SAFETY: values first..first+n_lo+n_hi < k of this run lie inside `data` (asserted).
-            let lo = _mm512_maskz_loadu_ps(if n_lo >= 16 { 0xFFFF } else { (1u16 << n_lo) - 1 }, run.add(first));
-            let hi = if n_hi == 0 {
-                _mm512_setzero_ps()
-            } else {
-                let mask: __mmask16 = if n_hi >= 16 { 0xFFFF } else { (1u16 << n_hi) - 1 };
-                _mm512_maskz_loadu_ps(mask, run.add(first + 16))
+            let mask = |n: usize| -> __mmask16 {
+                if n >= 16 {
+                    0xFFFF
+                } else {
+                    (1u16 << n) - 1
+                }
             };
-            // The bf16 of `lo` in the low 16 halves, `hi` in the high 16: in memory order, so the
-            // 32-bit lanes are the pairs (2q, 2q+1).
-            let v: __m512i = std::mem::transmute(_mm512_cvtne2ps_pbh(hi, lo));
-            _mm512_storeu_si512(pairs.as_mut_ptr() as *mut __m512i, v);
-            for (j, p) in pairs.iter().take(nq).enumerate() {
-                panel[(q0 + j) * W + w] = *p;
+            let (m_lo, m_hi) = (mask((k - first).min(16)), mask((k - first).saturating_sub(16)));
+            let mut block = [_mm512_setzero_si512(); 16];
+            for (r, row) in block.iter_mut().enumerate().take(rows) {
+                // SAFETY: values first.. of run o0+w0+r (< valid) up to k lie inside `data`
+                // (asserted); masked-off values are not read.
+                let run = data.as_ptr().add((o0 + w0 + r) * so + first);
+                let lo = _mm512_maskz_loadu_ps(m_lo, run);
+                let hi = _mm512_maskz_loadu_ps(m_hi, run.add(16));
+                // bf16 of `lo` in the low 16 halves, `hi` in the high 16: memory order, so the
+                // 32-bit lanes are the pairs (2q, 2q+1), q = q0..q0+16.
+                *row = std::mem::transmute::<__m512bh, __m512i>(_mm512_cvtne2ps_pbh(hi, lo));
+            }
+            let cols = transpose16(&block);
+            for (j, col) in cols.iter().enumerate().take(kp - q0) {
+                // SAFETY: pair q0+j < kp and lanes w0..w0+lanes ≤ W lie inside `panel` (asserted).
+                _mm512_mask_storeu_epi32(
+                    panel.as_mut_ptr().add((q0 + j) * W + w0) as *mut i32,
+                    store_mask,
+                    *col,
+                );
             }
         }
     }
+}
+
+/// The transpose of a 16×16 block of 32-bit values held as 16 rows: `out[j][i] = rows[i][j]`.
+#[inline]
+#[target_feature(enable = "avx512f")]
+unsafe fn transpose16(rows: &[__m512i; 16]) -> [__m512i; 16] {
+    // Pairs of rows interleaved per 128-bit lane: t[2i] = (r2i[0], r2i+1[0], r2i[1], r2i+1[1]),
+    // t[2i+1] the same for elements 2 and 3.
+    let mut t = [_mm512_setzero_si512(); 16];
+    for i in 0..8 {
+        t[2 * i] = _mm512_unpacklo_epi32(rows[2 * i], rows[2 * i + 1]);
+        t[2 * i + 1] = _mm512_unpackhi_epi32(rows[2 * i], rows[2 * i + 1]);
+    }
+    // u[4g + c] holds, in 128-bit lane L, rows 4g..4g+4 at column 4L + c.
+    let mut u = [_mm512_setzero_si512(); 16];
+    for g in 0..4 {
+        u[4 * g] = _mm512_unpacklo_epi64(t[4 * g], t[4 * g + 2]);
+        u[4 * g + 1] = _mm512_unpackhi_epi64(t[4 * g], t[4 * g + 2]);
+        u[4 * g + 2] = _mm512_unpacklo_epi64(t[4 * g + 1], t[4 * g + 3]);
+        u[4 * g + 3] = _mm512_unpackhi_epi64(t[4 * g + 1], t[4 * g + 3]);
+    }
+    // Gather lane L of u[c], u[4+c], u[8+c], u[12+c] into column 4L + c.
+    let mut out = [_mm512_setzero_si512(); 16];
+    for c in 0..4 {
+        let v0 = _mm512_shuffle_i32x4::<0x88>(u[c], u[4 + c]);
+        let v1 = _mm512_shuffle_i32x4::<0xDD>(u[c], u[4 + c]);
+        let v2 = _mm512_shuffle_i32x4::<0x88>(u[8 + c], u[12 + c]);
+        let v3 = _mm512_shuffle_i32x4::<0xDD>(u[8 + c], u[12 + c]);
+        out[c] = _mm512_shuffle_i32x4::<0x88>(v0, v2);
+        out[8 + c] = _mm512_shuffle_i32x4::<0xDD>(v0, v2);
+        out[4 + c] = _mm512_shuffle_i32x4::<0x88>(v1, v3);
+        out[12 + c] = _mm512_shuffle_i32x4::<0xDD>(v1, v3);
+    }
+    out
 }
