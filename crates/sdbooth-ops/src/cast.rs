@@ -1,12 +1,12 @@
 //! dtype conversion between f32 and bf16 with a multi-threaded CPU kernel.
 //!
-//! `--mixed_precision bf16` casts every f32 master weight of a linear or conv layer to bf16 each
-//! time its block runs (forward, and again in the recomputed forward with gradient
-//! checkpointing) and casts each weight gradient back to f32: about a billion elements per step
-//! for SD1.5. candle's CPU `to_dtype` converts on one thread; this op converts in fixed chunks on
-//! rayon's threads, vectorised (per element, so the result is candle's exactly: round to nearest
-//! even). Activations stay f32 on the CPU ([`mixes_bf16_operands`]); the GEMMs round them to
-//! bf16 as they pack them, with the same [`bf16_bits`].
+//! candle's CPU `to_dtype` converts on one thread; this op converts in fixed chunks on rayon's
+//! threads, vectorised (per element, so the result is candle's exactly: round to nearest even).
+//! `--mixed_precision bf16` on the CPU no longer casts weights per use (the linear/conv GEMMs
+//! take the f32 master weights with [`crate::Precision::Bf16`] and round them as they pack
+//! them, with the same [`bf16_bits`]); casts remain for the other parameters (norms, biases,
+//! embeddings) when stored in another dtype than the activations (`--full_bf16`), and for the
+//! compute dtype on other devices.
 
 use crate::backend;
 use crate::cpu::{storage_bf16, storage_f32, CAST_CHUNK};

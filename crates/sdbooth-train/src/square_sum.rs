@@ -13,9 +13,34 @@
 /// Values per group of partial sums (candle's `STEP`).
 const LANES: usize = 32;
 
+/// An element read as f32. bf16 and f16 widen exactly, so summing them in place gives the bits
+/// of summing their f32 copy, without the copy (a `--full_bf16` gradient would otherwise be
+/// widened into a temporary as large as twice itself).
+pub(crate) trait Widen: Copy {
+    fn widen(self) -> f32;
+}
+impl Widen for f32 {
+    #[inline(always)]
+    fn widen(self) -> f32 {
+        self
+    }
+}
+impl Widen for half::bf16 {
+    #[inline(always)]
+    fn widen(self) -> f32 {
+        self.to_f32()
+    }
+}
+impl Widen for half::f16 {
+    #[inline(always)]
+    fn widen(self) -> f32 {
+        self.to_f32()
+    }
+}
+
 /// Σ x² over `xs` in candle's order for this CPU, or `None` where that order is not reproduced
 /// here (the caller then uses candle's operations).
-pub(crate) fn host_square_sum(xs: &[f32]) -> Option<f32> {
+pub(crate) fn host_square_sum<T: Widen>(xs: &[T]) -> Option<f32> {
     #[cfg(target_arch = "x86_64")]
     {
         if std::arch::is_x86_feature_detected!("avx2") {
@@ -33,9 +58,10 @@ pub(crate) fn host_square_sum(xs: &[f32]) -> Option<f32> {
 
 /// candle's scalar `vec_sum` over the squares: one running sum.
 #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
-fn sequential(xs: &[f32]) -> f32 {
+fn sequential<T: Widen>(xs: &[T]) -> f32 {
     let mut sum = 0f32;
     for &x in xs {
+        let x = x.widen();
         sum += x * x;
     }
     sum
@@ -45,16 +71,17 @@ fn sequential(xs: &[f32]) -> f32 {
 /// run in vector registers; each is still a sequential chain, so the bits do not change).
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2")]
-unsafe fn lanes_avx2(xs: &[f32]) -> f32 {
+unsafe fn lanes_avx2<T: Widen>(xs: &[T]) -> f32 {
     lanes(xs)
 }
 
 #[inline(always)]
-fn lanes(xs: &[f32]) -> f32 {
+fn lanes<T: Widen>(xs: &[T]) -> f32 {
     let mut acc = [0f32; LANES];
     let mut groups = xs.chunks_exact(LANES);
     for group in &mut groups {
         for (a, &x) in acc.iter_mut().zip(group) {
+            let x = x.widen();
             *a += x * x;
         }
     }
@@ -64,6 +91,7 @@ fn lanes(xs: &[f32]) -> f32 {
     let h: [f32; 4] = std::array::from_fn(|l| v[l] + v[4 + l]);
     let mut sum = (h[0] + h[1]) + (h[2] + h[3]);
     for &x in groups.remainder() {
+        let x = x.widen();
         sum += x * x;
     }
     sum
@@ -105,5 +133,14 @@ mod tests {
         let mut with_inf = vec![1.5f32; 100];
         with_inf[40] = f32::INFINITY;
         assert_eq!(host_square_sum(&with_inf), Some(f32::INFINITY));
+    }
+
+    /// bf16 values summed in place give the bits of their f32 widening summed.
+    #[test]
+    fn bf16_in_place_equals_the_widened_copy() {
+        let xs: Vec<half::bf16> =
+            (0..10_007).map(|i| half::bf16::from_f32(((i * 7919) % 2003) as f32 * 1e-3 - 1.0)).collect();
+        let widened: Vec<f32> = xs.iter().map(|x| x.to_f32()).collect();
+        assert_eq!(host_square_sum(&xs).map(f32::to_bits), host_square_sum(&widened).map(f32::to_bits));
     }
 }

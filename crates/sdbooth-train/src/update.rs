@@ -12,7 +12,7 @@
 
 use std::collections::BTreeMap;
 
-use candle_core::{DType, Tensor, Var};
+use candle_core::{CpuStorage, DType, Storage, Tensor, Var};
 use rayon::prelude::*;
 use sdbooth_models::ParamStore;
 use serde::{Deserialize, Serialize};
@@ -130,6 +130,18 @@ fn grad_square_sum(grad: &Tensor) -> Result<Tensor> {
 fn host_square_sum_of(grad: &Tensor) -> Result<Option<f32>> {
     if !grad.device().is_cpu() || !matches!(grad.dtype(), DType::F32 | DType::BF16 | DType::F16) {
         return Ok(None);
+    }
+    // Contiguous storage is read in place, whatever its dtype (no widened copy).
+    {
+        let (storage, layout) = grad.storage_and_layout();
+        if let (Storage::Cpu(cpu), Some((s, e))) = (&*storage, layout.contiguous_offsets()) {
+            match cpu {
+                CpuStorage::F32(v) => return Ok(host_square_sum(&v[s..e])),
+                CpuStorage::BF16(v) => return Ok(host_square_sum(&v[s..e])),
+                CpuStorage::F16(v) => return Ok(host_square_sum(&v[s..e])),
+                _ => {}
+            }
+        }
     }
     with_f32(grad, host_square_sum)
 }
@@ -319,6 +331,6 @@ mod tests {
     }
 
     fn square_sum_available() -> bool {
-        host_square_sum(&[1.0]).is_some()
+        host_square_sum(&[1.0f32]).is_some()
     }
 }

@@ -76,10 +76,21 @@ pub fn with_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Result<R> {
     if !t.device().is_cpu() {
         return Err(not_on_cpu(t));
     }
-    if t.dtype() == DType::F32 {
+    {
         let (storage, layout) = t.storage_and_layout();
-        if let (Storage::Cpu(CpuStorage::F32(v)), Some((s, e))) = (&*storage, layout.contiguous_offsets()) {
-            return Ok(f(&v[s..e]));
+        if let (Storage::Cpu(cpu), Some((s, e))) = (&*storage, layout.contiguous_offsets()) {
+            // bf16/f16 widen exactly: one f32 copy made here instead of candle's cast and then
+            // `to_vec1`'s copy of it (two model-tensor-size temporaries).
+            let widened: Option<Vec<f32>> = match cpu {
+                CpuStorage::F32(v) => return Ok(f(&v[s..e])),
+                CpuStorage::BF16(v) => Some(v[s..e].iter().map(|x| x.to_f32()).collect()),
+                CpuStorage::F16(v) => Some(v[s..e].iter().map(|x| x.to_f32()).collect()),
+                _ => None,
+            };
+            if let Some(widened) = widened {
+                drop(storage);
+                return Ok(f(&widened));
+            }
         }
     }
     let v = t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
