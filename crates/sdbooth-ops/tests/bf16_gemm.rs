@@ -126,6 +126,10 @@ fn bf16_gemm_matches_f64_and_f32_within_stated_bounds() {
         Case { m: 77, n: 64, k: 300, a_transposed: true, b_transposed: false },
         Case { m: 200, n: 40, k: 1000, a_transposed: true, b_transposed: true },
         Case { m: 24, n: 300, k: 2, a_transposed: false, b_transposed: false },
+        // A last column panel of 17..31 columns (the 32-wide kernel, masked) and of exactly 16
+        // (the 16-wide kernel), each over several k blocks (sums resumed from the destination).
+        Case { m: 30, n: 50, k: 520, a_transposed: false, b_transposed: false },
+        Case { m: 40, n: 16, k: 600, a_transposed: true, b_transposed: false },
     ];
     for kernel in kernels() {
         for c in cases {

@@ -19,6 +19,7 @@
 
 #[cfg(target_arch = "x86_64")]
 mod avx512;
+#[cfg(target_arch = "x86_64")]
 mod pack;
 #[cfg(target_arch = "x86_64")]
 mod pack_f32;
@@ -152,7 +153,10 @@ pub fn gemm_with<A: GemmElem, B: GemmElem>(
     }
     match kernel {
         Bf16Kernel::F32Fallback => fallback(m, n, k, dst, dst_rs, accumulate, a, b),
+        #[cfg(target_arch = "x86_64")]
         Bf16Kernel::Avx512Bf16 => tiled(m, n, k, dst, dst_rs, accumulate, a, b),
+        #[cfg(not(target_arch = "x86_64"))]
+        Bf16Kernel::Avx512Bf16 => unreachable!("the AVX512_BF16 kernel is never available off x86_64"),
     }
 }
 
@@ -187,24 +191,25 @@ fn rounded_f32<E: GemmElem>(v: &[E]) -> Vec<f32> {
 }
 
 /// A destination pointer shared by the tile tasks; each task writes only its own rectangle.
+#[cfg(target_arch = "x86_64")]
 #[derive(Clone, Copy)]
 struct DstPtr(*mut f32);
 // SAFETY: tasks write disjoint tiles of one live `&mut [f32]` (see `tiled`).
+#[cfg(target_arch = "x86_64")]
 unsafe impl Send for DstPtr {}
+#[cfg(target_arch = "x86_64")]
 unsafe impl Sync for DstPtr {}
 
+#[cfg(target_arch = "x86_64")]
 impl DstPtr {
-    /// `len` values from `offset`.
-    ///
-    /// # Safety
-    /// The range must lie inside the destination slice and no other task may touch it.
-    #[allow(clippy::mut_from_ref)]
-    unsafe fn slice(&self, offset: usize, len: usize) -> &mut [f32] {
-        std::slice::from_raw_parts_mut(self.0.add(offset), len)
+    /// The pointer `offset` values on (a method, so closures capture the `Sync` wrapper).
+    fn at(self, offset: usize) -> *mut f32 {
+        self.0.wrapping_add(offset)
     }
 }
 
 /// The packed, tiled bf16 product (AVX512_BF16).
+#[cfg(target_arch = "x86_64")]
 #[allow(clippy::too_many_arguments)]
 fn tiled<A: GemmElem, B: GemmElem>(
     m: usize,
@@ -227,28 +232,21 @@ fn tiled<A: GemmElem, B: GemmElem>(
     (0..tiles_m * tiles_n).into_par_iter().for_each(|t| {
         let (r0, c0) = ((t / tiles_n) * TILE_M, (t % tiles_n) * TILE_N);
         let (r1, c1) = ((r0 + TILE_M).min(m), (c0 + TILE_N).min(n));
-        let mut acc = [0f32; MR * NR];
         for q0 in (0..kp).step_by(KC) {
             let kc = KC.min(kp - q0);
             for c in (c0..c1).step_by(NR) {
                 let bpanel = &pb[(c / NR) * kp * NR + q0 * NR..][..kc * NR];
                 for r in (r0..r1).step_by(MR) {
                     let apanel = &pa[(r / MR) * kp * MR + q0 * MR..][..kc * MR];
-                    microkernel(kc, apanel, bpanel, &mut acc);
-                    let (rows, cols) = ((r1 - r).min(MR), (c1 - c).min(NR));
-                    let set = q0 == 0 && !accumulate;
-                    for (i, arow) in acc.chunks_exact(NR).take(rows).enumerate() {
-                        // SAFETY: row r+i < m and columns c..c+cols ≤ n lie inside `dst` (asserted
-                        // in `gemm_with`); tiles are disjoint, so no other task writes here.
-                        let drow = unsafe { out.slice((r + i) * dst_rs + c, cols) };
-                        if set {
-                            drow.copy_from_slice(&arow[..cols]);
-                        } else {
-                            for (d, v) in drow.iter_mut().zip(arow) {
-                                *d += *v;
-                            }
-                        }
-                    }
+                    let block = avx512::Block {
+                        // In bounds: row r < m, column c < n of `dst` (asserted in `gemm_with`).
+                        dst: out.at(r * dst_rs + c),
+                        rs: dst_rs,
+                        rows: (r1 - r).min(MR),
+                        cols: (c1 - c).min(NR),
+                        load: q0 > 0 || accumulate,
+                    };
+                    microkernel(kc, apanel, bpanel, &block);
                 }
             }
         }
@@ -256,6 +254,7 @@ fn tiled<A: GemmElem, B: GemmElem>(
     PACK_BUFFERS.with(|b| *b.borrow_mut() = (pa, pb));
 }
 
+#[cfg(target_arch = "x86_64")]
 thread_local! {
     /// Packed lhs and rhs panels of this thread's last bf16 GEMM, reused by the next: the
     /// shapes repeat every step, and fresh buffers cost a zero-fill (or page faults) per call.
@@ -263,18 +262,12 @@ thread_local! {
     static PACK_BUFFERS: RefCell<(Vec<u32>, Vec<u32>)> = const { RefCell::new((Vec::new(), Vec::new())) };
 }
 
-/// `acc[MR×NR] = Σ_q a[q] ⊗ b[q]` over `kc` packed pairs.
-fn microkernel(kc: usize, a: &[u32], b: &[u32], acc: &mut [f32; MR * NR]) {
-    assert!(a.len() >= kc * MR && b.len() >= kc * NR);
-    #[cfg(target_arch = "x86_64")]
-    {
-        // SAFETY: this path runs only when `gemm_with` saw the kernel available (features
-        // detected), and the slices hold kc pairs of both panels (asserted above).
-        unsafe { avx512::kernel(kc, a.as_ptr(), b.as_ptr(), acc) }
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        let _ = (kc, a, b, acc);
-        unreachable!("the AVX512_BF16 kernel is never available off x86_64")
-    }
+/// The block's `dst` (see [`avx512::Block`]) plus `Σ_q a[q] ⊗ b[q]` over `kc` packed pairs.
+#[cfg(target_arch = "x86_64")]
+fn microkernel(kc: usize, a: &[u32], b: &[u32], block: &avx512::Block) {
+    assert!(a.len() >= kc * MR && b.len() >= kc * NR && block.rows <= MR && block.cols <= NR);
+    // SAFETY: this path runs only when `gemm_with` saw the kernel available (features
+    // detected), the slices hold kc pairs of both panels (asserted above), and the block's rows
+    // and columns lie inside `dst`, in the tile of the one task that calls this.
+    unsafe { avx512::kernel(kc, a.as_ptr(), b.as_ptr(), block) }
 }

@@ -30,22 +30,26 @@ struct ByOuter<'a, E> {
     sk: usize,
 }
 
-/// `a[m×k]` as row panels of [`MR`]: `[m/MR][k/2][MR]`, written into `out` (resized).
+/// `a[m×k]` as row panels of [`MR`]: `[m/MR][k/2][MR]`, written at the start of `out` (grown to fit).
 pub(super) fn lhs<E: GemmElem>(m: usize, k: usize, a: Mat<'_, E>, out: &mut Vec<u32>) {
     panels::<MR, _>(m, k, ByOuter { data: a.data, so: a.rs, sk: a.cs }, out)
 }
 
-/// `b[k×n]` as column panels of [`NR`]: `[n/NR][k/2][NR]`, written into `out` (resized).
+/// `b[k×n]` as column panels of [`NR`]: `[n/NR][k/2][NR]`, written at the start of `out` (grown to fit).
 pub(super) fn rhs<E: GemmElem>(k: usize, n: usize, b: Mat<'_, E>, out: &mut Vec<u32>) {
     panels::<NR, _>(n, k, ByOuter { data: b.data, so: b.cs, sk: b.rs }, out)
 }
 
-/// Panels of `W` outer indices: `[outer/W][k/2][W]`, zero-padded. Every element of `out` is
-/// written, so it may be a buffer reused from an earlier call (it is zeroed only where it grows).
+/// Panels of `W` outer indices: `[outer/W][k/2][W]`, zero-padded, at the start of `out`. Every
+/// element of them is written, so `out` may be a buffer reused from an earlier call; it only
+/// grows (zeroed where it grows), since shrinking it would cost a zero-fill when it grows back.
 fn panels<const W: usize, E: GemmElem>(outer: usize, k: usize, src: ByOuter<'_, E>, out: &mut Vec<u32>) {
     let kp = k.div_ceil(2);
-    out.resize(outer.div_ceil(W) * kp * W, 0);
-    out.par_chunks_mut(kp * W).enumerate().for_each(|(p, panel)| {
+    let len = outer.div_ceil(W) * kp * W;
+    if out.len() < len {
+        out.resize(len, 0);
+    }
+    out[..len].par_chunks_mut(kp * W).enumerate().for_each(|(p, panel)| {
         let o0 = p * W;
         let valid = W.min(outer - o0);
         fill_panel::<W, E>(panel, o0, valid, k, src);
