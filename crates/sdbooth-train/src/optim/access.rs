@@ -11,6 +11,7 @@ use std::cell::RefCell;
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, DType, InplaceOp1, Layout, Storage, Tensor, Var};
 use half::bf16;
+use rayon::prelude::*;
 
 use crate::error::{Result, TrainError};
 
@@ -68,6 +69,59 @@ pub fn with_weights_mut(var: &Var, f: impl FnOnce(WeightsMut<'_>) -> Result<()>)
     op.result
         .into_inner()
         .unwrap_or_else(|| Err(TrainError::Internal("the optimizer update did not run".into())))
+}
+
+/// A gradient's values as the host kernels read them: in place when f32 or bf16.
+#[derive(Clone, Copy)]
+pub enum GradRef<'a> {
+    F32(&'a [f32]),
+    BF16(&'a [bf16]),
+}
+
+impl GradRef<'_> {
+    pub fn len(&self) -> usize {
+        match self {
+            GradRef::F32(g) => g.len(),
+            GradRef::BF16(g) => g.len(),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Runs `f` on the values as f32: borrowed, or bf16 widened (exactly) in parallel.
+    pub fn with_f32<R>(self, f: impl FnOnce(&[f32]) -> R) -> R {
+        match self {
+            GradRef::F32(g) => f(g),
+            GradRef::BF16(g) => f(&g.par_iter().map(|x| x.to_f32()).collect::<Vec<f32>>()),
+        }
+    }
+}
+
+/// Runs `f` on the contents of `t` (a CPU tensor) in place when they are contiguous f32 or bf16
+/// (`--full_bf16`'s gradients: the 8-bit update widens them chunk by chunk, in parallel, where
+/// [`with_f32`] would widen the whole tensor on the calling thread); as [`with_f32`] otherwise.
+pub fn with_grad<R>(t: &Tensor, f: impl FnOnce(GradRef<'_>) -> R) -> Result<R> {
+    if !t.device().is_cpu() {
+        return Err(not_on_cpu(t));
+    }
+    let mut f = Some(f);
+    {
+        let (storage, layout) = t.storage_and_layout();
+        if let (Storage::Cpu(cpu), Some((s, e))) = (&*storage, layout.contiguous_offsets()) {
+            let view = match cpu {
+                CpuStorage::F32(v) => Some(GradRef::F32(&v[s..e])),
+                CpuStorage::BF16(v) => Some(GradRef::BF16(&v[s..e])),
+                _ => None,
+            };
+            if let (Some(view), Some(f)) = (view, f.take()) {
+                return Ok(f(view));
+            }
+        }
+    }
+    let f = f.ok_or_else(|| TrainError::Internal("gradient reader ran twice".into()))?;
+    with_f32(t, |g| f(GradRef::F32(g)))
 }
 
 /// Runs `f` on the contents of `t` (a CPU tensor) as f32; borrows the storage when it is f32,

@@ -23,8 +23,10 @@ use std::sync::OnceLock;
 
 use rayon::prelude::*;
 
-use super::{OptimizerConfig, ParamState};
-use crate::error::Result;
+use half::bf16;
+
+use super::{rounding, GradRef, OptimizerConfig, ParamState};
+use crate::error::{Result, TrainError};
 
 pub const BLOCK: usize = 256;
 
@@ -281,29 +283,117 @@ pub(crate) fn step(
         return Ok(());
     }
 
+    let kernel = block_kernel();
+    with_8bit_state(st, n, |q1, q2, a1, a2| {
+        w.par_chunks_mut(TASK)
+            .zip(g.par_chunks(TASK))
+            .zip(q1.par_chunks_mut(TASK).zip(q2.par_chunks_mut(TASK)))
+            .zip(a1.par_chunks_mut(TASK_BLOCKS).zip(a2.par_chunks_mut(TASK_BLOCKS)))
+            .for_each(|(((w, g), (q1, q2)), (a1, a2))| update_task(kernel, &sc, w, g, (q1, q2), (a1, a2)));
+    })
+}
+
+/// As [`step`] for bf16 weights (`--full_bf16`) of a tensor with 8-bit state: block by block,
+/// the weights (and a bf16 gradient) are widened to f32 on the stack, updated, and the weights
+/// rounded back stochastically with the update's rounding `key` (value `i` of the tensor draws
+/// `rounding_bits(key, i)`). The same bits as widening the whole tensor, [`step`] and
+/// `rounding::stochastic_round` (tested), in one parallel pass over weights and gradient, without
+/// tensor-sized f32 copies (the gradient's was made on the calling thread alone).
+pub(crate) fn step_bf16(
+    c: &OptimizerConfig,
+    st: &mut ParamState,
+    w: &mut [bf16],
+    g: GradRef<'_>,
+    gs: f32,
+    lr: f64,
+    key: u64,
+) -> Result<()> {
+    let n = w.len();
+    if n < c.min_8bit_size || g.len() != n {
+        return Err(TrainError::Internal(format!(
+            "step_bf16 on {n} weights and {} gradient values (needs 8-bit state, equal lengths)",
+            g.len()
+        )));
+    }
+    let sc = Scalars::new(c, st.step, lr, gs);
+    let kernel = block_kernel();
+    let round = rounding::chunk_kernel();
+    let g_tasks: Vec<GradRef<'_>> = match g {
+        GradRef::F32(g) => g.chunks(TASK).map(GradRef::F32).collect(),
+        GradRef::BF16(g) => g.chunks(TASK).map(GradRef::BF16).collect(),
+    };
+    with_8bit_state(st, n, |q1, q2, a1, a2| {
+        w.par_chunks_mut(TASK)
+            .zip(g_tasks.into_par_iter())
+            .zip(q1.par_chunks_mut(TASK).zip(q2.par_chunks_mut(TASK)))
+            .zip(a1.par_chunks_mut(TASK_BLOCKS).zip(a2.par_chunks_mut(TASK_BLOCKS)))
+            .enumerate()
+            .for_each(|(k, (((wb, g), (q1, q2)), (a1, a2)))| {
+                let blocks = wb.chunks_mut(BLOCK).zip(q1.chunks_mut(BLOCK)).zip(q2.chunks_mut(BLOCK));
+                for (j, ((wb, q1), q2)) in blocks.enumerate() {
+                    let (first, len) = (j * BLOCK, wb.len());
+                    let mut w = [0f32; BLOCK];
+                    widen(wb, &mut w[..len]);
+                    let mut widened_g = [0f32; BLOCK];
+                    let g = match g {
+                        GradRef::F32(g) => &g[first..first + len],
+                        GradRef::BF16(g) => {
+                            widen(&g[first..first + len], &mut widened_g[..len]);
+                            &widened_g[..len]
+                        }
+                    };
+                    let w = &mut w[..len];
+                    kernel(&sc, Block { w, g, q1, q2, a1: &mut a1[j], a2: &mut a2[j] });
+                    round(w, wb, key, (k * TASK + first) as u32);
+                }
+            });
+    })
+}
+
+/// bf16 values widened (exactly) to f32.
+fn widen(src: &[bf16], dst: &mut [f32]) {
+    for (d, s) in dst.iter_mut().zip(src) {
+        *d = s.to_f32();
+    }
+}
+
+/// Values per rayon task.
+const TASK: usize = TASK_BLOCKS * BLOCK;
+
+/// Runs `f` on the tensor's 8-bit state (codes of m and v, block absmax of each), taken out of
+/// `st` and put back.
+fn with_8bit_state(
+    st: &mut ParamState,
+    n: usize,
+    f: impl FnOnce(&mut [u8], &mut [u8], &mut [f32], &mut [f32]),
+) -> Result<()> {
     let blocks = n.div_ceil(BLOCK);
     let mut q1 = st.take_u8("state1", n)?;
     let mut q2 = st.take_u8("state2", n)?;
     let mut a1 = st.take_f32("absmax1", blocks)?;
     let mut a2 = st.take_f32("absmax2", blocks)?;
-    let kernel = block_kernel();
-    const TASK: usize = TASK_BLOCKS * BLOCK;
-    w.par_chunks_mut(TASK)
-        .zip(g.par_chunks(TASK))
-        .zip(q1.par_chunks_mut(TASK).zip(q2.par_chunks_mut(TASK)))
-        .zip(a1.par_chunks_mut(TASK_BLOCKS).zip(a2.par_chunks_mut(TASK_BLOCKS)))
-        .for_each(|(((w, g), (q1, q2)), (a1, a2))| {
-            let blocks = w.chunks_mut(BLOCK).zip(g.chunks(BLOCK)).zip(q1.chunks_mut(BLOCK));
-            for (k, ((w, g), q1)) in blocks.enumerate() {
-                let q2 = &mut q2[k * BLOCK..k * BLOCK + w.len()];
-                kernel(&sc, Block { w, g, q1, q2, a1: &mut a1[k], a2: &mut a2[k] });
-            }
-        });
+    f(&mut q1, &mut q2, &mut a1, &mut a2);
     st.put_u8("state1", q1);
     st.put_u8("state2", q2);
     st.put_f32("absmax1", a1);
     st.put_f32("absmax2", a2);
     Ok(())
+}
+
+/// The blocks of one task: weights, gradient, codes and absmax of up to `TASK_BLOCKS` blocks.
+fn update_task(
+    kernel: BlockKernel,
+    sc: &Scalars,
+    w: &mut [f32],
+    g: &[f32],
+    (q1, q2): (&mut [u8], &mut [u8]),
+    (a1, a2): (&mut [f32], &mut [f32]),
+) {
+    let blocks = w.chunks_mut(BLOCK).zip(g.chunks(BLOCK)).zip(q1.chunks_mut(BLOCK));
+    for (k, ((w, g), q1)) in blocks.enumerate() {
+        let q2 = &mut q2[k * BLOCK..k * BLOCK + w.len()];
+        kernel(sc, Block { w, g, q1, q2, a1: &mut a1[k], a2: &mut a2[k] });
+    }
 }
 
 /// One block of at most `BLOCK` values and its state.
@@ -652,6 +742,36 @@ mod tests {
             assert_eq!(bits(&a.w), bits(&b.w), "weights, n={n}");
             assert_eq!((&a.q1, &a.q2), (&b.q1, &b.q2), "states, n={n}");
             assert_eq!((bits(&a.a1), bits(&a.a2)), (bits(&b.a1), bits(&b.a2)), "absmax, n={n}");
+        }
+    }
+
+    /// bf16 weights updated block by block, with f32 or bf16 gradients, on 1 or 3 threads, give
+    /// the bits of widening the whole tensors, the f32 step and stochastic rounding of the result.
+    #[test]
+    fn bf16_step_equals_widen_step_round() {
+        let n = TASK * 2 + 300;
+        let Case { w: w0, g, .. } = data(n, 11);
+        let g_bf16: Vec<bf16> = g.iter().map(|&x| bf16::from_f32(x)).collect();
+        let c = OptimizerConfig::new(OptimizerKind::AdamW8bit);
+        let wb0: Vec<bf16> = w0.iter().map(|&x| bf16::from_f32(x)).collect();
+        for threads in [1, 3] {
+            let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
+            for grad in [GradRef::F32(&g), GradRef::BF16(&g_bf16)] {
+                let g32: Vec<f32> = grad.with_f32(|g| g.to_vec());
+                let (mut st_a, mut st_b) = (ParamState::default(), ParamState::default());
+                let (mut wa, mut wb) = (wb0.clone(), wb0.clone());
+                for s in 1..=3 {
+                    let key = 0x1234_5678_9ABC_DEF0 ^ s;
+                    st_a.step = s;
+                    pool.install(|| step_bf16(&c, &mut st_a, &mut wa, grad, 0.5, 1e-3, key)).unwrap();
+                    st_b.step = s;
+                    let mut w32: Vec<f32> = wb.iter().map(|x| x.to_f32()).collect();
+                    step(&c, &mut st_b, &mut w32, &g32, 0.5, 1e-3).unwrap();
+                    rounding::stochastic_round(&w32, &mut wb, key);
+                }
+                assert_eq!(wa, wb, "{threads} threads");
+                assert_eq!(st_a, st_b, "{threads} threads");
+            }
         }
     }
 

@@ -36,7 +36,7 @@ use std::collections::BTreeMap;
 use candle_core::{DType, Device, Tensor, Var};
 use rayon::prelude::*;
 
-pub use access::{with_f32, with_weights_mut, WeightsMut};
+pub use access::{with_f32, with_grad, with_weights_mut, GradRef, WeightsMut};
 pub use config::{OptimizerConfig, OptimizerKind, PyLiteral};
 
 use crate::error::{Result, TrainError};
@@ -266,16 +266,23 @@ impl Optimizer {
             device::step(config, st, name, param, grad, lr, grad_scale)
         } else {
             // The scale is applied inside the update loops: no scaled copy of the gradient.
-            with_f32(grad, |g| -> Result<()> {
+            with_grad(grad, |g| -> Result<()> {
                 with_weights_mut(param, |w| match w {
-                    WeightsMut::F32(w) => update(config, st, w, g, grad_scale, &shape, lr),
-                    WeightsMut::BF16(wb) => {
-                        let mut w32: Vec<f32> = wb.par_iter().map(|x| x.to_f32()).collect();
-                        update(config, st, &mut w32, g, grad_scale, &shape, lr)?;
+                    WeightsMut::BF16(wb) if eight_bit_bf16(config, wb.len(), g.len()) => {
+                        st.last_lr = lr;
                         let key = device::rounding_key(config.rounding_seed, name, step);
-                        rounding::stochastic_round(&w32, wb, key);
-                        Ok(())
+                        adamw8bit::step_bf16(config, st, wb, g, grad_scale, lr, key)
                     }
+                    w => g.with_f32(|g| match w {
+                        WeightsMut::F32(w) => update(config, st, w, g, grad_scale, &shape, lr),
+                        WeightsMut::BF16(wb) => {
+                            let mut w32: Vec<f32> = wb.par_iter().map(|x| x.to_f32()).collect();
+                            update(config, st, &mut w32, g, grad_scale, &shape, lr)?;
+                            let key = device::rounding_key(config.rounding_seed, name, step);
+                            rounding::stochastic_round(&w32, wb, key);
+                            Ok(())
+                        }
+                    }),
                 })
             })
             .and_then(|r| r)
@@ -297,6 +304,12 @@ impl Optimizer {
     pub fn state_nbytes(&self) -> usize {
         self.states.values().map(ParamState::nbytes).sum()
     }
+}
+
+/// Whether bf16 weights take AdamW8bit's own bf16 update (8-bit state, one pass, no f32 copy of
+/// the tensor); other optimizers and small tensors update an f32 copy and round it back.
+fn eight_bit_bf16(c: &OptimizerConfig, weights: usize, grads: usize) -> bool {
+    c.kind == OptimizerKind::AdamW8bit && weights >= c.min_8bit_size && weights == grads
 }
 
 fn update(

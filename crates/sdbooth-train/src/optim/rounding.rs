@@ -45,9 +45,11 @@ pub fn stochastic_round(src: &[f32], dst: &mut [bf16], key: u64) {
     });
 }
 
-type ChunkKernel = fn(&[f32], &mut [bf16], u64, u32);
+/// Rounds `src` (values `first..` of a tensor) into `dst` on this thread: `(src, dst, key, first)`.
+pub(crate) type ChunkKernel = fn(&[f32], &mut [bf16], u64, u32);
 
-fn chunk_kernel() -> ChunkKernel {
+/// The chunk rounding for the CPU at hand (all give the same bits).
+pub(crate) fn chunk_kernel() -> ChunkKernel {
     #[cfg(target_arch = "x86_64")]
     {
         if std::arch::is_x86_feature_detected!("avx512f") {
