@@ -380,6 +380,13 @@ pub fn init_global_threadpool() {
 }
 
 fn default_num_threads() -> usize {
+    // sdbooth: computed once. `num_cpus::get_physical` parses /proc/cpuinfo on every call, and
+    // every CPU matmul (also each group of a grouped conv2d) asks for the thread count.
+    static THREADS: OnceLock<usize> = OnceLock::new();
+    *THREADS.get_or_init(detect_num_threads)
+}
+
+fn detect_num_threads() -> usize {
     let physical = {
         #[cfg(target_os = "macos")]
         {
