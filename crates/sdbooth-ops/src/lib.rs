@@ -23,9 +23,10 @@
 //!
 //! # Code paths and `SDBOOTH_REFERENCE_OPS`
 //!
-//! On CPU, conv2d, linear, attention, group_norm(+SiLU), layer_norm and softmax run our own
-//! kernels: their gradients skip untracked operands and their reductions run in fixed chunks, so
-//! results do not depend on the thread count. On any device without kernels of this crate the
+//! On CPU, conv2d, linear, attention, group_norm(+SiLU), layer_norm, softmax, nearest 2x
+//! upsampling and the embedding table gradient run our own kernels: their gradients skip
+//! untracked operands and their reductions run in fixed chunks, so results do not depend on the
+//! thread count. On any device without kernels of this crate the
 //! same functions run [`reference`](mod@reference), compositions of candle primitives (autograd gives their
 //! backward), except where [`generic`] has a device-generic implementation of an op with a
 //! backward of its own (attention by blocks of queries, recomputing instead of keeping the
@@ -50,6 +51,7 @@ mod seed;
 pub mod selftest;
 mod softmax;
 mod threads;
+mod upsample;
 
 /// The conv2d kernels on raw f32 slices, for the per-pass benches (not a stable API).
 #[doc(hidden)]
@@ -94,9 +96,10 @@ pub use cast::{cast, mixes_bf16_operands};
 pub use conv::{conv2d, conv2d_flops, conv2d_with};
 pub use copy::contiguous;
 pub use cpu::{f32_gemm_kernel, Precision};
-pub use embed::{embedding, timestep_embedding, upsample_nearest2x};
+pub use embed::{embedding, embedding_table_grad, timestep_embedding};
 pub use linear::{linear, linear_with};
 pub use norm::{group_norm, group_norm_silu, layer_norm};
 pub use seed::backward_from;
 pub use softmax::softmax_last_dim;
 pub use threads::{tune_thread_pools, SPIN_LIMIT, SPIN_LIMIT_ENV};
+pub use upsample::upsample_nearest2x;

@@ -61,6 +61,7 @@ fn kernels_are_bit_identical_across_thread_counts() {
             Box::new(|t| ops::layer_norm(&t[0], &t[1], &t[2], 1e-5)),
             vec![r.randn(&[3, 77, 24]), r.randn(&[24]), r.randn(&[24])],
         ),
+        ("upsample", Box::new(|t| ops::upsample_nearest2x(&t[0])), vec![r.randn(&[2, 3, 40, 7])]),
         ("geglu", Box::new(|t| ops::geglu(&t[0])), vec![r.randn(&[2, 150, 2 * 96])]),
         ("gelu_erf", Box::new(|t| ops::gelu_erf(&t[0])), vec![r.randn(&[3, 70, 130])]),
     ];

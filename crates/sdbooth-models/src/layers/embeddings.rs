@@ -77,13 +77,13 @@ impl TextEmbeddings {
     /// written directly rather than through autograd: candle's `index_select` backward builds the
     /// dense vocab x D table gradient (152 MB for CLIP-L) several times over (zeros, index_add,
     /// and the leaf's zero accumulator plus a sum); here it is one zeroed table and one
-    /// `index_add`. The gradients come back in each table's dtype.
+    /// `index_add` ([`ops::embedding_table_grad`]). The gradients come back in each table's dtype.
     pub fn grads(&self, w: &Weights, ids: &Tensor, g: &Tensor) -> Result<Vec<(String, Tensor)>, ModelError> {
         let (n, t, d) = g.dims3()?;
         let tok = w.params.get(TOKEN_EMBEDDING)?;
         let pos = w.params.get(POSITION_EMBEDDING)?;
         let g_tok = g.to_dtype(tok.dtype())?.reshape((n * t, d))?;
-        let tok_grad = tok.zeros_like()?.index_add(&ids.flatten_all()?, &g_tok, 0)?;
+        let tok_grad = ops::embedding_table_grad(&ids.flatten_all()?, &g_tok, tok.dim(0)?)?;
         // Every sample uses positions 0..T; rows T.. of the table get nothing.
         let pos_grad = g.to_dtype(pos.dtype())?.sum(0)?.pad_with_zeros(0, 0, pos.dim(0)? - t)?;
         Ok(vec![
