@@ -1,6 +1,7 @@
 //! The nearest-2x upsampling kernels and the embedding table gradient against candle's own
 //! arithmetic, bit for bit: what the CPU computed before they existed (candle's
-//! `upsample_nearest2d` with its conv-based backward; `zeros` + `index_add`).
+//! `upsample_nearest2d` with its conv-based backward; `zeros` + `index_add`); the f32 linear
+//! forward with few rows against the GEMM it replaced.
 
 mod common;
 
@@ -78,4 +79,28 @@ fn embedding_table_grad_refuses_bad_ids() {
     assert!(err.contains("id 9 is outside the table of 9 rows"), "{err}");
     let err = ops::embedding_table_grad(&Tensor::new(&[1u32], &Device::Cpu).unwrap(), &g, 9).unwrap_err();
     assert!(err.to_string().contains("expected [2]"), "{err}");
+}
+
+/// The f32 linear forward with few rows computes `yᵀ = w · xᵀ`: the same bits as the GEMM of
+/// `y = x · wᵀ` started from the bias rows, on 1 and 3 threads.
+#[test]
+fn linear_with_few_rows_matches_the_untransposed_gemm() {
+    use ops::kernels::{f32_gemm, Mat};
+    let mut r = Rng::new(73);
+    for (m, k, n) in
+        [(77, 768, 3072), (77, 1100, 200), (16, 1280, 1280), (2, 40, 300), (128, 20, 17), (129, 64, 96)]
+    {
+        let (x, w, b) = (r.normal_vec(m * k), r.normal_vec(n * k), r.normal_vec(n));
+        let mut want = b.repeat(m);
+        f32_gemm(m, n, k, &mut want, n, true, Mat::rows(&x, k), Mat::transposed(&w, k));
+        let want: Vec<u32> = want.iter().map(|v| v.to_bits()).collect();
+        let x = Tensor::from_vec(x, (1, m, k), &Device::Cpu).unwrap();
+        let w = Tensor::from_vec(w, (n, k), &Device::Cpu).unwrap();
+        let b = Tensor::from_vec(b, n, &Device::Cpu).unwrap();
+        for threads in [1, 3] {
+            let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
+            let got = pool.install(|| bits(&ops::linear(&x, &w, Some(&b)).unwrap()));
+            assert!(got == want, "m={m} k={k} n={n}, {threads} threads: differs from x · wᵀ");
+        }
+    }
 }
