@@ -159,7 +159,7 @@ impl ClipTextModel {
         let x = w.cast(x)?;
         let (g, b) = w.wb(&join(&p, "layer_norm1"))?;
         let h = ops::layer_norm(&x, &g, &b, eps)?;
-        let x = (x + self.self_attention().forward(w, &join(&p, "self_attn"), &h, &h)?)?;
+        let x = ops::add(&x, &self.self_attention().forward(w, &join(&p, "self_attn"), &h, &h)?)?;
 
         let (g, b) = w.wb(&join(&p, "layer_norm2"))?;
         let h = ops::layer_norm(&x, &g, &b, eps)?;
@@ -170,7 +170,7 @@ impl ClipTextModel {
             Activation::Gelu => ops::gelu_erf(&h)?,
         };
         let (wt, bias) = w.gemm_wb(&join(&p, "mlp.fc2"))?;
-        Ok((x + wt.linear(&h, Some(&bias))?)?)
+        Ok(ops::add(&x, &wt.linear(&h, Some(&bias))?)?)
     }
 
     /// Forward FLOPs for one sequence of `tokens` through every layer (projections, attention

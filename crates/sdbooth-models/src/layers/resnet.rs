@@ -70,7 +70,7 @@ impl Resnet {
         } else {
             x.clone()
         };
-        Ok((x + h)?)
+        Ok(ops::add(&x, &h)?)
     }
 
     /// Forward FLOPs (convolutions and the time projection) at `pixels` pixels.

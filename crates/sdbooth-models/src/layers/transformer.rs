@@ -95,7 +95,7 @@ impl Transformer2D {
         } else {
             pow_.conv2d(&ops::contiguous(&to_image(&h)?)?, Some(&pob), 1, 0)?
         };
-        Ok((h + x)?)
+        Ok(ops::add(&h, x)?)
     }
 
     /// BasicTransformerBlock: self-attention, cross-attention to the text, GEGLU feed-forward,
@@ -106,14 +106,14 @@ impl Transformer2D {
             Ok(ops::layer_norm(x, &g, &b, LAYER_NORM_EPS)?)
         };
         let n = layer_norm("norm1", x)?;
-        let x = (self.self_attention().forward(w, &join(p, "attn1"), &n, &n)? + x)?;
+        let x = ops::add(&self.self_attention().forward(w, &join(p, "attn1"), &n, &n)?, x)?;
         let n = layer_norm("norm2", &x)?;
-        let x = (self.cross_attention().forward(w, &join(p, "attn2"), &n, ctx)? + x)?;
+        let x = ops::add(&self.cross_attention().forward(w, &join(p, "attn2"), &n, ctx)?, &x)?;
         let n = layer_norm("norm3", &x)?;
         let (fw, fb) = w.gemm_wb(&join(p, "ff.net.0.proj"))?;
         let f = ops::geglu(&fw.linear(&n, Some(&fb))?)?;
         let (ow, ob) = w.gemm_wb(&join(p, "ff.net.2"))?;
-        Ok((ow.linear(&f, Some(&ob))? + x)?)
+        Ok(ops::add(&ow.linear(&f, Some(&ob))?, &x)?)
     }
 
     /// Forward FLOPs at `pixels` pixels with `ctx_tokens` text tokens.
