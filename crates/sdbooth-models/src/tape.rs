@@ -90,7 +90,7 @@ fn leaf(t: &Tensor, grad: bool) -> Result<Tensor, ModelError> {
 
 fn accumulate(slot: &mut Option<Tensor>, g: Tensor) -> Result<(), ModelError> {
     *slot = Some(match slot.take() {
-        Some(prev) => (prev + g)?,
+        Some(prev) => sdbooth_ops::add(&prev, &g)?,
         None => g,
     });
     Ok(())

@@ -725,7 +725,10 @@ impl GradStore {
     fn accumulate(&mut self, tensor: &Tensor, grad: &Tensor) -> Result<()> {
         match self.0.entry(tensor.id()) {
             Entry::Occupied(mut entry) => {
-                let sum = entry.get().add(grad)?;
+                let sum = match par_add_f32(entry.get(), grad)? {
+                    Some(sum) => sum,
+                    None => entry.get().add(grad)?,
+                };
                 entry.insert(sum);
             }
             Entry::Vacant(entry) => {
@@ -776,4 +779,36 @@ impl GradStore {
     pub fn get_ids(&self) -> impl Iterator<Item = &TensorId> {
         self.0.keys()
     }
+}
+
+
+/// sdbooth: `a + b` for contiguous f32 CPU tensors of one shape, on rayon's threads (candle's
+/// `add` runs on its barrier pool, where the calling thread waits for a parked worker while
+/// rayon's GEMM threads idle). The same sums, element by element; `None` for other operands.
+fn par_add_f32(a: &Tensor, b: &Tensor) -> Result<Option<Tensor>> {
+    use crate::{CpuStorage, DType, Storage};
+    use rayon::prelude::*;
+    if a.dtype() != DType::F32
+        || b.dtype() != DType::F32
+        || a.shape() != b.shape()
+        || !a.device().is_cpu()
+        || !b.device().is_cpu()
+    {
+        return Ok(None);
+    }
+    let (sa, la) = a.storage_and_layout();
+    let (sb, lb) = b.storage_and_layout();
+    let (Storage::Cpu(CpuStorage::F32(va)), Storage::Cpu(CpuStorage::F32(vb))) = (&*sa, &*sb) else {
+        return Ok(None);
+    };
+    let (Some((a0, a1)), Some((b0, b1))) = (la.contiguous_offsets(), lb.contiguous_offsets()) else {
+        return Ok(None);
+    };
+    let sum: Vec<f32> = va[a0..a1]
+        .par_iter()
+        .zip(vb[b0..b1].par_iter())
+        .with_min_len(1 << 14)
+        .map(|(&x, &y)| x + y)
+        .collect();
+    Tensor::from_vec(sum, a.shape(), a.device()).map(Some)
 }
