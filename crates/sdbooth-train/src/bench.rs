@@ -15,7 +15,7 @@ use serde::Serialize;
 use crate::error::{Result, TrainError};
 use crate::plan::TrainPlan;
 use crate::trainer::setup;
-use crate::trainer::step::{micro_step, normal_tensor, StepInputs};
+use crate::trainer::step::{micro_step, normal_tensor, packed_weights_for, StepInputs};
 use crate::trainer::{peak_rss_bytes, step_settings};
 use crate::update::{
     apply_accumulated, grad_multiplier, FusedUpdate, GradAccumulator, GradSink, LearningRates, LossScale,
@@ -99,6 +99,7 @@ pub fn bench(plan: &TrainPlan, steps: usize, warmup: usize) -> Result<BenchRepor
     let lr_schedule = setup::lr_schedule(plan, (warmup + steps) as u64)?;
     let mut loss_scale = plan.precision.fp16_loss_scale.then(LossScale::default);
     let (mut fwd, mut bwd, mut opt_t, mut total) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let packed_weights = packed_weights_for(plan.steps.gradient_checkpointing, fused);
     for i in 0..warmup + steps {
         let started = Instant::now();
         let multiplier = grad_multiplier(loss_scale.as_ref(), 1);
@@ -111,7 +112,9 @@ pub fn bench(plan: &TrainPlan, steps: usize, warmup: usize) -> Result<BenchRepor
         let mut fused_update =
             FusedUpdate { optimizer: &mut optimizer, params, lrs, max_norm: o.max_grad_norm };
         let sink: &mut dyn GradSink = if fused { &mut fused_update } else { &mut accumulated };
+        let packings = packed_weights.as_ref().map(|p| p.step());
         let outcome = micro_step(&model, inputs, &settings, &mut rng, sink)?;
+        drop(packings);
         let before_update = Instant::now();
         if !fused {
             let update = apply_accumulated(

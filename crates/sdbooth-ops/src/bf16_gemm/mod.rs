@@ -19,12 +19,17 @@
 
 #[cfg(target_arch = "x86_64")]
 mod avx512;
+mod cache;
 #[cfg(target_arch = "x86_64")]
 mod pack;
 #[cfg(target_arch = "x86_64")]
 mod pack_f32;
 
 use crate::cpu::{self, GemmElem, Mat};
+pub(crate) use cache::register as register_weight;
+#[cfg(target_arch = "x86_64")]
+use cache::PanelShape;
+pub use cache::{PackedStep, PackedWeights};
 use rayon::prelude::*;
 use std::cell::RefCell;
 use std::sync::OnceLock;
@@ -225,8 +230,30 @@ fn tiled<A: GemmElem, B: GemmElem>(
     // This thread's packing buffers, taken out while in use (a nested call on this thread, from
     // rayon's work stealing, finds them empty and allocates its own).
     let (mut pa, mut pb) = PACK_BUFFERS.with(|b| std::mem::take(&mut *b.borrow_mut()));
-    pack::lhs(m, k, a, &mut pa);
-    pack::rhs(k, n, b, &mut pb);
+    // A weight packed with k contiguous (the forward's layout) may be kept from earlier in the
+    // step (see `cache`); every other operand is packed here.
+    let kept_a = (a.cs == 1)
+        .then(|| {
+            cache::packed(a.data, PanelShape { width: MR, outer: m, k, so: a.rs }, |buf| {
+                pack::lhs(m, k, a, buf)
+            })
+        })
+        .flatten();
+    let kept_b = (b.rs == 1)
+        .then(|| {
+            cache::packed(b.data, PanelShape { width: NR, outer: n, k, so: b.cs }, |buf| {
+                pack::rhs(k, n, b, buf)
+            })
+        })
+        .flatten();
+    if kept_a.is_none() {
+        pack::lhs(m, k, a, &mut pa);
+    }
+    if kept_b.is_none() {
+        pack::rhs(k, n, b, &mut pb);
+    }
+    let (pa_ref, pb_ref): (&[u32], &[u32]) =
+        (kept_a.as_deref().unwrap_or(&pa), kept_b.as_deref().unwrap_or(&pb));
     let (tiles_m, tiles_n) = (m.div_ceil(TILE_M), n.div_ceil(TILE_N));
     let out = DstPtr(dst.as_mut_ptr());
     (0..tiles_m * tiles_n).into_par_iter().for_each(|t| {
@@ -235,9 +262,9 @@ fn tiled<A: GemmElem, B: GemmElem>(
         for q0 in (0..kp).step_by(KC) {
             let kc = KC.min(kp - q0);
             for c in (c0..c1).step_by(NR) {
-                let bpanel = &pb[(c / NR) * kp * NR + q0 * NR..][..kc * NR];
+                let bpanel = &pb_ref[(c / NR) * kp * NR + q0 * NR..][..kc * NR];
                 for r in (r0..r1).step_by(MR) {
-                    let apanel = &pa[(r / MR) * kp * MR + q0 * MR..][..kc * MR];
+                    let apanel = &pa_ref[(r / MR) * kp * MR + q0 * MR..][..kc * MR];
                     let block = avx512::Block {
                         // In bounds: row r < m, column c < n of `dst` (asserted in `gemm_with`).
                         dst: out.at(r * dst_rs + c),

@@ -53,6 +53,9 @@ pub fn conv2d_with(
         crate::tune_allocator();
     }
     let (x, w) = (x.contiguous()?, w.contiguous()?);
+    if on_cpu && precision == Precision::Bf16 {
+        crate::bf16_gemm::register_weight(&w);
+    }
     match b {
         Some(b) if on_cpu => {
             x.apply_op3(&w, &b.contiguous()?, Conv2dBiasOp { stride, pad: padding, precision })

@@ -40,6 +40,9 @@ pub fn linear_with(x: &Tensor, w: &Tensor, b: Option<&Tensor>, precision: Precis
     }
     crate::tune_allocator();
     let (x, w) = (x.contiguous()?, w.contiguous()?);
+    if precision == Precision::Bf16 {
+        crate::bf16_gemm::register_weight(&w);
+    }
     match b {
         Some(b) => x.apply_op3(&w, &b.contiguous()?, LinearBiasOp { precision }),
         None => x.apply_op2(&w, LinearOp { precision }),

@@ -109,6 +109,8 @@ struct Trainer<'a> {
     lr_schedule: crate::lr::LrSchedule,
     /// Threads that decode and augment images (`--max_data_loader_n_workers`).
     loader_pool: rayon::ThreadPool,
+    /// bf16 weight packings kept within each micro-step ([`step::packed_weights_for`]).
+    packed_weights: Option<sdbooth_ops::PackedWeights>,
 }
 
 /// Runs `sdbooth train` (not the dry run): refuses flags this build does not implement, then
@@ -222,6 +224,10 @@ impl<'a> Trainer<'a> {
             stop_text_encoder_at,
             lr_schedule: setup::lr_schedule(plan, steps.max_train_steps)?,
             loader_pool,
+            packed_weights: step::packed_weights_for(
+                plan.steps.gradient_checkpointing,
+                plan.optimizer.fused_backward_pass,
+            ),
         })
     }
 
@@ -518,6 +524,8 @@ impl<'a> Trainer<'a> {
         let mut fused = FusedUpdate { optimizer: &mut self.optimizer, params, lrs, max_norm };
         let sink: &mut dyn GradSink =
             if self.plan.optimizer.fused_backward_pass { &mut fused } else { accumulated };
+        // No weight changes until the update after the micro-step (not fused: see above).
+        let _packings = self.packed_weights.as_ref().map(|p| p.step());
         let outcome = micro_step(&self.model, inputs, &settings, &mut self.state.noise_rng, sink)?;
         Ok(outcome.loss)
     }

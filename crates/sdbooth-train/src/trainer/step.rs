@@ -124,6 +124,19 @@ pub struct StepOutcome {
     pub backward_seconds: f64,
 }
 
+/// Kept bf16 packings of the weights for the run (see [`sdbooth_ops::PackedWeights`]) where they
+/// pay: with gradient checkpointing the recompute takes the forward's packings instead of
+/// rounding and packing every weight again, for about half the f32 weights' size in memory.
+/// None with `--fused_backward_pass` (the optimizer changes weights during the backward, and
+/// that mode is for saving memory) or without checkpointing (nothing would reuse them). Only
+/// weights whose products run in bf16 on the CPU are kept, so f32 runs keep nothing.
+pub fn packed_weights_for(
+    checkpointing: bool,
+    fused_backward_pass: bool,
+) -> Option<sdbooth_ops::PackedWeights> {
+    (checkpointing && !fused_backward_pass).then(sdbooth_ops::PackedWeights::new)
+}
+
 /// Runs one micro-batch and hands every parameter gradient (part, name, gradient) to `sink`:
 /// draws noise and timesteps from `noise_rng` (kohya's order), then
 /// [`loss_and_grads`].
