@@ -70,8 +70,8 @@ mod imp {
 }
 
 /// Element types [`uninit_output`] may hand out: plain numbers, every bit pattern a valid value,
-/// no drop glue.
-pub(crate) trait Plain: Copy + Send + Sync + 'static {
+/// no drop glue. (`pub` only because [`crate::cpu::GemmElem`] requires it; the module is private.)
+pub trait Plain: Copy + Send + Sync + 'static {
     /// What debug builds fill new buffers with, so an element a kernel forgot to write shows.
     const POISON: Self;
 }

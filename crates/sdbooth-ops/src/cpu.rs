@@ -143,7 +143,7 @@ impl<'a, T> Mat<'a, T> {
 /// its own. A product with a bf16 operand runs the bf16 GEMM with f32 sums
 /// ([`crate::bf16_gemm`]), an f32 operand of it rounded to bf16 while it is packed (no separate
 /// cast pass); two f32 operands run the f32 GEMM. Results are f32 either way.
-pub trait GemmElem: Copy + Default + Send + Sync {
+pub trait GemmElem: crate::alloc::Plain + Default {
     /// Whether the values are bf16.
     const BF16: bool;
     /// The value rounded to bf16 (to nearest even), as bits.
