@@ -223,6 +223,11 @@ pub(crate) struct GemmWeight {
 }
 
 impl GemmWeight {
+    /// What this layer's products run in.
+    pub(crate) fn precision(&self) -> Precision {
+        self.precision
+    }
+
     /// `x @ wᵀ + b` ([`sdbooth_ops::linear_with`]).
     pub(crate) fn linear(&self, x: &Tensor, b: Option<&Tensor>) -> Result<Tensor, ModelError> {
         Ok(sdbooth_ops::linear_with(x, &self.tensor, b, self.precision)?)

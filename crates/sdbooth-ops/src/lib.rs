@@ -90,7 +90,7 @@ pub mod generic {
 
 pub use activation::{geglu, gelu_erf, quick_gelu, silu};
 pub use alloc::tune_allocator;
-pub use attention::{attention, attention_flops};
+pub use attention::{attention, attention_flops, attention_with};
 pub use backend::{reference_ops_forced, REFERENCE_OPS_ENV};
 pub use bf16_gemm::{active_kernel as bf16_kernel, Bf16Kernel, PackedStep, PackedWeights, BF16_KERNEL_ENV};
 pub use cast::{cast, mixes_bf16_operands};

@@ -59,9 +59,11 @@ impl Attention {
         let q = split(self.project(w, &join(p, qn), x)?, n)?;
         let k = split(self.project(w, &join(p, kn), ctx)?, m)?;
         let v = split(self.project(w, &join(p, vn), ctx)?, m)?;
-        let o = ops::attention(&q, &k, &v, self.causal)?;
-        let o = ops::contiguous(&o.transpose(1, 2)?)?.reshape((b, n, c))?;
         let (ow, ob) = w.gemm_wb(&join(p, on))?;
+        // The scores and the weighted sum in the precision of the projections (bf16 under
+        // `--mixed_precision bf16` with f32 activations, as autocast runs attention).
+        let o = ops::attention_with(&q, &k, &v, self.causal, ow.precision())?;
+        let o = ops::contiguous(&o.transpose(1, 2)?)?.reshape((b, n, c))?;
         ow.linear(&o, Some(&ob))
     }
 

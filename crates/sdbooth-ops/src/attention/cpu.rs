@@ -7,16 +7,38 @@
 //!
 //! Work is split over batch·heads with rayon; each head is processed sequentially by one task
 //! in a fixed tile order, so results are bit-identical whatever the thread count. Tile products
-//! go through [`crate::cpu::sgemm`] (single-threaded inside a task).
+//! go through [`crate::cpu::sgemm`], or the bf16 GEMM under [`Precision::Bf16`] (both
+//! single-threaded inside a task); the softmax and its gradient stay in f32.
 
 use super::{Dims, Want};
-use crate::cpu::{self, Mat};
+use crate::cpu::{self, Mat, Precision};
 use rayon::prelude::*;
 
 /// Query rows per tile.
 const BQ: usize = 64;
 /// Key rows per tile.
 const BK: usize = 256;
+
+/// A tile product on this thread, `dst[m×n] = (accumulate ? dst : 0) + a · b`: in f32, or with
+/// [`Precision::Bf16`] in bf16 with f32 sums (both operands rounded to bf16 as they are packed),
+/// as PyTorch's autocast runs attention's two products and their gradients.
+#[allow(clippy::too_many_arguments)]
+fn product(
+    precision: Precision,
+    m: usize,
+    n: usize,
+    k: usize,
+    dst: &mut [f32],
+    dst_rs: usize,
+    accumulate: bool,
+    a: Mat<'_>,
+    b: Mat<'_>,
+) {
+    match precision {
+        Precision::Stored => cpu::sgemm(m, n, k, dst, dst_rs, accumulate, a, b, gemm::Parallelism::None),
+        Precision::Bf16 => crate::bf16_gemm::gemm_serial(m, n, k, dst, dst_rs, accumulate, a, b),
+    }
+}
 
 /// Key tiles a query tile `[q0, q1)` must visit: all of them, or up to the diagonal if causal.
 fn key_end(causal: bool, q1: usize, m: usize) -> usize {
@@ -38,9 +60,11 @@ fn score_tile(
     (k0, bk): (usize, usize),
     scale: f32,
     causal: bool,
+    precision: Precision,
 ) {
     let d = dm.d;
-    cpu::sgemm(
+    product(
+        precision,
         bq,
         bk,
         d,
@@ -49,7 +73,6 @@ fn score_tile(
         false,
         Mat::rows(&q[q0 * d..(q0 + bq) * d], d),
         Mat::transposed(&k[k0 * d..(k0 + bk) * d], d),
-        gemm::Parallelism::None,
     );
     for r in 0..bq {
         let row = &mut s[r * bk..(r + 1) * bk];
@@ -73,6 +96,7 @@ fn head_forward(
     dm: &Dims,
     scale: f32,
     causal: bool,
+    precision: Precision,
 ) {
     let (n, m, dv) = (dm.n, dm.m, dm.dv);
     let mut s = vec![0f32; BQ * BK];
@@ -87,7 +111,7 @@ fn head_forward(
         let kend = key_end(causal, q0 + bq, m);
         for k0 in (0..kend).step_by(BK) {
             let bk = BK.min(kend - k0);
-            score_tile(&mut s, q, k, dm, (q0, bq), (k0, bk), scale, causal);
+            score_tile(&mut s, q, k, dm, (q0, bq), (k0, bk), scale, causal, precision);
             for r in 0..bq {
                 let row = &mut s[r * bk..(r + 1) * bk];
                 let tile_max = row.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
@@ -108,7 +132,8 @@ fn head_forward(
                 }
             }
             // acc += P · V_tile
-            cpu::sgemm(
+            product(
+                precision,
                 bq,
                 dv,
                 bk,
@@ -117,7 +142,6 @@ fn head_forward(
                 true,
                 Mat::rows(&s, bk),
                 Mat::rows(&v[k0 * dv..(k0 + bk) * dv], dv),
-                gemm::Parallelism::None,
             );
         }
         for r in 0..bq {
@@ -143,6 +167,7 @@ fn head_backward(
     scale: f32,
     causal: bool,
     want: Want,
+    precision: Precision,
 ) {
     let (n, m, d, dv) = (dm.n, dm.m, dm.d, dm.dv);
     // delta[i] = rowsum(dO ∘ O): the softmax-backward correction, computed once per row.
@@ -165,13 +190,14 @@ fn head_backward(
             if causal && q0 + bq <= k0 {
                 continue;
             }
-            score_tile(&mut p, q, k, dm, (q0, bq), (k0, bk), scale, causal);
+            score_tile(&mut p, q, k, dm, (q0, bq), (k0, bk), scale, causal, precision);
             for r in 0..bq {
                 cpu::exp_sub_sum(&mut p[r * bk..(r + 1) * bk], lse[q0 + r]);
             }
             if want.dv {
                 // dV_tile += Pᵀ · dO_rows
-                cpu::sgemm(
+                product(
+                    precision,
                     bk,
                     dv,
                     bq,
@@ -180,14 +206,14 @@ fn head_backward(
                     true,
                     Mat::transposed(&p[..bq * bk], bk),
                     Mat::rows(&go[q0 * dv..(q0 + bq) * dv], dv),
-                    gemm::Parallelism::None,
                 );
             }
             if !(want.dq || want.dk) {
                 continue;
             }
             // dP = dO_rows · V_tileᵀ
-            cpu::sgemm(
+            product(
+                precision,
                 bq,
                 bk,
                 dv,
@@ -196,7 +222,6 @@ fn head_backward(
                 false,
                 Mat::rows(&go[q0 * dv..(q0 + bq) * dv], dv),
                 Mat::transposed(&v[k0 * dv..(k0 + bk) * dv], dv),
-                gemm::Parallelism::None,
             );
             // dS = P ∘ (dP − delta) · scale, stored in dp.
             for r in 0..bq {
@@ -206,7 +231,8 @@ fn head_backward(
                 }
             }
             if want.dq {
-                cpu::sgemm(
+                product(
+                    precision,
                     bq,
                     d,
                     bk,
@@ -215,11 +241,11 @@ fn head_backward(
                     true,
                     Mat::rows(&dp[..bq * bk], bk),
                     Mat::rows(&k[k0 * d..(k0 + bk) * d], d),
-                    gemm::Parallelism::None,
                 );
             }
             if want.dk {
-                cpu::sgemm(
+                product(
+                    precision,
                     bk,
                     d,
                     bq,
@@ -228,7 +254,6 @@ fn head_backward(
                     true,
                     Mat::transposed(&dp[..bq * bk], bk),
                     Mat::rows(&q[q0 * d..(q0 + bq) * d], d),
-                    gemm::Parallelism::None,
                 );
             }
         }
@@ -236,7 +261,16 @@ fn head_backward(
 }
 
 /// Forward on f32 slices; returns `(o, lse)`.
-pub fn forward(q: &[f32], k: &[f32], v: &[f32], dm: &Dims, scale: f32, causal: bool) -> (Vec<f32>, Vec<f32>) {
+#[allow(clippy::too_many_arguments)]
+pub fn forward(
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    dm: &Dims,
+    scale: f32,
+    causal: bool,
+    precision: Precision,
+) -> (Vec<f32>, Vec<f32>) {
     let mut o = vec![0f32; dm.bh * dm.n * dm.dv];
     let mut lse = vec![0f32; dm.bh * dm.n];
     if dm.n == 0 {
@@ -252,6 +286,7 @@ pub fn forward(q: &[f32], k: &[f32], v: &[f32], dm: &Dims, scale: f32, causal: b
             dm,
             scale,
             causal,
+            precision,
         )
     });
     (o, lse)
@@ -275,6 +310,7 @@ pub fn backward(
     scale: f32,
     causal: bool,
     want: Want,
+    precision: Precision,
 ) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
     let (n, m, d, dv) = (dm.n, dm.m, dm.d, dm.dv);
     let mut dq = vec![0f32; dm.bh * n * d];
@@ -302,6 +338,7 @@ pub fn backward(
                 scale,
                 causal,
                 want,
+                precision,
             )
         });
     (dq, dk, dvv)

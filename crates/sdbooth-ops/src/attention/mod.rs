@@ -8,7 +8,7 @@ pub(crate) mod cpu;
 pub(crate) mod generic;
 
 use crate::backend::{self, filled, grad_if, Slot};
-use crate::cpu::{cpu_tensor, storage_f32, storage_from_f32, with_f32};
+use crate::cpu::{cpu_tensor, storage_f32, storage_from_f32, with_f32, Precision};
 use crate::reference;
 use candle_core::backend::BackendStorage;
 use candle_core::{bail, CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor, D};
@@ -20,11 +20,32 @@ use candle_core::{bail, CpuStorage, CustomOp3, DType, Layout, Result, Shape, Ten
 /// FlashAttention-2 backward) allocates no N×M score matrix; elsewhere [`generic::attention`]
 /// holds the scores of one block of queries at a time, forward and backward.
 pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, causal: bool) -> Result<Tensor> {
+    attention_with(q, k, v, causal, Precision::Stored)
+}
+
+/// [`attention`] with its products computed in `precision`. With [`Precision::Bf16`] on the CPU
+/// the four products of the forward and backward (`Q·Kᵀ`, `P·V`; `dO·Vᵀ`, `Pᵀ·dO`, `dS·K`,
+/// `dSᵀ·Q`) run in bf16 with f32 sums, their operands rounded to bf16 as they are packed, while
+/// the softmax, its statistics and its gradient stay in f32 and every result is in the inputs'
+/// dtype: PyTorch autocast's bf16 attention (`--mixed_precision bf16`). Devices without kernels
+/// of this crate cast q, k and v to bf16 and the output back.
+pub fn attention_with(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    causal: bool,
+    precision: Precision,
+) -> Result<Tensor> {
     if backend::has_kernels(q.device()) {
-        let op = AttentionOp { causal, scale: scale(q.dim(D::Minus1)?), lse: Slot::new() };
-        q.contiguous()?.apply_op3(&k.contiguous()?, &v.contiguous()?, op)
-    } else {
-        generic::attention(q, k, v, causal)
+        let op = AttentionOp { causal, scale: scale(q.dim(D::Minus1)?), lse: Slot::new(), precision };
+        return q.contiguous()?.apply_op3(&k.contiguous()?, &v.contiguous()?, op);
+    }
+    match precision {
+        Precision::Stored => generic::attention(q, k, v, causal),
+        Precision::Bf16 => {
+            let (k, v) = (crate::cast(k, DType::BF16)?, crate::cast(v, DType::BF16)?);
+            crate::cast::in_bf16(q, |q| generic::attention(q, &k, &v, causal))
+        }
     }
 }
 
@@ -80,6 +101,8 @@ pub(crate) struct AttentionOp {
     pub scale: f32,
     /// The per-row log-sum-exp of the scores, `[B, H, N]` f32, set by the forward.
     pub lse: Slot,
+    /// What the products run in (forward and backward).
+    pub precision: Precision,
 }
 
 impl CustomOp3 for AttentionOp {
@@ -99,7 +122,7 @@ impl CustomOp3 for AttentionOp {
         let dm = dims(l1.dims(), l2.dims(), l3.dims())?;
         same_dtypes(s1, s2, s3)?;
         let (q, k, v) = (storage_f32(s1, l1)?, storage_f32(s2, l2)?, storage_f32(s3, l3)?);
-        let (o, lse) = cpu::forward(&q, &k, &v, &dm, self.scale, self.causal);
+        let (o, lse) = cpu::forward(&q, &k, &v, &dm, self.scale, self.causal, self.precision);
         let sh = l1.dims();
         backend::fill(&self.lse, self.name(), cpu_tensor(lse, (sh[0], sh[1], dm.n), DType::F32)?)?;
         Ok((storage_from_f32(o, s1.dtype())?, Shape::from((sh[0], sh[1], dm.n, dm.dv))))
@@ -127,6 +150,7 @@ impl CustomOp3 for AttentionOp {
         let op = AttentionBackward {
             causal: self.causal,
             scale: self.scale,
+            precision: self.precision,
             want,
             out: o.clone(),
             grad_out: go.contiguous()?,
@@ -149,6 +173,8 @@ impl CustomOp3 for AttentionOp {
 pub(crate) struct AttentionBackward {
     pub causal: bool,
     pub scale: f32,
+    /// What the products run in (that of the forward).
+    pub precision: Precision,
     pub want: Want,
     /// The forward's output `o` and its gradient, `[B, H, N, Dv]`.
     pub out: Tensor,
@@ -184,7 +210,7 @@ impl CustomOp3 for AttentionBackward {
             with_f32(&self.grad_out, |go| {
                 with_f32(&self.lse, |lse| {
                     let inputs = cpu::BackwardInputs { q: &q, k: &k, v: &v, o, go, lse };
-                    Ok(cpu::backward(&inputs, &dm, self.scale, self.causal, self.want))
+                    Ok(cpu::backward(&inputs, &dm, self.scale, self.causal, self.want, self.precision))
                 })
             })
         })?;

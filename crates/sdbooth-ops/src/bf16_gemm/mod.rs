@@ -128,12 +128,55 @@ pub(crate) fn gemm<A: GemmElem, B: GemmElem>(
     gemm_with(active_kernel(), m, n, k, dst, dst_rs, accumulate, a, b)
 }
 
+/// [`gemm`] on the calling thread only, for products inside a task that is already one of many
+/// running in parallel (attention's tiles, one head per task): no rayon jobs, no kept weight
+/// packings. Same sums as [`gemm`] (each output element is summed in the same fixed k order).
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn gemm_serial<A: GemmElem, B: GemmElem>(
+    m: usize,
+    n: usize,
+    k: usize,
+    dst: &mut [f32],
+    dst_rs: usize,
+    accumulate: bool,
+    a: Mat<'_, A>,
+    b: Mat<'_, B>,
+) {
+    run(active_kernel(), Threads::Caller, m, n, k, dst, dst_rs, accumulate, a, b)
+}
+
+/// Where a GEMM's packing and tiles run.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Threads {
+    /// On rayon's pool (the caller waits).
+    Pool,
+    /// On the calling thread alone.
+    Caller,
+}
+
 /// [`gemm`] with a chosen kernel (tests run both). Panics if `kernel` is not
 /// [`available`](Bf16Kernel::available) or a matrix does not fit its slice (a crate bug: the
 /// ops validate shapes first).
 #[allow(clippy::too_many_arguments)]
 pub fn gemm_with<A: GemmElem, B: GemmElem>(
     kernel: Bf16Kernel,
+    m: usize,
+    n: usize,
+    k: usize,
+    dst: &mut [f32],
+    dst_rs: usize,
+    accumulate: bool,
+    a: Mat<'_, A>,
+    b: Mat<'_, B>,
+) {
+    run(kernel, Threads::Pool, m, n, k, dst, dst_rs, accumulate, a, b)
+}
+
+/// [`gemm_with`] on the given threads.
+#[allow(clippy::too_many_arguments)]
+fn run<A: GemmElem, B: GemmElem>(
+    kernel: Bf16Kernel,
+    threads: Threads,
     m: usize,
     n: usize,
     k: usize,
@@ -157,9 +200,9 @@ pub fn gemm_with<A: GemmElem, B: GemmElem>(
         return;
     }
     match kernel {
-        Bf16Kernel::F32Fallback => fallback(m, n, k, dst, dst_rs, accumulate, a, b),
+        Bf16Kernel::F32Fallback => fallback(threads, m, n, k, dst, dst_rs, accumulate, a, b),
         #[cfg(target_arch = "x86_64")]
-        Bf16Kernel::Avx512Bf16 => tiled(m, n, k, dst, dst_rs, accumulate, a, b),
+        Bf16Kernel::Avx512Bf16 => tiled(threads, m, n, k, dst, dst_rs, accumulate, a, b),
         #[cfg(not(target_arch = "x86_64"))]
         Bf16Kernel::Avx512Bf16 => unreachable!("the AVX512_BF16 kernel is never available off x86_64"),
     }
@@ -169,6 +212,7 @@ pub fn gemm_with<A: GemmElem, B: GemmElem>(
 /// the same product with f32 sums.
 #[allow(clippy::too_many_arguments)]
 fn fallback<A: GemmElem, B: GemmElem>(
+    threads: Threads,
     m: usize,
     n: usize,
     k: usize,
@@ -178,20 +222,30 @@ fn fallback<A: GemmElem, B: GemmElem>(
     a: Mat<'_, A>,
     b: Mat<'_, B>,
 ) {
-    let (a32, b32) = (rounded_f32(a.data), rounded_f32(b.data));
+    let (a32, b32) = (rounded_f32(threads, a.data), rounded_f32(threads, b.data));
     let a = Mat { data: &a32, rs: a.rs, cs: a.cs };
     let b = Mat { data: &b32, rs: b.rs, cs: b.cs };
-    cpu::sgemm(m, n, k, dst, dst_rs, accumulate, a, b, cpu::par_threads());
+    let par = match threads {
+        Threads::Pool => cpu::par_threads(),
+        Threads::Caller => gemm::Parallelism::None,
+    };
+    cpu::sgemm(m, n, k, dst, dst_rs, accumulate, a, b, par);
 }
 
-/// The values rounded to bf16, as f32, in parallel chunks.
-fn rounded_f32<E: GemmElem>(v: &[E]) -> Vec<f32> {
-    let mut out = vec![0f32; v.len()];
-    out.par_chunks_mut(cpu::CAST_CHUNK).zip(v.par_chunks(cpu::CAST_CHUNK)).for_each(|(o, i)| {
+/// The values rounded to bf16, as f32 (in parallel chunks on the pool).
+fn rounded_f32<E: GemmElem>(threads: Threads, v: &[E]) -> Vec<f32> {
+    let round = |(o, i): (&mut [f32], &[E])| {
         for (o, i) in o.iter_mut().zip(i) {
             *o = f32::from_bits(u32::from(i.bf16_bits()) << 16);
         }
-    });
+    };
+    let mut out = vec![0f32; v.len()];
+    match threads {
+        Threads::Pool => {
+            out.par_chunks_mut(cpu::CAST_CHUNK).zip(v.par_chunks(cpu::CAST_CHUNK)).for_each(round)
+        }
+        Threads::Caller => out.chunks_mut(cpu::CAST_CHUNK).zip(v.chunks(cpu::CAST_CHUNK)).for_each(round),
+    }
     out
 }
 
@@ -217,6 +271,7 @@ impl DstPtr {
 #[cfg(target_arch = "x86_64")]
 #[allow(clippy::too_many_arguments)]
 fn tiled<A: GemmElem, B: GemmElem>(
+    threads: Threads,
     m: usize,
     n: usize,
     k: usize,
@@ -232,31 +287,32 @@ fn tiled<A: GemmElem, B: GemmElem>(
     let (mut pa, mut pb) = PACK_BUFFERS.with(|b| std::mem::take(&mut *b.borrow_mut()));
     // A weight packed with k contiguous (the forward's layout) may be kept from earlier in the
     // step (see `cache`); every other operand is packed here.
-    let kept_a = (a.cs == 1)
+    let pool = threads == Threads::Pool;
+    let kept_a = (pool && a.cs == 1)
         .then(|| {
             cache::packed(a.data, PanelShape { width: MR, outer: m, k, so: a.rs }, |buf| {
-                pack::lhs(m, k, a, buf)
+                pack::lhs(m, k, a, buf, threads)
             })
         })
         .flatten();
-    let kept_b = (b.rs == 1)
+    let kept_b = (pool && b.rs == 1)
         .then(|| {
             cache::packed(b.data, PanelShape { width: NR, outer: n, k, so: b.cs }, |buf| {
-                pack::rhs(k, n, b, buf)
+                pack::rhs(k, n, b, buf, threads)
             })
         })
         .flatten();
     if kept_a.is_none() {
-        pack::lhs(m, k, a, &mut pa);
+        pack::lhs(m, k, a, &mut pa, threads);
     }
     if kept_b.is_none() {
-        pack::rhs(k, n, b, &mut pb);
+        pack::rhs(k, n, b, &mut pb, threads);
     }
     let (pa_ref, pb_ref): (&[u32], &[u32]) =
         (kept_a.as_deref().unwrap_or(&pa), kept_b.as_deref().unwrap_or(&pb));
     let (tiles_m, tiles_n) = (m.div_ceil(TILE_M), n.div_ceil(TILE_N));
     let out = DstPtr(dst.as_mut_ptr());
-    (0..tiles_m * tiles_n).into_par_iter().for_each(|t| {
+    let tile = |t: usize| {
         let (r0, c0) = ((t / tiles_n) * TILE_M, (t % tiles_n) * TILE_N);
         let (r1, c1) = ((r0 + TILE_M).min(m), (c0 + TILE_N).min(n));
         for q0 in (0..kp).step_by(KC) {
@@ -277,7 +333,11 @@ fn tiled<A: GemmElem, B: GemmElem>(
                 }
             }
         }
-    });
+    };
+    match threads {
+        Threads::Pool => (0..tiles_m * tiles_n).into_par_iter().for_each(tile),
+        Threads::Caller => (0..tiles_m * tiles_n).for_each(tile),
+    }
     PACK_BUFFERS.with(|b| *b.borrow_mut() = (pa, pb));
 }
 

@@ -11,7 +11,7 @@
 //! reads at memory speed for the layouts the ops use: when k has stride 1 a pair is one `u32`
 //! load; when the other index has stride 1 two k rows are interleaved.
 
-use super::{MR, NR};
+use super::{Threads, MR, NR};
 use crate::cpu::{GemmElem, Mat};
 use rayon::prelude::*;
 
@@ -31,25 +31,31 @@ struct ByOuter<'a, E> {
 }
 
 /// `a[m×k]` as row panels of [`MR`]: `[m/MR][k/2][MR]`, written at the start of `out` (grown to fit).
-pub(super) fn lhs<E: GemmElem>(m: usize, k: usize, a: Mat<'_, E>, out: &mut Vec<u32>) {
-    panels::<MR, _>(m, k, ByOuter { data: a.data, so: a.rs, sk: a.cs }, out)
+pub(super) fn lhs<E: GemmElem>(m: usize, k: usize, a: Mat<'_, E>, out: &mut Vec<u32>, threads: Threads) {
+    panels::<MR, _>(m, k, ByOuter { data: a.data, so: a.rs, sk: a.cs }, out, threads)
 }
 
 /// `b[k×n]` as column panels of [`NR`]: `[n/NR][k/2][NR]`, written at the start of `out` (grown to fit).
-pub(super) fn rhs<E: GemmElem>(k: usize, n: usize, b: Mat<'_, E>, out: &mut Vec<u32>) {
-    panels::<NR, _>(n, k, ByOuter { data: b.data, so: b.cs, sk: b.rs }, out)
+pub(super) fn rhs<E: GemmElem>(k: usize, n: usize, b: Mat<'_, E>, out: &mut Vec<u32>, threads: Threads) {
+    panels::<NR, _>(n, k, ByOuter { data: b.data, so: b.cs, sk: b.rs }, out, threads)
 }
 
 /// Panels of `W` outer indices: `[outer/W][k/2][W]`, zero-padded, at the start of `out`. Every
 /// element of them is written, so `out` may be a buffer reused from an earlier call; it only
 /// grows (zeroed where it grows), since shrinking it would cost a zero-fill when it grows back.
-fn panels<const W: usize, E: GemmElem>(outer: usize, k: usize, src: ByOuter<'_, E>, out: &mut Vec<u32>) {
+fn panels<const W: usize, E: GemmElem>(
+    outer: usize,
+    k: usize,
+    src: ByOuter<'_, E>,
+    out: &mut Vec<u32>,
+    threads: Threads,
+) {
     let kp = k.div_ceil(2);
     let len = outer.div_ceil(W) * kp * W;
     if out.len() < len {
         out.resize(len, 0);
     }
-    out[..len].par_chunks_mut(kp * W).enumerate().for_each(|(p, panel)| {
+    let fill = |(p, panel): (usize, &mut [u32])| {
         let o0 = p * W;
         let valid = W.min(outer - o0);
         fill_panel::<W, E>(panel, o0, valid, k, src);
@@ -58,7 +64,11 @@ fn panels<const W: usize, E: GemmElem>(outer: usize, k: usize, src: ByOuter<'_, 
                 lanes[valid..].fill(0);
             }
         }
-    });
+    };
+    match threads {
+        Threads::Pool => out[..len].par_chunks_mut(kp * W).enumerate().for_each(fill),
+        Threads::Caller => out[..len].chunks_mut(kp * W).enumerate().for_each(fill),
+    }
 }
 
 /// Lanes `w < valid` of every k pair of one panel (outer indices `o0..o0 + valid`).
