@@ -167,7 +167,7 @@ impl ClipTextModel {
         let h = wt.linear(&h, Some(&bias))?;
         let h = match self.cfg.hidden_act {
             Activation::QuickGelu => ops::quick_gelu(&h)?,
-            Activation::Gelu => ops::gelu_erf(&h)?,
+            Activation::Gelu => ops::gelu_erf_with(&h, wt.precision())?,
         };
         let (wt, bias) = w.gemm_wb(&join(&p, "mlp.fc2"))?;
         Ok(ops::add(&x, &wt.linear(&h, Some(&bias))?)?)

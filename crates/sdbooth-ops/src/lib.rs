@@ -88,7 +88,7 @@ pub mod generic {
     };
 }
 
-pub use activation::{geglu, gelu_erf, quick_gelu, silu};
+pub use activation::{geglu, geglu_with, gelu_erf, gelu_erf_with, quick_gelu, silu};
 pub use alloc::tune_allocator;
 pub use attention::{attention, attention_flops, attention_with};
 pub use backend::{reference_ops_forced, REFERENCE_OPS_ENV};

@@ -111,7 +111,8 @@ impl Transformer2D {
         let x = ops::add(&self.cross_attention().forward(w, &join(p, "attn2"), &n, ctx)?, &x)?;
         let n = layer_norm("norm3", &x)?;
         let (fw, fb) = w.gemm_wb(&join(p, "ff.net.0.proj"))?;
-        let f = ops::geglu(&fw.linear(&n, Some(&fb))?)?;
+        // GELU's arithmetic follows the layer's precision (vectorised erf under bf16 compute).
+        let f = ops::geglu_with(&fw.linear(&n, Some(&fb))?, fw.precision())?;
         let (ow, ob) = w.gemm_wb(&join(p, "ff.net.2"))?;
         Ok(ops::add(&ow.linear(&f, Some(&ob))?, &x)?)
     }

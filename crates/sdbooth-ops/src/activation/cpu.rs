@@ -15,6 +15,96 @@ use rayon::prelude::*;
 /// Elements per rayon task.
 pub(crate) const CHUNK: usize = 1 << 14;
 
+/// How GELU and its gradient are computed: [`Exact`] (candle's arithmetic, bit for bit) or
+/// [`super::fast::Fast`] (a vectorised erfc, for bf16 compute). The kernels below are generic
+/// over it; each applies it to one run of values at a time ([`Runs`]).
+pub(crate) trait GeluMath: Runs {
+    fn gelu(x: f32) -> f32;
+    /// The gradient handed to `x` for the output gradient `dy`.
+    fn grad(x: f32, dy: f32) -> f32;
+}
+
+/// The inner loops over one run of values (a chunk, or a GEGLU row), so an implementation can
+/// compile them for wider vectors; the defaults are plain loops over [`GeluMath`].
+pub(crate) trait Runs: Sized {
+    fn gelu_run(y: &mut [f32], x: &[f32])
+    where
+        Self: GeluMath,
+    {
+        gelu_run::<Self>(y, x)
+    }
+    fn gelu_grad_run(dx: &mut [f32], x: &[f32], dy: &[f32])
+    where
+        Self: GeluMath,
+    {
+        gelu_grad_run::<Self>(dx, x, dy)
+    }
+    fn geglu_run(y: &mut [f32], value: &[f32], gate: &[f32])
+    where
+        Self: GeluMath,
+    {
+        geglu_run::<Self>(y, value, gate)
+    }
+    fn geglu_grad_run(dvalue: &mut [f32], dgate: &mut [f32], value: &[f32], gate: &[f32], dy: &[f32])
+    where
+        Self: GeluMath,
+    {
+        geglu_grad_run::<Self>(dvalue, dgate, value, gate, dy)
+    }
+}
+
+#[inline(always)]
+pub(crate) fn gelu_run<M: GeluMath>(y: &mut [f32], x: &[f32]) {
+    for (y, &x) in y.iter_mut().zip(x) {
+        *y = M::gelu(x);
+    }
+}
+
+#[inline(always)]
+pub(crate) fn gelu_grad_run<M: GeluMath>(dx: &mut [f32], x: &[f32], dy: &[f32]) {
+    for ((dx, &x), &dy) in dx.iter_mut().zip(x).zip(dy) {
+        *dx = M::grad(x, dy);
+    }
+}
+
+#[inline(always)]
+pub(crate) fn geglu_run<M: GeluMath>(y: &mut [f32], value: &[f32], gate: &[f32]) {
+    for ((y, &v), &g) in y.iter_mut().zip(value).zip(gate) {
+        *y = v * M::gelu(g);
+    }
+}
+
+#[inline(always)]
+pub(crate) fn geglu_grad_run<M: GeluMath>(
+    dvalue: &mut [f32],
+    dgate: &mut [f32],
+    value: &[f32],
+    gate: &[f32],
+    dy: &[f32],
+) {
+    for i in 0..dy.len().min(value.len()).min(gate.len()).min(dvalue.len()).min(dgate.len()) {
+        let (v, g, d) = (value[i], gate[i], dy[i]);
+        dvalue[i] = d * M::gelu(g) + 0.0;
+        dgate[i] = M::grad(g, d * v) + 0.0;
+    }
+}
+
+/// candle's f32 arithmetic (the f32 path: bit-identical to candle's composition).
+pub(crate) struct Exact;
+
+impl Runs for Exact {}
+
+impl GeluMath for Exact {
+    #[inline(always)]
+    fn gelu(x: f32) -> f32 {
+        gelu(x)
+    }
+    #[inline(always)]
+    fn grad(x: f32, dy: f32) -> f32 {
+        gelu_grad(x, dy)
+    }
+}
+
 /// candle's f32 `gelu_erf`.
 #[inline(always)]
 fn gelu(x: f32) -> f32 {
@@ -38,27 +128,21 @@ fn gelu_grad(x: f32, dy: f32) -> f32 {
 }
 
 /// `y = gelu_erf(x)`.
-pub fn gelu_forward(x: &[f32]) -> Vec<f32> {
+pub fn gelu_forward<M: GeluMath>(x: &[f32]) -> Vec<f32> {
     // SAFETY: `y` and `x` have the same length, so the zipped chunks cover every element of `y`.
     let mut y = unsafe { uninit_output(x.len()) };
-    y.par_chunks_mut(CHUNK).zip(x.par_chunks(CHUNK)).for_each(|(y, x)| {
-        for (y, &x) in y.iter_mut().zip(x) {
-            *y = gelu(x);
-        }
-    });
+    y.par_chunks_mut(CHUNK).zip(x.par_chunks(CHUNK)).for_each(|(y, x)| M::gelu_run(y, x));
     y
 }
 
 /// `dx` of `gelu_erf` for the output gradient `dy`.
-pub fn gelu_backward(x: &[f32], dy: &[f32]) -> Vec<f32> {
+pub fn gelu_backward<M: GeluMath>(x: &[f32], dy: &[f32]) -> Vec<f32> {
     assert_eq!(x.len(), dy.len(), "gelu backward: the op checks the shapes");
     // SAFETY: `dx`, `x` and `dy` have the same length: the zipped chunks cover every element.
     let mut dx = unsafe { uninit_output(x.len()) };
-    dx.par_chunks_mut(CHUNK).zip(x.par_chunks(CHUNK).zip(dy.par_chunks(CHUNK))).for_each(|(dx, (x, dy))| {
-        for ((dx, &x), &dy) in dx.iter_mut().zip(x).zip(dy) {
-            *dx = gelu_grad(x, dy);
-        }
-    });
+    dx.par_chunks_mut(CHUNK)
+        .zip(x.par_chunks(CHUNK).zip(dy.par_chunks(CHUNK)))
+        .for_each(|(dx, (x, dy))| M::gelu_grad_run(dx, x, dy));
     dx
 }
 
@@ -69,7 +153,7 @@ fn rows_per_task(width: usize) -> usize {
 
 /// GEGLU over rows of `2 · half` values `[value, gate]`: `y = value · gelu_erf(gate)`, rows of
 /// `half`.
-pub fn geglu_forward(half: usize, x: &[f32]) -> Vec<f32> {
+pub fn geglu_forward<M: GeluMath>(half: usize, x: &[f32]) -> Vec<f32> {
     if half == 0 {
         return Vec::new();
     }
@@ -81,9 +165,7 @@ pub fn geglu_forward(half: usize, x: &[f32]) -> Vec<f32> {
     y.par_chunks_mut(rows * half).zip(x.par_chunks(rows * 2 * half)).for_each(|(y, x)| {
         for (y, x) in y.chunks_exact_mut(half).zip(x.chunks_exact(2 * half)) {
             let (value, gate) = x.split_at(half);
-            for ((y, &v), &g) in y.iter_mut().zip(value).zip(gate) {
-                *y = v * gelu(g);
-            }
+            M::geglu_run(y, value, gate);
         }
     });
     y
@@ -91,7 +173,7 @@ pub fn geglu_forward(half: usize, x: &[f32]) -> Vec<f32> {
 
 /// GEGLU backward: `dx` rows of `[dvalue, dgate]` from the input rows and the output gradient
 /// rows `dy` (of `half`).
-pub fn geglu_backward(half: usize, x: &[f32], dy: &[f32]) -> Vec<f32> {
+pub fn geglu_backward<M: GeluMath>(half: usize, x: &[f32], dy: &[f32]) -> Vec<f32> {
     if half == 0 {
         return vec![0f32; x.len()];
     }
@@ -112,11 +194,7 @@ pub fn geglu_backward(half: usize, x: &[f32], dy: &[f32]) -> Vec<f32> {
             {
                 let (value, gate) = x.split_at(half);
                 let (dvalue, dgate) = dx.split_at_mut(half);
-                for i in 0..half {
-                    let (v, g, d) = (value[i], gate[i], dy[i]);
-                    dvalue[i] = d * gelu(g) + 0.0;
-                    dgate[i] = gelu_grad(g, d * v) + 0.0;
-                }
+                M::geglu_grad_run(dvalue, dgate, value, gate, dy);
             }
         });
     dx
