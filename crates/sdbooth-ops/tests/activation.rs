@@ -1,7 +1,7 @@
-//! The activation kernels (GELU, GEGLU) against candle's own arithmetic: forward and gradient
-//! bit for bit equal to the reference composition of candle primitives (which is what the CPU
-//! computed before the kernels existed), at sizes spanning several kernel chunks, on values that
-//! include zeros of both signs, tiny, huge and non-finite inputs.
+//! The activation kernels (GELU, GEGLU, QuickGELU) against candle's own arithmetic: forward and
+//! gradient bit for bit equal to the reference composition of candle primitives (which is what
+//! the CPU computed before the kernels existed), at sizes spanning several kernel chunks, on
+//! values that include zeros of both signs, tiny, huge and non-finite inputs.
 
 mod common;
 
@@ -37,8 +37,9 @@ fn run(f: Op, x: &Tensor, g: &Tensor) -> (Vec<u32>, Vec<u32>) {
 #[test]
 fn kernels_are_bit_identical_to_candles_composition() {
     let mut r = Rng::new(61);
-    let cases: [(&str, Op, Op, Vec<usize>); 3] = [
+    let cases: [(&str, Op, Op, Vec<usize>); 4] = [
         ("gelu_erf", ops::gelu_erf, ops::reference::gelu_erf, vec![3, 70, 130]),
+        ("quick_gelu", ops::quick_gelu, ops::reference::quick_gelu, vec![2, 77, 300]),
         ("geglu", ops::geglu, ops::reference::geglu, vec![2, 150, 2 * 96]),
         // A row wider than a chunk.
         ("geglu_wide", ops::geglu, ops::reference::geglu, vec![3, 2 * 20000]),

@@ -64,6 +64,7 @@ fn kernels_are_bit_identical_across_thread_counts() {
         ("upsample", Box::new(|t| ops::upsample_nearest2x(&t[0])), vec![r.randn(&[2, 3, 40, 7])]),
         ("geglu", Box::new(|t| ops::geglu(&t[0])), vec![r.randn(&[2, 150, 2 * 96])]),
         ("gelu_erf", Box::new(|t| ops::gelu_erf(&t[0])), vec![r.randn(&[3, 70, 130])]),
+        ("quick_gelu", Box::new(|t| ops::quick_gelu(&t[0])), vec![r.randn(&[2, 77, 300])]),
     ];
     for (name, f, ins) in &cases {
         let g = r.randn(f(ins).unwrap().dims());

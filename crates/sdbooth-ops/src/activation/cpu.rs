@@ -2,7 +2,8 @@
 //! chunks on rayon's threads (each element is computed alone, so the split never changes a
 //! result).
 //!
-//! They reproduce candle's f32 computation bit for bit: candle's GELU (erf) forward, and the
+//! They reproduce candle's f32 computation bit for bit: candle's GELU (erf) forward and CLIP's
+//! QuickGELU as composed in [`crate::reference`], and the
 //! gradient its autograd builds from its primitives (`Op::Unary(GeluErf)`'s backward and the
 //! product's), rounding after each of those primitives as candle does, with the same constants
 //! (0.398942 for 1/√(2π), as candle has it). The "+ 0.0" in GEGLU's gradient is the zero half of
@@ -143,6 +144,52 @@ pub fn gelu_backward<M: GeluMath>(x: &[f32], dy: &[f32]) -> Vec<f32> {
     dx.par_chunks_mut(CHUNK)
         .zip(x.par_chunks(CHUNK).zip(dy.par_chunks(CHUNK)))
         .for_each(|(dx, (x, dy))| M::gelu_grad_run(dx, x, dy));
+    dx
+}
+
+/// candle's f32 `x * -1.702`, `exp`, `+ 1`, `recip` of [`crate::reference::quick_gelu`]: the
+/// sigmoid factor `r` and the two intermediates its gradient reads (`e = exp(−1.702·x)`,
+/// `p = e + 1`). The `+ 0.0` and `* 1.0` are candle's affine maps (`v * mul + add`).
+#[inline(always)]
+fn quick_gelu_parts(x: f32) -> (f32, f32, f32) {
+    let e = (x * QUICK_GELU_MUL + 0.0).exp();
+    let p = e * 1.0 + 1.0;
+    (e, p, p.recip())
+}
+
+/// CLIP's constant as candle's `affine` converts it to f32.
+const QUICK_GELU_MUL: f32 = -1.702f64 as f32;
+
+/// `y = x · sigmoid(1.702 x)`, as candle computes `x * recip(exp(x * -1.702) + 1)`.
+pub fn quick_gelu_forward(x: &[f32]) -> Vec<f32> {
+    // SAFETY: `y` and `x` have the same length, so the zipped chunks cover every element of `y`.
+    let mut y = unsafe { uninit_output(x.len()) };
+    y.par_chunks_mut(CHUNK).zip(x.par_chunks(CHUNK)).for_each(|(y, x)| {
+        for (y, &x) in y.iter_mut().zip(x) {
+            *y = x * quick_gelu_parts(x).2;
+        }
+    });
+    y
+}
+
+/// The gradient candle's autograd hands to `x` through the five primitives of
+/// [`crate::reference::quick_gelu`], in its order: the product gives `dy·r` first (stored), then
+/// `recip`'s backward `0 − (dy·x)/(p·p)` (subtracted from a zero entry), the affine `+ 1` (`·1 +
+/// 0`), `exp`'s (`· e`) and the affine `· −1.702` (`+ 0`), added to the stored one.
+pub fn quick_gelu_backward(x: &[f32], dy: &[f32]) -> Vec<f32> {
+    assert_eq!(x.len(), dy.len(), "quick_gelu backward: the op checks the shapes");
+    // SAFETY: `dx`, `x` and `dy` have the same length: the zipped chunks cover every element.
+    let mut dx = unsafe { uninit_output(x.len()) };
+    dx.par_chunks_mut(CHUNK).zip(x.par_chunks(CHUNK).zip(dy.par_chunks(CHUNK))).for_each(|(dx, (x, dy))| {
+        for ((dx, &x), &dy) in dx.iter_mut().zip(x).zip(dy) {
+            let (e, p, r) = quick_gelu_parts(x);
+            let through_product = dy * r;
+            let d_p = 0.0 - (dy * x) / (p * p);
+            let d_e = d_p * 1.0 + 0.0;
+            let through_sigmoid = (d_e * e) * QUICK_GELU_MUL + 0.0;
+            *dx = through_product + through_sigmoid;
+        }
+    });
     dx
 }
 

@@ -1,5 +1,5 @@
-//! Element-wise activations. GELU (erf) and GEGLU have CPU kernels of their own for f32 (one
-//! pass forward, one pass backward, multi-threaded: [`cpu`]); SiLU, QuickGELU, other dtypes and
+//! Element-wise activations. GELU (erf), GEGLU and QuickGELU have CPU kernels of their own for
+//! f32 (one pass forward, one pass backward, multi-threaded: [`cpu`]); SiLU, other dtypes and
 //! devices without kernels of this crate use compositions of candle primitives, whose backward
 //! candle has ([`crate::reference`]).
 //!
@@ -36,7 +36,11 @@ pub fn gelu_erf_with(x: &Tensor, precision: Precision) -> Result<Tensor> {
 
 /// CLIP's `x * sigmoid(1.702 x)`.
 pub fn quick_gelu(x: &Tensor) -> Result<Tensor> {
-    reference::quick_gelu(x)
+    if has_f32_kernels(x) {
+        x.contiguous()?.apply_op1(Activation { kind: Kind::QuickGelu, precision: Precision::Stored })
+    } else {
+        reference::quick_gelu(x)
+    }
 }
 
 /// `x * sigmoid(x)`.
@@ -72,6 +76,8 @@ fn has_f32_kernels(x: &Tensor) -> bool {
 enum Kind {
     Gelu,
     Geglu,
+    /// Always candle's arithmetic (no erf to approximate).
+    QuickGelu,
 }
 
 /// An activation op: the function, and the precision of the layer's products (bf16: the
@@ -87,12 +93,14 @@ impl Activation {
         match self.kind {
             Kind::Gelu => reference::gelu_erf(x),
             Kind::Geglu => reference::geglu(x),
+            Kind::QuickGelu => reference::quick_gelu(x),
         }
     }
 
     fn forward<M: cpu::GeluMath>(self, x: &[f32], l: &Layout) -> Result<(CpuStorage, Shape)> {
         Ok(match self.kind {
             Kind::Gelu => (CpuStorage::F32(cpu::gelu_forward::<M>(x)), l.shape().clone()),
+            Kind::QuickGelu => (CpuStorage::F32(cpu::quick_gelu_forward(x)), l.shape().clone()),
             Kind::Geglu => {
                 let mut dims = l.dims().to_vec();
                 let Some(last) = dims.last_mut() else { bail!("geglu: scalar input") };
@@ -115,6 +123,10 @@ impl Activation {
             Kind::Gelu => {
                 backend::expect_dims(name, "output gradient", l2.dims(), l1.dims())?;
                 cpu::gelu_backward::<M>(x, dy)
+            }
+            Kind::QuickGelu => {
+                backend::expect_dims(name, "output gradient", l2.dims(), l1.dims())?;
+                cpu::quick_gelu_backward(x, dy)
             }
             Kind::Geglu => {
                 let half = l1.dims().last().copied().unwrap_or(0) / 2;
@@ -142,6 +154,7 @@ impl CustomOp1 for Activation {
         match self.kind {
             Kind::Gelu => "sdbooth-gelu",
             Kind::Geglu => "sdbooth-geglu",
+            Kind::QuickGelu => "sdbooth-quick-gelu",
         }
     }
 
@@ -174,6 +187,7 @@ impl CustomOp2 for ActivationBackward {
         match self.0.kind {
             Kind::Gelu => "sdbooth-gelu-backward",
             Kind::Geglu => "sdbooth-geglu-backward",
+            Kind::QuickGelu => "sdbooth-quick-gelu-backward",
         }
     }
 
