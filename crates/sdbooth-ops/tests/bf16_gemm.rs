@@ -130,6 +130,9 @@ fn bf16_gemm_matches_f64_and_f32_within_stated_bounds() {
         // (the 16-wide kernel), each over several k blocks (sums resumed from the destination).
         Case { m: 30, n: 50, k: 520, a_transposed: false, b_transposed: false },
         Case { m: 40, n: 16, k: 600, a_transposed: true, b_transposed: false },
+        // More than one group of 16 panels packed from interleaved rows (rhs: 19 panels, the
+        // last partial; lhs: 17), an odd k (the last pair padded) across several row blocks.
+        Case { m: 200, n: 600, k: 45, a_transposed: true, b_transposed: false },
     ];
     for kernel in kernels() {
         for c in cases {
@@ -179,7 +182,9 @@ fn bf16_gemm_does_not_depend_on_the_thread_count() {
 #[test]
 fn f32_operands_give_the_products_of_their_bf16_rounding_exactly() {
     for kernel in kernels() {
-        for (m, n, k) in [(1, 1, 1), (13, 33, 7), (12, 32, 32), (25, 70, 33), (40, 17, 129), (3, 100, 64)] {
+        for (m, n, k) in
+            [(1, 1, 1), (13, 33, 7), (12, 32, 32), (25, 70, 33), (40, 17, 129), (3, 100, 64), (200, 600, 45)]
+        {
             for (a_transposed, b_transposed) in [(false, false), (false, true), (true, false), (true, true)] {
                 let c = Case { m, n, k, a_transposed, b_transposed };
                 let ops = operands(c, (m * 7 + n * 3 + k) as u64);

@@ -55,21 +55,49 @@ fn panels<const W: usize, E: GemmElem>(
     if out.len() < len {
         out.resize(len, 0);
     }
-    let fill = |(p, panel): (usize, &mut [u32])| {
+    // Pairs `q0..q1` of panel `p` (`rows`: those pairs' lanes).
+    let fill = |p: usize, rows: &mut [u32], (q0, q1): (usize, usize)| {
         let o0 = p * W;
         let valid = W.min(outer - o0);
-        fill_panel::<W, E>(panel, o0, valid, k, src);
+        // The source from k row 2·q0 on, cut at row 2·q1.
+        let from = ByOuter { data: src.data.get(2 * q0 * src.sk..).unwrap_or(&[]), ..src };
+        fill_panel::<W, E>(rows, o0, valid, k.min(2 * q1) - 2 * q0, from);
         if valid < W {
-            for lanes in panel.chunks_exact_mut(W) {
+            for lanes in rows.chunks_exact_mut(W) {
                 lanes[valid..].fill(0);
             }
         }
     };
+    if src.so == 1 && src.sk != 1 {
+        // k rows interleaved: a task takes a group of panels and walks their rows in blocks.
+        let group = |(g, panels): (usize, &mut [u32])| {
+            for q0 in (0..kp).step_by(PAIR_BLOCK) {
+                let q1 = (q0 + PAIR_BLOCK).min(kp);
+                for (i, panel) in panels.chunks_mut(kp * W).enumerate() {
+                    fill(g * PANEL_GROUP + i, &mut panel[q0 * W..q1 * W], (q0, q1));
+                }
+            }
+        };
+        match threads {
+            Threads::Pool => out[..len].par_chunks_mut(PANEL_GROUP * kp * W).enumerate().for_each(group),
+            Threads::Caller => out[..len].chunks_mut(PANEL_GROUP * kp * W).enumerate().for_each(group),
+        }
+        return;
+    }
+    let whole = |(p, panel): (usize, &mut [u32])| fill(p, panel, (0, kp));
     match threads {
-        Threads::Pool => out[..len].par_chunks_mut(kp * W).enumerate().for_each(fill),
-        Threads::Caller => out[..len].chunks_mut(kp * W).enumerate().for_each(fill),
+        Threads::Pool => out[..len].par_chunks_mut(kp * W).enumerate().for_each(whole),
+        Threads::Caller => out[..len].chunks_mut(kp * W).enumerate().for_each(whole),
     }
 }
+
+/// Panels per task, and k pairs per block, when the outer index is contiguous (two k rows
+/// interleaved per pair): the task reads each source row as one run of `PANEL_GROUP·W` values,
+/// a block of rows at a time, instead of walking a strip `W` values wide down the whole matrix
+/// per panel (rows kilobytes apart, which the prefetchers follow badly). One thread, SD's weight
+/// shapes as the input gradient packs them: 0.50-0.77 -> 0.41-0.46 ns per value.
+const PANEL_GROUP: usize = 16;
+const PAIR_BLOCK: usize = 8;
 
 /// Lanes `w < valid` of every k pair of one panel (outer indices `o0..o0 + valid`).
 fn fill_panel<const W: usize, E: GemmElem>(
