@@ -13,6 +13,7 @@ use candle_core::backend::BackendStorage;
 use candle_core::op::BackpropOp;
 use candle_core::{bail, CpuStorage, DType, Layout, Result, Shape, Storage, Tensor};
 use half::{bf16, f16};
+use rayon::prelude::*;
 use std::borrow::Cow;
 
 /// Reads a CPU storage as a contiguous f32 slice, borrowing when it already is one.
@@ -324,30 +325,120 @@ pub(crate) fn sgemm_strided(
         }
         return;
     }
-    // SAFETY: the asserts above keep every index the kernel touches inside the slices.
-    unsafe {
-        gemm::gemm(
-            m,
-            n,
-            k,
-            dst.as_mut_ptr(),
-            dst_cs as isize,
-            dst_rs as isize,
-            accumulate,
-            a.data.as_ptr(),
-            a.cs as isize,
-            a.rs as isize,
-            b.data.as_ptr(),
-            b.cs as isize,
-            b.rs as isize,
-            1.0,
-            1.0,
-            false,
-            false,
-            false,
-            par,
-        )
+    let gemm_rows = serially_packed_rows(m, n, k, (dst_rs, dst_cs), a, b, par);
+    let base = Ptrs { dst: dst.as_mut_ptr(), a: a.data.as_ptr(), b: b.data.as_ptr() };
+    let call = |p: Ptrs, m: usize, n: usize, par: gemm::Parallelism| {
+        // SAFETY: the asserts above keep every index of the whole product inside the slices,
+        // and each call below covers a block of it (or all of it).
+        unsafe {
+            gemm::gemm(
+                m,
+                n,
+                k,
+                p.dst,
+                dst_cs as isize,
+                dst_rs as isize,
+                accumulate,
+                p.a,
+                a.cs as isize,
+                a.rs as isize,
+                p.b,
+                b.cs as isize,
+                b.rs as isize,
+                1.0,
+                1.0,
+                false,
+                false,
+                false,
+                par,
+            )
+        }
+    };
+    match gemm_rows {
+        None => call(base, m, n, par),
+        Some(GemmRows::OfB) => (0..n / SPLIT_ROWS).into_par_iter().for_each(|c| {
+            let (j0, j1) = split_block(c, n);
+            // Columns j0..j1 of dst and b (rows of gemm's transposed view).
+            call(base.offset(j0 * dst_cs, 0, j0 * b.cs), m, j1 - j0, gemm::Parallelism::None)
+        }),
+        Some(GemmRows::OfA) => (0..m / SPLIT_ROWS).into_par_iter().for_each(|c| {
+            let (i0, i1) = split_block(c, m);
+            call(base.offset(i0 * dst_rs, i0 * a.rs, 0), i1 - i0, n, gemm::Parallelism::None)
+        }),
     }
+}
+
+/// Block `c` of `rows / SPLIT_ROWS` blocks: [`SPLIT_ROWS`] rows each, the last one also taking
+/// the remainder (so every block has 64 to 127 rows).
+fn split_block(c: usize, rows: usize) -> (usize, usize) {
+    let start = c * SPLIT_ROWS;
+    let end = if c + 1 == rows / SPLIT_ROWS { rows } else { start + SPLIT_ROWS };
+    (start, end)
+}
+
+/// The operand pointers of one block of a product (shared with rayon's tasks, which write
+/// disjoint blocks of `dst`).
+#[derive(Clone, Copy)]
+struct Ptrs {
+    dst: *mut f32,
+    a: *const f32,
+    b: *const f32,
+}
+
+impl Ptrs {
+    /// The block starting `dst`, `a` and `b` elements further.
+    fn offset(self, dst: usize, a: usize, b: usize) -> Ptrs {
+        Ptrs { dst: self.dst.wrapping_add(dst), a: self.a.wrapping_add(a), b: self.b.wrapping_add(b) }
+    }
+}
+
+// SAFETY: the pointers are only dereferenced by `gemm` inside `sgemm_strided`'s bounds-checked
+// slices, while those borrows are alive; tasks write disjoint blocks of `dst`.
+unsafe impl Send for Ptrs {}
+unsafe impl Sync for Ptrs {}
+
+/// Rows of `gemm`'s left operand per task when [`sgemm_strided`] splits a product.
+const SPLIT_ROWS: usize = 64;
+
+/// Which operand's rows are `gemm`'s left operand (in its column-major view: `b`'s columns when
+/// `dst` is row-major), when the product is better split by hand.
+#[derive(Clone, Copy)]
+enum GemmRows {
+    OfA,
+    OfB,
+}
+
+/// `Some` when `gemm` would copy its whole left operand into its packed layout serially, on the
+/// calling thread, before its threads start: it pre-packs that operand when it has at most
+/// `2·mc` rows (`mc` ≤ 512) and its rows are not contiguous. A linear forward `x · wᵀ` (the
+/// weight is that operand) then left the pool idle for a copy of the weight: 15 of the 140
+/// main-thread samples of the SD1.5 256-px fp32 step (perf, 2 threads). Split into blocks of
+/// [`SPLIT_ROWS`] rows ([`split_block`]), each a single-threaded `gemm` on one of rayon's
+/// tasks, every block packs its own rows, in parallel.
+///
+/// Same bits: each output is summed over k in the same `kc` blocks (they depend on k alone
+/// here: neither the whole product nor a block falls in `gemm`'s `m, n ≤ 64` path, which takes
+/// k up to 512 at once) and in k order, whichever block or thread computes it; no block takes
+/// `gemm`'s matrix-vector (a side of 1), outer-product (k ≤ 2) or ≤ 256-output paths (a block
+/// has at least 64 × 65 outputs). Only when the other operand's rows are contiguous (it is then read
+/// in place, not packed per block).
+fn serially_packed_rows(
+    m: usize,
+    n: usize,
+    k: usize,
+    (dst_rs, dst_cs): (usize, usize),
+    a: Mat<'_>,
+    b: Mat<'_>,
+    par: gemm::Parallelism,
+) -> Option<GemmRows> {
+    if !matches!(par, gemm::Parallelism::Rayon(t) if t > 1) || k <= 2 {
+        return None;
+    }
+    // gemm computes the transpose when dst is row-major: its left operand is then bᵀ.
+    let (rows, cols, lhs_rs, rhs_rs, which) =
+        if dst_cs < dst_rs { (n, m, b.cs, a.cs, GemmRows::OfB) } else { (m, n, a.rs, b.rs, GemmRows::OfA) };
+    let prepacked = lhs_rs != 1 && (2 * SPLIT_ROWS..=1024).contains(&rows);
+    (prepacked && rhs_rs == 1 && cols > 64).then_some(which)
 }
 
 /// `row[i] = exp(row[i] − sub)` and returns the sum of the results; inputs at or below −87
