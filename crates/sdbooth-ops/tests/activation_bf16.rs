@@ -81,16 +81,21 @@ fn reference(half: usize, x: &[f64], g: &[f64]) -> (Vec<f64>, Vec<f64>) {
     (out, dx)
 }
 
+/// A case's input and a random output gradient (GEGLU, `half > 0`, halves the last dimension).
+fn input_and_output_gradient(r: &mut Rng, shape: &[usize], half: usize) -> (Tensor, Tensor) {
+    let x = values(r, shape);
+    let mut out_shape = shape.to_vec();
+    if half > 0 {
+        *out_shape.last_mut().unwrap() = half;
+    }
+    (x, r.randn(&out_shape))
+}
+
 #[test]
 fn fast_gelu_matches_the_f64_reference_within_the_stated_bound() {
     let mut r = Rng::new(5);
     for (name, fast, shape, half) in cases() {
-        let x = values(&mut r, &shape);
-        let mut out_shape = shape.clone();
-        if half > 0 {
-            *out_shape.last_mut().unwrap() = half;
-        }
-        let g = r.randn(&out_shape);
+        let (x, g) = input_and_output_gradient(&mut r, &shape, half);
         let (out, dx) = run(fast, &x, &g);
         assert_eq!((out.dtype(), dx.dtype()), (DType::F32, DType::F32), "{name}: f32 in, f32 out");
         let (out_ref, dx_ref) = reference(half, &vals(&x), &vals(&g));
@@ -115,12 +120,7 @@ fn fast_gelu_matches_the_f64_reference_within_the_stated_bound() {
 fn fast_gelu_is_bit_identical_across_thread_counts() {
     let mut r = Rng::new(6);
     for (name, fast, shape, half) in cases() {
-        let x = values(&mut r, &shape);
-        let mut out_shape = shape.clone();
-        if half > 0 {
-            *out_shape.last_mut().unwrap() = half;
-        }
-        let g = r.randn(&out_shape);
+        let (x, g) = input_and_output_gradient(&mut r, &shape, half);
         let bits = |t: &Tensor| {
             t.flatten_all().unwrap().to_vec1::<f32>().unwrap().iter().map(|v| v.to_bits()).collect::<Vec<_>>()
         };
