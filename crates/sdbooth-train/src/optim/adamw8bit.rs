@@ -100,6 +100,9 @@ pub fn create_dynamic_map(signed: bool) -> Vec<f32> {
 /// range. The table (~24 KB per map) stays in the L1 cache. Infinities and NaN round to entry 0.
 struct Map {
     code: [f32; 256],
+    /// `code` as byte planes, for the AVX512_VBMI dequantisation.
+    #[cfg(target_arch = "x86_64")]
+    code_planes: vbmi::BytePlanes,
     /// Entries below this index are negative (the map is sorted; its one zero is +0).
     negatives: u8,
     /// `lo | threshold << 16` for the positive buckets `key_min..=key_max`, then the negative
@@ -170,7 +173,15 @@ impl Map {
         let rounding =
             [0, 0x8000].iter().flat_map(|&sign| (key_min..=key_max).map(move |k| packed(k | sign)));
         let negatives = code.iter().filter(|c| c.is_sign_negative()).count() as u8;
-        Map { code, negatives, rounding: rounding.collect(), key_min, key_max }
+        Map {
+            code,
+            #[cfg(target_arch = "x86_64")]
+            code_planes: vbmi::BytePlanes::new(&code.map(f32::to_bits)),
+            negatives,
+            rounding: rounding.collect(),
+            key_min,
+            key_max,
+        }
     }
 
     /// The widest bucket: how many midpoints fall strictly inside one (must be at most 1).
@@ -463,6 +474,9 @@ type BlockKernel = fn(&Scalars, Block<'_>);
 fn block_kernel() -> BlockKernel {
     #[cfg(target_arch = "x86_64")]
     {
+        if vbmi_detected() {
+            return avx512::update_block_vbmi;
+        }
         if std::arch::is_x86_feature_detected!("avx512f") {
             return avx512::update_block;
         }
@@ -527,8 +541,21 @@ fn quantize_m(m1: &Map, s: f32, inv: f32) -> u8 {
     }
 }
 
+/// Whether the CPU has what the byte-permute lookups of [`vbmi`] need.
+#[cfg(target_arch = "x86_64")]
+fn vbmi_detected() -> bool {
+    std::arch::is_x86_feature_detected!("avx512f")
+        && std::arch::is_x86_feature_detected!("avx512bw")
+        && std::arch::is_x86_feature_detected!("avx512vbmi")
+}
+
 #[cfg(target_arch = "x86_64")]
 mod avx512;
+#[cfg(target_arch = "x86_64")]
+mod vbmi;
+
+#[cfg(test)]
+mod bench;
 
 #[cfg(test)]
 mod tests {
@@ -605,18 +632,18 @@ mod tests {
 
     /// A tensor's weights, gradient and 8-bit state.
     #[derive(Clone, PartialEq, Debug)]
-    struct Case {
-        w: Vec<f32>,
-        g: Vec<f32>,
-        q1: Vec<u8>,
-        q2: Vec<u8>,
-        a1: Vec<f32>,
-        a2: Vec<f32>,
+    pub(super) struct Case {
+        pub(super) w: Vec<f32>,
+        pub(super) g: Vec<f32>,
+        pub(super) q1: Vec<u8>,
+        pub(super) q2: Vec<u8>,
+        pub(super) a1: Vec<f32>,
+        pub(super) a2: Vec<f32>,
     }
 
     /// Deterministic test data: gradients with NaN/Inf, zeros and tiny values, random states,
     /// some all-zero blocks of m.
-    fn data(n: usize, seed: u64) -> Case {
+    pub(super) fn data(n: usize, seed: u64) -> Case {
         let mut x = seed;
         let mut next = move || {
             x = x.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
@@ -660,14 +687,37 @@ mod tests {
         v.iter().map(|x| x.to_bits()).collect()
     }
 
+    /// Every block kernel this CPU can run, the portable one first (the dispatched one is among
+    /// them; the others are what CPUs without its features run).
+    pub(super) fn kernels() -> Vec<(&'static str, BlockKernel)> {
+        let mut kernels: Vec<(&str, BlockKernel)> = vec![("portable", update_block)];
+        #[cfg(target_arch = "x86_64")]
+        {
+            if std::arch::is_x86_feature_detected!("avx512f") {
+                kernels.push(("avx512", avx512::update_block));
+            }
+            if vbmi_detected() {
+                kernels.push(("avx512_vbmi", avx512::update_block_vbmi));
+            }
+        }
+        kernels
+    }
+
     #[test]
-    fn dispatched_kernel_equals_portable_one() {
-        for (n, seed) in [(256 * 40, 1), (256 * 9 + 77, 2), (100, 3)] {
-            let a = run(update_block, n, seed);
-            let b = run(block_kernel(), n, seed);
-            assert_eq!(bits(&a.w), bits(&b.w), "weights, n={n}");
-            assert_eq!((&a.q1, &a.q2), (&b.q1, &b.q2), "states, n={n}");
-            assert_eq!((bits(&a.a1), bits(&a.a2)), (bits(&b.a1), bits(&b.a2)), "absmax, n={n}");
+    fn every_kernel_equals_the_portable_one() {
+        let dispatched = block_kernel();
+        assert!(
+            kernels().iter().any(|&(_, k)| std::ptr::fn_addr_eq(k, dispatched)),
+            "dispatched kernel untested"
+        );
+        for (name, kernel) in kernels() {
+            for (n, seed) in [(256 * 40, 1), (256 * 9 + 77, 2), (256 + 64 + 16 + 5, 4), (100, 3)] {
+                let a = run(update_block, n, seed);
+                let b = run(kernel, n, seed);
+                assert_eq!(bits(&a.w), bits(&b.w), "{name}: weights, n={n}");
+                assert_eq!((&a.q1, &a.q2), (&b.q1, &b.q2), "{name}: states, n={n}");
+                assert_eq!((bits(&a.a1), bits(&a.a2)), (bits(&b.a1), bits(&b.a2)), "{name}: absmax, n={n}");
+            }
         }
     }
 

@@ -14,6 +14,22 @@ pub(super) fn update_block(sc: &Scalars, b: Block<'_>) {
     unsafe { update_block_avx512(sc, b) }
 }
 
+/// [`update_block`] with the dequantisation lookups as byte permutes (see [`super::vbmi`]).
+pub(super) fn update_block_vbmi(sc: &Scalars, b: Block<'_>) {
+    // SAFETY: `block_kernel` hands this function out only after `vbmi_detected`.
+    unsafe { update_block_avx512_vbmi(sc, b) }
+}
+
+#[target_feature(enable = "avx512f")]
+unsafe fn update_block_avx512(sc: &Scalars, b: Block<'_>) {
+    update_block_with::<false>(sc, b)
+}
+
+#[target_feature(enable = "avx512f,avx512bw,avx512vbmi")]
+unsafe fn update_block_avx512_vbmi(sc: &Scalars, b: Block<'_>) {
+    update_block_with::<true>(sc, b)
+}
+
 /// [`super::widen`] compiled for AVX-512: 16 values per instruction.
 pub(super) fn widen(src: &[bf16], dst: &mut [f32]) {
     // SAFETY: `widen_kernel` hands this function out only after detecting AVX-512F.
@@ -84,8 +100,11 @@ unsafe fn sign_mask(bits: __m512i) -> __mmask16 {
     _mm512_cmplt_epi32_mask(bits, _mm512_setzero_si512())
 }
 
-#[target_feature(enable = "avx512f")]
-unsafe fn update_block_avx512(sc: &Scalars, mut b: Block<'_>) {
+/// The block update; with `VBMI` (the caller has AVX512_VBMI and AVX-512BW) the moments of every
+/// whole 64 values are first dequantised into `s1`/`s2` with byte permutes, else each 16 values'
+/// table entries are read with scalar loads where they are used.
+#[inline(always)]
+unsafe fn update_block_with<const VBMI: bool>(sc: &Scalars, mut b: Block<'_>) {
     let (m1, m2) = maps();
     let len = b.w.len().min(BLOCK);
     let vec_len = len / 16 * 16;
@@ -93,6 +112,16 @@ unsafe fn update_block_avx512(sc: &Scalars, mut b: Block<'_>) {
     let mut s2 = [0f32; BLOCK];
     let set = _mm512_set1_ps;
     let (abs1, abs2) = (set(*b.a1), set(*b.a2));
+    let permuted_len = if VBMI { len / 64 * 64 } else { 0 };
+    for i in (0..permuted_len).step_by(64) {
+        // SAFETY: i + 64 <= len: 64 codes to read, 64 values to write.
+        let d1 = super::vbmi::lookup64(&m1.code_planes, b.q1.as_ptr().add(i));
+        let d2 = super::vbmi::lookup64(&m2.code_planes, b.q2.as_ptr().add(i));
+        for a in 0..4 {
+            _mm512_storeu_ps(s1.as_mut_ptr().add(i + 16 * a), _mm512_mul_ps(d1[a], abs1));
+            _mm512_storeu_ps(s2.as_mut_ptr().add(i + 16 * a), _mm512_mul_ps(d2[a], abs2));
+        }
+    }
     let (b1, b2, omb1, omb2) = (set(sc.b1), set(sc.b2), set(sc.one_minus_b1), set(sc.one_minus_b2));
     let (step, eps_term, decay, gs) =
         (set(sc.step_size), set(sc.eps_term), set(sc.decay), set(sc.grad_scale));
@@ -106,8 +135,11 @@ unsafe fn update_block_avx512(sc: &Scalars, mut b: Block<'_>) {
             let codes: [f32; 16] = std::array::from_fn(|j| m.code[q[j] as usize]);
             _mm512_loadu_ps(codes.as_ptr())
         };
-        let d1 = _mm512_mul_ps(code(m1, b.q1), abs1);
-        let d2 = _mm512_mul_ps(code(m2, b.q2), abs2);
+        let (d1, d2) = if i < permuted_len {
+            (_mm512_loadu_ps(s1.as_ptr().add(i)), _mm512_loadu_ps(s2.as_ptr().add(i)))
+        } else {
+            (_mm512_mul_ps(code(m1, b.q1), abs1), _mm512_mul_ps(code(m2, b.q2), abs2))
+        };
         let w = _mm512_loadu_ps(b.w.as_ptr().add(i));
         let g = _mm512_mul_ps(_mm512_loadu_ps(b.g.as_ptr().add(i)), gs);
         // The scalar `Scalars::update`, operation for operation.

@@ -1,0 +1,45 @@
+//! Microbenchmark of the block kernels (an ignored test: `cargo test --release -p sdbooth-train
+//! --lib adamw8bit::bench -- --ignored --nocapture`): ns per value on one thread, on data that
+//! stays in the cache (32 K values) and on data streamed from memory (32 M values), kernels
+//! alternated A B A B; prints the best of the rounds per kernel.
+
+use std::time::Instant;
+
+use super::tests::{data, kernels};
+use super::{Block, BlockKernel, Scalars, BLOCK};
+use crate::optim::{OptimizerConfig, OptimizerKind};
+
+/// Seconds of one pass of `kernel` over all blocks of `case`, `passes` times.
+fn time(kernel: BlockKernel, case: &mut super::tests::Case, passes: usize) -> f64 {
+    let c = OptimizerConfig::new(OptimizerKind::AdamW8bit);
+    let sc = Scalars::new(&c, 3, 1e-3, 1.0);
+    let start = Instant::now();
+    for _ in 0..passes {
+        let blocks = case.w.chunks_mut(BLOCK).zip(case.g.chunks(BLOCK));
+        let states = case.q1.chunks_mut(BLOCK).zip(case.q2.chunks_mut(BLOCK));
+        let absmax = case.a1.iter_mut().zip(case.a2.iter_mut());
+        for (((w, g), (q1, q2)), (a1, a2)) in blocks.zip(states).zip(absmax) {
+            kernel(&sc, Block { w, g, q1, q2, a1, a2 });
+        }
+    }
+    start.elapsed().as_secs_f64()
+}
+
+#[test]
+#[ignore = "benchmark: run with --ignored --nocapture"]
+fn block_kernels_ns_per_value() {
+    for (label, n, passes) in [("cached", 32 << 10, 400), ("streamed", 32 << 20, 2)] {
+        let mut case = data(n, 5);
+        let kernels = kernels();
+        let mut best = vec![f64::INFINITY; kernels.len()];
+        for _round in 0..4 {
+            for (k, &(_, kernel)) in kernels.iter().enumerate() {
+                let secs = time(kernel, &mut case, passes);
+                best[k] = best[k].min(secs * 1e9 / (n * passes) as f64);
+            }
+        }
+        for ((name, _), ns) in kernels.iter().zip(best) {
+            println!("{label:>8} {name:>12}: {ns:.3} ns/value");
+        }
+    }
+}
