@@ -101,7 +101,7 @@ mod tests {
             return;
         }
         let values: [u32; 256] =
-            std::array::from_fn(|k| (k as u32).wrapping_mul(0x9E37_79B9) ^ 0x0102_0304 * (k as u32 % 7));
+            std::array::from_fn(|k| (k as u32).wrapping_mul(0x9E37_79B9) ^ (0x0102_0304 * (k as u32 % 7)));
         let table = BytePlanes::new(&values);
         for shift in 0..256 {
             let codes: [u8; 64] = std::array::from_fn(|j| ((shift + 5 * j) % 256) as u8);
