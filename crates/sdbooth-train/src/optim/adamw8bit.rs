@@ -103,6 +103,9 @@ struct Map {
     /// `code` as byte planes, for the AVX512_VBMI dequantisation.
     #[cfg(target_arch = "x86_64")]
     code_planes: vbmi::BytePlanes,
+    /// The tables of the AVX512_VBMI rounding (`None` if the map does not fit them).
+    #[cfg(target_arch = "x86_64")]
+    vbmi_rounding: Option<vbmi::Rounding>,
     /// Entries below this index are negative (the map is sorted; its one zero is +0).
     negatives: u8,
     /// `lo | threshold << 16` for the positive buckets `key_min..=key_max`, then the negative
@@ -177,6 +180,8 @@ impl Map {
             code,
             #[cfg(target_arch = "x86_64")]
             code_planes: vbmi::BytePlanes::new(&code.map(f32::to_bits)),
+            #[cfg(target_arch = "x86_64")]
+            vbmi_rounding: vbmi::Rounding::new(&code),
             negatives,
             rounding: rounding.collect(),
             key_min,
@@ -474,7 +479,8 @@ type BlockKernel = fn(&Scalars, Block<'_>);
 fn block_kernel() -> BlockKernel {
     #[cfg(target_arch = "x86_64")]
     {
-        if vbmi_detected() {
+        let (m1, m2) = maps();
+        if vbmi_detected() && m1.vbmi_rounding.is_some() && m2.vbmi_rounding.is_some() {
             return avx512::update_block_vbmi;
         }
         if std::arch::is_x86_feature_detected!("avx512f") {

@@ -170,26 +170,69 @@ unsafe fn update_block_with<const VBMI: bool>(sc: &Scalars, mut b: Block<'_>) {
     let inv1 = if max1 > 0.0 { 1.0 / max1 } else { 0.0 };
     let inv2 = if max2 > 0.0 { 1.0 / max2 } else { 0.0 };
     let (vinv1, vinv2) = (set(inv1), set(inv2));
-    let negatives = _mm512_set1_epi32(i32::from(m1.negatives));
-    let (one, zero, top) = (_mm512_set1_epi32(1), _mm512_setzero_si512(), _mm512_set1_epi32(255));
-    for i in (0..vec_len).step_by(16) {
-        let v1 = _mm512_loadu_ps(s1.as_ptr().add(i));
-        let v2 = _mm512_loadu_ps(s2.as_ptr().add(i));
-        let c1 = quantize(m1, _mm512_mul_ps(v1, vinv1));
-        // Keep m's sign: move one entry towards it where the entry's sign differs.
-        let code_negative = _mm512_cmplt_epi32_mask(c1, negatives);
-        let s_negative = _mm512_cmplt_epi32_mask(_mm512_castps_si512(v1), zero);
-        let positive = _mm512_cmp_ps_mask::<_CMP_GT_OQ>(v1, _mm512_setzero_ps());
-        let up = _mm512_min_epi32(_mm512_add_epi32(c1, one), top);
-        let down = _mm512_max_epi32(_mm512_sub_epi32(c1, one), zero);
-        let moved = _mm512_mask_blend_epi32(positive, down, up);
-        let c1 = _mm512_mask_blend_epi32(code_negative ^ s_negative, c1, moved);
-        let c2 = quantize(m2, _mm512_mul_ps(v2, vinv2));
-        _mm_storeu_si128(b.q1.as_mut_ptr().add(i).cast(), _mm512_cvtepi32_epi8(c1));
-        _mm_storeu_si128(b.q2.as_mut_ptr().add(i).cast(), _mm512_cvtepi32_epi8(c2));
+    let tables = if VBMI { m1.vbmi_rounding.as_ref().zip(m2.vbmi_rounding.as_ref()) } else { None };
+    let mut i = 0;
+    while i < vec_len {
+        // SAFETY (all loads and stores here): i + 16 <= len (i + 64 <= len for 64 values).
+        match tables {
+            Some((r1, r2)) if i + 64 <= len => {
+                let (v1, v2) = (load4(&s1, i), load4(&s2, i));
+                let c1 = super::vbmi::quantize64(r1, scale4(v1, vinv1));
+                let c2 = super::vbmi::quantize64(r2, scale4(v2, vinv2));
+                for a in 0..4 {
+                    store_codes(m1, &mut b, i + 16 * a, v1[a], c1[a], c2[a]);
+                }
+                i += 64;
+            }
+            _ => {
+                let (v1, v2) = (_mm512_loadu_ps(s1.as_ptr().add(i)), _mm512_loadu_ps(s2.as_ptr().add(i)));
+                let c1 = quantize(m1, _mm512_mul_ps(v1, vinv1));
+                let c2 = quantize(m2, _mm512_mul_ps(v2, vinv2));
+                store_codes(m1, &mut b, i, v1, c1, c2);
+                i += 16;
+            }
+        }
     }
     for i in vec_len..len {
         b.q1[i] = super::quantize_m(m1, s1[i], inv1);
         b.q2[i] = m2.quantize(s2[i] * inv2);
     }
+}
+
+/// Values `i..i + 64` of `s` as four vectors (no closure: it would not inherit the target
+/// features). Safety: `i + 64 <= BLOCK`.
+#[inline(always)]
+unsafe fn load4(s: &[f32; BLOCK], i: usize) -> [__m512; 4] {
+    let p = s.as_ptr().add(i);
+    [_mm512_loadu_ps(p), _mm512_loadu_ps(p.add(16)), _mm512_loadu_ps(p.add(32)), _mm512_loadu_ps(p.add(48))]
+}
+
+/// `v[a] * scale` for the four vectors.
+#[inline(always)]
+unsafe fn scale4(v: [__m512; 4], scale: __m512) -> [__m512; 4] {
+    [
+        _mm512_mul_ps(v[0], scale),
+        _mm512_mul_ps(v[1], scale),
+        _mm512_mul_ps(v[2], scale),
+        _mm512_mul_ps(v[3], scale),
+    ]
+}
+
+/// Stores the codes of values `i..i + 16`: `c1` (m's nearest entries, of the moments `v1`) moved
+/// one entry towards m's sign where the entry's sign differs (`quantize_m`), and `c2`.
+///
+/// # Safety
+/// `i + 16` must not exceed the block's length.
+#[inline(always)]
+unsafe fn store_codes(m1: &Map, b: &mut Block<'_>, i: usize, v1: __m512, c1: __m512i, c2: __m512i) {
+    let (one, zero, top) = (_mm512_set1_epi32(1), _mm512_setzero_si512(), _mm512_set1_epi32(255));
+    let code_negative = _mm512_cmplt_epi32_mask(c1, _mm512_set1_epi32(i32::from(m1.negatives)));
+    let s_negative = _mm512_cmplt_epi32_mask(_mm512_castps_si512(v1), zero);
+    let positive = _mm512_cmp_ps_mask::<_CMP_GT_OQ>(v1, _mm512_setzero_ps());
+    let up = _mm512_min_epi32(_mm512_add_epi32(c1, one), top);
+    let down = _mm512_max_epi32(_mm512_sub_epi32(c1, one), zero);
+    let moved = _mm512_mask_blend_epi32(positive, down, up);
+    let c1 = _mm512_mask_blend_epi32(code_negative ^ s_negative, c1, moved);
+    _mm_storeu_si128(b.q1.as_mut_ptr().add(i).cast(), _mm512_cvtepi32_epi8(c1));
+    _mm_storeu_si128(b.q2.as_mut_ptr().add(i).cast(), _mm512_cvtepi32_epi8(c2));
 }

@@ -63,6 +63,18 @@ const PLANE_ORDER: [u8; 64] = {
 pub(super) unsafe fn lookup64(table: &BytePlanes, codes: *const u8) -> [__m512; 4] {
     let order = _mm512_loadu_si512(PLANE_ORDER.as_ptr().cast());
     let index = _mm512_permutexvar_epi8(order, _mm512_loadu_si512(codes.cast()));
+    let v = lookup64_in_plane_order(table, index);
+    [
+        _mm512_castsi512_ps(v[0]),
+        _mm512_castsi512_ps(v[1]),
+        _mm512_castsi512_ps(v[2]),
+        _mm512_castsi512_ps(v[3]),
+    ]
+}
+
+/// The table entries of 64 indices given in [`PLANE_ORDER`], as four vectors of 16 lanes in order.
+#[inline(always)]
+unsafe fn lookup64_in_plane_order(table: &BytePlanes, index: __m512i) -> [__m512i; 4] {
     let high = _mm512_movepi8_mask(index);
     let p = [
         lookup_plane(&table.0[0], index, high),
@@ -73,11 +85,180 @@ pub(super) unsafe fn lookup64(table: &BytePlanes, codes: *const u8) -> [__m512; 
     let (low01, high01) = (_mm512_unpacklo_epi8(p[0], p[1]), _mm512_unpackhi_epi8(p[0], p[1]));
     let (low23, high23) = (_mm512_unpacklo_epi8(p[2], p[3]), _mm512_unpackhi_epi8(p[2], p[3]));
     [
-        _mm512_castsi512_ps(_mm512_unpacklo_epi16(low01, low23)),
-        _mm512_castsi512_ps(_mm512_unpackhi_epi16(low01, low23)),
-        _mm512_castsi512_ps(_mm512_unpacklo_epi16(high01, high23)),
-        _mm512_castsi512_ps(_mm512_unpackhi_epi16(high01, high23)),
+        _mm512_unpacklo_epi16(low01, low23),
+        _mm512_unpackhi_epi16(low01, low23),
+        _mm512_unpacklo_epi16(high01, high23),
+        _mm512_unpackhi_epi16(high01, high23),
     ]
+}
+
+/// Byte 0 of four vectors of 16 lanes (values `16a + l` for vector `a`), as 64 bytes in
+/// [`PLANE_ORDER`]: byte `16i + 4a + c` is value `16a + 4i + c`. Two permutes take vectors 0, 1
+/// and 2, 3 (bit 6 of an index picks the second source); a blend takes the bytes of 2 and 3.
+#[inline(always)]
+unsafe fn pack_in_plane_order(v: &[__m512i; 4]) -> __m512i {
+    const PICK: [u8; 64] = {
+        let mut pick = [0u8; 64];
+        let mut k = 0;
+        while k < 64 {
+            let (i, a, c) = (k / 16, (k / 4) % 4, k % 4);
+            pick[k] = (64 * (a % 2) + 4 * (4 * i + c)) as u8;
+            k += 1;
+        }
+        pick
+    };
+    // Bit `k` set where byte `k` comes from vector 2 or 3: bytes 8..16 of every 16.
+    const FROM_23: u64 = 0xFF00_FF00_FF00_FF00;
+    let pick = _mm512_loadu_si512(PICK.as_ptr().cast());
+    let from_01 = _mm512_permutex2var_epi8(v[0], pick, v[1]);
+    let from_23 = _mm512_permutex2var_epi8(v[2], pick, v[3]);
+    _mm512_mask_blend_epi8(FROM_23, from_01, from_23)
+}
+
+/// Nearest rounding to a quantisation map without gathers: what `Map::quantize` computes (the
+/// number of midpoints below `x`), for 64 values at once.
+///
+/// With `P` the map's positive midpoints: a value `x ≥ 0` has `N + #{p < x}` midpoints below it (`N`
+/// = the map's negative entries = its negative midpoints), and as the negative midpoints are the
+/// `N` smallest of `P` negated (checked when the tables are built), `x < 0` has
+/// `N − min(#{p ≤ |x|}, N)`; `#{p ≤ y} = #{p < next float after y}`: integer comparisons of bits.
+///
+/// `#{p < y}` comes from buckets of floats: one octave (exponent) of `y` is split into `2^k`
+/// buckets by its top `k` mantissa bits, `k` per exponent just large enough that a bucket holds at
+/// most `MIDPOINTS` midpoints, over the exponents that hold midpoints (outside them `y` is clamped
+/// to the range's ends, which changes no count). Bucket keys run over at most 256 values: a key is
+/// a byte, and a bucket's data (the count of midpoints below it, and the mantissas of the at most
+/// two midpoints inside it) is one or two [`BytePlanes`] looked up with byte permutes. A midpoint
+/// in `y`'s bucket has `y`'s exponent, so comparing mantissas compares the floats.
+pub(super) struct Rounding {
+    /// Per exponent (at `exponent % 32`): the key of bucket is `(y >> shift) + offset` (wrapping).
+    shift: [u32; 32],
+    offset: [u32; 32],
+    /// The clamp range of `y` (as f32 bits): the first and last float of the exponents kept.
+    y_min: u32,
+    y_max: u32,
+    /// The map's negative entries.
+    negatives: u32,
+    /// Per bucket: count of midpoints below it `<< 24 | ` the mantissa of its first midpoint
+    /// (`NONE` without one).
+    first: BytePlanes,
+    /// Per bucket: the mantissa of its second midpoint (`NONE` without one); absent where every
+    /// bucket holds at most one.
+    second: Option<BytePlanes>,
+}
+
+/// A mantissa threshold above every mantissa: the bucket holds no (further) midpoint.
+const NONE: u32 = 1 << 23;
+const MANTISSA: u32 = NONE - 1;
+
+impl Rounding {
+    /// The tables for the sorted map `code`; `None` if it does not fit them (more than 256
+    /// buckets, midpoints over more than 32 exponents, or asymmetric negative midpoints).
+    pub(super) fn new(code: &[f32; 256]) -> Option<Self> {
+        let midpoints: Vec<f32> = code.windows(2).map(|w| (w[0] + w[1]) * 0.5).collect();
+        let positive: Vec<u32> = midpoints.iter().filter(|&&m| m > 0.0).map(|m| m.to_bits()).collect();
+        let mut negative: Vec<u32> = midpoints.iter().filter(|&&m| m < 0.0).map(|m| (-m).to_bits()).collect();
+        negative.sort_unstable();
+        let negatives = code.iter().filter(|c| c.is_sign_negative()).count();
+        let symmetric = negative.len() == negatives && positive.get(..negatives) == Some(&negative[..]);
+        let (&lowest, &highest) = (positive.first()?, positive.last()?);
+        let (e_min, e_max) = (lowest >> 23, highest >> 23);
+        // The last float of the top exponent: above every midpoint, so clamping to it counts them all.
+        let y_max = ((e_max + 1) << 23) - 1;
+        let fits = symmetric && midpoints.len() == positive.len() + negatives && highest < y_max;
+        if !fits || e_max - e_min >= 32 || e_max >= 0xFE {
+            return None;
+        }
+        // Bucket `j` of 2^k in exponent `e`: the floats with bits `e << 23 | j << (23 - k) | …`.
+        let inside = |e: u32, k: u32, j: u32| {
+            let start = e << 23 | j << (23 - k);
+            positive.iter().copied().filter(move |&p| p >= start && p < start + (1 << (23 - k)))
+        };
+        let (midpoints_per_bucket, bits) = (1..=2).find_map(|most| {
+            let bits: Vec<u32> = (e_min..=e_max)
+                .map(|e| {
+                    (0..=23).find(|&k| (0..1 << k).all(|j| inside(e, k, j).count() <= most)).unwrap_or(23)
+                })
+                .collect();
+            (bits.iter().map(|k| 1u32 << k).sum::<u32>() <= 256).then_some((most, bits))
+        })?;
+        let (mut shift, mut offset) = ([0u32; 32], [0u32; 32]);
+        let (mut first, mut second) = ([NONE; 256], [NONE; 256]);
+        let mut key = 0u32;
+        for (e, &k) in (e_min..=e_max).zip(&bits) {
+            shift[(e % 32) as usize] = 23 - k;
+            offset[(e % 32) as usize] = key.wrapping_sub(e << k);
+            for j in 0..1 << k {
+                let start = e << 23 | j << (23 - k);
+                let below = positive.iter().filter(|&&p| p < start).count() as u32;
+                let mut mantissas = inside(e, k, j).map(|p| p & MANTISSA);
+                first[key as usize] = below << 24 | mantissas.next().unwrap_or(NONE);
+                second[key as usize] = mantissas.next().unwrap_or(NONE);
+                key += 1;
+            }
+        }
+        Some(Rounding {
+            shift,
+            offset,
+            y_min: e_min << 23,
+            y_max,
+            negatives: negatives as u32,
+            first: BytePlanes::new(&first),
+            second: (midpoints_per_bucket > 1).then(|| BytePlanes::new(&second)),
+        })
+    }
+}
+
+/// The nearest entries of `rounding`'s map for 64 values (four vectors of 16 in order), as entry
+/// indices in 32-bit lanes; ±∞ and NaN give entry 0 (as `Map::quantize`).
+///
+/// # Safety
+/// AVX-512F, AVX-512BW and AVX512_VBMI must be present.
+#[inline(always)]
+pub(super) unsafe fn quantize64(rounding: &Rounding, x: [__m512; 4]) -> [__m512i; 4] {
+    let r = rounding;
+    let set = _mm512_set1_epi32;
+    let (shift_low, shift_high) =
+        (_mm512_loadu_si512(r.shift.as_ptr().cast()), _mm512_loadu_si512(r.shift.as_ptr().add(16).cast()));
+    let (offset_low, offset_high) =
+        (_mm512_loadu_si512(r.offset.as_ptr().cast()), _mm512_loadu_si512(r.offset.as_ptr().add(16).cast()));
+    let mut y = [_mm512_setzero_si512(); 4];
+    let mut keys = [_mm512_setzero_si512(); 4];
+    let mut negative = [0 as __mmask16; 4];
+    let mut finite = [0 as __mmask16; 4];
+    for a in 0..4 {
+        let bits = _mm512_castps_si512(x[a]);
+        let magnitude = _mm512_and_si512(bits, set(i32::MAX));
+        finite[a] = _mm512_cmplt_epu32_mask(magnitude, set(0x7F80_0000));
+        negative[a] = _mm512_cmplt_epi32_mask(bits, _mm512_setzero_si512());
+        // #{p ≤ |x|} for negative x: the next float up.
+        let next = _mm512_mask_add_epi32(magnitude, negative[a], magnitude, set(1));
+        y[a] = _mm512_min_epu32(_mm512_max_epu32(next, set(r.y_min as i32)), set(r.y_max as i32));
+        let exponent = _mm512_srli_epi32::<23>(y[a]);
+        let shift = _mm512_permutex2var_epi32(shift_low, exponent, shift_high);
+        let offset = _mm512_permutex2var_epi32(offset_low, exponent, offset_high);
+        keys[a] = _mm512_add_epi32(_mm512_srlv_epi32(y[a], shift), offset);
+    }
+    let keys = pack_in_plane_order(&keys);
+    let first = lookup64_in_plane_order(&r.first, keys);
+    let second = match &r.second {
+        Some(table) => lookup64_in_plane_order(table, keys),
+        None => [set(NONE as i32); 4],
+    };
+    let mut codes = [_mm512_setzero_si512(); 4];
+    let negatives = set(r.negatives as i32);
+    for a in 0..4 {
+        let mantissa = _mm512_and_si512(y[a], set(MANTISSA as i32));
+        let below = _mm512_srli_epi32::<24>(first[a]);
+        let above_first = _mm512_cmpgt_epu32_mask(mantissa, _mm512_and_si512(first[a], set(0xFF_FFFF)));
+        let above_second = _mm512_cmpgt_epu32_mask(mantissa, second[a]);
+        let count = _mm512_mask_add_epi32(below, above_first, below, set(1));
+        let count = _mm512_mask_add_epi32(count, above_second, count, set(1));
+        let if_negative = _mm512_sub_epi32(negatives, _mm512_min_epu32(count, negatives));
+        let code = _mm512_mask_blend_epi32(negative[a], _mm512_add_epi32(negatives, count), if_negative);
+        codes[a] = _mm512_maskz_mov_epi32(finite[a], code);
+    }
+    codes
 }
 
 #[cfg(test)]
@@ -108,6 +289,78 @@ mod tests {
             let want: Vec<u32> = codes.iter().map(|&c| values[c as usize]).collect();
             // SAFETY: the features were detected above.
             assert_eq!(unsafe { lookup64_to_vec(&table, &codes) }, want, "shift {shift}");
+        }
+    }
+
+    #[target_feature(enable = "avx512f,avx512bw,avx512vbmi")]
+    unsafe fn quantize64_to_vec(rounding: &Rounding, x: &[f32]) -> Vec<u8> {
+        let mut out = Vec::with_capacity(x.len());
+        for chunk in x.chunks_exact(64) {
+            let p = chunk.as_ptr();
+            let v = [
+                _mm512_loadu_ps(p),
+                _mm512_loadu_ps(p.add(16)),
+                _mm512_loadu_ps(p.add(32)),
+                _mm512_loadu_ps(p.add(48)),
+            ];
+            let mut codes = [0u32; 64];
+            for (a, c) in quantize64(rounding, v).into_iter().enumerate() {
+                _mm512_storeu_si512(codes.as_mut_ptr().add(16 * a).cast(), c);
+            }
+            out.extend(codes.map(|c| c as u8));
+        }
+        out
+    }
+
+    /// `quantize64` against the scalar `Map::quantize` on `xs` (padded to whole 64s), both maps.
+    fn check(xs: &mut Vec<f32>) {
+        xs.resize(xs.len().div_ceil(64) * 64, 0.0);
+        let (m1, m2) = super::super::maps();
+        for m in [m1, m2] {
+            let rounding = m.vbmi_rounding.as_ref().expect("both maps fit the VBMI tables");
+            // SAFETY: callers checked the features.
+            let got = unsafe { quantize64_to_vec(rounding, xs) };
+            for (x, got) in xs.iter().zip(got) {
+                assert_eq!(got, m.quantize(*x), "x = {x:e} ({:#010x})", x.to_bits());
+            }
+        }
+    }
+
+    /// Dense sweep: every 16-bit bucket of the floats (both signs, all exponents, NaN and ±∞) at
+    /// both ends and the middle of its low bits, and every entry and every midpoint of both maps
+    /// (both signs) with its neighbours up to 3 ulp away.
+    #[test]
+    fn quantize64_equals_the_scalar_rounding() {
+        if !super::super::vbmi_detected() {
+            return;
+        }
+        let mut xs: Vec<f32> = (0u32..1 << 16)
+            .flat_map(|key| [0, 1, 0x7FFF, 0x8000, 0xFFFE, 0xFFFF].map(|low| f32::from_bits(key << 16 | low)))
+            .collect();
+        let (m1, m2) = super::super::maps();
+        for m in [m1, m2] {
+            let midpoints = m.code.windows(2).map(|w| (w[0] + w[1]) * 0.5);
+            for v in m.code.iter().copied().chain(midpoints) {
+                for d in -3i32..=3 {
+                    for sign in [0, 1 << 31] {
+                        xs.push(f32::from_bits(v.abs().to_bits().wrapping_add_signed(d) | sign));
+                    }
+                }
+            }
+        }
+        check(&mut xs);
+    }
+
+    /// Every f32 bit pattern (~1 min on one core).
+    #[test]
+    #[ignore = "exhaustive: run with --ignored"]
+    fn quantize64_equals_the_scalar_rounding_on_every_f32() {
+        if !super::super::vbmi_detected() {
+            return;
+        }
+        for high in 0u32..1 << 8 {
+            let mut xs: Vec<f32> = (0u32..1 << 24).map(|low| f32::from_bits(high << 24 | low)).collect();
+            check(&mut xs);
         }
     }
 }
