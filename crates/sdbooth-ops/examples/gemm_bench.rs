@@ -4,7 +4,13 @@
 //! GEMM as `--mixed_precision bf16` runs it on the CPU: bf16 weights, f32 columns (rounded to
 //! bf16 while packed).
 //!
-//! `cargo run --release -p sdbooth-ops --example gemm_bench [REPEATS]`
+//! A second table times the bf16 GEMM alone in the layouts a `--mixed_precision bf16` training
+//! step runs (every operand f32, rounded to bf16 as packed): each conv2d 3x3 and linear shape in
+//! its forward (`fwd`), input-gradient (`dx`: transposed weight) and weight-gradient (`dw`:
+//! transposed columns or output gradient, k = pixels or tokens) products.
+//!
+//! `cargo run --release -p sdbooth-ops --example gemm_bench [REPEATS] [FILTER]` (FILTER: only
+//! the training-layout rows whose label contains it, and no first table).
 
 use half::bf16;
 use sdbooth_ops::kernels::{bf16_gemm, f32_gemm, Mat};
@@ -18,8 +24,104 @@ fn median(mut v: Vec<f64>) -> f64 {
 
 fn main() {
     let repeats: usize = std::env::args().nth(1).and_then(|s| s.parse().ok()).unwrap_or(5);
+    let filter = std::env::args().nth(2);
     // malloc tuned as in training (large buffers reused from the heap, so zeroed ones cost a pass).
     sdbooth_ops::tune_allocator();
+    if filter.is_none() {
+        f32_vs_bf16(repeats);
+    }
+    training_layouts(repeats, filter.as_deref().unwrap_or(""));
+}
+
+/// Pseudo-random values in [-0.5, 0.5).
+fn values(len: usize, seed: usize) -> Vec<f32> {
+    (0..len).map(|i| ((i * seed) % 1000) as f32 / 1000.0 - 0.5).collect()
+}
+
+/// One training product: `(label, m, n, k, a, b)` with `a`, `b` as (row stride, column stride)
+/// views of `m×k` and `k×n` values.
+type Product = (String, usize, usize, usize, (usize, usize), (usize, usize));
+
+/// The three products of conv2d 3x3 (`cin = cout = ch` on an `hw×hw` image, batch 1) and of a
+/// linear layer (`rows` tokens, `inp -> out`), as `conv/cpu.rs` and `linear/cpu.rs` call them.
+fn training_products() -> Vec<Product> {
+    let mut all = Vec::new();
+    for (ch, hw) in [(320, 32), (640, 16), (1280, 8), (1280, 4)] {
+        let (k, p) = (9 * ch, hw * hw);
+        let label = format!("conv {ch}ch {hw}x{hw}");
+        all.push((format!("{label} fwd"), ch, p, k, (k, 1), (p, 1)));
+        all.push((format!("{label} dx"), k, p, ch, (1, k), (p, 1)));
+        all.push((format!("{label} dw"), ch, k, p, (p, 1), (1, p)));
+    }
+    for (rows, inp, out) in [(77, 768, 768), (77, 768, 3072), (77, 3072, 768), (1024, 320, 320), (64, 1280, 5120)] {
+        let label = format!("linear {rows}x{inp}->{out}");
+        all.push((format!("{label} fwd"), rows, out, inp, (inp, 1), (1, inp)));
+        all.push((format!("{label} dx"), rows, inp, out, (out, 1), (inp, 1)));
+        all.push((format!("{label} dw"), out, inp, rows, (1, out), (inp, 1)));
+    }
+    all
+}
+
+/// Seconds of CPU time this thread has used (Linux; 0 elsewhere): unlike wall time, it does not
+/// count the time other processes on a busy machine take from it.
+fn thread_cpu_seconds() -> f64 {
+    #[cfg(target_os = "linux")]
+    {
+        #[repr(C)]
+        struct Timespec {
+            sec: i64,
+            nsec: i64,
+        }
+        extern "C" {
+            fn clock_gettime(clock: i32, ts: *mut Timespec) -> i32;
+        }
+        const CLOCK_THREAD_CPUTIME_ID: i32 = 3;
+        let mut ts = Timespec { sec: 0, nsec: 0 };
+        // SAFETY: libc's clock_gettime writes one timespec (two 64-bit fields on Linux x86_64
+        // and aarch64) to the pointer it is given.
+        if unsafe { clock_gettime(CLOCK_THREAD_CPUTIME_ID, &mut ts) } == 0 {
+            return ts.sec as f64 + ts.nsec as f64 * 1e-9;
+        }
+    }
+    0.0
+}
+
+/// GFLOP/s (median) of the bf16 GEMM on each training product whose label contains `filter`;
+/// with one thread, also per second of the thread's CPU time (steadier on a shared machine).
+fn training_layouts(repeats: usize, filter: &str) {
+    let kernel = Bf16Kernel::Avx512Bf16;
+    if !kernel.available() {
+        println!("(no AVX512_BF16: training-layout table skipped)");
+        return;
+    }
+    println!("threads | training product (f32 operands) | m n k | bf16 GFLOP/s | per CPU-s (1 thread)");
+    for threads in [1usize, 2] {
+        let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().expect("thread pool");
+        for (label, m, n, k, (ars, acs), (brs, bcs)) in training_products() {
+            if !label.contains(filter) {
+                continue;
+            }
+            let (a, b) = (values(m * k, 7919), values(k * n, 104729));
+            let mut dst = vec![0f32; m * n];
+            let (mut times, mut cpu) = (Vec::new(), Vec::new());
+            pool.install(|| {
+                for _ in 0..repeats {
+                    let (t, c) = (Instant::now(), thread_cpu_seconds());
+                    let (a, b) = (Mat { data: &a, rs: ars, cs: acs }, Mat { data: &b, rs: brs, cs: bcs });
+                    bf16_gemm(kernel, m, n, k, &mut dst, n, false, a, b);
+                    times.push(t.elapsed().as_secs_f64());
+                    cpu.push(thread_cpu_seconds() - c);
+                }
+            });
+            let flops = 2.0 * (m * n * k) as f64;
+            let per_cpu = if threads == 1 { format!("{:.0}", flops / median(cpu) / 1e9) } else { "-".into() };
+            println!("{threads} | {label} | {m} {n} {k} | {:.0} | {per_cpu}", flops / median(times) / 1e9);
+        }
+    }
+}
+
+/// The first table: f32 GEMM against each bf16 kernel at conv-as-GEMM shapes.
+fn f32_vs_bf16(repeats: usize) {
     // (label, m, n, k): conv2d 3x3 forward as y[Cout, P] = W[Cout, 9·Cin] · col[9·Cin, P].
     let shapes = [
         ("320ch 32x32", 320, 1024, 2880),
