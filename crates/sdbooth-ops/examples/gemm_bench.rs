@@ -53,7 +53,9 @@ fn training_products() -> Vec<Product> {
         all.push((format!("{label} dx"), k, p, ch, (1, k), (p, 1)));
         all.push((format!("{label} dw"), ch, k, p, (p, 1), (1, p)));
     }
-    for (rows, inp, out) in [(77, 768, 768), (77, 768, 3072), (77, 3072, 768), (1024, 320, 320), (64, 1280, 5120)] {
+    for (rows, inp, out) in
+        [(77, 768, 768), (77, 768, 3072), (77, 3072, 768), (1024, 320, 320), (64, 1280, 5120)]
+    {
         let label = format!("linear {rows}x{inp}->{out}");
         all.push((format!("{label} fwd"), rows, out, inp, (inp, 1), (1, inp)));
         all.push((format!("{label} dx"), rows, inp, out, (out, 1), (inp, 1)));

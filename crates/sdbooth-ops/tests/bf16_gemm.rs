@@ -203,3 +203,46 @@ fn f32_operands_give_the_products_of_their_bf16_rounding_exactly() {
         }
     }
 }
+
+/// Rows and columns of the output come out bit for bit the same whether the product has one
+/// tile row or column (the tiles then pack that operand themselves, a k block at a time) or
+/// many (it is packed whole first): the packed values and the k order of every sum do not
+/// depend on the rest of the output. Every layout, odd k over two k blocks, f32 operands, with
+/// and without accumulation, 1 and 3 threads.
+#[test]
+fn operands_packed_by_the_tiles_give_the_same_bits_as_packed_whole() {
+    let (m, n, k) = (300, 400, 333);
+    for kernel in kernels() {
+        for (a_transposed, b_transposed) in [(false, false), (false, true), (true, false), (true, true)] {
+            let c = Case { m, n, k, a_transposed, b_transposed };
+            let ops = operands(c, 11);
+            let (a, b) = (view(&ops.a32, m, k, a_transposed), view(&ops.b32, k, n, b_transposed));
+            for accumulate in [false, true] {
+                let start = |len: usize| (0..len).map(|i| (i % 7) as f32 - 3.0).collect::<Vec<_>>();
+                let mut whole = start(m * n);
+                bf16_gemm(kernel, m, n, k, &mut whole, n, accumulate, a, b);
+                for threads in [1, 3] {
+                    let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
+                    // The first 40 columns (one tile column) and the first 50 rows (one tile row),
+                    // written into the whole output's rows.
+                    let (mut left, mut top) = (start(m * n), start(m * n));
+                    pool.install(|| {
+                        bf16_gemm(kernel, m, 40, k, &mut left, n, accumulate, a, b);
+                        bf16_gemm(kernel, 50, n, k, &mut top, n, accumulate, a, b);
+                    });
+                    for i in 0..m {
+                        let row = &whole[i * n..][..n];
+                        assert_eq!(
+                            &left[i * n..][..40],
+                            &row[..40],
+                            "{kernel:?} {c:?} acc={accumulate}: row {i}"
+                        );
+                        assert_eq!(&left[i * n + 40..][..n - 40], &start(m * n)[i * n + 40..][..n - 40]);
+                    }
+                    assert_eq!(top[..50 * n], whole[..50 * n], "{kernel:?} {c:?} acc={accumulate}: top rows");
+                    assert_eq!(top[50 * n..], start(m * n)[50 * n..], "{kernel:?} {c:?}: wrote past row 50");
+                }
+            }
+        }
+    }
+}

@@ -40,6 +40,79 @@ pub(super) fn rhs<E: GemmElem>(k: usize, n: usize, b: Mat<'_, E>, out: &mut Vec<
     panels::<NR, _>(n, k, ByOuter { data: b.data, so: b.cs, sk: b.rs }, out, threads)
 }
 
+/// Rows `rows` of `a` (the start a multiple of [`MR`]) at k pairs `pairs` as row panels
+/// `[panel][pair][MR]` (`pairs.len()` pairs per panel) at the start of `out`, which must hold
+/// them: the block of the lhs one tile reads in one k block, packed by the tile itself.
+pub(super) fn lhs_block<E: GemmElem>(
+    m: usize,
+    k: usize,
+    a: Mat<'_, E>,
+    rows: std::ops::Range<usize>,
+    pairs: std::ops::Range<usize>,
+    out: &mut [u32],
+) {
+    block::<MR, _>(m, k, ByOuter { data: a.data, so: a.rs, sk: a.cs }, rows, pairs, out)
+}
+
+/// Columns `cols` of `b` (the start a multiple of [`NR`]) at k pairs `pairs` as column panels
+/// `[panel][pair][NR]` at the start of `out`, as [`lhs_block`].
+pub(super) fn rhs_block<E: GemmElem>(
+    k: usize,
+    n: usize,
+    b: Mat<'_, E>,
+    cols: std::ops::Range<usize>,
+    pairs: std::ops::Range<usize>,
+    out: &mut [u32],
+) {
+    block::<NR, _>(n, k, ByOuter { data: b.data, so: b.cs, sk: b.rs }, cols, pairs, out)
+}
+
+/// Outer indices `outer_range` of `src` at k pairs `pairs` as `[panel][pair][W]` in `out`.
+fn block<const W: usize, E: GemmElem>(
+    outer: usize,
+    k: usize,
+    src: ByOuter<'_, E>,
+    outer_range: std::ops::Range<usize>,
+    pairs: std::ops::Range<usize>,
+    out: &mut [u32],
+) {
+    let len = pairs.len() * W;
+    let first = outer_range.start / W;
+    let panels = outer_range.len().div_ceil(W);
+    // With k rows interleaved, a few pairs of every panel at a time (as `panels` does), so each
+    // source row is read as one run across the block.
+    let step = if src.so == 1 && src.sk != 1 { PAIR_BLOCK } else { pairs.len() };
+    for q0 in pairs.clone().step_by(step.max(1)) {
+        let q1 = (q0 + step).min(pairs.end);
+        let at = (q0 - pairs.start) * W..(q1 - pairs.start) * W;
+        for (i, panel) in out[..panels * len].chunks_exact_mut(len).enumerate() {
+            fill_pairs::<W, E>(outer, k, src, first + i, &mut panel[at.clone()], (q0, q1));
+        }
+    }
+}
+
+/// Pairs `q0..q1` of panel `p` of the `outer × k` source (`lanes`: those pairs' `W` lanes each),
+/// zero past the last outer index and the last k.
+fn fill_pairs<const W: usize, E: GemmElem>(
+    outer: usize,
+    k: usize,
+    src: ByOuter<'_, E>,
+    p: usize,
+    lanes: &mut [u32],
+    (q0, q1): (usize, usize),
+) {
+    let o0 = p * W;
+    let valid = W.min(outer - o0);
+    // The source from k row 2·q0 on, cut at row 2·q1.
+    let from = ByOuter { data: src.data.get(2 * q0 * src.sk..).unwrap_or(&[]), ..src };
+    fill_panel::<W, E>(lanes, o0, valid, k.min(2 * q1) - 2 * q0, from);
+    if valid < W {
+        for row in lanes.chunks_exact_mut(W) {
+            row[valid..].fill(0);
+        }
+    }
+}
+
 /// Panels of `W` outer indices: `[outer/W][k/2][W]`, zero-padded, at the start of `out`. Every
 /// element of them is written, so `out` may be a buffer reused from an earlier call; it only
 /// grows (zeroed where it grows), since shrinking it would cost a zero-fill when it grows back.
@@ -55,18 +128,8 @@ fn panels<const W: usize, E: GemmElem>(
     if out.len() < len {
         out.resize(len, 0);
     }
-    // Pairs `q0..q1` of panel `p` (`rows`: those pairs' lanes).
-    let fill = |p: usize, rows: &mut [u32], (q0, q1): (usize, usize)| {
-        let o0 = p * W;
-        let valid = W.min(outer - o0);
-        // The source from k row 2·q0 on, cut at row 2·q1.
-        let from = ByOuter { data: src.data.get(2 * q0 * src.sk..).unwrap_or(&[]), ..src };
-        fill_panel::<W, E>(rows, o0, valid, k.min(2 * q1) - 2 * q0, from);
-        if valid < W {
-            for lanes in rows.chunks_exact_mut(W) {
-                lanes[valid..].fill(0);
-            }
-        }
+    let fill = |p: usize, lanes: &mut [u32], pairs: (usize, usize)| {
+        fill_pairs::<W, E>(outer, k, src, p, lanes, pairs)
     };
     if src.so == 1 && src.sk != 1 {
         // k rows interleaved: a task takes a group of panels and walks their rows in blocks.
