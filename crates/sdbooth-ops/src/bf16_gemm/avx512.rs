@@ -18,6 +18,11 @@ pub(super) struct Block {
     pub cols: usize,
     /// Start from the values in `dst` (else from zero).
     pub load: bool,
+    /// The lhs panel of the next block (as many pairs), and its rhs panel when that is not this
+    /// one's (else null): fetched into cache while this block runs, a line per pair and 16
+    /// columns, so the next block starts on cached panels. Only prefetched, never read.
+    pub next_a: *const u32,
+    pub next_b: *const u32,
 }
 
 /// `dst[i][j] = (load ? dst[i][j] : 0) + Σ_{q<kc} a[q·MR + i] · b[q·NR + j]` (each term a bf16
@@ -29,10 +34,11 @@ pub(super) struct Block {
 /// `rs`) that no other thread touches.
 #[target_feature(enable = "avx512f,avx512bf16")]
 pub(super) unsafe fn kernel(kc: usize, a: *const u32, b: *const u32, out: &Block) {
-    if out.cols <= 16 {
-        kernel_v::<1>(kc, a, b, out)
-    } else {
-        kernel_v::<2>(kc, a, b, out)
+    match (out.cols <= 16, out.next_b.is_null()) {
+        (true, true) => kernel_v::<1, false>(kc, a, b, out),
+        (true, false) => kernel_v::<1, true>(kc, a, b, out),
+        (false, true) => kernel_v::<2, false>(kc, a, b, out),
+        (false, false) => kernel_v::<2, true>(kc, a, b, out),
     }
 }
 
@@ -45,10 +51,10 @@ fn lanes(n: usize) -> __mmask16 {
     }
 }
 
-/// [`kernel`] on the first `16·V` columns of the panel.
+/// [`kernel`] on the first `16·V` columns of the panel (`NEXT_B`: prefetch `out.next_b`).
 #[inline]
 #[target_feature(enable = "avx512f,avx512bf16")]
-unsafe fn kernel_v<const V: usize>(kc: usize, a: *const u32, b: *const u32, out: &Block) {
+unsafe fn kernel_v<const V: usize, const NEXT_B: bool>(kc: usize, a: *const u32, b: *const u32, out: &Block) {
     let masks: [__mmask16; V] = std::array::from_fn(|v| lanes(out.cols.saturating_sub(16 * v)));
     let mut c = [[_mm512_setzero_ps(); V]; MR];
     // Every row index is a constant of the unrolled loops (rows past `out.rows` are skipped by a
@@ -64,7 +70,16 @@ unsafe fn kernel_v<const V: usize>(kc: usize, a: *const u32, b: *const u32, out:
         }
     }
     for q in 0..kc {
-        // SAFETY (whole loop): q < kc, so every offset is inside the panels the caller promised.
+        // Pair q of the next block's panels (48 bytes of lhs a pair: every line is touched);
+        // prefetching never faults, and the pointers are only offset, not read.
+        _mm_prefetch::<_MM_HINT_T0>(out.next_a.wrapping_add(q * MR) as *const i8);
+        if NEXT_B {
+            for v in 0..V {
+                _mm_prefetch::<_MM_HINT_T0>(out.next_b.wrapping_add(q * NR + 16 * v) as *const i8);
+            }
+        }
+        // SAFETY (rest of the loop): q < kc, so every offset is inside the panels the caller
+        // promised.
         let bq = b.add(q * NR);
         let bv: [__m512bh; V] = std::array::from_fn(|v| {
             std::mem::transmute(_mm512_loadu_si512(bq.add(16 * v) as *const __m512i))

@@ -342,17 +342,33 @@ fn tiled<A: GemmElem, B: GemmElem>(
             if b_in_tiles {
                 pack::rhs_block(k, n, b, c0..c1, q0..q0 + kc, &mut bb);
             }
-            for c in (c0..c1).step_by(NR) {
-                let bpanel = if b_in_tiles {
+            let a_panel = |r: usize| -> &[u32] {
+                if a_in_tiles {
+                    &ba[((r - r0) / MR) * kc * MR..][..kc * MR]
+                } else {
+                    &pa_ref[(r / MR) * kp * MR + q0 * MR..][..kc * MR]
+                }
+            };
+            let b_panel = |c: usize| -> &[u32] {
+                if b_in_tiles {
                     &bb[((c - c0) / NR) * kc * NR..][..kc * NR]
                 } else {
                     &pb_ref[(c / NR) * kp * NR + q0 * NR..][..kc * NR]
-                };
+                }
+            };
+            for c in (c0..c1).step_by(NR) {
+                let bpanel = b_panel(c);
                 for r in (r0..r1).step_by(MR) {
-                    let apanel = if a_in_tiles {
-                        &ba[((r - r0) / MR) * kc * MR..][..kc * MR]
+                    let apanel = a_panel(r);
+                    // The next block of this k block: the next row panel, else the first row
+                    // panel of the next column panel (the tile's last block prefetches nothing
+                    // new: its own lhs panel).
+                    let (next_a, next_b) = if r + MR < r1 {
+                        (a_panel(r + MR).as_ptr(), std::ptr::null())
+                    } else if c + NR < c1 {
+                        (a_panel(r0).as_ptr(), b_panel(c + NR).as_ptr())
                     } else {
-                        &pa_ref[(r / MR) * kp * MR + q0 * MR..][..kc * MR]
+                        (apanel.as_ptr(), std::ptr::null())
                     };
                     let block = avx512::Block {
                         // In bounds: row r < m, column c < n of `dst` (asserted in `gemm_with`).
@@ -361,6 +377,8 @@ fn tiled<A: GemmElem, B: GemmElem>(
                         rows: (r1 - r).min(MR),
                         cols: (c1 - c).min(NR),
                         load: q0 > 0 || accumulate,
+                        next_a,
+                        next_b,
                     };
                     microkernel(kc, apanel, bpanel, &block);
                 }
