@@ -1,7 +1,8 @@
 //! The AVX-512 block update: 16 values per vector, the table lookups as scalar loads (a 16-lane
 //! gather, `vpgatherdd`, took ~24 cycles on Zen 4: slower than 16 scalar loads). The same IEEE
 //! operations in the same order as the portable `update_block` (no fused multiply-adds), so the
-//! results are identical (tested).
+//! results are identical (tested). `update_block_vbmi`, for CPUs with AVX512_VBMI, does the
+//! lookups of every whole 64 values with the byte permutes of `vbmi.rs` instead (same results).
 
 use std::arch::x86_64::*;
 
