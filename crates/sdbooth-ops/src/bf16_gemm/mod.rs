@@ -360,13 +360,16 @@ fn tiled<A: GemmElem, B: GemmElem>(
                 let bpanel = b_panel(c);
                 for r in (r0..r1).step_by(MR) {
                     let apanel = a_panel(r);
-                    // The next block of this k block: the next row panel, else the first row
-                    // panel of the next column panel (the tile's last block prefetches nothing
-                    // new: its own lhs panel).
+                    // The next block: the next row panel, else the first row panel of the next
+                    // column panel, else the tile's first panels in the next k block where they
+                    // are packed already (else nothing new: this block's own lhs panel).
                     let (next_a, next_b) = if r + MR < r1 {
                         (a_panel(r + MR).as_ptr(), std::ptr::null())
                     } else if c + NR < c1 {
                         (a_panel(r0).as_ptr(), b_panel(c + NR).as_ptr())
+                    } else if q0 + KC < kp && !a_in_tiles && !b_in_tiles {
+                        let a_next = pa_ref[(r0 / MR) * kp * MR + (q0 + KC) * MR..].as_ptr();
+                        (a_next, pb_ref[(c0 / NR) * kp * NR + (q0 + KC) * NR..].as_ptr())
                     } else {
                         (apanel.as_ptr(), std::ptr::null())
                     };

@@ -81,12 +81,41 @@ fn block<const W: usize, E: GemmElem>(
     let panels = outer_range.len().div_ceil(W);
     // With k rows interleaved, a few pairs of every panel at a time (as `panels` does), so each
     // source row is read as one run across the block.
-    let step = if src.so == 1 && src.sk != 1 { PAIR_BLOCK } else { pairs.len() };
+    let interleaved = src.so == 1 && src.sk != 1;
+    let step = if interleaved { PAIR_BLOCK } else { pairs.len() };
     for q0 in pairs.clone().step_by(step.max(1)) {
         let q1 = (q0 + step).min(pairs.end);
+        if interleaved {
+            // The rows of the next step (of the next k block after the last step).
+            prefetch_rows(
+                src,
+                (2 * q1).min(k)..(2 * (q1 + step)).min(k),
+                outer_range.start..outer_range.end.min(outer),
+            );
+        }
         let at = (q0 - pairs.start) * W..(q1 - pairs.start) * W;
         for (i, panel) in out[..panels * len].chunks_exact_mut(len).enumerate() {
             fill_pairs::<W, E>(outer, k, src, first + i, &mut panel[at.clone()], (q0, q1));
+        }
+    }
+}
+
+/// Asks the cache for k rows `rows` of a source whose outer index is contiguous, at outer indices
+/// `outer`: the rows a block packs next, kilobytes apart and read in runs of a few hundred
+/// bytes, which the hardware prefetchers pick up late.
+fn prefetch_rows<E>(src: ByOuter<'_, E>, rows: std::ops::Range<usize>, outer: std::ops::Range<usize>) {
+    use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
+    if outer.is_empty() {
+        return;
+    }
+    let per_line = (64 / std::mem::size_of::<E>()).max(1);
+    for kk in rows {
+        let run = kk * src.sk;
+        for o in outer.clone().step_by(per_line).chain([outer.end - 1]) {
+            if let Some(value) = src.data.get(run + o) {
+                // SAFETY: the value is inside the slice; a prefetch reads nothing.
+                unsafe { _mm_prefetch::<_MM_HINT_T0>((value as *const E).cast()) }
+            }
         }
     }
 }
