@@ -17,6 +17,10 @@ use sdbooth_ops::kernels::{bf16_gemm, f32_gemm, Mat};
 use sdbooth_ops::Bf16Kernel;
 use std::time::Instant;
 
+#[path = "common/cpu_time.rs"]
+mod cpu_time;
+use cpu_time::thread_cpu_seconds;
+
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(|a, b| a.total_cmp(b));
     v[v.len() / 2]
@@ -62,30 +66,6 @@ fn training_products() -> Vec<Product> {
         all.push((format!("{label} dw"), out, inp, rows, (1, out), (inp, 1)));
     }
     all
-}
-
-/// Seconds of CPU time this thread has used (Linux; 0 elsewhere): unlike wall time, it does not
-/// count the time other processes on a busy machine take from it.
-fn thread_cpu_seconds() -> f64 {
-    #[cfg(target_os = "linux")]
-    {
-        #[repr(C)]
-        struct Timespec {
-            sec: i64,
-            nsec: i64,
-        }
-        extern "C" {
-            fn clock_gettime(clock: i32, ts: *mut Timespec) -> i32;
-        }
-        const CLOCK_THREAD_CPUTIME_ID: i32 = 3;
-        let mut ts = Timespec { sec: 0, nsec: 0 };
-        // SAFETY: libc's clock_gettime writes one timespec (two 64-bit fields on Linux x86_64
-        // and aarch64) to the pointer it is given.
-        if unsafe { clock_gettime(CLOCK_THREAD_CPUTIME_ID, &mut ts) } == 0 {
-            return ts.sec as f64 + ts.nsec as f64 * 1e-9;
-        }
-    }
-    0.0
 }
 
 /// GFLOP/s (median) of the bf16 GEMM on each training product whose label contains `filter`;
