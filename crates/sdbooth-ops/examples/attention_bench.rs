@@ -5,7 +5,8 @@
 //! Everything runs on one thread and is timed in that thread's CPU time (medians), so figures
 //! from a busy machine stay comparable; compare two builds by running them alternately (A B A B).
 //!
-//! `cargo run --release -p sdbooth-ops --example attention_bench [REPEATS]`
+//! `cargo run --release -p sdbooth-ops --example attention_bench [REPEATS] [FILTER]` (FILTER:
+//! only the shapes whose label contains it).
 
 use candle_core::{Device, Tensor, Var};
 use sdbooth_ops::{self as ops, Precision};
@@ -28,6 +29,7 @@ fn values(shape: &[usize], seed: usize, scale: f32) -> Tensor {
 
 fn main() {
     let repeats: usize = std::env::args().nth(1).and_then(|s| s.parse().ok()).unwrap_or(5);
+    let filter = std::env::args().nth(2).unwrap_or_default();
     sdbooth_ops::tune_allocator();
     println!("bf16 kernel: {}", ops::bf16_kernel().name());
     println!("shape (n x m, d) | fwd ms | bwd ms | fwd GFLOP/s | bwd GFLOP/s (per CPU-s, 1 thread)");
@@ -41,7 +43,7 @@ fn main() {
         ("cross 1024x77 d40", 1024, 77, 40),
     ];
     let pool = rayon::ThreadPoolBuilder::new().num_threads(1).build().expect("thread pool");
-    for (label, n, m, d) in shapes {
+    for (label, n, m, d) in shapes.into_iter().filter(|s| s.0.contains(&filter)) {
         let q = Var::from_tensor(&values(&[1, 1, n, d], 7919, 2.0)).expect("var");
         let k = Var::from_tensor(&values(&[1, 1, m, d], 104729, 2.0)).expect("var");
         let v = Var::from_tensor(&values(&[1, 1, m, d], 1299709, 1.0)).expect("var");
@@ -50,8 +52,9 @@ fn main() {
         pool.install(|| {
             for _ in 0..repeats {
                 let c = thread_cpu_seconds();
-                let o = ops::attention_with(q.as_tensor(), k.as_tensor(), v.as_tensor(), false, Precision::Bf16)
-                    .expect("attention");
+                let o =
+                    ops::attention_with(q.as_tensor(), k.as_tensor(), v.as_tensor(), false, Precision::Bf16)
+                        .expect("attention");
                 let c1 = thread_cpu_seconds();
                 let grads = (o * &g).and_then(|x| x.sum_all()).and_then(|x| x.backward()).expect("backward");
                 bwd.push(thread_cpu_seconds() - c1);

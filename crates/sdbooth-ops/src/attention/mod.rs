@@ -6,6 +6,8 @@
 
 pub(crate) mod cpu;
 pub(crate) mod generic;
+#[cfg(test)]
+mod packing_tests;
 
 use crate::backend::{self, filled, grad_if, Slot};
 use crate::cpu::{cpu_tensor, storage_f32, storage_from_f32, with_f32, Precision};

@@ -24,12 +24,14 @@ mod cache;
 mod pack;
 #[cfg(target_arch = "x86_64")]
 mod pack_f32;
+mod panels;
 
 use crate::cpu::{self, GemmElem, Mat};
 pub(crate) use cache::register as register_weight;
 #[cfg(target_arch = "x86_64")]
 use cache::PanelShape;
 pub use cache::{PackedStep, PackedWeights};
+pub(crate) use panels::{Panels, PanelsPart};
 use rayon::prelude::*;
 use std::cell::RefCell;
 use std::sync::OnceLock;
@@ -128,19 +130,69 @@ pub(crate) fn gemm<A: GemmElem, B: GemmElem>(
     gemm_with(active_kernel(), m, n, k, dst, dst_rs, accumulate, a, b)
 }
 
+/// An operand of a product: a strided matrix, packed by the product, or part of an operand
+/// packed once for many products ([`Panels`], only where [`Panels::supported`]).
+#[derive(Clone, Copy)]
+pub(crate) enum Operand<'a, E = f32> {
+    Mat(Mat<'a, E>),
+    Packed(PanelsPart<'a>),
+}
+
+impl<'a, E> From<Mat<'a, E>> for Operand<'a, E> {
+    fn from(mat: Mat<'a, E>) -> Self {
+        Operand::Mat(mat)
+    }
+}
+
+impl<'a, E: Copy> Operand<'a, E> {
+    /// The matrix, unless packed already.
+    fn mat(&self) -> Option<Mat<'a, E>> {
+        match *self {
+            Operand::Mat(mat) => Some(mat),
+            Operand::Packed(_) => None,
+        }
+    }
+
+    /// The operand's panels and the values from one panel to the next, for a product that
+    /// packed (or kept) it whole into `packed` (`stride` values per panel): unless it is part of
+    /// panels packed before.
+    #[cfg(target_arch = "x86_64")]
+    fn whole_panels<'b>(&self, packed: &'b [u32], stride: usize) -> (&'b [u32], usize)
+    where
+        'a: 'b,
+    {
+        match *self {
+            Operand::Packed(part) => (part.data, part.stride),
+            Operand::Mat(_) => (packed, stride),
+        }
+    }
+
+    /// Whether the operand holds an `outer × k` matrix, as the lhs (`width` [`MR`]: outer =
+    /// rows) or the rhs ([`NR`]: outer = columns).
+    fn fits(&self, width: usize, outer: usize, k: usize) -> bool {
+        match self {
+            _ if outer == 0 || k == 0 => true,
+            Operand::Mat(mat) if width == MR => mat.max_index(outer, k) < mat.data.len(),
+            Operand::Mat(mat) => mat.max_index(k, outer) < mat.data.len(),
+            Operand::Packed(part) => part.fits(width, outer, k),
+        }
+    }
+}
+
 /// [`gemm`] on the calling thread only, for products inside a task that is already one of many
 /// running in parallel (attention's tiles, one head per task): no rayon jobs, no kept weight
-/// packings. Same sums as [`gemm`] (each output element is summed in the same fixed k order).
+/// packings, operands possibly packed already. Same sums as [`gemm`] (each output element is
+/// summed in the same fixed k order).
 #[allow(clippy::too_many_arguments)]
-pub(crate) fn gemm_serial<A: GemmElem, B: GemmElem>(
+pub(crate) fn gemm_serial(
     m: usize,
     n: usize,
     k: usize,
     dst: &mut [f32],
     dst_rs: usize,
     accumulate: bool,
-    a: Mat<'_, A>,
-    b: Mat<'_, B>,
+    a: Operand<'_>,
+    b: Operand<'_>,
 ) {
     run(active_kernel(), Threads::Caller, m, n, k, dst, dst_rs, accumulate, a, b)
 }
@@ -169,7 +221,7 @@ pub fn gemm_with<A: GemmElem, B: GemmElem>(
     a: Mat<'_, A>,
     b: Mat<'_, B>,
 ) {
-    run(kernel, Threads::Pool, m, n, k, dst, dst_rs, accumulate, a, b)
+    run(kernel, Threads::Pool, m, n, k, dst, dst_rs, accumulate, a.into(), b.into())
 }
 
 /// [`gemm_with`] on the given threads.
@@ -183,16 +235,16 @@ fn run<A: GemmElem, B: GemmElem>(
     dst: &mut [f32],
     dst_rs: usize,
     accumulate: bool,
-    a: Mat<'_, A>,
-    b: Mat<'_, B>,
+    a: Operand<'_, A>,
+    b: Operand<'_, B>,
 ) {
     assert!(kernel.available(), "bf16 gemm: kernel {} is not available on this CPU", kernel.name());
     if m == 0 || n == 0 {
         return;
     }
     assert!(dst_rs >= n && (m - 1) * dst_rs + n <= dst.len(), "bf16 gemm: dst too small");
-    assert!(k == 0 || a.max_index(m, k) < a.data.len(), "bf16 gemm: lhs too small");
-    assert!(k == 0 || b.max_index(k, n) < b.data.len(), "bf16 gemm: rhs too small");
+    assert!(a.fits(MR, m, k), "bf16 gemm: lhs too small");
+    assert!(b.fits(NR, n, k), "bf16 gemm: rhs too small");
     if k == 0 {
         if !accumulate {
             dst.chunks_mut(dst_rs).take(m).for_each(|row| row[..n].fill(0.0));
@@ -200,7 +252,10 @@ fn run<A: GemmElem, B: GemmElem>(
         return;
     }
     match kernel {
-        Bf16Kernel::F32Fallback => fallback(threads, m, n, k, dst, dst_rs, accumulate, a, b),
+        Bf16Kernel::F32Fallback => match (a, b) {
+            (Operand::Mat(a), Operand::Mat(b)) => fallback(threads, m, n, k, dst, dst_rs, accumulate, a, b),
+            _ => unreachable!("bf16 gemm: panels are packed only for the AVX512_BF16 kernel"),
+        },
         #[cfg(target_arch = "x86_64")]
         Bf16Kernel::Avx512Bf16 => tiled(threads, m, n, k, dst, dst_rs, accumulate, a, b),
         #[cfg(not(target_arch = "x86_64"))]
@@ -278,8 +333,8 @@ fn tiled<A: GemmElem, B: GemmElem>(
     dst: &mut [f32],
     dst_rs: usize,
     accumulate: bool,
-    a: Mat<'_, A>,
-    b: Mat<'_, B>,
+    a: Operand<'_, A>,
+    b: Operand<'_, B>,
 ) {
     let kp = k.div_ceil(2);
     // This thread's packing buffers, taken out while in use (a nested call on this thread, from
@@ -288,20 +343,17 @@ fn tiled<A: GemmElem, B: GemmElem>(
     // A weight packed with k contiguous (the forward's layout) may be kept from earlier in the
     // step (see `cache`); every other operand is packed here.
     let pool = threads == Threads::Pool;
-    let kept_a = (pool && a.cs == 1)
-        .then(|| {
-            cache::packed(a.data, PanelShape { width: MR, outer: m, k, so: a.rs }, |buf| {
-                pack::lhs(m, k, a, buf, threads)
-            })
+    let (a_mat, b_mat) = (a.mat(), b.mat());
+    let kept_a = a_mat.filter(|a| pool && a.cs == 1).and_then(|a| {
+        cache::packed(a.data, PanelShape { width: MR, outer: m, k, so: a.rs }, |buf| {
+            pack::lhs(m, k, a, buf, threads)
         })
-        .flatten();
-    let kept_b = (pool && b.rs == 1)
-        .then(|| {
-            cache::packed(b.data, PanelShape { width: NR, outer: n, k, so: b.cs }, |buf| {
-                pack::rhs(k, n, b, buf, threads)
-            })
+    });
+    let kept_b = b_mat.filter(|b| pool && b.rs == 1).and_then(|b| {
+        cache::packed(b.data, PanelShape { width: NR, outer: n, k, so: b.cs }, |buf| {
+            pack::rhs(k, n, b, buf, threads)
         })
-        .flatten();
+    });
     let (tiles_m, tiles_n) = (m.div_ceil(TILE_M), n.div_ceil(TILE_N));
     // An operand that only one tile reads at each of its rows (columns) is packed by the tiles
     // themselves, one k block at a time into a buffer that stays in cache, instead of whole
@@ -312,48 +364,48 @@ fn tiled<A: GemmElem, B: GemmElem>(
     // either way. An lhs with k contiguous (a weight in the forward, when not kept) streams
     // better packed whole, a panel's k values at a time (one thread, 1280-channel 3x3 conv at
     // 4x4, forward: 60 GFLOP/s whole, 52 in the tiles).
-    let a_in_tiles = kept_a.is_none() && tiles_n == 1 && a.cs != 1;
-    let b_in_tiles = kept_b.is_none() && tiles_m == 1;
-    if kept_a.is_none() && !a_in_tiles {
+    let a_in_tiles = a_mat.filter(|a| kept_a.is_none() && tiles_n == 1 && a.cs != 1);
+    let b_in_tiles = b_mat.filter(|_| kept_b.is_none() && tiles_m == 1);
+    if let (Some(a), None, None) = (a_mat, &kept_a, a_in_tiles) {
         pack::lhs(m, k, a, &mut pa, threads);
     }
-    if kept_b.is_none() && !b_in_tiles {
+    if let (Some(b), None, None) = (b_mat, &kept_b, b_in_tiles) {
         pack::rhs(k, n, b, &mut pb, threads);
     }
-    let (pa_ref, pb_ref): (&[u32], &[u32]) =
-        (kept_a.as_deref().unwrap_or(&pa), kept_b.as_deref().unwrap_or(&pb));
+    let (pa_ref, a_stride) = a.whole_panels(kept_a.as_deref().map_or(&pa, |v| v), kp * MR);
+    let (pb_ref, b_stride) = b.whole_panels(kept_b.as_deref().map_or(&pb, |v| v), kp * NR);
     let out = DstPtr(dst.as_mut_ptr());
     let tile = |t: usize| {
         let (r0, c0) = ((t / tiles_n) * TILE_M, (t % tiles_n) * TILE_N);
         let (r1, c1) = ((r0 + TILE_M).min(m), (c0 + TILE_N).min(n));
         // This thread's block buffers, taken out while in use (as `PACK_BUFFERS`).
         let (mut ba, mut bb) = BLOCK_BUFFERS.with(|b| std::mem::take(&mut *b.borrow_mut()));
-        if a_in_tiles && ba.len() < TILE_M * KC {
+        if a_in_tiles.is_some() && ba.len() < TILE_M * KC {
             ba.resize(TILE_M * KC, 0);
         }
-        if b_in_tiles && bb.len() < TILE_N * KC {
+        if b_in_tiles.is_some() && bb.len() < TILE_N * KC {
             bb.resize(TILE_N * KC, 0);
         }
         for q0 in (0..kp).step_by(KC) {
             let kc = KC.min(kp - q0);
-            if a_in_tiles {
+            if let Some(a) = a_in_tiles {
                 pack::lhs_block(m, k, a, r0..r1, q0..q0 + kc, &mut ba);
             }
-            if b_in_tiles {
+            if let Some(b) = b_in_tiles {
                 pack::rhs_block(k, n, b, c0..c1, q0..q0 + kc, &mut bb);
             }
             let a_panel = |r: usize| -> &[u32] {
-                if a_in_tiles {
+                if a_in_tiles.is_some() {
                     &ba[((r - r0) / MR) * kc * MR..][..kc * MR]
                 } else {
-                    &pa_ref[(r / MR) * kp * MR + q0 * MR..][..kc * MR]
+                    &pa_ref[(r / MR) * a_stride + q0 * MR..][..kc * MR]
                 }
             };
             let b_panel = |c: usize| -> &[u32] {
-                if b_in_tiles {
+                if b_in_tiles.is_some() {
                     &bb[((c - c0) / NR) * kc * NR..][..kc * NR]
                 } else {
-                    &pb_ref[(c / NR) * kp * NR + q0 * NR..][..kc * NR]
+                    &pb_ref[(c / NR) * b_stride + q0 * NR..][..kc * NR]
                 }
             };
             for c in (c0..c1).step_by(NR) {
@@ -367,9 +419,9 @@ fn tiled<A: GemmElem, B: GemmElem>(
                         (a_panel(r + MR).as_ptr(), std::ptr::null())
                     } else if c + NR < c1 {
                         (a_panel(r0).as_ptr(), b_panel(c + NR).as_ptr())
-                    } else if q0 + KC < kp && !a_in_tiles && !b_in_tiles {
-                        let a_next = pa_ref[(r0 / MR) * kp * MR + (q0 + KC) * MR..].as_ptr();
-                        (a_next, pb_ref[(c0 / NR) * kp * NR + (q0 + KC) * NR..].as_ptr())
+                    } else if q0 + KC < kp && a_in_tiles.is_none() && b_in_tiles.is_none() {
+                        let a_next = pa_ref[(r0 / MR) * a_stride + (q0 + KC) * MR..].as_ptr();
+                        (a_next, pb_ref[(c0 / NR) * b_stride + (q0 + KC) * NR..].as_ptr())
                     } else {
                         (apanel.as_ptr(), std::ptr::null())
                     };

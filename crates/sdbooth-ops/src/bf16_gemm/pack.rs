@@ -40,6 +40,16 @@ pub(super) fn rhs<E: GemmElem>(k: usize, n: usize, b: Mat<'_, E>, out: &mut Vec<
     panels::<NR, _>(n, k, ByOuter { data: b.data, so: b.cs, sk: b.rs }, out, threads)
 }
 
+/// [`lhs`] on this thread into `out`, which must hold the panels exactly (`m/MR·k/2·MR` values).
+pub(super) fn lhs_into<E: GemmElem>(m: usize, k: usize, a: Mat<'_, E>, out: &mut [u32]) {
+    panels_into::<MR, _>(m, k, ByOuter { data: a.data, so: a.rs, sk: a.cs }, out, Threads::Caller)
+}
+
+/// [`rhs`] on this thread into `out`, which must hold the panels exactly (`n/NR·k/2·NR` values).
+pub(super) fn rhs_into<E: GemmElem>(k: usize, n: usize, b: Mat<'_, E>, out: &mut [u32]) {
+    panels_into::<NR, _>(n, k, ByOuter { data: b.data, so: b.cs, sk: b.rs }, out, Threads::Caller)
+}
+
 /// Rows `rows` of `a` (the start a multiple of [`MR`]) at k pairs `pairs` as row panels
 /// `[panel][pair][MR]` (`pairs.len()` pairs per panel) at the start of `out`, which must hold
 /// them: the block of the lhs one tile reads in one k block, packed by the tile itself.
@@ -152,11 +162,24 @@ fn panels<const W: usize, E: GemmElem>(
     out: &mut Vec<u32>,
     threads: Threads,
 ) {
-    let kp = k.div_ceil(2);
-    let len = outer.div_ceil(W) * kp * W;
+    let len = outer.div_ceil(W) * k.div_ceil(2) * W;
     if out.len() < len {
         out.resize(len, 0);
     }
+    panels_into::<W, E>(outer, k, src, &mut out[..len], threads)
+}
+
+/// [`panels`] into `out`, which holds them exactly.
+fn panels_into<const W: usize, E: GemmElem>(
+    outer: usize,
+    k: usize,
+    src: ByOuter<'_, E>,
+    out: &mut [u32],
+    threads: Threads,
+) {
+    let kp = k.div_ceil(2);
+    let len = outer.div_ceil(W) * kp * W;
+    assert_eq!(out.len(), len, "bf16 gemm: packed panels buffer of the wrong size");
     let fill = |p: usize, lanes: &mut [u32], pairs: (usize, usize)| {
         fill_pairs::<W, E>(outer, k, src, p, lanes, pairs)
     };
@@ -171,15 +194,15 @@ fn panels<const W: usize, E: GemmElem>(
             }
         };
         match threads {
-            Threads::Pool => out[..len].par_chunks_mut(PANEL_GROUP * kp * W).enumerate().for_each(group),
-            Threads::Caller => out[..len].chunks_mut(PANEL_GROUP * kp * W).enumerate().for_each(group),
+            Threads::Pool => out.par_chunks_mut(PANEL_GROUP * kp * W).enumerate().for_each(group),
+            Threads::Caller => out.chunks_mut(PANEL_GROUP * kp * W).enumerate().for_each(group),
         }
         return;
     }
     let whole = |(p, panel): (usize, &mut [u32])| fill(p, panel, (0, kp));
     match threads {
-        Threads::Pool => out[..len].par_chunks_mut(kp * W).enumerate().for_each(whole),
-        Threads::Caller => out[..len].chunks_mut(kp * W).enumerate().for_each(whole),
+        Threads::Pool => out.par_chunks_mut(kp * W).enumerate().for_each(whole),
+        Threads::Caller => out.chunks_mut(kp * W).enumerate().for_each(whole),
     }
 }
 
