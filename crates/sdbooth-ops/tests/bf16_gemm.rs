@@ -246,3 +246,41 @@ fn operands_packed_by_the_tiles_give_the_same_bits_as_packed_whole() {
         }
     }
 }
+
+/// Every output element comes out bit for bit the same whichever microkernel computes it: the
+/// product computed whole (12-row blocks, 32 columns, a last row panel of 5 and columns of 16)
+/// and in sub-products of 1, 5 and 7 rows by 8 or 16 columns (the 4- and 8-row kernels, the
+/// 8-wide ymm and 16-wide kernels). AVX512_BF16 only: the fallback's f32 GEMM may sum a
+/// smaller product in another order.
+#[test]
+fn every_microkernel_shape_gives_the_same_bits() {
+    let kernel = Bf16Kernel::Avx512Bf16;
+    if !kernel.available() {
+        println!("skipped: no AVX512_BF16");
+        return;
+    }
+    let (m, n, k) = (29, 41, 333);
+    for (a_transposed, b_transposed) in [(false, false), (true, true)] {
+        let c = Case { m, n, k, a_transposed, b_transposed };
+        let ops = operands(c, 29);
+        let (a, b) = (view(&ops.a32, m, k, a_transposed), view(&ops.b32, k, n, b_transposed));
+        for accumulate in [false, true] {
+            let start = || (0..m * n).map(|i| (i % 5) as f32 - 2.0).collect::<Vec<_>>();
+            let mut whole = start();
+            bf16_gemm(kernel, m, n, k, &mut whole, n, accumulate, a, b);
+            for (rows, cols) in [(1, 8), (5, 8), (7, 16), (1, 41)] {
+                let mut parts = start();
+                for i0 in (0..m).step_by(rows) {
+                    for j0 in (0..n).step_by(cols) {
+                        let (r, w) = (rows.min(m - i0), cols.min(n - j0));
+                        let a_rows = Mat { data: &a.data[i0 * a.rs..], ..a };
+                        let b_cols = Mat { data: &b.data[j0 * b.cs..], ..b };
+                        bf16_gemm(kernel, r, w, k, &mut parts[i0 * n + j0..], n, accumulate, a_rows, b_cols);
+                    }
+                }
+                let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+                assert!(bits(&parts) == bits(&whole), "{c:?} acc={accumulate}: {rows}x{cols} sub-products");
+            }
+        }
+    }
+}
