@@ -22,6 +22,13 @@
 //! over 32 K values (cached), same bits. With AVX512_VBMI both lookups are byte permutes instead
 //! (`vbmi.rs`; one thread, thread CPU time, `adamw8bit::bench`: 2.2 → 1.7–1.9 ns per value cached,
 //! 3.0 → 2.0 streamed; the update's CPU time in the fused SD1.5 256 px step 2.5 → 1.8 s, perf).
+//! Then (`vbmi.rs`, `avx512::update_blocks_vbmi`) the VBMI rounding compares the bucket
+//! thresholds in bytes instead of transposing the tables' bytes into 32-bit lanes, and a task's
+//! whole blocks are software-pipelined (block `k`'s update, bound by the FP divider, interleaved
+//! with block `k − 1`'s quantisation, bound by the shuffles), without software prefetches (on
+//! this machine they made the pipelined kernel slower, streamed too): `adamw8bit::bench`, one
+//! thread, 1.67 → 1.33 ns per value cached, 2.04–2.14 → 1.73–1.75 streamed; the update's CPU
+//! time in the fused step (perf, two A/B rounds on the loaded machine) 1.84 / 1.69 → 1.48 / 1.51 s.
 
 use std::sync::OnceLock;
 
@@ -303,13 +310,13 @@ pub(crate) fn step(
         return Ok(());
     }
 
-    let kernel = block_kernel();
+    let kernel = task_kernel();
     with_8bit_state(st, n, |q1, q2, a1, a2| {
         w.par_chunks_mut(TASK)
             .zip(g.par_chunks(TASK))
             .zip(q1.par_chunks_mut(TASK).zip(q2.par_chunks_mut(TASK)))
             .zip(a1.par_chunks_mut(TASK_BLOCKS).zip(a2.par_chunks_mut(TASK_BLOCKS)))
-            .for_each(|(((w, g), (q1, q2)), (a1, a2))| update_task(kernel, &sc, w, g, (q1, q2), (a1, a2)));
+            .for_each(|(((w, g), (q1, q2)), (a1, a2))| kernel(&sc, Blocks { w, g, q1, q2, a1, a2 }));
     })
 }
 
@@ -444,14 +451,33 @@ fn with_8bit_state(
 }
 
 /// The blocks of one task: weights, gradient, codes and absmax of up to `TASK_BLOCKS` blocks.
-fn update_task(
-    kernel: BlockKernel,
-    sc: &Scalars,
-    w: &mut [f32],
-    g: &[f32],
-    (q1, q2): (&mut [u8], &mut [u8]),
-    (a1, a2): (&mut [f32], &mut [f32]),
-) {
+struct Blocks<'a> {
+    w: &'a mut [f32],
+    g: &'a [f32],
+    q1: &'a mut [u8],
+    q2: &'a mut [u8],
+    a1: &'a mut [f32],
+    a2: &'a mut [f32],
+}
+
+type TaskKernel = fn(&Scalars, Blocks<'_>);
+
+/// The update of a task's blocks for the CPU at hand: with AVX512_VBMI, blocks software-pipelined
+/// ([`avx512::update_blocks_vbmi`]); otherwise [`update_blocks`]. The same results (tested).
+fn task_kernel() -> TaskKernel {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::ptr::fn_addr_eq(block_kernel(), avx512::update_block_vbmi as BlockKernel) {
+            return avx512::update_blocks_vbmi;
+        }
+    }
+    update_blocks
+}
+
+/// The blocks of a task one after the other with the block kernel for this CPU.
+fn update_blocks(sc: &Scalars, b: Blocks<'_>) {
+    let kernel = block_kernel();
+    let Blocks { w, g, q1, q2, a1, a2 } = b;
     for k in 0..a1.len() {
         let (first, end) = (k * BLOCK, ((k + 1) * BLOCK).min(w.len()));
         prefetch_block(w, end);
@@ -709,6 +735,50 @@ mod tests {
             }
         }
         kernels
+    }
+
+    /// `run` with a task kernel over all blocks at once.
+    fn run_task(kernel: TaskKernel, n: usize, seed: u64) -> Case {
+        let mut t = data(n, seed);
+        let mut c = OptimizerConfig::new(OptimizerKind::AdamW8bit);
+        c.weight_decay = 0.01;
+        let sc = Scalars::new(&c, 3, 1e-3, 0.7);
+        let Case { w, g, q1, q2, a1, a2 } = &mut t;
+        kernel(&sc, Blocks { w, g, q1, q2, a1, a2 });
+        t
+    }
+
+    /// Every task kernel this CPU can run, the block-by-block loop first.
+    pub(super) fn task_kernels() -> Vec<(&'static str, TaskKernel)> {
+        let mut kernels: Vec<(&str, TaskKernel)> = vec![("blocks", update_blocks)];
+        #[cfg(target_arch = "x86_64")]
+        {
+            if vbmi_detected() {
+                kernels.push(("pipelined_vbmi", avx512::update_blocks_vbmi));
+            }
+        }
+        kernels
+    }
+
+    /// Task kernels give the portable block kernel's bits: tasks of whole blocks (even and odd
+    /// counts), with a shorter last block, of one short block; NaN/Inf gradients and all-zero
+    /// blocks included.
+    #[test]
+    fn every_task_kernel_equals_the_portable_block_kernel() {
+        let dispatched = task_kernel();
+        assert!(
+            task_kernels().iter().any(|&(_, k)| std::ptr::fn_addr_eq(k, dispatched)),
+            "dispatched task kernel untested"
+        );
+        for (name, kernel) in task_kernels() {
+            for (n, seed) in [(TASK, 1), (256 * 7, 5), (256 * 9 + 77, 2), (256 + 64 + 16 + 5, 4), (100, 3), (256, 6)] {
+                let a = run(update_block, n, seed);
+                let b = run_task(kernel, n, seed);
+                assert_eq!(bits(&a.w), bits(&b.w), "{name}: weights, n={n}");
+                assert_eq!((&a.q1, &a.q2), (&b.q1, &b.q2), "{name}: states, n={n}");
+                assert_eq!((bits(&a.a1), bits(&a.a2)), (bits(&b.a1), bits(&b.a2)), "{name}: absmax, n={n}");
+            }
+        }
     }
 
     #[test]

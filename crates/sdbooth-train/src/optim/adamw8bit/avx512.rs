@@ -8,7 +8,7 @@ use std::arch::x86_64::*;
 
 use half::bf16;
 
-use super::{maps, Block, Map, Scalars, BLOCK};
+use super::{maps, Block, Blocks, Map, Scalars, BLOCK};
 
 pub(super) fn update_block(sc: &Scalars, b: Block<'_>) {
     // SAFETY: `block_kernel` hands this function out only after detecting AVX-512F.
@@ -19,6 +19,12 @@ pub(super) fn update_block(sc: &Scalars, b: Block<'_>) {
 pub(super) fn update_block_vbmi(sc: &Scalars, b: Block<'_>) {
     // SAFETY: `block_kernel` hands this function out only after `vbmi_detected`.
     unsafe { update_block_avx512_vbmi(sc, b) }
+}
+
+/// [`super::update_blocks`] for CPUs with AVX512_VBMI: see [`update_blocks_avx512_vbmi`].
+pub(super) fn update_blocks_vbmi(sc: &Scalars, b: Blocks<'_>) {
+    // SAFETY: `task_kernel` hands this function out only after `vbmi_detected`.
+    unsafe { update_blocks_avx512_vbmi(sc, b) }
 }
 
 #[target_feature(enable = "avx512f")]
@@ -123,12 +129,8 @@ unsafe fn update_block_with<const VBMI: bool>(sc: &Scalars, mut b: Block<'_>) {
             _mm512_storeu_ps(s2.as_mut_ptr().add(i + 16 * a), _mm512_mul_ps(d2[a], abs2));
         }
     }
-    let (b1, b2, omb1, omb2) = (set(sc.b1), set(sc.b2), set(sc.one_minus_b1), set(sc.one_minus_b2));
-    let (step, eps_term, decay, gs) =
-        (set(sc.step_size), set(sc.eps_term), set(sc.decay), set(sc.grad_scale));
-    let inf = set(f32::INFINITY);
-    let mut lanes1 = _mm512_setzero_ps();
-    let mut lanes2 = _mm512_setzero_ps();
+    let consts = Consts::new(sc);
+    let mut lanes = (_mm512_setzero_ps(), _mm512_setzero_ps());
     for i in (0..vec_len).step_by(16) {
         // SAFETY (all loads and stores here): i + 16 <= len, and every slice has len values.
         let code = |m: &Map, q: &[u8]| {
@@ -141,24 +143,11 @@ unsafe fn update_block_with<const VBMI: bool>(sc: &Scalars, mut b: Block<'_>) {
         } else {
             (_mm512_mul_ps(code(m1, b.q1), abs1), _mm512_mul_ps(code(m2, b.q2), abs2))
         };
-        let w = _mm512_loadu_ps(b.w.as_ptr().add(i));
-        let g = _mm512_mul_ps(_mm512_loadu_ps(b.g.as_ptr().add(i)), gs);
-        // The scalar `Scalars::update`, operation for operation.
-        let n2 = _mm512_add_ps(_mm512_mul_ps(d2, b2), _mm512_mul_ps(_mm512_mul_ps(omb2, g), g));
-        let n1 = _mm512_add_ps(_mm512_mul_ps(d1, b1), _mm512_mul_ps(omb1, g));
-        let denom = _mm512_add_ps(_mm512_sqrt_ps(n2), eps_term);
-        let nw = _mm512_mul_ps(_mm512_add_ps(w, _mm512_mul_ps(step, _mm512_div_ps(n1, denom))), decay);
-        let finite = _mm512_cmp_ps_mask::<_CMP_LT_OQ>(_mm512_abs_ps(g), inf);
-        _mm512_storeu_ps(b.w.as_mut_ptr().add(i), _mm512_mask_blend_ps(finite, w, nw));
-        let n1 = _mm512_maskz_mov_ps(finite, n1);
-        let n2 = _mm512_maskz_mov_ps(finite, n2);
+        let (n1, n2) = update16(&consts, d1, d2, b.w.as_mut_ptr().add(i), b.g.as_ptr().add(i), &mut lanes);
         _mm512_storeu_ps(s1.as_mut_ptr().add(i), n1);
         _mm512_storeu_ps(s2.as_mut_ptr().add(i), n2);
-        // max_ps returns its second operand when either is NaN: NaN values are skipped, as
-        // f32::max skips them.
-        lanes1 = _mm512_max_ps(_mm512_abs_ps(n1), lanes1);
-        lanes2 = _mm512_max_ps(_mm512_abs_ps(n2), lanes2);
     }
+    let (lanes1, lanes2) = lanes;
     let mut max1 = _mm512_reduce_max_ps(lanes1);
     let mut max2 = _mm512_reduce_max_ps(lanes2);
     for i in vec_len..len {
@@ -168,8 +157,7 @@ unsafe fn update_block_with<const VBMI: bool>(sc: &Scalars, mut b: Block<'_>) {
     }
     *b.a1 = max1;
     *b.a2 = max2;
-    let inv1 = if max1 > 0.0 { 1.0 / max1 } else { 0.0 };
-    let inv2 = if max2 > 0.0 { 1.0 / max2 } else { 0.0 };
+    let (inv1, inv2) = (reciprocal(max1), reciprocal(max2));
     let (vinv1, vinv2) = (set(inv1), set(inv2));
     let tables = if VBMI { m1.vbmi_rounding.as_ref().zip(m2.vbmi_rounding.as_ref()) } else { None };
     let mut i = 0;
@@ -180,9 +168,7 @@ unsafe fn update_block_with<const VBMI: bool>(sc: &Scalars, mut b: Block<'_>) {
                 let (v1, v2) = (load4(&s1, i), load4(&s2, i));
                 let c1 = super::vbmi::quantize64(r1, scale4(v1, vinv1));
                 let c2 = super::vbmi::quantize64(r2, scale4(v2, vinv2));
-                for a in 0..4 {
-                    store_codes(m1, &mut b, i + 16 * a, v1[a], c1[a], c2[a]);
-                }
+                store_codes64(m1, b.q1.as_mut_ptr().add(i), b.q2.as_mut_ptr().add(i), v1, c1, c2);
                 i += 64;
             }
             _ => {
@@ -236,4 +222,179 @@ unsafe fn store_codes(m1: &Map, b: &mut Block<'_>, i: usize, v1: __m512, c1: __m
     let c1 = _mm512_mask_blend_epi32(code_negative ^ s_negative, c1, moved);
     _mm_storeu_si128(b.q1.as_mut_ptr().add(i).cast(), _mm512_cvtepi32_epi8(c1));
     _mm_storeu_si128(b.q2.as_mut_ptr().add(i).cast(), _mm512_cvtepi32_epi8(c2));
+}
+
+/// [`store_codes`] for 64 values, at `q1` and `q2`, their codes `c1` and `c2` given as 64 bytes
+/// in order (the moves by one entry saturate at 0 and 255 as `store_codes`' clamps do).
+///
+/// # Safety
+/// AVX-512BW must be present; `q1` and `q2` must point at 64 writable bytes.
+#[inline(always)]
+unsafe fn store_codes64(m1: &Map, q1: *mut u8, q2: *mut u8, v1: [__m512; 4], c1: __m512i, c2: __m512i) {
+    let one = _mm512_set1_epi8(1);
+    let code_negative = _mm512_cmplt_epu8_mask(c1, _mm512_set1_epi8(m1.negatives as i8));
+    // (No closures: they would not inherit the target features.)
+    let (mut s_negative, mut positive) = ([0; 4], [0; 4]);
+    for a in 0..4 {
+        s_negative[a] = sign_mask(_mm512_castps_si512(v1[a]));
+        positive[a] = _mm512_cmp_ps_mask::<_CMP_GT_OQ>(v1[a], _mm512_setzero_ps());
+    }
+    let (s_negative, positive) = (super::vbmi::join_masks(s_negative), super::vbmi::join_masks(positive));
+    let moved = _mm512_mask_blend_epi8(positive, _mm512_subs_epu8(c1, one), _mm512_adds_epu8(c1, one));
+    let c1 = _mm512_mask_blend_epi8(code_negative ^ s_negative, c1, moved);
+    _mm512_storeu_si512(q1.cast(), c1);
+    _mm512_storeu_si512(q2.cast(), c2);
+}
+
+/// The step's scalars as vectors.
+struct Consts {
+    b1: __m512,
+    b2: __m512,
+    omb1: __m512,
+    omb2: __m512,
+    step: __m512,
+    eps_term: __m512,
+    decay: __m512,
+    gs: __m512,
+    inf: __m512,
+}
+
+impl Consts {
+    #[inline(always)]
+    unsafe fn new(sc: &Scalars) -> Self {
+        let set = _mm512_set1_ps;
+        Consts {
+            b1: set(sc.b1),
+            b2: set(sc.b2),
+            omb1: set(sc.one_minus_b1),
+            omb2: set(sc.one_minus_b2),
+            step: set(sc.step_size),
+            eps_term: set(sc.eps_term),
+            decay: set(sc.decay),
+            gs: set(sc.grad_scale),
+            inf: set(f32::INFINITY),
+        }
+    }
+}
+
+/// The update of 16 values: the weights at `w` (read and written) with the gradient at `g` and
+/// the dequantised moments `d1`, `d2`; returns the new moments and takes their magnitudes into the
+/// running maxima `lanes`.
+///
+/// # Safety
+/// `w` and `g` must point at 16 values.
+#[inline(always)]
+unsafe fn update16(
+    c: &Consts,
+    d1: __m512,
+    d2: __m512,
+    w_at: *mut f32,
+    g_at: *const f32,
+    lanes: &mut (__m512, __m512),
+) -> (__m512, __m512) {
+    let w = _mm512_loadu_ps(w_at);
+    let g = _mm512_mul_ps(_mm512_loadu_ps(g_at), c.gs);
+    // The scalar `Scalars::update`, operation for operation.
+    let n2 = _mm512_add_ps(_mm512_mul_ps(d2, c.b2), _mm512_mul_ps(_mm512_mul_ps(c.omb2, g), g));
+    let n1 = _mm512_add_ps(_mm512_mul_ps(d1, c.b1), _mm512_mul_ps(c.omb1, g));
+    let denom = _mm512_add_ps(_mm512_sqrt_ps(n2), c.eps_term);
+    let nw = _mm512_mul_ps(_mm512_add_ps(w, _mm512_mul_ps(c.step, _mm512_div_ps(n1, denom))), c.decay);
+    let finite = _mm512_cmp_ps_mask::<_CMP_LT_OQ>(_mm512_abs_ps(g), c.inf);
+    _mm512_storeu_ps(w_at, _mm512_mask_blend_ps(finite, w, nw));
+    let n1 = _mm512_maskz_mov_ps(finite, n1);
+    let n2 = _mm512_maskz_mov_ps(finite, n2);
+    // max_ps returns its second operand when either is NaN: NaN values are skipped, as
+    // f32::max skips them.
+    lanes.0 = _mm512_max_ps(_mm512_abs_ps(n1), lanes.0);
+    lanes.1 = _mm512_max_ps(_mm512_abs_ps(n2), lanes.1);
+    (n1, n2)
+}
+
+/// The reciprocal absmax a block's moments are quantised with: the kernel divides with
+/// __fdividef, i.e. multiplies by the reciprocal. An all-zero block has absmax 0: its values
+/// quantise from 0.0 instead of NaN.
+#[inline(always)]
+fn reciprocal(absmax: f32) -> f32 {
+    if absmax > 0.0 {
+        1.0 / absmax
+    } else {
+        0.0
+    }
+}
+
+/// The blocks of a task, whole blocks software-pipelined: each 64 values of block `k` are
+/// dequantised and updated (their division and square root wait on the one FP divider), then the
+/// same 64 values of block `k − 1` are quantised (byte permutes and integer compares on the other
+/// units), so the core runs both kinds of work at once instead of one block's two phases after
+/// each other (the quantisation needs the block's absmax, known only after its whole update). A
+/// shorter last block goes through [`update_block_with`]. Every value sees the same operations
+/// as in [`update_block_vbmi`], so the results are the same (tested).
+#[target_feature(enable = "avx512f,avx512bw,avx512vbmi")]
+unsafe fn update_blocks_avx512_vbmi(sc: &Scalars, b: Blocks<'_>) {
+    let (m1, m2) = maps();
+    let (Some(r1), Some(r2)) = (m1.vbmi_rounding.as_ref(), m2.vbmi_rounding.as_ref()) else {
+        return super::update_blocks(sc, b);
+    };
+    let consts = Consts::new(sc);
+    let n = b.w.len();
+    let (w, g, q1, q2) = (b.w.as_mut_ptr(), b.g.as_ptr(), b.q1.as_mut_ptr(), b.q2.as_mut_ptr());
+    // The new moments of the block being updated and of the one being quantised.
+    let mut s1 = [[0f32; BLOCK]; 2];
+    let mut s2 = [[0f32; BLOCK]; 2];
+    // The block waiting for its quantisation: its first value and reciprocal absmaxes.
+    let mut pending: Option<(usize, __m512, __m512)> = None;
+    // Quantises values `i..i + 64` of the pending block from its moments in `s1[at]`, `s2[at]`
+    // (a macro: a closure would not inherit the target features).
+    macro_rules! quantize_pending {
+        ($at:expr, $i:expr) => {
+            if let Some((first, inv1, inv2)) = pending {
+                let (v1, v2) = (load4(&s1[$at], $i), load4(&s2[$at], $i));
+                let c1 = super::vbmi::quantize64(r1, scale4(v1, inv1));
+                let c2 = super::vbmi::quantize64(r2, scale4(v2, inv2));
+                store_codes64(m1, q1.add(first + $i), q2.add(first + $i), v1, c1, c2);
+            }
+        };
+    }
+    for k in 0..b.a1.len() {
+        let (first, end) = (k * BLOCK, ((k + 1) * BLOCK).min(n));
+        let (at, pending_at) = (k % 2, (k + 1) % 2);
+        if end - first < BLOCK {
+            for i in (0..BLOCK).step_by(64) {
+                quantize_pending!(pending_at, i);
+            }
+            pending = None;
+            let block = Block {
+                w: std::slice::from_raw_parts_mut(w.add(first), end - first),
+                g: std::slice::from_raw_parts(g.add(first), end - first),
+                q1: std::slice::from_raw_parts_mut(q1.add(first), end - first),
+                q2: std::slice::from_raw_parts_mut(q2.add(first), end - first),
+                a1: &mut b.a1[k],
+                a2: &mut b.a2[k],
+            };
+            update_block_with::<true>(sc, block);
+            continue;
+        }
+        let (abs1, abs2) = (_mm512_set1_ps(b.a1[k]), _mm512_set1_ps(b.a2[k]));
+        let mut lanes = (_mm512_setzero_ps(), _mm512_setzero_ps());
+        for i in (0..BLOCK).step_by(64) {
+            // SAFETY (all pointers): values first..first + BLOCK are in the task.
+            let d1 = super::vbmi::lookup64(&m1.code_planes, q1.add(first + i));
+            let d2 = super::vbmi::lookup64(&m2.code_planes, q2.add(first + i));
+            for a in 0..4 {
+                let j = first + i + 16 * a;
+                let (d1, d2) = (_mm512_mul_ps(d1[a], abs1), _mm512_mul_ps(d2[a], abs2));
+                let (n1, n2) = update16(&consts, d1, d2, w.add(j), g.add(j), &mut lanes);
+                _mm512_storeu_ps(s1[at].as_mut_ptr().add(i + 16 * a), n1);
+                _mm512_storeu_ps(s2[at].as_mut_ptr().add(i + 16 * a), n2);
+            }
+            quantize_pending!(pending_at, i);
+        }
+        let (max1, max2) = (_mm512_reduce_max_ps(lanes.0), _mm512_reduce_max_ps(lanes.1));
+        (b.a1[k], b.a2[k]) = (max1, max2);
+        pending = Some((first, _mm512_set1_ps(reciprocal(max1)), _mm512_set1_ps(reciprocal(max2))));
+    }
+    let last = (b.a1.len() + 1) % 2;
+    for i in (0..BLOCK).step_by(64) {
+        quantize_pending!(last, i);
+    }
 }

@@ -3,9 +3,10 @@
 //! four planes of 256 bytes (byte 0 of every entry, byte 1, …), is looked up for 64 codes with
 //! eight permutes and then transposed back into f32 lanes; no gathers, no scalar loads. On the
 //! shared Zen 4: dequantising 64 codes took ~0.5 ns per value with 16-lane scalar loads and
-//! ~0.1–0.2 ns with these permutes (same bits: a lookup is a copy). Quantisation uses the same
-//! lookups on bucket keys ([`Rounding`]): the same codes as `Map::quantize` for every f32 (an
-//! exhaustive test, ignored by default, checks all 2^32).
+//! ~0.1–0.2 ns with these permutes (same bits: a lookup is a copy). Quantisation looks up single
+//! planes on bucket keys ([`Rounding`]) and compares the thresholds byte by byte, 64 values per
+//! instruction: the same codes as `Map::quantize` for every f32 (an exhaustive test, ignored by
+//! default, checks all 2^32).
 
 use std::arch::x86_64::*;
 
@@ -94,27 +95,47 @@ unsafe fn lookup64_in_plane_order(table: &BytePlanes, index: __m512i) -> [__m512
     ]
 }
 
-/// Byte 0 of four vectors of 16 lanes (values `16a + l` for vector `a`), as 64 bytes in
-/// [`PLANE_ORDER`]: byte `16i + 4a + c` is value `16a + 4i + c`. Two permutes take vectors 0, 1
-/// and 2, 3 (bit 6 of an index picks the second source); a blend takes the bytes of 2 and 3.
+/// Byte `BYTE` of the 16 lanes of four vectors (values `16a + l` in vector `a`), as 64 bytes in
+/// order: byte `j` is value `j`'s. Two permutes take vectors 0, 1 and 2, 3 (bit 6 of an index
+/// picks the second source); a blend takes the upper 32 bytes from the second.
 #[inline(always)]
-unsafe fn pack_in_plane_order(v: &[__m512i; 4]) -> __m512i {
-    const PICK: [u8; 64] = {
-        let mut pick = [0u8; 64];
-        let mut k = 0;
-        while k < 64 {
-            let (i, a, c) = (k / 16, (k / 4) % 4, k % 4);
-            pick[k] = (64 * (a % 2) + 4 * (4 * i + c)) as u8;
-            k += 1;
+unsafe fn pack_byte<const BYTE: usize>(v: &[__m512i; 4]) -> __m512i {
+    const PICK: [[u8; 64]; 4] = {
+        let mut pick = [[0u8; 64]; 4];
+        let (mut byte, mut j) = (0, 0);
+        while byte < 4 {
+            while j < 64 {
+                pick[byte][j] = (64 * ((j / 16) % 2) + 4 * (j % 16) + byte) as u8;
+                j += 1;
+            }
+            (byte, j) = (byte + 1, 0);
         }
         pick
     };
-    // Bit `k` set where byte `k` comes from vector 2 or 3: bytes 8..16 of every 16.
-    const FROM_23: u64 = 0xFF00_FF00_FF00_FF00;
-    let pick = _mm512_loadu_si512(PICK.as_ptr().cast());
+    let pick = _mm512_loadu_si512(PICK[BYTE].as_ptr().cast());
     let from_01 = _mm512_permutex2var_epi8(v[0], pick, v[1]);
     let from_23 = _mm512_permutex2var_epi8(v[2], pick, v[3]);
-    _mm512_mask_blend_epi8(FROM_23, from_01, from_23)
+    _mm512_mask_blend_epi8(0xFFFF_FFFF_0000_0000, from_01, from_23)
+}
+
+/// The 16-lane masks of four vectors as one mask of their 64 values in order.
+#[inline(always)]
+pub(super) fn join_masks(m: [__mmask16; 4]) -> __mmask64 {
+    u64::from(m[0]) | u64::from(m[1]) << 16 | u64::from(m[2]) << 32 | u64::from(m[3]) << 48
+}
+
+/// Where the 23-bit mantissas given as byte vectors `y` (bytes 0, 1, 2, in order) exceed the
+/// mantissas of the `table`'s planes 0..3 at the looked-up `keys`: a comparison of three-digit
+/// numbers in base 256, most significant byte first.
+#[inline(always)]
+unsafe fn mantissa_above(table: &BytePlanes, keys: __m512i, high: __mmask64, y: &[__m512i; 3]) -> __mmask64 {
+    let t2 = lookup_plane(&table.0[2], keys, high);
+    let t1 = lookup_plane(&table.0[1], keys, high);
+    let t0 = lookup_plane(&table.0[0], keys, high);
+    let (above2, equal2) = (_mm512_cmpgt_epu8_mask(y[2], t2), _mm512_cmpeq_epi8_mask(y[2], t2));
+    let (above1, equal1) = (_mm512_cmpgt_epu8_mask(y[1], t1), _mm512_cmpeq_epi8_mask(y[1], t1));
+    let above0 = _mm512_cmpgt_epu8_mask(y[0], t0);
+    above2 | (equal2 & (above1 | (equal1 & above0)))
 }
 
 /// Nearest rounding to a quantisation map without gathers: what `Map::quantize` computes (the
@@ -211,13 +232,15 @@ impl Rounding {
     }
 }
 
-/// The nearest entries of `rounding`'s map for 64 values (four vectors of 16 in order), as entry
-/// indices in 32-bit lanes; ±∞ and NaN give entry 0 (as `Map::quantize`).
+/// The nearest entries of `rounding`'s map for 64 values (four vectors of 16 in order), as 64
+/// entry indices in bytes, in order; ±∞ and NaN give entry 0 (as `Map::quantize`). The bucket
+/// lookups and the comparisons with the midpoints' mantissas run on the 64 values' bytes (no
+/// transposition of the tables' bytes back into 32-bit lanes).
 ///
 /// # Safety
 /// AVX-512F, AVX-512BW and AVX512_VBMI must be present.
 #[inline(always)]
-pub(super) unsafe fn quantize64(rounding: &Rounding, x: [__m512; 4]) -> [__m512i; 4] {
+pub(super) unsafe fn quantize64(rounding: &Rounding, x: [__m512; 4]) -> __m512i {
     let r = rounding;
     let set = _mm512_set1_epi32;
     let (shift_low, shift_high) =
@@ -241,26 +264,23 @@ pub(super) unsafe fn quantize64(rounding: &Rounding, x: [__m512; 4]) -> [__m512i
         let offset = _mm512_permutex2var_epi32(offset_low, exponent, offset_high);
         keys[a] = _mm512_add_epi32(_mm512_srlv_epi32(y[a], shift), offset);
     }
-    let keys = pack_in_plane_order(&keys);
-    let first = lookup64_in_plane_order(&r.first, keys);
-    let second = match &r.second {
-        Some(table) => lookup64_in_plane_order(table, keys),
-        None => [set(NONE as i32); 4],
+    let keys = pack_byte::<0>(&keys);
+    let high = _mm512_movepi8_mask(keys);
+    // The mantissa's bytes (bit 7 of byte 2 is the exponent's lowest bit: cleared).
+    let mantissa =
+        [pack_byte::<0>(&y), pack_byte::<1>(&y), _mm512_and_si512(pack_byte::<2>(&y), _mm512_set1_epi8(0x7F))];
+    let below = lookup_plane(&r.first.0[3], keys, high);
+    let one = _mm512_set1_epi8(1);
+    let count = _mm512_mask_add_epi8(below, mantissa_above(&r.first, keys, high, &mantissa), below, one);
+    let count = match &r.second {
+        Some(table) => _mm512_mask_add_epi8(count, mantissa_above(table, keys, high, &mantissa), count, one),
+        None => count,
     };
-    let mut codes = [_mm512_setzero_si512(); 4];
-    let negatives = set(r.negatives as i32);
-    for a in 0..4 {
-        let mantissa = _mm512_and_si512(y[a], set(MANTISSA as i32));
-        let below = _mm512_srli_epi32::<24>(first[a]);
-        let above_first = _mm512_cmpgt_epu32_mask(mantissa, _mm512_and_si512(first[a], set(0xFF_FFFF)));
-        let above_second = _mm512_cmpgt_epu32_mask(mantissa, second[a]);
-        let count = _mm512_mask_add_epi32(below, above_first, below, set(1));
-        let count = _mm512_mask_add_epi32(count, above_second, count, set(1));
-        let if_negative = _mm512_sub_epi32(negatives, _mm512_min_epu32(count, negatives));
-        let code = _mm512_mask_blend_epi32(negative[a], _mm512_add_epi32(negatives, count), if_negative);
-        codes[a] = _mm512_maskz_mov_epi32(finite[a], code);
-    }
-    codes
+    // Counts stay below 256: at most the map's 255 midpoints.
+    let negatives = _mm512_set1_epi8(r.negatives as u8 as i8);
+    let if_negative = _mm512_sub_epi8(negatives, _mm512_min_epu8(count, negatives));
+    let code = _mm512_mask_blend_epi8(join_masks(negative), _mm512_add_epi8(negatives, count), if_negative);
+    _mm512_maskz_mov_epi8(join_masks(finite), code)
 }
 
 #[cfg(test)]
@@ -305,11 +325,9 @@ mod tests {
                 _mm512_loadu_ps(p.add(32)),
                 _mm512_loadu_ps(p.add(48)),
             ];
-            let mut codes = [0u32; 64];
-            for (a, c) in quantize64(rounding, v).into_iter().enumerate() {
-                _mm512_storeu_si512(codes.as_mut_ptr().add(16 * a).cast(), c);
-            }
-            out.extend(codes.map(|c| c as u8));
+            let mut codes = [0u8; 64];
+            _mm512_storeu_si512(codes.as_mut_ptr().cast(), quantize64(rounding, v));
+            out.extend(codes);
         }
         out
     }
