@@ -147,6 +147,7 @@ impl<'a, E> From<Mat<'a, E>> for Operand<'a, E> {
 
 impl<'a, E: Copy> Operand<'a, E> {
     /// The matrix, unless packed already.
+    #[cfg(target_arch = "x86_64")]
     fn mat(&self) -> Option<Mat<'a, E>> {
         match *self {
             Operand::Mat(mat) => Some(mat),

@@ -60,20 +60,22 @@ impl Panels {
     pub(crate) fn pack_lhs(&mut self, m: usize, k: usize, a: Mat<'_>, block: usize) {
         assert!(block > 0, "bf16 gemm: lhs blocks of zero rows");
         self.fill(MR, m, k, block, |rows, out| {
+            let block_rows = Mat { data: &a.data[rows.start * a.rs..], ..a };
             #[cfg(target_arch = "x86_64")]
-            super::pack::lhs_into(rows.len(), k, Mat { data: &a.data[rows.start * a.rs..], ..a }, out);
+            super::pack::lhs_into(rows.len(), k, block_rows, out);
             #[cfg(not(target_arch = "x86_64"))]
-            let _ = (rows, out);
+            let _ = (block_rows, out);
         });
     }
 
     /// Packs `b[k×n]` as a product's rhs, on this thread (the buffer is reused and only grows).
     pub(crate) fn pack_rhs(&mut self, k: usize, n: usize, b: Mat<'_>) {
         self.fill(NR, n, k, n.next_multiple_of(NR).max(NR), |cols, out| {
+            let block_cols = Mat { data: &b.data[cols.start * b.cs..], ..b };
             #[cfg(target_arch = "x86_64")]
-            super::pack::rhs_into(k, cols.len(), Mat { data: &b.data[cols.start * b.cs..], ..b }, out);
+            super::pack::rhs_into(k, cols.len(), block_cols, out);
             #[cfg(not(target_arch = "x86_64"))]
-            let _ = (cols, out);
+            let _ = (block_cols, out);
         });
     }
 
