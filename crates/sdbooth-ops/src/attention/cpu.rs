@@ -402,22 +402,10 @@ fn head_backward(
     }
 }
 
-/// Forward on f32 slices; returns `(o, lse)`.
-pub fn forward(
-    q: &[f32],
-    k: &[f32],
-    v: &[f32],
-    dm: &Dims,
-    scale: f32,
-    causal: bool,
-    precision: Precision,
-) -> (Vec<f32>, Vec<f32>) {
-    forward_packed(q, k, v, dm, scale, causal, precision, Packing::for_precision(precision))
-}
-
-/// [`forward`] with the operands packed as `packing` says (tests compare both).
+/// Forward on f32 slices, with the bf16 products' operands packed as `packing` says
+/// ([`Packing::for_precision`]); returns `(o, lse)`.
 #[allow(clippy::too_many_arguments)]
-pub(crate) fn forward_packed(
+pub fn forward(
     q: &[f32],
     k: &[f32],
     v: &[f32],
@@ -457,21 +445,10 @@ pub struct BackwardInputs<'a> {
     pub lse: &'a [f32],
 }
 
-/// Backward on f32 slices: returns `(dq, dk, dv)` (an unwanted gradient stays zero). Three
-/// buffers rather than one: no allocation is larger than the largest operand.
+/// Backward on f32 slices, operands packed as in [`forward`]: returns `(dq, dk, dv)` (an
+/// unwanted gradient stays zero). Three buffers rather than one: no allocation is larger than
+/// the largest operand.
 pub fn backward(
-    t: &BackwardInputs<'_>,
-    dm: &Dims,
-    scale: f32,
-    causal: bool,
-    want: Want,
-    precision: Precision,
-) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
-    backward_packed(t, dm, scale, causal, want, precision, Packing::for_precision(precision))
-}
-
-/// [`backward`] with the operands packed as `packing` says (tests compare both).
-pub(crate) fn backward_packed(
     t: &BackwardInputs<'_>,
     dm: &Dims,
     scale: f32,

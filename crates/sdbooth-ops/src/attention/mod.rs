@@ -14,6 +14,7 @@ use crate::cpu::{cpu_tensor, storage_f32, storage_from_f32, with_f32, Precision}
 use crate::reference;
 use candle_core::backend::BackendStorage;
 use candle_core::{bail, CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor, D};
+use cpu::Packing;
 
 /// Scaled dot-product attention, scale `1/sqrt(head_dim)`. `q` is `[B, H, N, D]`, `k`/`v` are
 /// `[B, H, M, D]`. With `causal`, token i attends to tokens `<= i` (CLIP's mask).
@@ -124,7 +125,16 @@ impl CustomOp3 for AttentionOp {
         let dm = dims(l1.dims(), l2.dims(), l3.dims())?;
         same_dtypes(s1, s2, s3)?;
         let (q, k, v) = (storage_f32(s1, l1)?, storage_f32(s2, l2)?, storage_f32(s3, l3)?);
-        let (o, lse) = cpu::forward(&q, &k, &v, &dm, self.scale, self.causal, self.precision);
+        let (o, lse) = cpu::forward(
+            &q,
+            &k,
+            &v,
+            &dm,
+            self.scale,
+            self.causal,
+            self.precision,
+            Packing::for_precision(self.precision),
+        );
         let sh = l1.dims();
         backend::fill(&self.lse, self.name(), cpu_tensor(lse, (sh[0], sh[1], dm.n), DType::F32)?)?;
         Ok((storage_from_f32(o, s1.dtype())?, Shape::from((sh[0], sh[1], dm.n, dm.dv))))
@@ -212,7 +222,15 @@ impl CustomOp3 for AttentionBackward {
             with_f32(&self.grad_out, |go| {
                 with_f32(&self.lse, |lse| {
                     let inputs = cpu::BackwardInputs { q: &q, k: &k, v: &v, o, go, lse };
-                    Ok(cpu::backward(&inputs, &dm, self.scale, self.causal, self.want, self.precision))
+                    Ok(cpu::backward(
+                        &inputs,
+                        &dm,
+                        self.scale,
+                        self.causal,
+                        self.want,
+                        self.precision,
+                        Packing::for_precision(self.precision),
+                    ))
                 })
             })
         })?;

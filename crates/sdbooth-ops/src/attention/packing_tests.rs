@@ -5,7 +5,7 @@
 //! widths (bf16 pairs padded along k), `dv ≠ d`, causal or not, and with some gradients
 //! unwanted.
 
-use super::cpu::{backward_packed, forward_packed, BackwardInputs, Packing};
+use super::cpu::{backward, forward, BackwardInputs, Packing};
 use super::{Dims, Want};
 use crate::bf16_gemm::Panels;
 use crate::cpu::Precision;
@@ -41,7 +41,7 @@ fn packing_per_head_gives_the_bits_of_packing_per_product() {
             |len: usize, s: f32| rng.normal_vec(len).into_iter().map(|x| x * s).collect::<Vec<_>>();
         let (q, k, v) = (randn(bh * n * d, 2.0), randn(bh * m * d, 2.0), randn(bh * m * dv, 1.0));
         let go = randn(bh * n * dv, 1.0);
-        let run_forward = |packing| forward_packed(&q, &k, &v, &dm, scale, causal, Precision::Bf16, packing);
+        let run_forward = |packing| forward(&q, &k, &v, &dm, scale, causal, Precision::Bf16, packing);
         let (o, lse) = run_forward(Packing::PerProduct);
         let (o_head, lse_head) = run_forward(Packing::PerHead);
         let case = format!("bh {bh} n {n} m {m} d {d} dv {dv} causal {causal}");
@@ -55,7 +55,7 @@ fn packing_per_head_gives_the_bits_of_packing_per_product() {
         ];
         for want in wants {
             let run_backward =
-                |packing| backward_packed(&inputs, &dm, scale, causal, want, Precision::Bf16, packing);
+                |packing| backward(&inputs, &dm, scale, causal, want, Precision::Bf16, packing);
             let (per_product, per_head) = (run_backward(Packing::PerProduct), run_backward(Packing::PerHead));
             let which = format!("{case}, want dq {} dk {} dv {}", want.dq, want.dk, want.dv);
             assert!(bits(&per_product.0) == bits(&per_head.0), "{which}: dq");
