@@ -267,8 +267,11 @@ pub(super) unsafe fn quantize64(rounding: &Rounding, x: [__m512; 4]) -> __m512i 
     let keys = pack_byte::<0>(&keys);
     let high = _mm512_movepi8_mask(keys);
     // The mantissa's bytes (bit 7 of byte 2 is the exponent's lowest bit: cleared).
-    let mantissa =
-        [pack_byte::<0>(&y), pack_byte::<1>(&y), _mm512_and_si512(pack_byte::<2>(&y), _mm512_set1_epi8(0x7F))];
+    let mantissa = [
+        pack_byte::<0>(&y),
+        pack_byte::<1>(&y),
+        _mm512_and_si512(pack_byte::<2>(&y), _mm512_set1_epi8(0x7F)),
+    ];
     let below = lookup_plane(&r.first.0[3], keys, high);
     let one = _mm512_set1_epi8(1);
     let count = _mm512_mask_add_epi8(below, mantissa_above(&r.first, keys, high, &mantissa), below, one);
