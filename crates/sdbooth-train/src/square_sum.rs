@@ -13,10 +13,16 @@
 /// Values per group of partial sums (candle's `STEP`).
 const LANES: usize = 32;
 
+/// From this many values on, the two halves of the partial sums (each half of every 32-value
+/// group: one cache line) are summed on two rayon tasks. A fused block's norms run one task per
+/// gradient, so a block with one gradient of tens of millions of values otherwise kept one thread
+/// reading it while the other waited. Each partial sum is the same chain either way.
+const SPLIT_MIN: usize = 1 << 18;
+
 /// An element read as f32. bf16 and f16 widen exactly, so summing them in place gives the bits
 /// of summing their f32 copy, without the copy (a `--full_bf16` gradient would otherwise be
 /// widened into a temporary as large as twice itself).
-pub(crate) trait Widen: Copy {
+pub(crate) trait Widen: Copy + Sync {
     fn widen(self) -> f32;
 }
 impl Widen for f32 {
@@ -72,25 +78,51 @@ fn sequential<T: Widen>(xs: &[T]) -> f32 {
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2")]
 unsafe fn lanes_avx2<T: Widen>(xs: &[T]) -> f32 {
-    lanes(xs)
+    const HALF: usize = LANES / 2;
+    let acc = if xs.len() >= SPLIT_MIN {
+        // SAFETY (both): this function runs only after AVX2 was detected.
+        let (low, high) = rayon::join(
+            || unsafe { partial_sums_avx2::<T, 0, HALF>(xs) },
+            || unsafe { partial_sums_avx2::<T, HALF, HALF>(xs) },
+        );
+        std::array::from_fn(|l| if l < HALF { low[l] } else { high[l - HALF] })
+    } else {
+        partial_sums::<T, 0, LANES>(xs)
+    };
+    reduce(&acc, xs)
 }
 
+/// Partial sums `FIRST..FIRST + N` of `xs`, compiled for AVX2 (a closure calling the inlined
+/// function would not inherit the target feature).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn partial_sums_avx2<T: Widen, const FIRST: usize, const N: usize>(xs: &[T]) -> [f32; N] {
+    partial_sums::<T, FIRST, N>(xs)
+}
+
+/// candle's partial sums `FIRST..FIRST + N`: partial `k` sums the squares at the positions ≡ k
+/// mod 32 of the whole 32-value groups, in order.
 #[inline(always)]
-fn lanes<T: Widen>(xs: &[T]) -> f32 {
-    let mut acc = [0f32; LANES];
-    let mut groups = xs.chunks_exact(LANES);
-    for group in &mut groups {
-        for (a, &x) in acc.iter_mut().zip(group) {
+fn partial_sums<T: Widen, const FIRST: usize, const N: usize>(xs: &[T]) -> [f32; N] {
+    let mut acc = [0f32; N];
+    for group in xs.chunks_exact(LANES) {
+        for (a, &x) in acc.iter_mut().zip(&group[FIRST..FIRST + N]) {
             let x = x.widen();
             *a += x * x;
         }
     }
-    // candle's `vec_reduce`: vectors (0+1) + (2+3) lane by lane, then the 8 lanes as
-    // `_mm_add_ps(low half, high half)` and two `_mm_hadd_ps`.
+    acc
+}
+
+/// candle's `vec_reduce` of the 32 partial sums: vectors (0+1) + (2+3) lane by lane, then the 8
+/// lanes as `_mm_add_ps(low half, high half)` and two `_mm_hadd_ps`; then the values after the
+/// last whole group added one by one.
+#[inline(always)]
+fn reduce<T: Widen>(acc: &[f32; LANES], xs: &[T]) -> f32 {
     let v: [f32; 8] = std::array::from_fn(|l| (acc[l] + acc[8 + l]) + (acc[16 + l] + acc[24 + l]));
     let h: [f32; 4] = std::array::from_fn(|l| v[l] + v[4 + l]);
     let mut sum = (h[0] + h[1]) + (h[2] + h[3]);
-    for &x in groups.remainder() {
+    for &x in xs.chunks_exact(LANES).remainder() {
         let x = x.widen();
         sum += x * x;
     }
@@ -119,7 +151,8 @@ mod tests {
             x ^= x << 17;
             x
         };
-        for n in [0, 1, 31, 32, 33, 64, 1000, 4096 + 17, 300_007] {
+        // 300_007 and 1 << 20 are summed in two halves on two tasks (SPLIT_MIN).
+        for n in [0, 1, 31, 32, 33, 64, 1000, 4096 + 17, 300_007, 1 << 20] {
             let xs: Vec<f32> = (0..n)
                 .map(|i| {
                     let r = next();
